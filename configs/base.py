@@ -1,0 +1,67 @@
+"""Trainer defaults that every config starts from.
+
+A family config calls `base_config()`, fills in `model`, `diffusion` and `data`, and overrides what it
+needs. Hyperparameters live only in configs; the trainer reads them from here.
+"""
+
+import ml_collections
+
+
+def parse_arg(arg: str | None) -> set[str]:
+  """Splits a `get_config` argument such as "p2,runlocal" into a set of flags."""
+  return {a.strip() for a in (arg or "").split(",") if a.strip()}
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000
+  c.train.batch_size = 128            # global batch, split over processes and the data axes
+  c.train.log_every = 50
+  c.train.checkpoint_every = 500
+  c.train.keep_checkpoints = 3
+  c.train.sample_every = 0             # 0: only at the end of training
+  c.train.num_grid_samples = 64        # images in each PNG grid written while training
+  c.train.ema_decay = 0.9999
+  c.train.ema_start_step = 0
+  c.train.cond_drop_prob = 0.1         # classifier-free guidance dropout
+  c.train.tensorboard = True           # also write TensorBoard events when TensorFlow is installed
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adamw"
+  c.optim.learning_rate = 1e-4
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.99
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.0
+  c.optim.warmup_steps = 0
+  c.optim.schedule = "constant"        # "constant" or "cosine" (after the warmup)
+  c.optim.final_lr_fraction = 0.0      # cosine decays to learning_rate * this
+  c.optim.clip_norm = 1.0              # 0 disables global-norm clipping
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.num_samples = 64
+  c.sample.batch_size = 64
+  c.sample.sampler = "ddpm"            # ddpm | ddim | heun (EDM)
+  c.sample.num_steps = 128
+  c.sample.guidance_scale = 1.0        # 1.0: no guidance
+  c.sample.guidance_interval = (-1e9, 1e9)   # (lo, hi) in logSNR; guidance applies inside
+  c.sample.churn = 0.0                 # EDM S_churn
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                     # -1: all remaining devices
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  # logical axis -> mesh axes (None: replicated). Tuples of (logical, mesh) pairs.
+  c.mesh.rules = (
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("conv_in", None),
+      ("conv_out", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("vocab", None),
+  )
+  return c

@@ -1,0 +1,63 @@
+"""The one entry point: `python launch/main.py --config=configs/X.py --workdir=DIR --mode=train|sample|summary`.
+
+Config overrides: `--config.train.steps=100`; config arguments: `--config=configs/sid2_in512.py:p4,runlocal`.
+Errors a user can fix are printed on one line, without a traceback, and exit with status 1.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/sid2_digits.py.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "summary"], "What to run.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "sample: number of images (default config.sample.num_samples).")
+_SAMPLER = flags.DEFINE_string("sampler", None, "sample: ddpm | ddim | heun (default config.sample.sampler).")
+_STEPS = flags.DEFINE_integer("sample_steps", None, "sample: sampler steps (default config.sample.num_steps).")
+_GUIDANCE = flags.DEFINE_float("guidance_scale", None, "sample: CFG scale (default config.sample.guidance_scale).")
+_INTERVAL = flags.DEFINE_list("guidance_interval", None, "sample: 'lo,hi' logSNR interval where guidance applies.")
+_SEED = flags.DEFINE_integer("sample_seed", None, "sample: PRNG seed (default config.seed).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs; "
+                                 "cluster environments such as SLURM/TPU pods are detected by jax).")
+
+
+def _run(argv) -> None:
+  del argv
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/sid2_digits.py")
+  import jax  # pylint: disable=import-outside-toplevel
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  from common import trainer  # pylint: disable=import-outside-toplevel
+  from common.errors import UserError  # pylint: disable=import-outside-toplevel
+  try:
+    if _MODE.value == "summary":
+      trainer.summary(config)
+      return
+    if not _WORKDIR.value:
+      raise app.UsageError(f"--workdir is required for --mode={_MODE.value}")
+    if _MODE.value == "train":
+      trainer.train(config, _WORKDIR.value)
+    else:
+      interval = tuple(float(v) for v in _INTERVAL.value) if _INTERVAL.value else None
+      trainer.sample(config, _WORKDIR.value, num_samples=_NUM_SAMPLES.value, sampler=_SAMPLER.value,
+                     num_steps=_STEPS.value, guidance_scale=_GUIDANCE.value,
+                     guidance_interval=interval, seed=_SEED.value)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def main() -> None:
+  app.run(_run)
+
+
+if __name__ == "__main__":
+  main()

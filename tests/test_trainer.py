@@ -1,0 +1,137 @@
+"""End-to-end training: loss falls, exact resume, NaN handling, sampling output, CLI errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from common import trainer
+from common.errors import ConfigError, NonFiniteLossError, ShapeError
+from configs import sid2_digits
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_losses(workdir):
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      rec = json.loads(line)
+      out[rec["step"]] = rec["loss"]
+  return out
+
+
+def tiny_config(**train):
+  c = sid2_digits.get_config("runlocal")
+  c.train.log_every = 1
+  c.train.checkpoint_every = 5
+  c.train.tensorboard = False
+  for k, v in train.items():
+    setattr(c.train, k, v)
+  return c
+
+
+def test_short_training_run_loss_falls(tmp_path):
+  c = tiny_config(steps=60, batch_size=32)
+  c.optim.learning_rate = 2e-3
+  c.train.log_every = 1
+  res = trainer.train(c, str(tmp_path))
+  assert res["step"] == 60
+  losses = read_losses(str(tmp_path))
+  first, last = np.mean([losses[s] for s in range(1, 11)]), np.mean([losses[s] for s in range(51, 61)])
+  assert last < 0.8 * first, (first, last)
+  assert os.path.exists(tmp_path / "samples" / "step_0000060.png")
+  with open(tmp_path / "metrics.jsonl") as f:
+    rec = json.loads(f.readline())
+  assert {"step", "loss", "grad_norm", "lr", "steps_per_s"} <= set(rec)
+
+
+def test_exact_resume_matches_uninterrupted_run(tmp_path):
+  c = tiny_config(steps=20)
+  full, split = str(tmp_path / "full"), str(tmp_path / "split")
+  trainer.train(c, full)
+  r = trainer.train(c, split, stop_after=10)
+  assert r["step"] == 10 and r["stopped_by"] == "stop_after"
+  r = trainer.train(c, split)
+  assert r["step"] == 20
+  a, b = read_losses(full), read_losses(split)
+  assert sorted(a) == sorted(b) == list(range(1, 21))
+  for s in range(1, 21):
+    assert a[s] == b[s], (s, a[s], b[s])  # bit-identical
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  c = tiny_config(steps=12, checkpoint_every=5)
+  trainer.train(c, str(tmp_path), stop_after=5)
+  c.optim.learning_rate = 1e30  # blows up the parameters, then the loss
+  c.optim.clip_norm = 0.0
+  with pytest.raises(NonFiniteLossError, match="last good checkpoint"):
+    trainer.train(c, str(tmp_path))
+  ckpts = sorted(os.listdir(tmp_path / "checkpoints"))
+  assert "5" in ckpts and not any(int(s) > 5 for s in ckpts if s.isdigit())
+
+
+def test_sample_writes_npz_and_grid(tmp_path):
+  c = tiny_config(steps=5)
+  trainer.train(c, str(tmp_path))
+  path = trainer.sample(c, str(tmp_path), num_samples=12)
+  data = np.load(path)
+  assert data["images"].dtype == np.uint8 and data["images"].shape == (12, 8, 8, 1)
+  np.testing.assert_array_equal(data["labels"], np.arange(12) % 10)
+  assert os.path.exists(tmp_path / "samples" / "samples.png")
+
+
+def test_bad_model_key_and_bad_data_shape_are_clear(tmp_path):
+  c = tiny_config(steps=2)
+  with c.unlocked():
+    c.model.not_a_key = 3
+  with pytest.raises(ConfigError, match="not_a_key"):
+    trainer.train(c, str(tmp_path / "a"))
+  c = tiny_config(steps=2)
+  c.model.image_size = 16
+  with pytest.raises(ShapeError):
+    trainer.train(c, str(tmp_path / "b"))
+
+
+def run_cli(*args, env=None):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "main.py"), *args],
+                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+
+
+def test_cli_missing_imagenet_is_one_clear_line(tmp_path):
+  r = run_cli("--config=configs/sid2_in512.py", f"--workdir={tmp_path}",
+              f"--config.data.data_dir={tmp_path / 'no_tfds'}")
+  assert r.returncode != 0
+  assert "Traceback" not in r.stderr, r.stderr[-2000:]
+  assert "imagenet2012" in r.stderr
+
+
+def test_cli_unknown_config_key_fails_clearly(tmp_path):
+  r = run_cli("--config=configs/sid2_digits.py:runlocal", f"--workdir={tmp_path}",
+              "--config.train.not_a_key=1")
+  assert r.returncode != 0
+  assert "not_a_key" in r.stderr
+  assert "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_cli_sigterm_saves_and_exits_zero(tmp_path):
+  import signal
+  import time
+  proc = subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, "launch", "main.py"), "--config=configs/sid2_digits.py:runlocal",
+       f"--workdir={tmp_path}", "--config.train.steps=100000", "--config.train.log_every=1",
+       "--config.train.tensorboard=False"],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-2000:]
+  steps = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
+  assert steps and max(steps) >= 3
+  assert "SIGTERM" in out
