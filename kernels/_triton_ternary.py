@@ -1,0 +1,154 @@
+"""The Triton packed-ternary matmul kernel, called through jax-triton (CUDA only).
+
+Imported lazily by `kernels.ternary_matmul` (impl="triton"): it needs `triton` at import
+time and `jax_triton` when called. The packed layout is documented in
+kernels/ternary_matmul.py: packed[r, n] holds K rows r, H + r, 2H + r, 3H + r (H =
+ceil(K / 4)) in bits 0-1, 2-3, 4-5, 6-7 as code + 1.
+
+Design (H100 targets: >= 3x a bf16 dot for M <= 16, >= 0.9x at M = 4096):
+  * Each program owns a [BM, BN] output tile and a range of packed rows (split-K). Per
+    step it loads one packed tile [BQ, BN] (each byte read exactly once per M tile) and
+    the four activation tiles [BM, BQ] at K offsets jH + r0, unpacks bit plane j to
+    (u - 1) in {-1, 0, 1} in x's dtype (exact) and issues tl.dot(x_j, w_j) with an fp32
+    accumulator (tensor cores for bf16; 3xTF32 for f32 inputs).
+  * Small M (memory bound): BM = 16 (the tl.dot minimum), narrow BN and split-K so that
+    enough programs stream the packed weights at full bandwidth; partial sums go to an
+    fp32 [SPLIT_K, M, N] buffer that XLA reduces, scales by alpha and casts in one fused
+    pass (tiny for M <= 64).
+  * Large M (compute bound): 128 x 128 tiles, GROUP_M swizzled program order for L2
+    reuse of the activations, no split; alpha is applied in the kernel epilogue.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import triton
+import triton.language as tl
+
+NUM_SMS_HINT = 132  # H100 SXM; only used to size split-K.
+
+
+@triton.jit
+def ternary_matmul_kernel(
+    x_ptr, p_ptr, a_ptr, o_ptr,
+    M, N, K, H, ROWS_PER_SPLIT,
+    stride_xm, stride_pq, stride_om, stride_os,
+    BM: tl.constexpr, BN: tl.constexpr, BQ: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT: tl.constexpr, F32_IN: tl.constexpr,
+):
+  """x [M, K] @ (alpha * (unpack(p) [K, N])) -> o [M, N] (or fp32 partials [S, M, N]).
+
+  Grid: (cdiv(M, BM) * cdiv(N, BN), SPLIT_K). Program (t, s) handles output tile t and
+  packed rows [s * ROWS_PER_SPLIT, min((s + 1) * ROWS_PER_SPLIT, H)).
+  """
+  pid = tl.program_id(0)
+  pid_k = tl.program_id(1)
+  num_pid_m = tl.cdiv(M, BM)
+  num_pid_n = tl.cdiv(N, BN)
+  num_pid_in_group = GROUP_M * num_pid_n
+  group_id = pid // num_pid_in_group
+  first_pid_m = group_id * GROUP_M
+  group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+  pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+  pid_n = (pid % num_pid_in_group) // group_size_m
+
+  offs_m = pid_m * BM + tl.arange(0, BM)
+  offs_n = pid_n * BN + tl.arange(0, BN)
+  offs_q = tl.arange(0, BQ)
+  m_mask = offs_m < M
+  n_mask = offs_n < N
+
+  q_start = pid_k * ROWS_PER_SPLIT
+  q_end = tl.minimum(q_start + ROWS_PER_SPLIT, H)
+  acc = tl.zeros((BM, BN), dtype=tl.float32)
+  for q0 in range(q_start, q_end, BQ):
+    rows = q0 + offs_q
+    r_mask = rows < q_end
+    p = tl.load(p_ptr + rows[:, None] * stride_pq + offs_n[None, :],
+                mask=r_mask[:, None] & n_mask[None, :], other=85)  # 0x55: zero codes
+    p = p.to(tl.int32)
+    for j in tl.static_range(4):
+      kk = j * H + rows
+      xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
+                   mask=m_mask[:, None] & (r_mask & (kk < K))[None, :], other=0.0)
+      # int -> f32 -> x dtype: exact for {-1, 0, 1}; one cvt more than int -> bf16, shared
+      # by the BM rows, and it keeps the kernel runnable in triton's interpreter.
+      wj = (((p >> (2 * j)) & 3) - 1).to(tl.float32).to(x_ptr.dtype.element_ty)
+      if F32_IN:
+        acc = tl.dot(xj, wj, acc, input_precision="tf32x3")
+      else:
+        acc = tl.dot(xj, wj, acc)
+
+  o_mask = m_mask[:, None] & n_mask[None, :]
+  if SPLIT:
+    o = o_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(o, acc, mask=o_mask)
+  else:
+    alpha = tl.load(a_ptr)
+    o = o_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(o, (acc * alpha).to(o_ptr.dtype.element_ty), mask=o_mask)
+
+
+def default_config(m: int, n: int, h: int) -> dict[str, int]:
+  """Heuristic tiles: see the module docstring. Returns BM, BN, BQ, SPLIT_K, GROUP_M,
+  num_warps, num_stages."""
+  if m <= 16:
+    cfg = dict(BM=16, BN=64, BQ=64, num_warps=4, num_stages=4)
+  elif m <= 64:
+    cfg = dict(BM=max(16, 1 << (m - 1).bit_length()), BN=64, BQ=64, num_warps=4,
+               num_stages=4)
+  elif m <= 256:
+    cfg = dict(BM=64, BN=128, BQ=32, num_warps=4, num_stages=4)
+  else:
+    cfg = dict(BM=128, BN=128, BQ=32, num_warps=8, num_stages=3)
+  tiles = -(-m // cfg["BM"]) * -(-n // cfg["BN"])
+  steps = -(-h // cfg["BQ"])
+  target = 4 * NUM_SMS_HINT
+  split = 1 if tiles >= 2 * NUM_SMS_HINT else max(1, min(steps, -(-target // tiles)))
+  cfg["SPLIT_K"] = split
+  cfg["GROUP_M"] = 8
+  return cfg
+
+
+def launch_geometry(m: int, n: int, h: int, cfg: dict[str, int]) -> tuple[int, int, int]:
+  """(grid_tiles, split_k, rows_per_split) for a config; split_k counts non-empty splits."""
+  bq = cfg["BQ"]
+  steps = -(-h // bq)
+  rows_per_split = -(-steps // cfg["SPLIT_K"]) * bq
+  split = -(-h // rows_per_split)
+  tiles = -(-m // cfg["BM"]) * -(-n // cfg["BN"])
+  return tiles, split, rows_per_split
+
+
+def ternary_matmul_triton(x: jax.Array, packed: jax.Array, alpha: jax.Array,
+                          config: dict[str, Any] | None = None) -> jax.Array:
+  """x [M, K] (f32/bf16), packed uint8 [H, N], alpha f32 () -> [M, N] in x's dtype."""
+  import jax_triton as jt  # pylint: disable=g-import-not-at-top
+
+  m, k = x.shape
+  h, n = packed.shape
+  cfg = default_config(m, n, h)
+  cfg.update(config or {})
+  tiles, split, rows_per_split = launch_geometry(m, n, h, cfg)
+  use_split = split > 1
+  out_shape = (jax.ShapeDtypeStruct((split, m, n), jnp.float32) if use_split
+               else jax.ShapeDtypeStruct((m, n), x.dtype))
+  a = alpha.reshape(1).astype(jnp.float32)
+  out = jt.triton_call(
+      x, packed, a,
+      m, n, k, h, rows_per_split,
+      k, n, n, m * n,
+      kernel=ternary_matmul_kernel,
+      out_shape=out_shape,
+      grid=(tiles, split),
+      num_warps=cfg["num_warps"],
+      num_stages=cfg["num_stages"],
+      BM=cfg["BM"], BN=cfg["BN"], BQ=cfg["BQ"], GROUP_M=cfg["GROUP_M"],
+      SPLIT=use_split, F32_IN=x.dtype == jnp.float32,
+  )
+  if use_split:
+    out = (alpha.reshape(()) * out.sum(axis=0)).astype(x.dtype)
+  return out

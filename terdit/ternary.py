@@ -1,0 +1,254 @@
+"""TerDiT ternary weights (arXiv 2405.14854): quantizer, QAT dense layer, packing, export.
+
+Quantizer (spec A2, `layers.py::ternary` of the official code):
+  gamma = mean(|W|) over the whole tensor,
+  Wt = clip(round(W / (gamma + 1e-6)), -1, 1) (round half to even),
+  W_eff = alpha * Wt, y = x W_eff (+ b); backward: identity straight-through estimator,
+  dL/dW = dL/dWt, dL/dalpha = sum(dL/dW_eff * Wt).
+
+Deployment: codes are packed four to a byte (kernels/ternary_matmul.py documents the
+layout) and run through `kernels.ternary_matmul.ternary_matmul` together with alpha.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from common.errors import ShapeError
+from kernels import ternary_matmul as tm
+
+EPS = 1e-6  # TerDiT's gamma + 1e-6 (spec A2).
+
+pack = tm.pack_ternary
+unpack = tm.unpack_ternary
+
+
+def ternarize(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """TerDiT's absmean ternary quantizer (spec A2).
+
+  Args:
+    w: weight tensor of any shape.
+
+  Returns:
+    (codes, gamma): int8 codes of w's shape in {-1, 0, +1}, and the fp32 scalar
+    gamma = mean|w|. An all-zero w gives gamma = 0 and codes 0 (0 / 1e-6 = 0).
+  """
+  codes, gamma = _ternary_codes(w)
+  return codes.astype(jnp.int8), gamma
+
+
+def _ternary_codes(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Like `ternarize` but returns the codes as fp32 (for the QAT forward)."""
+  w32 = jnp.asarray(w, jnp.float32)
+  gamma = jnp.mean(jnp.abs(w32))
+  codes = jnp.clip(jnp.round(w32 / (gamma + EPS)), -1.0, 1.0)  # jnp.round: half to even
+  return codes, gamma
+
+
+class TernaryKernel(nnx.Param):
+  """The fp32 latent weight [in, out] of a ternary layer (marks it for export)."""
+
+
+class TernaryScale(nnx.Param):
+  """The learnable per-tensor scale alpha of a ternary layer, fp32 shape ()."""
+
+
+class TernaryDense(nnx.Module):
+  """Dense layer with TerDiT ternary weights, trained with QAT.
+
+  Forward: y = x @ (alpha * Wt) + b, Wt = ternarize(kernel) (spec A2). The identity STE
+  is written as Wt_ste = Wt + (W - stop_gradient(W)): the same gradient as the spec's
+  W + stop_gradient(Wt - W) form (A10.2; dL/dW = dL/dWt, no 1/gamma factor, no clip
+  mask), but its forward value is exactly Wt in floating point, so the QAT forward and
+  the packed deployment use the very same weights.
+
+  alpha init (`alpha_init`): the official code uses torch.randn(1), which can start
+  negative or near zero. The default "gamma" is deterministic and positive: alpha =
+  mean|W_init|, so alpha * Wt has the scale of the initial fp weight (BitNet-style) and
+  the layer starts with the output scale its fp init was designed for. For a zero-init
+  kernel (TerDiT's adaLN) gamma = 0 would freeze the layer (dL/dW = alpha dL/dW_eff = 0),
+  so alpha falls back to 1/sqrt(in_features), the scale at which a {-1, 0, 1} matrix
+  roughly preserves activation variance. A float gives a fixed init value.
+
+  Attributes:
+    kernel: TernaryKernel fp32 [in_features, out_features], logical axes `kernel_axes`.
+    alpha: TernaryScale fp32 ().
+    bias: nnx.Param fp32 [out_features] (logical axis kernel_axes[1]) or None.
+  """
+
+  def __init__(
+      self,
+      in_features: int,
+      out_features: int,
+      *,
+      use_bias: bool = False,
+      kernel_init: Callable[..., jax.Array] = nnx.initializers.xavier_uniform(),
+      bias_init: Callable[..., jax.Array] = nnx.initializers.zeros_init(),
+      alpha_init: str | float = "gamma",
+      kernel_axes: Sequence[str | None] | None = ("embed", "mlp"),
+      dtype: Any = None,
+      rngs: nnx.Rngs,
+  ):
+    """Args:
+      in_features, out_features: K and N.
+      use_bias: add an fp32 bias (kept fp in deployment).
+      kernel_init: initializer of the latent fp32 kernel [K, N] (TerDiT: xavier_uniform;
+        zeros for the adaLN modulation).
+      bias_init: initializer of the bias.
+      alpha_init: "gamma" (see the class docstring) or a float.
+      kernel_axes: logical axis names of the kernel, e.g. ("embed", "mlp") or
+        ("mlp", "embed"); None for no sharding annotation.
+      dtype: compute dtype of the matmul (None: the input's dtype); accumulation fp32.
+      rngs: nnx.Rngs with a "params" stream.
+    """
+    self.in_features = in_features
+    self.out_features = out_features
+    self.dtype = dtype
+    w = jnp.asarray(kernel_init(rngs.params(), (in_features, out_features), jnp.float32),
+                    jnp.float32)
+    axes = tuple(kernel_axes) if kernel_axes is not None else None
+    kmeta = {"out_sharding": axes} if axes else {}
+    self.kernel = TernaryKernel(w, **kmeta)
+    if alpha_init == "gamma":
+      gamma = jnp.mean(jnp.abs(w))
+      alpha = jnp.where(gamma > 0, gamma, 1.0 / np.sqrt(in_features))
+    elif isinstance(alpha_init, (int, float)):
+      alpha = jnp.asarray(alpha_init)
+    else:
+      raise ValueError(f"alpha_init must be 'gamma' or a float, got {alpha_init!r}.")
+    self.alpha = TernaryScale(jnp.asarray(alpha, jnp.float32).reshape(()))
+    if use_bias:
+      b = jnp.asarray(bias_init(rngs.params(), (out_features,), jnp.float32), jnp.float32)
+      bmeta = {"out_sharding": (axes[1],)} if axes else {}
+      self.bias = nnx.Param(b, **bmeta)
+    else:
+      self.bias = nnx.data(None)
+
+  def effective_kernel(self) -> jax.Array:
+    """alpha * Wt with the identity STE: fp32 [in, out]; gradients reach kernel and alpha."""
+    w = self.kernel[...]
+    codes, _ = _ternary_codes(w)
+    wt = jax.lax.stop_gradient(codes) + (w - jax.lax.stop_gradient(w))
+    return self.alpha[...] * wt
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """QAT forward. x: [..., in_features] -> [..., out_features] in the compute dtype."""
+    if x.shape[-1] != self.in_features:
+      raise ShapeError(f"TernaryDense expects [..., {self.in_features}] inputs, got {x.shape}.")
+    dtype = self.dtype or x.dtype
+    y = jnp.dot(x.astype(dtype), self.effective_kernel().astype(dtype),
+                preferred_element_type=jnp.float32)
+    if self.bias is not None:
+      y = y + self.bias[...]
+    return y.astype(dtype)
+
+  def export(self) -> dict[str, jax.Array]:
+    """The deployed form: {"packed": uint8 [ceil(K/4), N], "alpha": f32 (),
+    "in_features": int32 (), "bias": f32 [N] (if any)}."""
+    codes, _ = ternarize(self.kernel[...])
+    out = {"packed": pack(codes), "alpha": jnp.asarray(self.alpha[...], jnp.float32),
+           "in_features": jnp.asarray(self.in_features, jnp.int32)}
+    if self.bias is not None:
+      out["bias"] = self.bias[...]
+    return out
+
+  def packed_call(self, x: jax.Array, **matmul_kwargs) -> jax.Array:
+    """Packs this layer's weights and runs the deployed path (for checks; deployments
+    keep `export()` once and call `packed_dense`)."""
+    dtype = self.dtype or x.dtype
+    return packed_dense(self.export(), x.astype(dtype), **matmul_kwargs)
+
+
+def packed_dense(params: dict[str, jax.Array], x: jax.Array, **matmul_kwargs) -> jax.Array:
+  """Runs a deployed ternary layer: x [..., K] -> [..., N] in x's dtype.
+
+  Args:
+    params: a layer's export ("packed", "alpha", optional "bias"; "in_features" unused).
+    x: activations, float32 or bfloat16.
+    **matmul_kwargs: passed to `ternary_matmul` (impl, interpret, pallas_variant, ...).
+  """
+  y = tm.ternary_matmul(x, params["packed"], params["alpha"], **matmul_kwargs)
+  if params.get("bias") is not None:
+    y = (y.astype(jnp.float32) + params["bias"]).astype(x.dtype)
+  return y
+
+
+# ------------------------------------------------------------------------------------------
+# Whole-tree export / import.
+# ------------------------------------------------------------------------------------------
+
+_PACKED_KEYS = ("packed", "alpha", "in_features")
+
+
+def export_packed(state: nnx.State | nnx.Module) -> dict[str, Any]:
+  """Converts a model's state to its deployed form.
+
+  Every ternary layer (a node with a TernaryKernel "kernel" and a TernaryScale "alpha")
+  becomes {"packed": uint8 [ceil(K/4), N], "alpha": f32 (), "in_features": int32 ()};
+  its other entries (the bias) and every other variable are kept as plain arrays.
+
+  Args:
+    state: an nnx.State (e.g. nnx.state(model)) or a module.
+
+  Returns:
+    A nested dict of arrays (plain pytree; save it with orbax or numpy).
+  """
+  if isinstance(state, nnx.Module):
+    state = nnx.state(state)
+  flat = list(nnx.to_flat_state(state))
+  kernels = {path[:-1]: var for path, var in flat
+             if isinstance(var, TernaryKernel) and path[-1] == "kernel"}
+  alphas = {path[:-1]: var for path, var in flat
+            if isinstance(var, TernaryScale) and path[-1] == "alpha"}
+  if set(kernels) != set(alphas):
+    raise ShapeError(
+        "export_packed: ternary layers need both a TernaryKernel 'kernel' and a TernaryScale "
+        f"'alpha'; unmatched at {sorted(set(kernels) ^ set(alphas))}.")
+  out: dict[str, Any] = {}
+  for path, var in flat:
+    parent = path[:-1]
+    if parent in kernels and path[-1] in ("kernel", "alpha"):
+      continue
+    _set(out, path, var[...])
+  for parent, kvar in kernels.items():
+    w = kvar[...]
+    if w.ndim != 2:
+      raise ShapeError(f"export_packed: ternary kernel at {parent} must be 2-D, got {w.shape}.")
+    codes, _ = ternarize(w)
+    _set(out, parent + ("packed",), pack(codes))
+    _set(out, parent + ("alpha",), jnp.asarray(alphas[parent][...], jnp.float32))
+    _set(out, parent + ("in_features",), jnp.asarray(w.shape[0], jnp.int32))
+  return out
+
+
+def import_packed(tree: dict[str, Any]) -> dict[str, Any]:
+  """Inverse of `export_packed`: a pure dict for nnx.replace_by_pure_dict.
+
+  Each packed layer gets kernel = its codes as fp32 [K, N] (ternarize(codes) == codes,
+  so the restored model's forward equals the exported one exactly) and its alpha; the
+  latent fp weights themselves are not recoverable. Usage:
+
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, import_packed(tree))
+    nnx.update(model, state)
+  """
+  if not isinstance(tree, dict):
+    return tree
+  if all(k in tree for k in _PACKED_KEYS):
+    node = {k: import_packed(v) for k, v in tree.items() if k not in _PACKED_KEYS}
+    k_in = int(np.asarray(tree["in_features"]))
+    node["kernel"] = unpack(jnp.asarray(tree["packed"]), k_in).astype(jnp.float32)
+    node["alpha"] = jnp.asarray(tree["alpha"], jnp.float32)
+    return node
+  return {k: import_packed(v) for k, v in tree.items()}
+
+
+def _set(tree: dict[str, Any], path: tuple[Any, ...], value: Any) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
