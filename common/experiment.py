@@ -127,7 +127,8 @@ class Experiment:
     params = optax.apply_updates(state["params"], updates)
     step = state["step"] + 1
     ema = ema_update(state["ema"], params, step, decay=float(self.config.train.ema_decay),
-                     start_step=int(self.config.train.ema_start_step))
+                     start_step=int(self.config.train.ema_start_step),
+                     warmup=bool(self.config.train.ema_warmup))
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
                "lr": self.lr_schedule(state["step"])}
     return {"step": step, "params": params, "opt_state": opt_state, "ema": ema}, metrics

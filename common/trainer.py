@@ -207,3 +207,25 @@ def sample(config: ml_collections.ConfigDict, workdir: str, *, num_samples: int 
     grid = save_grid(images[:max(ncols * 10, 64)], os.path.join(out_dir, "samples.png"), ncols)
     _log(f"wrote {n} samples from the step-{step} EMA weights to {path} and {grid}")
   return path
+
+
+def summary(config: ml_collections.ConfigDict) -> str:
+  """Parameters per module and forward GFLOPs per example (XLA cost analysis); needs no data.
+
+  The network is built abstractly (no parameter memory) and its forward pass is lowered for one
+  example of `config.model.image_size` x `config.model.in_channels`.
+  """
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from common.experiment import build_model  # pylint: disable=import-outside-toplevel
+  from common.summary import summary_lines  # pylint: disable=import-outside-toplevel
+  m = config.model
+  if "image_size" not in m or "in_channels" not in m:
+    raise ShapeError("summary needs config.model.image_size and config.model.in_channels.")
+  model = nnx.eval_shape(lambda: build_model(m, jax.random.key(0)))
+  x = jax.ShapeDtypeStruct((1, m.image_size, m.image_size, m.in_channels), jax.numpy.float32)
+  noise = jax.ShapeDtypeStruct((1,), jax.numpy.float32)
+  cond = jax.ShapeDtypeStruct((1,), jax.numpy.int32)
+  text = "\n".join([f"{m.name} ({m.image_size}x{m.image_size}x{m.in_channels})"]
+                   + summary_lines(model, (x, noise, cond), per_example=1))
+  _log(text)
+  return text

@@ -26,6 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.num_grid_samples = 64        # images in each PNG grid written while training
   c.train.ema_decay = 0.9999
   c.train.ema_start_step = 0
+  c.train.ema_warmup = False           # decay min(ema_decay, (1+t)/(10+t)): for short runs
   c.train.cond_drop_prob = 0.1         # classifier-free guidance dropout
   c.train.tensorboard = True           # also write TensorBoard events when TensorFlow is installed
 

@@ -58,6 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.sample_every = 1000
   c.train.num_grid_samples = 100
   c.train.ema_decay = 0.999
+  c.train.ema_warmup = True
   c.train.cond_drop_prob = 0.1
 
   c.optim.learning_rate = 1e-3
