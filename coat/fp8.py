@@ -1,0 +1,336 @@
+"""FP8 quantization for COAT (arXiv 2410.19313), spec `terdit_coat.md` B1-B2.
+
+Three granularities:
+
+* per-tensor (`quantize_per_tensor`): E4M3 or E5M2 with a just-in-time absmax scale
+  `s = (max|x| + 1e-10) / fp8_max` (spec B3, Group Scaling), used for GEMM operands and grads;
+* per-group 1xG along the last axis (`quantize_per_group`, G = 16 for activations) with bf16
+  group scales (spec B1, B7.5);
+* optimizer groups of 128 consecutive elements of the flattened tensor with COAT's Dynamic Range
+  Expansion (`quantize_groups` / `dequantize_groups`, spec B2).
+
+Every cast to float8 clips to the format's finite range first: `float8_e4m3fn` has no inf, so an
+unclipped overflow becomes NaN (spec B7.3).
+
+Dynamic Range Expansion (spec B2), per group of the flattened tensor:
+
+  M  = max|x| + 1e-30,   mn = min_{x != 0}|x| + 1e-30        (a true masked min, B7.1)
+  R  = M / mn,           c  = sqrt(M) * sqrt(mn)
+  k  = floor(16 * log2(448^2 / 2) / log2 R) / 16               (not clamped to k >= 1, B7.2)
+  x' = sign(x) * (|x| / c)^k,   s = (M / c)^k / 448,   code = e4m3(clip(x' / s, +-448))
+  dequant: x = sign(code s) * |code s|^(1/k) * c
+
+Decisions beyond the spec:
+
+* constant groups (R = 1, log2 R = 0) get k = 1; all-zero groups store (s, k, c) = (0, 1, 1),
+  the state-init values of spec B2, and dequantize to zeros;
+* k is capped at `K_MAX` = 4096. The cap only acts on nearly constant groups (R < 1.046), where the
+  fp32 rounding of |x|/c raised to a power of 1e5 or more would overflow; a smaller k only
+  compresses, so every code stays representable. k is also at least 1/16 (it cannot reach 0 in
+  fp32, where log2 R < 265);
+* the formulas are evaluated in the log2 domain (`log2 R = log2 M - log2 mn`), which cannot overflow
+  for any finite fp32 input (the direct M / mn overflows once M > 3e8 and mn ~ 1e-30).
+
+Sharding rule: with `num_shards = S` the tensor is split into S equal blocks along its leading axis
+(the FSDP shard of a leading-axis-sharded parameter), each block is flattened and padded with zeros
+to a multiple of the group size, and groups are cut per block. So no group straddles two shards, and
+the result equals quantizing each shard on its own and concatenating the groups. Padding zeros do
+not change the groups' max or (nonzero) min. `num_shards = 1` is COAT's layout (groups of 128
+consecutive elements of the flattened tensor, the last group partial).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from common.errors import ShapeError
+
+E4M3 = jnp.float8_e4m3fn
+E5M2 = jnp.float8_e5m2
+E4M3_MAX = 448.0
+E5M2_MAX = 57344.0
+# log2(448^2 / 2): the target range of Dynamic Range Expansion (spec B2).
+LOG2_TARGET_RANGE = math.log2(E4M3_MAX * E4M3_MAX / 2.0)
+EXPAND_STEP = 16  # k is a multiple of 1/16 (COAT's expand_min)
+K_MAX = 4096.0
+K_MIN = 1.0 / EXPAND_STEP
+DRE_EPS = 1e-30  # added to max and min before the range (spec B2)
+PLAIN_EPS = 1e-20  # the non-expanded scale: s = (max + 1e-20) / 448 (spec B2)
+TENSOR_EPS = 1e-10  # per-tensor and 1xG scales: s = (max + 1e-10) / fp8_max (spec B3)
+OPTIM_GROUP_SIZE = 128
+ACT_GROUP_SIZE = 16
+
+
+def fp8_max(dtype) -> float:
+  """Largest finite value of a float8 dtype (448 for E4M3, 57344 for E5M2)."""
+  return float(jnp.finfo(dtype).max)
+
+
+def cast_to_fp8(y: jax.Array, dtype=E4M3) -> jax.Array:
+  """Clips `y` to the finite range of `dtype` and casts (round to nearest even).
+
+  The clip makes overflow saturate instead of becoming NaN (e4m3fn has no inf). NaN stays NaN.
+  """
+  bound = fp8_max(dtype)
+  return jnp.clip(y, -bound, bound).astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-tensor.
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def quantize_per_tensor(x: jax.Array, dtype=E4M3, scale: jax.Array | None = None):
+  """Per-tensor FP8 quantization with a just-in-time absmax scale.
+
+  Args:
+    x: any shape, float.
+    dtype: `jnp.float8_e4m3fn` (forward activations, weights) or `jnp.float8_e5m2` (grads).
+    scale: optional fp32 scalar to use instead of the absmax scale (e.g. a cached weight scale);
+      values with |x / scale| beyond the format's max saturate.
+
+  Returns:
+    (codes, scale): codes of `dtype` with x's shape; scale fp32 [] with x ~= codes * scale.
+  """
+  x = jnp.asarray(x)
+  if scale is None:
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32))) if x.size else jnp.float32(0)
+    scale = (amax + TENSOR_EPS) / fp8_max(dtype)
+  scale = jnp.asarray(scale, jnp.float32)
+  return cast_to_fp8(x.astype(jnp.float32) / scale, dtype), scale
+
+
+def dequantize_per_tensor(codes: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """Inverse of `quantize_per_tensor`: codes * scale in `dtype`, codes' shape."""
+  return (codes.astype(jnp.float32) * scale).astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-group 1xG along the last axis (activations).
+
+
+@functools.partial(jax.jit, static_argnames=("group_size", "dtype"))
+def quantize_per_group(x: jax.Array, group_size: int = ACT_GROUP_SIZE, dtype=E4M3):
+  """1xG FP8 quantization along the last axis with bf16 group scales (spec B1, B3).
+
+  The scale of each group is `bf16((max|x| + 1e-10) / fp8_max)`; bf16 rounding can make
+  |x / scale| exceed fp8_max slightly, which the clip before the cast saturates (spec B7.3).
+
+  Args:
+    x: [..., D] float with D divisible by `group_size`.
+    group_size: G, 16 for activations.
+    dtype: FP8 dtype of the codes.
+
+  Returns:
+    (codes, scales): codes `dtype` [..., D]; scales bfloat16 [..., D // G].
+  """
+  x = jnp.asarray(x)
+  if x.ndim == 0 or x.shape[-1] % group_size:
+    raise ShapeError(
+        f"quantize_per_group needs a last axis divisible by group_size={group_size}; "
+        f"got shape {x.shape}")
+  xg = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
+  amax = jnp.max(jnp.abs(xg), axis=-1)
+  scales = ((amax + TENSOR_EPS) / fp8_max(dtype)).astype(jnp.bfloat16)
+  codes = cast_to_fp8(xg / scales.astype(jnp.float32)[..., None], dtype)
+  return codes.reshape(x.shape), scales
+
+
+def dequantize_per_group(codes: jax.Array, scales: jax.Array,
+                         dtype=jnp.bfloat16) -> jax.Array:
+  """Inverse of `quantize_per_group`: codes [..., D], scales [..., D // G] -> `dtype` [..., D]."""
+  group_size = codes.shape[-1] // scales.shape[-1]
+  cg = codes.astype(jnp.float32).reshape(*scales.shape, group_size)
+  return (cg * scales.astype(jnp.float32)[..., None]).reshape(codes.shape).astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer groups with Dynamic Range Expansion. The row functions work on [rows, G] blocks with
+# [rows, 1] metadata and use only element-wise ops and row reductions, so the Pallas kernel
+# (kernels/fp8_adamw.py) runs the very same code on its blocks.
+
+
+def dre_quantize_rows(x: jax.Array, expand: bool = True):
+  """Quantizes each row (one group) of `x` to E4M3 with Dynamic Range Expansion (spec B2).
+
+  Args:
+    x: [rows, G] float32; zeros (including padding) are ignored by the min.
+    expand: apply Dynamic Range Expansion; False gives COAT's plain per-group scaling
+      s = (max + 1e-20) / 448 with k = 1, c = 1.
+
+  Returns:
+    (codes, scale, k, c): codes float8_e4m3fn [rows, G]; scale, k, c float32 [rows, 1].
+  """
+  y, scale, k, c = dre_quantize_rows_f32(x, expand)
+  return y.astype(E4M3), scale, k, c
+
+
+def dre_quantize_rows_f32(x: jax.Array, expand: bool = True):
+  """`dre_quantize_rows` with the codes before the final cast: float32 in [-448, 448].
+
+  The kernel selects between these and old codes in float32 (old codes convert exactly) and casts
+  once, which avoids selects on float8 values.
+  """
+  x = x.astype(jnp.float32)
+  a = jnp.abs(x)
+  amax = jnp.max(a, axis=1, keepdims=True)
+  nonzero = amax > 0
+  one = jnp.ones_like(amax)
+  if expand:
+    amin = jnp.min(jnp.where(a > 0, a, jnp.inf), axis=1, keepdims=True)
+    amin = jnp.where(nonzero, amin, amax)  # all-zero group: R = 1
+    log2_big = jnp.log2(amax + DRE_EPS)
+    log2_small = jnp.log2(amin + DRE_EPS)
+    log2_range = log2_big - log2_small  # log2 R >= 0
+    safe = jnp.where(log2_range > 0, log2_range, one)
+    k = jnp.floor(EXPAND_STEP * LOG2_TARGET_RANGE / safe) / EXPAND_STEP
+    k = jnp.where(log2_range > 0, k, one)  # constant group: k = 1
+    k = jnp.clip(k, K_MIN, K_MAX)
+    log2_c = 0.5 * (log2_big + log2_small)  # c = sqrt(M) sqrt(mn)
+    log2_scale = k * (log2_big - log2_c) - math.log2(E4M3_MAX)  # s = (M/c)^k / 448
+    # |code| = (|x|/c)^k / s
+    mag = jnp.where(a > 0, jnp.exp2(k * (jnp.log2(jnp.where(a > 0, a, one)) - log2_c)
+                                     - log2_scale), 0.0)
+    scale = jnp.exp2(log2_scale)
+    c = jnp.exp2(log2_c)
+  else:
+    k = one
+    c = one
+    scale = (amax + PLAIN_EPS) / E4M3_MAX
+    mag = a / scale
+  y = jnp.clip(jnp.where(x < 0, -mag, mag), -E4M3_MAX, E4M3_MAX)
+  scale = jnp.where(nonzero, scale, 0.0)
+  k = jnp.where(nonzero, k, one)
+  c = jnp.where(nonzero, c, one)
+  return y, scale, k, c
+
+
+def dre_dequantize_rows(codes: jax.Array, scale: jax.Array, k: jax.Array,
+                        c: jax.Array) -> jax.Array:
+  """Inverse of `dre_quantize_rows`: codes [rows, G], scale/k/c [rows, 1] -> float32 [rows, G].
+
+  x = code * s;  value = sign(x) |x|^(1/k) c  (spec B2 step 1); groups with k = 1 and c = 1 (plain
+  scaling, all-zero groups, fresh state) decode exactly as code * s.
+  """
+  x = codes.astype(jnp.float32) * scale
+  a = jnp.abs(x)
+  one = jnp.ones_like(a)
+  mag = jnp.where(a > 0, jnp.exp2(jnp.log2(jnp.where(a > 0, a, one)) / k + jnp.log2(c)), 0.0)
+  plain = (k == 1.0) & (c == 1.0)
+  return jnp.where(plain, x, jnp.where(x < 0, -mag, mag))
+
+
+def group_layout(shape: tuple[int, ...], group_size: int = OPTIM_GROUP_SIZE,
+                 num_shards: int = 1) -> tuple[int, int]:
+  """Returns (groups_per_shard, n_groups) of a tensor of `shape` (see the module's shard rule)."""
+  size = int(np.prod(shape, dtype=np.int64))
+  if num_shards < 1 or (num_shards > 1 and (len(shape) == 0 or shape[0] % num_shards)):
+    raise ShapeError(
+        f"num_shards={num_shards} must divide the leading axis of shape {tuple(shape)}")
+  per_shard = size // num_shards
+  groups_per_shard = max(1, -(-per_shard // group_size))
+  return groups_per_shard, groups_per_shard * num_shards
+
+
+def to_groups(x: jax.Array, group_size: int = OPTIM_GROUP_SIZE,
+              num_shards: int = 1) -> jax.Array:
+  """Lays `x` (any shape) out as zero-padded groups [n_groups, G], per leading-axis shard."""
+  groups_per_shard, n_groups = group_layout(x.shape, group_size, num_shards)
+  flat = jnp.reshape(x, (num_shards, -1))
+  pad = groups_per_shard * group_size - flat.shape[1]
+  if pad:
+    flat = jnp.pad(flat, ((0, 0), (0, pad)))
+  return flat.reshape(n_groups, group_size)
+
+
+def from_groups(rows: jax.Array, shape: tuple[int, ...], num_shards: int = 1) -> jax.Array:
+  """Inverse of `to_groups`: [n_groups, G] -> `shape` (padding dropped)."""
+  size = int(np.prod(shape, dtype=np.int64))
+  flat = rows.reshape(num_shards, -1)[:, :size // num_shards]
+  return flat.reshape(shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedGroups:
+  """A tensor quantized in groups with Dynamic Range Expansion (a JAX pytree).
+
+  Attributes:
+    codes: float8_e4m3fn [n_groups, G].
+    scale: float32 [n_groups], the group scale s.
+    k: float32 [n_groups], the expansion exponent (1 without expansion).
+    c: float32 [n_groups], the geometric centre sqrt(max min) (1 without expansion).
+    shape: static, the original tensor's shape.
+    num_shards: static, the number of leading-axis shards the groups were cut in.
+  """
+  codes: jax.Array
+  scale: jax.Array
+  k: jax.Array
+  c: jax.Array
+  shape: tuple[int, ...] = ()
+  num_shards: int = 1
+
+  @property
+  def group_size(self) -> int:
+    return self.codes.shape[-1]
+
+  @property
+  def nbytes(self) -> int:
+    return sum(int(a.size) * a.dtype.itemsize for a in (self.codes, self.scale, self.k, self.c))
+
+
+jax.tree_util.register_dataclass(
+    QuantizedGroups, data_fields=["codes", "scale", "k", "c"],
+    meta_fields=["shape", "num_shards"])
+
+
+def empty_groups(shape: tuple[int, ...], group_size: int = OPTIM_GROUP_SIZE,
+                 num_shards: int = 1) -> QuantizedGroups:
+  """A zero tensor in the state-init form of spec B2: codes 0, s = 0, k = 1, c = 1."""
+  _, n_groups = group_layout(tuple(shape), group_size, num_shards)
+  return QuantizedGroups(
+      codes=jnp.zeros((n_groups, group_size), E4M3),
+      scale=jnp.zeros((n_groups,), jnp.float32),
+      k=jnp.ones((n_groups,), jnp.float32),
+      c=jnp.ones((n_groups,), jnp.float32),
+      shape=tuple(int(d) for d in shape), num_shards=num_shards)
+
+
+@functools.partial(jax.jit, static_argnames=("group_size", "expand", "num_shards"))
+def quantize_groups(x: jax.Array, group_size: int = OPTIM_GROUP_SIZE, expand: bool = True,
+                    *, num_shards: int = 1) -> QuantizedGroups:
+  """Quantizes `x` to E4M3 in groups with COAT's Dynamic Range Expansion (spec B2).
+
+  Args:
+    x: any shape (scalars included), float; it is handled as float32.
+    group_size: G, 128 for optimizer states.
+    expand: apply Dynamic Range Expansion (otherwise s = (max + 1e-20) / 448, k = c = 1).
+    num_shards: cut the groups per block of the leading axis (see the module's shard rule).
+
+  Returns:
+    QuantizedGroups with codes [n_groups, G] and fp32 scale/k/c [n_groups].
+  """
+  x = jnp.asarray(x)
+  rows = to_groups(x.astype(jnp.float32), group_size, num_shards)
+  codes, scale, k, c = dre_quantize_rows(rows, expand)
+  return QuantizedGroups(codes=codes, scale=scale[:, 0], k=k[:, 0], c=c[:, 0],
+                         shape=tuple(int(d) for d in x.shape), num_shards=num_shards)
+
+
+@jax.jit
+def dequantize_groups(q: QuantizedGroups) -> jax.Array:
+  """Inverse of `quantize_groups`: float32 with the original tensor's shape."""
+  rows = dre_dequantize_rows(q.codes, q.scale[:, None], q.k[:, None], q.c[:, None])
+  return from_groups(rows, q.shape, q.num_shards)
+
+
+def tree_nbytes(tree: Any) -> int:
+  """Bytes occupied by the arrays of a pytree."""
+  return sum(int(np.prod(a.shape, dtype=np.int64)) * jnp.dtype(a.dtype).itemsize
+             for a in jax.tree.leaves(tree))

@@ -1,0 +1,156 @@
+"""FP8 AdamW with Dynamic Range Expansion (COAT, arXiv 2410.19313, spec B1-B2).
+
+`fp8_adamw` is an `optax.GradientTransformation`: the first and second moments live as
+float8_e4m3fn groups of 128 with fp32 (scale, k, c) per group (`coat.fp8.QuantizedGroups`),
+2 + 24/128 = 2.1875 bytes per parameter instead of 8 for fp32 AdamW; parameters and gradients stay
+fp32. Each step follows spec B2: dequantize m and v, fp32 AdamW with COAT's bias correction
+
+  denom = (sqrt(v) / sqrt(1 - b2^t) + eps) (1 - b1^t),   u = -lr (m / denom + wd p),
+
+then requantize m and v per group. `u` (= new_p - p) is returned, as optax expects; weight decay is
+decoupled and multiplied by the learning rate (AdamW, as `optax.adamw`).
+
+Non-finite gradients: if any gradient element of the tree is NaN or inf (`skip_nonfinite=True`, the
+default) the whole step is skipped: zero updates, and the state (count included) is returned
+unchanged, like `optax.apply_if_finite`. Independently of that flag, a group whose new m, v or
+update would not be finite (e.g. a finite gradient whose square overflows fp32) keeps its old state
+and gets a zero update, so the state never holds NaN or inf.
+
+Sharding: groups never straddle shards. `num_shards` (an int, or a function of a parameter's shape
+returning an int) splits each parameter along its leading axis into that many blocks and cuts the
+groups per block (`coat.fp8` module docstring); a parameter whose leading axis is not divisible, or
+a scalar, uses one block (it is replicated under the project's sharding rule). Use the FSDP axis
+size for parameters sharded on their leading axis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from coat import fp8
+from kernels.fp8_adamw import fp8_adamw_rows
+
+
+class Fp8AdamWState(NamedTuple):
+  """State of `fp8_adamw`.
+
+  Attributes:
+    count: int32 [], the number of steps taken (skipped steps excluded).
+    mu: pytree like the params of `coat.fp8.QuantizedGroups`, the first moment.
+    nu: same, the second moment.
+  """
+  count: jax.Array
+  mu: Any
+  nu: Any
+
+
+def _num_shards_for(num_shards: int | Callable[[tuple[int, ...]], int], shape) -> int:
+  n = num_shards(tuple(shape)) if callable(num_shards) else num_shards
+  n = int(n)
+  if n < 1:
+    raise ValueError(f"num_shards must be >= 1, got {n}")
+  if n > 1 and (len(shape) == 0 or shape[0] % n):
+    return 1
+  return n
+
+
+def fp8_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
+              eps: float = 1e-8, weight_decay: float = 0.0, *, impl: str = "jnp",
+              interpret: bool = False, expand: bool = True,
+              num_shards: int | Callable[[tuple[int, ...]], int] = 1,
+              skip_nonfinite: bool = True, group_size: int = fp8.OPTIM_GROUP_SIZE,
+              block_rows: int | None = None) -> optax.GradientTransformation:
+  """AdamW with float8_e4m3fn moments in groups of 128 (COAT).
+
+  Args:
+    learning_rate: a float or an optax schedule (called with the step count from 0).
+    b1, b2, eps: Adam hyper-parameters.
+    weight_decay: decoupled weight decay (times the learning rate, as AdamW).
+    impl: "jnp" (XLA) or "pallas" (the fused kernel of kernels/fp8_adamw.py).
+    interpret: run the Pallas kernel in interpret mode (CPU).
+    expand: Dynamic Range Expansion of the moments (False: plain per-group absmax scaling).
+    num_shards: leading-axis shards per parameter (int or shape -> int); see the module docstring.
+    skip_nonfinite: skip the whole step when a gradient holds NaN or inf.
+    group_size: elements per group (COAT: 128).
+    block_rows: groups per Pallas program (None: the backend's default).
+
+  Returns:
+    An optax.GradientTransformation whose state is `Fp8AdamWState`.
+  """
+  if impl not in ("jnp", "pallas"):
+    raise ValueError(f"impl must be 'jnp' or 'pallas', got {impl!r}")
+  hyper = dict(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, expand=expand, impl=impl,
+               interpret=interpret, block_rows=block_rows)
+
+  def init_fn(params):
+    def empty(p):
+      p = jnp.asarray(p)
+      return fp8.empty_groups(p.shape, group_size, _num_shards_for(num_shards, p.shape))
+    mu = jax.tree.map(empty, params)
+    nu = jax.tree.map(empty, params)
+    return Fp8AdamWState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
+
+  def update_fn(updates, state, params=None):
+    if weight_decay and params is None:
+      raise ValueError("fp8_adamw with weight_decay != 0 needs `params` in update()")
+    count = state.count
+    lr = learning_rate(count) if callable(learning_rate) else learning_rate
+    lr = jnp.asarray(lr, jnp.float32)
+    t = (count + 1).astype(jnp.float32)
+    bc1 = 1.0 - jnp.power(jnp.float32(b1), t)
+    sqrt_bc2 = jnp.sqrt(1.0 - jnp.power(jnp.float32(b2), t))
+    grads, treedef = jax.tree.flatten(updates)
+    mus = treedef.flatten_up_to(state.mu)
+    nus = treedef.flatten_up_to(state.nu)
+    ps = treedef.flatten_up_to(params) if params is not None else [None] * len(grads)
+
+    def step(_):
+      outs, new_mu, new_nu = [], [], []
+      for g, m, v, p in zip(grads, mus, nus, ps):
+        g = jnp.asarray(g)
+        n = m.num_shards
+        g_rows = fp8.to_groups(g.astype(jnp.float32), group_size, n)
+        p_rows = (fp8.to_groups(jnp.asarray(p, jnp.float32), group_size, n)
+                  if (weight_decay and p is not None) else None)
+        m_rows = (m.codes, m.scale[:, None], m.k[:, None], m.c[:, None])
+        v_rows = (v.codes, v.scale[:, None], v.k[:, None], v.c[:, None])
+        u, m_rows, v_rows = fp8_adamw_rows(g_rows, p_rows, m_rows, v_rows, lr, bc1, sqrt_bc2,
+                                           **hyper)
+        out_dtype = p.dtype if p is not None else g.dtype
+        outs.append(fp8.from_groups(u, g.shape, n).astype(out_dtype))
+        new_mu.append(_rows_to_groups(m_rows, m))
+        new_nu.append(_rows_to_groups(v_rows, v))
+      return outs, count + 1, new_mu, new_nu
+
+    if skip_nonfinite and grads:
+      finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in grads]).all()
+
+      def skip(_):
+        outs = [jnp.zeros(jnp.shape(g), p.dtype if p is not None else jnp.asarray(g).dtype)
+                for g, p in zip(grads, ps)]
+        return outs, count, list(mus), list(nus)
+
+      outs, new_count, new_mu, new_nu = jax.lax.cond(finite, step, skip, None)
+    else:
+      outs, new_count, new_mu, new_nu = step(None)
+    return (treedef.unflatten(outs),
+            Fp8AdamWState(count=new_count, mu=treedef.unflatten(new_mu),
+                          nu=treedef.unflatten(new_nu)))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _rows_to_groups(rows, like: fp8.QuantizedGroups) -> fp8.QuantizedGroups:
+  codes, scale, k, c = rows
+  return fp8.QuantizedGroups(codes=codes, scale=scale[:, 0], k=k[:, 0], c=c[:, 0],
+                             shape=like.shape, num_shards=like.num_shards)
+
+
+def state_bytes(state: Any) -> int:
+  """Bytes occupied by an optimizer state (every array leaf, metadata and counters included)."""
+  return fp8.tree_nbytes(state)
