@@ -61,7 +61,6 @@ class Experiment:
     self.config, self.mesh = config, mesh
     self.rules = tuple(tuple(r) for r in config.mesh.rules)
     self.recipe = make_diffusion(config.diffusion)
-    self.info = dataset_info(config.data)
     self.total_steps = int(config.train.steps)
     self.tx = make_optimizer(config.optim, self.total_steps)
     self.lr_schedule = learning_rate_schedule(config.optim, self.total_steps)
@@ -147,6 +146,11 @@ class Experiment:
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), 1), step)
 
   # ---- sampling -----------------------------------------------------------------------------------
+  @functools.cached_property
+  def info(self):
+    """The dataset's image size, channels and classes (read lazily: a train step needs no data)."""
+    return dataset_info(self.config.data)
+
   @property
   def sample_shape(self) -> tuple[int, int, int]:
     return (self.info.image_size, self.info.image_size, self.info.channels)

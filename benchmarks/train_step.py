@@ -1,0 +1,95 @@
+"""Train-step throughput and MFU of SiD2 configs (fwd + bwd + AdamW + EMA, synthetic data).
+
+Prints one table row per config: img/s, ms/step, achieved TFLOP/s and MFU against the H100's measured
+800 TFLOP/s bf16 peak (ENGINEERING.md). Model FLOPs per image = 3 x the forward pass's XLA flops
+(forward + backward, the usual MFU convention: rematerialised recomputation is not counted).
+
+  python benchmarks/train_step.py                       # the default GPU set below
+  python benchmarks/train_step.py --configs sid2_in256.py:batch=64 sid2_in512.py:p4,batch=64
+  python benchmarks/train_step.py --cpu_smoke           # tiny runlocal configs, to check the script
+"""
+
+import argparse
+import importlib
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from common import sharding  # noqa: E402
+from common.experiment import Experiment  # noqa: E402
+from common.summary import forward_flops  # noqa: E402
+
+PEAK_TFLOPS = 800.0  # H100 bf16 dense matmul, measured (ENGINEERING.md)
+DEFAULT = ["sid2_in256.py:batch=64", "sid2_in512.py:p4,batch=64", "sid2_in512.py:p2,batch=32"]
+
+
+def load(spec: str):
+  """'sid2_in512.py:p4,batch=64' -> (config, batch); 'batch=' is ours, the rest goes to get_config."""
+  name, _, arg = spec.partition(":")
+  parts = [a for a in arg.split(",") if a]
+  batch = [int(a.split("=")[1]) for a in parts if a.startswith("batch=")]
+  cfg_arg = ",".join(a for a in parts if not a.startswith("batch="))
+  mod = importlib.import_module("configs." + name.removesuffix(".py"))
+  c = mod.get_config(cfg_arg or None)
+  if batch:
+    c.train.batch_size = batch[0]
+  return c
+
+
+def bench(spec: str, warmup: int, iters: int) -> dict:
+  c = load(spec)
+  exp = Experiment(c, sharding.make_mesh(c.mesh))
+  m = c.model
+  b = c.train.batch_size
+  x = jax.ShapeDtypeStruct((1, m.image_size, m.image_size, m.in_channels), jnp.float32)
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from common.experiment import build_model  # pylint: disable=import-outside-toplevel
+  abstract = nnx.eval_shape(lambda: build_model(m, jax.random.key(0)))
+  fwd = forward_flops(abstract, (x, jax.ShapeDtypeStruct((1,), jnp.float32),
+                                 jax.ShapeDtypeStruct((1,), jnp.int32)))
+  state = exp.init_state(0)
+  rng = np.random.default_rng(0)
+  batch = sharding.global_batch(
+      {"image": rng.uniform(-1, 1, (b, m.image_size, m.image_size, m.in_channels)).astype(np.float32),
+       "label": rng.integers(0, max(m.num_classes, 1), (b,)).astype(np.int32)}, exp.mesh, exp.rules)
+  step = exp.train_step
+  for i in range(warmup):
+    state, met = step(state, batch, exp.step_key(i))
+  jax.block_until_ready(state)
+  t0 = time.perf_counter()
+  for i in range(iters):
+    state, met = step(state, batch, exp.step_key(warmup + i))
+  jax.block_until_ready(state)
+  dt = (time.perf_counter() - t0) / iters
+  tflops = 3 * fwd * b / dt / 1e12
+  return {"config": spec, "params_M": exp.num_params / 1e6, "fwd_gflop_img": fwd / 1e9,
+          "img_s": b / dt, "ms": dt * 1e3, "tflops": tflops, "mfu": tflops / PEAK_TFLOPS,
+          "loss": float(met["loss"])}
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--configs", nargs="*", default=None)
+  ap.add_argument("--warmup", type=int, default=3)
+  ap.add_argument("--iters", type=int, default=10)
+  ap.add_argument("--cpu_smoke", action="store_true", help="tiny runlocal configs on any backend")
+  a = ap.parse_args()
+  specs = a.configs or (["sid2_in256.py:runlocal,batch=8"] if a.cpu_smoke else DEFAULT)
+  dev = jax.devices()[0]
+  print(f"device: {dev.device_kind} x{jax.device_count()} ({jax.default_backend()}), jax {jax.__version__}")
+  print("| config | params (M) | fwd GFLOP/img (XLA) | img/s | ms/step | TFLOP/s | MFU vs 800 |")
+  print("|---|---|---|---|---|---|---|")
+  for s in specs:
+    r = bench(s, a.warmup if not a.cpu_smoke else 1, a.iters if not a.cpu_smoke else 2)
+    print(f"| {r['config']} | {r['params_M']:.1f} | {r['fwd_gflop_img']:.1f} | {r['img_s']:.1f} | "
+          f"{r['ms']:.1f} | {r['tflops']:.1f} | {100 * r['mfu']:.1f}% |", flush=True)
+
+
+if __name__ == "__main__":
+  main()
