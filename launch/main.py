@@ -34,6 +34,12 @@ def _run(argv) -> None:
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/sid2_digits.py")
+  try:
+    config.get("seed")  # config_flags defers a config file's load error to the first access
+  except OSError as e:
+    print(f"error: {str(e).splitlines()[-1].strip()} (--config={flags.FLAGS['config'].config_filename})",
+          file=sys.stderr, flush=True)
+    sys.exit(1)
   import jax  # pylint: disable=import-outside-toplevel
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
@@ -57,8 +63,26 @@ def _run(argv) -> None:
     sys.exit(1)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with bad flags and unknown `--config.*` keys reported on one line."""
+  from common.errors import UserError  # pylint: disable=import-outside-toplevel
+  try:
+    return flags.FLAGS(argv)
+  except UserError as e:  # raised by a config's get_config, e.g. an unknown config argument
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+  except Exception as e:  # pylint: disable=broad-except
+    detail = str(e).strip().strip("'\"")
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    hint = f" (config overrides given: {', '.join(overrides)})" if overrides else ""
+    print(f"error: cannot parse the command line: {type(e).__name__}: {detail}{hint}. Unknown "
+          "config keys cannot be set from the command line; see the config file for the keys.",
+          file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
 def main() -> None:
-  app.run(_run)
+  app.run(_run, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from common import trainer
-from common.errors import ConfigError, NonFiniteLossError, ShapeError
+from common.errors import CheckpointError, ConfigError, NonFiniteLossError, ShapeError
 from configs import sid2_digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,11 +67,19 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   c = tiny_config(steps=12, checkpoint_every=5)
   trainer.train(c, str(tmp_path), stop_after=5)
   c.optim.learning_rate = 1e30  # blows up the parameters, then the loss
-  c.optim.clip_norm = 0.0
   with pytest.raises(NonFiniteLossError, match="last good checkpoint"):
     trainer.train(c, str(tmp_path))
   ckpts = sorted(os.listdir(tmp_path / "checkpoints"))
   assert "5" in ckpts and not any(int(s) > 5 for s in ckpts if s.isdigit())
+
+
+def test_resume_with_an_incompatible_config_is_a_clear_error(tmp_path):
+  c = tiny_config(steps=4)
+  trainer.train(c, str(tmp_path), stop_after=2)
+  c.optim.clip_norm = 0.0  # changes the optimizer state's structure
+  with pytest.raises(CheckpointError, match="left untouched"):
+    trainer.train(c, str(tmp_path))
+  assert "2" in os.listdir(tmp_path / "checkpoints")
 
 
 def test_sample_writes_npz_and_grid(tmp_path):
