@@ -92,9 +92,18 @@ class Experiment:
 
   def _state_shardings(self, abstract_state):
     rep = sharding.replicated(self.mesh)
+
+    def like_param(value, param_sharding, param):
+      # A copy of the parameter (AdamW's m, v) is sharded like it; anything else at a parameter's
+      # place in the optimizer state (e.g. COAT's FP8 groups [n_groups, 128]) is replicated.
+      if isinstance(value, (jax.ShapeDtypeStruct, jax.Array)) and value.shape == param.shape:
+        return param_sharding
+      return jax.tree.map(lambda _: rep, value)
+
     opt = optax.tree_map_params(
-        self.tx, lambda _, s: s, abstract_state["opt_state"], self.param_shardings,
-        transform_non_params=lambda _: rep)
+        self.tx, like_param, abstract_state["opt_state"], self.param_shardings,
+        self.abstract_params, transform_non_params=lambda v: jax.tree.map(lambda _: rep, v),
+        is_leaf=lambda x: not isinstance(x, (dict, list, tuple)))
     return {"step": rep, "params": self.param_shardings, "opt_state": opt,
             "ema": self.param_shardings}
 

@@ -23,6 +23,11 @@ c.mesh.data = {data}
 c.mesh.fsdp = {fsdp}
 trainer.train(c, {workdir!r})
 print("DEVICES", jax.device_count())
+from common import sharding
+from common.experiment import Experiment
+exp = Experiment(c, sharding.make_mesh(c.mesh))
+specs = [s.spec for s in jax.tree.leaves(exp.param_shardings)]
+print("FSDP_SHARDED", sum("fsdp" in str(p) for p in specs), "OF", len(specs))
 """
 
 
@@ -34,6 +39,9 @@ def _run(workdir, ndev, data, fsdp):
                      capture_output=True, text=True, env=env, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   assert f"DEVICES {ndev}" in r.stdout
+  if fsdp > 1:  # the 8-device run really shards parameters, not only the batch
+    sharded = int(r.stdout.split("FSDP_SHARDED ")[1].split()[0])
+    assert sharded >= 10, r.stdout[-500:]
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(l)["loss"] for l in f]
 

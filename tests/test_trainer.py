@@ -143,3 +143,20 @@ def test_cli_sigterm_saves_and_exits_zero(tmp_path):
   steps = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
   assert steps and max(steps) >= 3
   assert "SIGTERM" in out
+
+
+def test_fp8_adamw_trains_checkpoints_and_resumes(tmp_path):
+  c = tiny_config(steps=4)
+  c.optim.name = "fp8_adamw"
+  full, split = str(tmp_path / "full"), str(tmp_path / "split")
+  trainer.train(c, full)
+  trainer.train(c, split, stop_after=2)
+  trainer.train(c, split)
+  a, b = read_losses(full), read_losses(split)
+  assert [a[s] for s in range(1, 5)] == [b[s] for s in range(1, 5)]
+
+
+def test_cli_summary_reports_params_and_gflops():
+  r = run_cli("--config=configs/sid2_digits.py", "--mode=summary")
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "total" in r.stdout and "GFLOP" in r.stdout and "1,566,529" in r.stdout
