@@ -19,6 +19,7 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(PY) launch/main.py --config=configs/sid2_digits.py --workdir=$(DEMO_DIR) --mode=train
 	$(PY) launch/main.py --config=configs/sid2_digits.py --workdir=$(DEMO_DIR) --mode=sample
+	$(PY) benchmarks/digits_sample_quality.py --workdir=$(DEMO_DIR)
 	@echo "samples: $(DEMO_DIR)/samples/ (grid: samples.png, arrays: samples.npz)"
 
 test: $(STAMP)
