@@ -81,7 +81,7 @@ class Experiment:
     self.abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         abstract_state, self.state_shardings)
-    self._replicated = sharding.replicated(mesh)
+    self._samplers = {}
 
   # ---- state ------------------------------------------------------------------------------------
   def _init(self, key):
@@ -180,12 +180,17 @@ class Experiment:
 
   def sampler(self, *, sampler: str, num_steps: int, guidance_scale: float,
               guidance_interval, churn: float = 0.0):
-    """A jitted `(params, key, labels [B]) -> images [B, H, W, C] in [-1, 1]`, compiled once."""
-    fn = functools.partial(self._sample, sampler=sampler, num_steps=int(num_steps),
-                           guidance_scale=float(guidance_scale),
-                           guidance_interval=tuple(float(g) for g in guidance_interval),
-                           churn=float(churn))
-    return jax.jit(fn, in_shardings=(self.param_shardings, None, None))
+    """A jitted `(params, key, labels [B]) -> images [B, H, W, C] in [-1, 1]`, compiled once.
+
+    Samplers are cached by their settings, so periodic sample grids reuse one compilation.
+    """
+    kw = dict(sampler=sampler, num_steps=int(num_steps), guidance_scale=float(guidance_scale),
+              guidance_interval=tuple(float(g) for g in guidance_interval), churn=float(churn))
+    key = tuple(sorted(kw.items()))
+    if key not in self._samplers:
+      self._samplers[key] = jax.jit(functools.partial(self._sample, **kw),
+                                    in_shardings=(self.param_shardings, None, None))
+    return self._samplers[key]
 
   def config_sampler(self, **overrides):
     """The sampler described by `config.sample`, with keyword overrides."""

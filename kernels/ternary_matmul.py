@@ -258,8 +258,11 @@ def _gpu_kernel(x_ref, p_ref, a_ref, o_ref, *, hp: int, bq: int):
   o_ref[...] = _epilogue(acc, rowsum, a_ref[...], o_ref.dtype)
 
 
-def _tpu_kernel(x0_ref, x1_ref, x2_ref, x3_ref, p_ref, a_ref, o_ref, acc_ref, rs_ref):
-  """Mosaic-style: K is the last (sequential) grid axis; accumulate in VMEM scratch."""
+def _tpu_kernel(x0_ref, x1_ref, x2_ref, x3_ref, p_ref, a_ref, o_ref, acc_ref, rs_ref, *, nq: int):
+  """Mosaic-style: K is the last (sequential) grid axis (nq steps); accumulate in VMEM scratch.
+
+  The step count is a static argument rather than `pl.num_programs(2)`: jax 0.11's interpreter
+  reused a stale grid size across calls with different shapes."""
   s = pl.program_id(2)
 
   @pl.when(s == 0)
@@ -272,7 +275,7 @@ def _tpu_kernel(x0_ref, x1_ref, x2_ref, x3_ref, p_ref, a_ref, o_ref, acc_ref, rs
   acc_ref[...] = acc
   rs_ref[...] = rowsum
 
-  @pl.when(s == pl.num_programs(2) - 1)
+  @pl.when(s == nq - 1)
   def _done():
     o_ref[...] = _epilogue(acc_ref[...], rs_ref[...], a_ref[...], o_ref.dtype)
 
@@ -349,7 +352,7 @@ def _pallas_matmul(x, packed, alpha, *, variant: str, interpret: bool, block_m, 
       return pl.BlockSpec((bm, bq), lambda i, j, s: (i, plane * nq + s))
 
     y = pl.pallas_call(
-        _tpu_kernel,
+        functools.partial(_tpu_kernel, nq=nq),
         out_shape=out_shape,
         grid=grid,
         in_specs=[

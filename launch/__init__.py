@@ -1,0 +1,1 @@
+"""The entry point (`launch/main.py`) and launch helpers."""

@@ -1,0 +1,1 @@
+"""SiD2 (Simpler Diffusion, arXiv 2410.19324): the Residual U-ViT denoiser (`sid2.model`)."""

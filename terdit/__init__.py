@@ -1,0 +1,1 @@
+"""TerDiT (arXiv 2405.14854): ternary quantizer, QAT dense layer, 2-bit packing (`terdit.ternary`)."""
