@@ -104,23 +104,7 @@ def test_digits_final_loss_follows_optax_adamw():
 
 
 def test_expansion_lowers_m_over_sqrt_v_error_of_real_moments():
-  x, y = _digits()
-  tx = optax.adam(1e-3)
-  idx = jax.random.randint(jax.random.key(1), (200, BATCH), 0, x.shape[0])
-
-  @jax.jit
-  def run():
-    p = _init_mlp(jax.random.key(0))
-    s = tx.init(p)
-
-    def body(carry, i):
-      p, s = carry
-      u, s = tx.update(jax.grad(_loss)(p, x[i], y[i]), s, p)
-      return (optax.apply_updates(p, u), s), None
-
-    return jax.lax.scan(body, (p, s), idx)[0][1][0]
-
-  adam_state = run()
+  _, (adam_state, *_) = _train(optax.adam(1e-3), steps=200)
   mse = {}
   for expand in (True, False):
     errs = []
