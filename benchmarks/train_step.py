@@ -45,19 +45,20 @@ def load(spec: str):
 def bench(spec: str, warmup: int, iters: int) -> dict:
   c = load(spec)
   exp = Experiment(c, sharding.make_mesh(c.mesh))
-  m = c.model
   b = c.train.batch_size
-  x = jax.ShapeDtypeStruct((1, m.image_size, m.image_size, m.in_channels), jnp.float32)
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from common.experiment import build_model  # pylint: disable=import-outside-toplevel
-  abstract = nnx.eval_shape(lambda: build_model(m, jax.random.key(0)))
-  fwd = forward_flops(abstract, (x, jax.ShapeDtypeStruct((1,), jnp.float32),
-                                 jax.ShapeDtypeStruct((1,), jnp.int32)))
+  x1, cond1 = exp.example_inputs(1)
+  fwd = forward_flops(exp.abstract_model, (x1, jax.ShapeDtypeStruct((1,), jnp.float32), cond1))
   state = exp.init_state(0)
   rng = np.random.default_rng(0)
-  batch = sharding.global_batch(
-      {"image": rng.uniform(-1, 1, (b, m.image_size, m.image_size, m.in_channels)).astype(np.float32),
-       "label": rng.integers(0, max(m.num_classes, 1), (b,)).astype(np.int32)}, exp.mesh, exp.rules)
+  x, cond = exp.example_inputs(b)
+
+  def fill(s):  # random inputs of the network's declared shapes (labels in range for embeddings)
+    if jnp.issubdtype(s.dtype, jnp.integer):
+      return rng.integers(0, max(getattr(exp.abstract_model, "num_classes", 1), 1), s.shape).astype(s.dtype)
+    return rng.uniform(-1, 1, s.shape).astype(s.dtype)
+
+  batch = sharding.global_batch({"x": fill(x), "cond": jax.tree.map(fill, cond)}, exp.mesh,
+                                exp.rules)
   step = exp.train_step
   for i in range(warmup):
     state, met = step(state, batch, exp.step_key(i))

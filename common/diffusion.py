@@ -1,13 +1,21 @@
 """Diffusion recipes: VPDiffusion (logSNR; SiD / SiD2) and EDMDiffusion (Karras et al.; MicroDiT).
 
-A recipe is what the trainer sees of the diffusion process (docs/DESIGN.md):
+A recipe is what the trainer sees of a training objective (docs/DESIGN.md):
 
-  recipe.loss(apply_fn, x, cond, key) -> per-example loss [B] float32
+  recipe.loss(model, batch, key) -> (per-example loss [B] float32, metrics {name: scalar})
+  recipe.preview(model, batch, key, settings) -> samples [B, H, W, C] float32 conditioned on
+      batch["cond"] (shape from batch["x"]), drawn with `settings` (config.sample as a dict)
+
+where `model(x_in, noise_cond, cond, dropout_key=None)` is the denoiser network, returning F or
+(F, aux). Underneath, for any apply_fn(x_in [B, H, W, C], noise_cond [B] float32, cond) -> F:
+
+  recipe.per_example_loss(apply_fn, x, cond, key) -> per-example loss [B] float32
   recipe.sample(apply_fn, key, shape, cond, uncond, *, sampler, num_steps, guidance_scale,
                 guidance_interval) -> x0 [B, H, W, C] float32
   recipe.denoise(apply_fn, z, noise, cond) -> x_hat [B, H, W, C] float32
 
-with apply_fn(x_in [B, H, W, C], noise_cond [B] float32, cond) -> raw network output F [B, H, W, C].
+An `aux` dict may carry "loss_mask" (float32 [B, H, W], 1 where the loss counts: MicroDiT's kept
+patches); the per-example loss is then the mean over those pixels only.
 Everything is jit-compatible with `sampler` and `num_steps` static.
 """
 
@@ -22,6 +30,7 @@ import jax.numpy as jnp
 
 from common import losses
 from common import parametrization as param
+from common import registry
 from common import samplers
 from common import schedules
 from common.errors import ConfigError
@@ -46,11 +55,70 @@ def _maybe_clip(x: jax.Array, clip_x: bool) -> jax.Array:
   return jnp.clip(x, -1.0, 1.0) if clip_x else x
 
 
+def split_output(out) -> tuple[jax.Array, dict]:
+  """A network's output F, or (F, aux), as (F float32, aux dict)."""
+  if isinstance(out, tuple):
+    f, aux = out
+    return jnp.asarray(f, jnp.float32), dict(aux)
+  return jnp.asarray(out, jnp.float32), {}
+
+
+def _output_only(apply_fn: ApplyFn) -> ApplyFn:
+  """apply_fn whose result is F alone (aux outputs dropped): what the samplers need."""
+  return lambda x, noise, cond: split_output(apply_fn(x, noise, cond))[0]
+
+
+def drop_condition(cond: Any, uncond: Any, prob: float, key: jax.Array) -> Any:
+  """Replaces each example's condition by the unconditional one with probability `prob` (the
+  classifier-free guidance dropout of Ho & Salimans 2022, arXiv 2207.12598 Sec. 3.2).
+
+  cond, uncond: pytrees of [B, ...] arrays with the same structure.
+  """
+  leaves = jax.tree.leaves(cond)
+  if prob <= 0 or not leaves:
+    return cond
+  keep = jax.random.bernoulli(key, 1.0 - prob, (leaves[0].shape[0],))
+  return jax.tree.map(
+      lambda c, u: jnp.where(keep.reshape((-1,) + (1,) * (c.ndim - 1)), c, u), cond, uncond)
+
+
+class _DenoiserObjective:
+  """The batch-level contract shared by the diffusion recipes (module docstring)."""
+
+  cond_drop_prob: float
+
+  def loss(self, model, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
+    """Per-example loss [B] float32 of a batch {"x": [B, H, W, C], "cond": pytree}, and no
+    extra metrics. The condition is dropped for CFG with probability `cond_drop_prob`; dropout
+    inside the network draws from `key`."""
+    k_cond, k_loss, k_drop = jax.random.split(key, 3)
+    cond = batch.get("cond", {})
+    cond = drop_condition(cond, model.null_cond(cond), float(self.cond_drop_prob), k_cond)
+    apply_fn = lambda x, noise, c: model(x, noise, c, dropout_key=k_drop)
+    return self.per_example_loss(apply_fn, batch["x"], cond, k_loss), {}
+
+  def preview(self, model, batch: dict, key: jax.Array, settings: dict) -> jax.Array:
+    """Samples [B, H, W, C] float32 for the conditions of `batch` (`settings`: the keyword
+    arguments of `sample`, e.g. config.sample)."""
+    cond = batch.get("cond", {})
+    keys = {"sampler", "num_steps", "guidance_scale", "guidance_interval", "churn"}
+    return self.sample(lambda x, noise, c: model(x, noise, c), key, batch["x"].shape, cond,
+                       model.null_cond(cond), **{k: v for k, v in settings.items() if k in keys})
+
+
+def _masked_error(out: jax.Array, tgt: jax.Array, aux: dict) -> jax.Array:
+  """Per-example mean squared error [B], over the pixels of aux["loss_mask"] when present."""
+  mask = aux.get("loss_mask")
+  if mask is None:
+    return losses.mean_sq_error(out, tgt)
+  return losses.masked_mean_sq_error(out, tgt, mask)
+
+
 @dataclasses.dataclass(frozen=True)
-class VPDiffusion:
+class VPDiffusion(_DenoiserObjective):
   """Variance-preserving diffusion in continuous time with a logSNR schedule (SiD, SiD2, VDM++).
 
-  Training (spec A.2, A.4): t ~ U(0, 1), lambda = schedule.logsnr(t), z = alpha x + sigma eps; the
+  Training (VDM, arXiv 2107.00630; VDM++, arXiv 2303.00848): t ~ U(0, 1), lambda = schedule.logsnr(t), z = alpha x + sigma eps; the
   network gets (z, lambda) and predicts `prediction`; the loss is the weighted MSE of that target,
   weight = 1/2 (-d lambda/dt) w_target(lambda) for the sigmoid weighting (see common.losses).
 
@@ -60,12 +128,14 @@ class VPDiffusion:
     sigmoid_bias: b of the sigmoid weighting sigmoid(b - lambda) on the eps-loss.
     weighting: "sigmoid" (VDM++ with the Jacobian) or "uniform" (unweighted MSE of the target).
     clip_x: clip the final samples to [-1, 1].
+    cond_drop_prob: probability of training on the unconditional condition (CFG dropout).
   """
   schedule: Any
   prediction: str = "v"
   sigmoid_bias: float = 0.0
   weighting: str = "sigmoid"
   clip_x: bool = False
+  cond_drop_prob: float = 0.0
 
   def __post_init__(self):
     if self.prediction not in param.PREDICTIONS:
@@ -78,11 +148,14 @@ class VPDiffusion:
   def denoise(self, apply_fn: ApplyFn, z: jax.Array, noise: jax.Array, cond: Any) -> jax.Array:
     """x_hat from the network. z: [B, H, W, C]; noise: logSNR lambda, [B] (or scalar). float32."""
     lam = jnp.broadcast_to(jnp.asarray(noise, jnp.float32), (z.shape[0],))
-    out = apply_fn(z, lam, cond)
+    out, _ = split_output(apply_fn(z, lam, cond))
     return param.convert(out, z, lam, self.prediction, "x")
 
-  def loss(self, apply_fn: ApplyFn, x: jax.Array, cond: Any, key: jax.Array) -> jax.Array:
-    """Per-example weighted loss [B] float32 (mean over pixels). x: [B, H, W, C] data."""
+  def per_example_loss(self, apply_fn: ApplyFn, x: jax.Array, cond: Any,
+                       key: jax.Array) -> jax.Array:
+    """Per-example weighted loss [B] float32 (mean over pixels, or over aux["loss_mask"]).
+
+    x: [B, H, W, C] data."""
     x = jnp.asarray(x, jnp.float32)
     b = x.shape[0]
     key_t, key_eps = jax.random.split(key)
@@ -90,11 +163,11 @@ class VPDiffusion:
     lam = self.schedule.logsnr(t)
     eps = jax.random.normal(key_eps, x.shape, jnp.float32)
     z = param.diffuse(x, eps, lam)
-    out = apply_fn(z, lam, cond)
+    out, aux = split_output(apply_fn(z, lam, cond))
     tgt = param.target(self.prediction, x, eps, lam)
     weight = losses.vp_loss_weight(lam, self.schedule.neg_dlogsnr_dt(t), self.prediction,
                                    self.weighting, self.sigmoid_bias)
-    return weight * losses.mean_sq_error(out, tgt)
+    return weight * _masked_error(out, tgt, aux)
 
   def sample(self, apply_fn: ApplyFn, key: jax.Array, shape: Sequence[int], cond: Any,
              uncond: Any = None, *, sampler: str = "ddpm", num_steps: int = 128,
@@ -125,6 +198,7 @@ class VPDiffusion:
       raise ConfigError(f"num_steps must be >= 1, got {num_steps}.")
     interval = _check_interval(guidance_interval)
     batch = shape[0]
+    apply_fn = _output_only(apply_fn)
 
     def denoise_fn(z, lam):
       lam_b = jnp.full((batch,), lam, jnp.float32)
@@ -137,8 +211,8 @@ class VPDiffusion:
 
 
 @dataclasses.dataclass(frozen=True)
-class EDMDiffusion:
-  """EDM (Karras et al. 2022) as used by MicroDiT (spec B.6).
+class EDMDiffusion(_DenoiserObjective):
+  """EDM (Karras et al. 2022) as used by MicroDiT (micro_diffusion `models/model.py`).
 
   Training: ln sigma ~ N(p_mean, p_std^2), n = sigma eps; the network gets c_in (x + n) and
   c_noise = ln(sigma)/4; D = c_skip (x + n) + c_out F; loss = (sigma^2 + sd^2)/(sigma sd)^2 
@@ -149,6 +223,7 @@ class EDMDiffusion:
     p_mean, p_std: training noise distribution.
     sigma_min, sigma_max, rho: sampling grid (eq. 5).
     clip_x: clip the final samples to [-1, 1].
+    cond_drop_prob: probability of training on the unconditional condition (CFG dropout).
   """
   sigma_data: float = 0.5
   p_mean: float = -1.2
@@ -157,6 +232,7 @@ class EDMDiffusion:
   sigma_max: float = 80.0
   rho: float = 7.0
   clip_x: bool = False
+  cond_drop_prob: float = 0.0
 
   def __post_init__(self):
     if not self.sigma_data > 0 or not self.p_std >= 0 or not 0 < self.sigma_min < self.sigma_max:
@@ -165,20 +241,27 @@ class EDMDiffusion:
 
   def denoise(self, apply_fn: ApplyFn, z: jax.Array, noise: jax.Array, cond: Any) -> jax.Array:
     """D(z; sigma). z = x + n: [B, H, W, C] (unscaled); noise: sigma, [B] (or scalar). float32."""
+    d, _ = self._denoise_aux(apply_fn, z, noise, cond)
+    return d
+
+  def _denoise_aux(self, apply_fn: ApplyFn, z: jax.Array, noise: jax.Array, cond: Any):
     z = jnp.asarray(z, jnp.float32)
     sigma = jnp.broadcast_to(jnp.asarray(noise, jnp.float32), (z.shape[0],))
     c_skip, c_out, c_in, c_noise = param.edm_precond(sigma, self.sigma_data)
-    out = jnp.asarray(apply_fn(param.broadcast_like(c_in, z) * z, c_noise, cond), jnp.float32)
-    return param.broadcast_like(c_skip, z) * z + param.broadcast_like(c_out, z) * out
+    out, aux = split_output(apply_fn(param.broadcast_like(c_in, z) * z, c_noise, cond))
+    return param.broadcast_like(c_skip, z) * z + param.broadcast_like(c_out, z) * out, aux
 
-  def loss(self, apply_fn: ApplyFn, x: jax.Array, cond: Any, key: jax.Array) -> jax.Array:
-    """Per-example EDM loss [B] float32 (mean over pixels). x: [B, H, W, C] data."""
+  def per_example_loss(self, apply_fn: ApplyFn, x: jax.Array, cond: Any,
+                       key: jax.Array) -> jax.Array:
+    """Per-example EDM loss [B] float32 (mean over pixels, or over aux["loss_mask"]).
+
+    x: [B, H, W, C] data."""
     x = jnp.asarray(x, jnp.float32)
     key_s, key_n = jax.random.split(key)
     sigma = schedules.sample_lognormal_sigma(key_s, (x.shape[0],), self.p_mean, self.p_std)
     n = param.broadcast_like(sigma, x) * jax.random.normal(key_n, x.shape, jnp.float32)
-    d = self.denoise(apply_fn, x + n, sigma, cond)
-    return losses.edm_loss_weight(sigma, self.sigma_data) * losses.mean_sq_error(d, x)
+    d, aux = self._denoise_aux(apply_fn, x + n, sigma, cond)
+    return losses.edm_loss_weight(sigma, self.sigma_data) * _masked_error(d, x, aux)
 
   def sample(self, apply_fn: ApplyFn, key: jax.Array, shape: Sequence[int], cond: Any,
              uncond: Any = None, *, sampler: str = "heun", num_steps: int = 32,
@@ -200,6 +283,7 @@ class EDMDiffusion:
       raise ConfigError(f"num_steps must be >= 1, got {num_steps}.")
     interval = _check_interval(guidance_interval)
     batch = shape[0]
+    apply_fn = _output_only(apply_fn)
 
     def denoise_fn(x, sigma):
       sigma_b = jnp.full((batch,), sigma, jnp.float32)
@@ -215,8 +299,10 @@ class EDMDiffusion:
     return _maybe_clip(x0, self.clip_x)
 
 
-_VP_KEYS = {"name", "schedule", "prediction", "sigmoid_bias", "weighting", "clip_x"}
-_EDM_KEYS = {"name", "sigma_data", "p_mean", "p_std", "sigma_min", "sigma_max", "rho", "clip_x"}
+_VP_KEYS = {"name", "schedule", "prediction", "sigmoid_bias", "weighting", "clip_x",
+            "cond_drop_prob"}
+_EDM_KEYS = {"name", "sigma_data", "p_mean", "p_std", "sigma_min", "sigma_max", "rho", "clip_x",
+             "cond_drop_prob"}
 
 
 def _to_dict(cfg) -> dict[str, Any]:
@@ -225,12 +311,15 @@ def _to_dict(cfg) -> dict[str, Any]:
   return dict(cfg)
 
 
-def make_diffusion(cfg) -> VPDiffusion | EDMDiffusion:
+def make_diffusion(cfg):
   """Builds a recipe from `config.diffusion` (an ml_collections ConfigDict or a mapping).
 
   cfg.name == "vp": cfg.schedule (name + kwargs of schedules.get_logsnr_schedule), cfg.prediction,
-    cfg.sigmoid_bias, cfg.weighting, optional cfg.clip_x.
-  cfg.name == "edm": sigma_data, p_mean, p_std, sigma_min, sigma_max, rho, optional clip_x.
+    cfg.sigmoid_bias, cfg.weighting, optional cfg.clip_x, cfg.cond_drop_prob.
+  cfg.name == "edm": sigma_data, p_mean, p_std, sigma_min, sigma_max, rho, optional clip_x,
+    cond_drop_prob.
+  Otherwise cfg.name is the dotted path of a recipe class (module docstring's contract), built with
+  the other keys as keyword arguments (e.g. an autoencoder's reconstruction + KL objective).
   Missing optional keys take the constructor defaults.
 
   Raises:
@@ -248,9 +337,11 @@ def make_diffusion(cfg) -> VPDiffusion | EDMDiffusion:
       raise ConfigError("config.diffusion.schedule.name is missing (e.g. 'sid2', 'cosine').")
     sched_name = sched_cfg.pop("name")
     schedule = schedules.get_logsnr_schedule(sched_name, **sched_cfg)
-    kwargs = {k: d[k] for k in ("prediction", "sigmoid_bias", "weighting", "clip_x") if k in d}
-    if "sigmoid_bias" in kwargs:
-      kwargs["sigmoid_bias"] = float(kwargs["sigmoid_bias"])
+    kwargs = {k: d[k] for k in ("prediction", "sigmoid_bias", "weighting", "clip_x",
+                                "cond_drop_prob") if k in d}
+    for k in ("sigmoid_bias", "cond_drop_prob"):
+      if k in kwargs:
+        kwargs[k] = float(kwargs[k])
     return VPDiffusion(schedule=schedule, **kwargs)
   if name == "edm":
     unknown = sorted(set(d) - _EDM_KEYS)
@@ -259,4 +350,10 @@ def make_diffusion(cfg) -> VPDiffusion | EDMDiffusion:
           f"Unknown key(s) {unknown} in config.diffusion (edm); valid: {sorted(_EDM_KEYS)}.")
     kwargs = {k: (bool(v) if k == "clip_x" else float(v)) for k, v in d.items() if k != "name"}
     return EDMDiffusion(**kwargs)
-  raise ConfigError(f"Unknown config.diffusion.name {name!r}; choose 'vp' or 'edm'.")
+  if isinstance(name, str) and "." in name:
+    cls = registry.import_object(name, "config.diffusion.name")
+    kwargs = registry.config_kwargs(d)
+    registry.check_kwargs(cls, kwargs, "config.diffusion")
+    return cls(**kwargs)
+  raise ConfigError(f"Unknown config.diffusion.name {name!r}; choose 'vp', 'edm' or the dotted "
+                    "path of a recipe class.")

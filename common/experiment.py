@@ -1,67 +1,61 @@
-"""One config assembled into jitted functions: init, train step and sampler.
+"""One config assembled into jitted functions: init, train step and generation.
 
-`Experiment` knows nothing about the family it trains: the network class comes from
-`config.model.name` (a dotted path, the other keys are its constructor arguments) and the diffusion
-recipe from `config.diffusion` (docs/DESIGN.md).
+`Experiment` knows nothing about the family, modality or objective it trains (docs/DESIGN.md): the
+network class comes from `config.model.name` (a dotted path, the other keys are its constructor
+arguments), the objective from `config.diffusion` (`common.diffusion.make_diffusion`: "vp", "edm" or
+a dotted recipe class), the optimizer from `config.optim`. A batch is a dict pytree
+{"x": [B, H, W, C], "cond": pytree} that flows through whole.
 
 The train state is a dict of pure pytrees, `{"step", "params", "opt_state", "ema"}`, placed on the
 mesh by the logical axis names of the parameters.
 """
 
 import functools
-import importlib
-import inspect
+from typing import Any, Sequence
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
+from common import registry
 from common import sharding
-from common.data import dataset_info
 from common.diffusion import make_diffusion
 from common.ema import ema_update
-from common.errors import ConfigError
+from common.errors import ConfigError, ShapeError
 from common.optim import learning_rate_schedule, make_optimizer
 
 
 def model_class(model_cfg: ml_collections.ConfigDict):
   """Imports the network class named by `model_cfg.name` ("package.module.Class")."""
-  name = model_cfg.get("name", None)
-  if not name or "." not in name:
-    raise ConfigError(f"config.model.name must be a dotted class path such as "
-                      f"'sid2.model.ResidualUViT', got {name!r}.")
-  module_name, cls_name = name.rsplit(".", 1)
-  try:
-    cls = getattr(importlib.import_module(module_name), cls_name)
-  except (ImportError, AttributeError) as e:
-    raise ConfigError(f"config.model.name={name!r} cannot be imported: {e}") from e
-  return cls
+  return registry.import_object(model_cfg.get("name", None), "config.model.name")
 
 
 def build_model(model_cfg: ml_collections.ConfigDict, key: jax.Array) -> nnx.Module:
   """Builds the network: `config.model.name(**other keys, rngs=nnx.Rngs(params=key))`."""
   cls = model_class(model_cfg)
-  kwargs = {k: v for k, v in model_cfg.to_dict().items() if k != "name"}
-  params = inspect.signature(cls.__init__).parameters
-  if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-    unknown = sorted(set(kwargs) - set(params))
-    if unknown:
-      raise ConfigError(f"config.model has keys that {model_cfg.name} does not take: {unknown}. "
-                        f"It takes: {sorted(k for k in params if k not in ('self', 'rngs'))}.")
-  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+  kwargs = registry.config_kwargs(model_cfg)
+  registry.check_kwargs(cls.__init__, kwargs, "config.model")
   return cls(**kwargs, rngs=nnx.Rngs(params=key))
 
 
+SAMPLE_KEYS = ("sampler", "num_steps", "guidance_scale", "guidance_interval", "churn")
+
+
 class Experiment:
-  """Jitted init / train-step / sample functions for one config on one mesh."""
+  """Jitted init / train-step / generation functions for one config on one mesh."""
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     self.config, self.mesh = config, mesh
     self.rules = tuple(tuple(r) for r in config.mesh.rules)
     self.recipe = make_diffusion(config.diffusion)
     self.total_steps = int(config.train.steps)
+    self.grad_accum = int(config.train.get("grad_accum_steps", 1))
+    if self.grad_accum < 1 or config.train.batch_size % self.grad_accum:
+      raise ConfigError(f"train.grad_accum_steps={self.grad_accum} must be >= 1 and divide "
+                        f"train.batch_size={config.train.batch_size}.")
     self.tx = make_optimizer(config.optim, self.total_steps)
     self.lr_schedule = learning_rate_schedule(config.optim, self.total_steps)
 
@@ -71,6 +65,7 @@ class Experiment:
       raise ConfigError(f"{config.model.name} holds non-parameter state "
                         f"({list(nnx.to_pure_dict(abstract_rest))}); networks must keep only "
                         "nnx.Param variables (dropout takes a key argument instead of stored rngs).")
+    self.abstract_model = abstract_model
     logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
     self.abstract_params = nnx.to_pure_dict(abstract_params)
     self.param_shardings = sharding.tree_shardings(self.abstract_params, logical, mesh, self.rules)
@@ -81,7 +76,7 @@ class Experiment:
     self.abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         abstract_state, self.state_shardings)
-    self._samplers = {}
+    self._generators = {}
 
   # ---- state ------------------------------------------------------------------------------------
   def _init(self, key):
@@ -112,94 +107,175 @@ class Experiment:
     init = jax.jit(self._init, out_shardings=self.state_shardings)
     return init(jax.random.fold_in(jax.random.key(seed), 0))
 
+  # ---- the network's inputs ------------------------------------------------------------------------
+  def example_inputs(self, batch_size: int):
+    """(x, cond) ShapeDtypeStructs of `batch_size` examples, as the network declares them."""
+    return self.abstract_model.example_inputs(batch_size)
+
+  @property
+  def sample_shape(self) -> tuple[int, ...]:
+    """The shape of one example the network denoises ([H, W, C]: pixels or latents)."""
+    return tuple(self.example_inputs(1)[0].shape[1:])
+
+  def check_batch(self, batch: dict) -> None:
+    """Raises ShapeError unless `batch` (a local numpy batch) matches the network's inputs."""
+    b = int(np.shape(batch.get("x"))[0]) if "x" in batch else 0
+    x_spec, cond_spec = self.example_inputs(max(b, 1))
+    got = {"x": np.shape(batch.get("x")),
+           "cond": jax.tree.map(np.shape, batch.get("cond", {}))}
+    want = {"x": tuple(x_spec.shape), "cond": jax.tree.map(lambda s: tuple(s.shape), cond_spec)}
+    if jax.tree.structure(got["cond"]) != jax.tree.structure(want["cond"]) or got != want:
+      raise ShapeError(f"the data batch has shapes {got} but {self.config.model.name} (config.model) "
+                       f"expects {want}: check config.data against config.model.")
+
   # ---- training -----------------------------------------------------------------------------------
   def _merge(self, params):
     return nnx.merge(self.graphdef, params)
 
   def _loss(self, params, batch, key):
-    model = self._merge(params)
-    k_cond, k_loss, k_drop = jax.random.split(key, 3)
-    cond = batch["label"]
-    uncond = model.null_cond(cond)
-    p = float(self.config.train.cond_drop_prob)
-    if p > 0:
-      keep = jax.random.bernoulli(k_cond, 1.0 - p, (batch["image"].shape[0],))
-      cond = jax.tree.map(
-          lambda c, u: jnp.where(keep.reshape((-1,) + (1,) * (c.ndim - 1)), c, u), cond, uncond)
-    apply_fn = functools.partial(_apply, model, dropout_key=k_drop)
-    return self.recipe.loss(apply_fn, batch["image"], cond, k_loss).mean()
+    per_example, metrics = self.recipe.loss(self._merge(params), batch, key)
+    return per_example.mean(), metrics
+
+  def _grads(self, params, batch, key):
+    """(loss, metrics, grads), averaged over `train.grad_accum_steps` micro-batches.
+
+    Micro-batch i holds rows i, i + k, i + 2k, ... of the batch, so each one keeps its share of
+    every device's rows (no data moves between devices); its key is fold_in(key, i).
+    """
+    grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+    k = self.grad_accum
+    if k == 1:
+      (loss, metrics), grads = grad_fn(params, batch, key)
+      return loss, metrics, grads
+    micro = jax.tree.map(
+        lambda x: jnp.moveaxis(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 1, 0), batch)
+
+    def body(carry, inputs):
+      i, mb = inputs
+      (loss, metrics), grads = grad_fn(params, mb, jax.random.fold_in(key, i))
+      return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
+
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32),
+                         jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), key))
+    (loss, metrics), grads = zeros
+    total, _ = jax.lax.scan(body, (loss, metrics, grads), (jnp.arange(k), micro))
+    return jax.tree.map(lambda v: v / k, total)
 
   def _train_step(self, state, batch, key):
-    loss, grads = jax.value_and_grad(self._loss)(state["params"], batch, key)
+    loss, metrics, grads = self._grads(state["params"], batch, key)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     step = state["step"] + 1
     ema = ema_update(state["ema"], params, step, decay=float(self.config.train.ema_decay),
                      start_step=int(self.config.train.ema_start_step),
                      warmup=bool(self.config.train.ema_warmup))
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
                "lr": self.lr_schedule(state["step"])}
     return {"step": step, "params": params, "opt_state": opt_state, "ema": ema}, metrics
 
   @functools.cached_property
   def train_step(self):
-    """`(state, batch, key) -> (state, metrics)`; the input state's buffers are donated."""
-    batch_shardings = {"image": sharding.batch_sharding(self.mesh, self.rules, 4),
-                       "label": sharding.batch_sharding(self.mesh, self.rules, 1)}
+    """`(state, batch, key) -> (state, metrics)`; the input state's buffers are donated.
+
+    The batch keeps the shardings `sharding.global_batch` gave its leaves (by rank)."""
     return jax.jit(self._train_step, donate_argnums=0,
-                   in_shardings=(self.state_shardings, batch_shardings, None),
+                   in_shardings=(self.state_shardings, None, None),
                    out_shardings=(self.state_shardings, None))
 
   def step_key(self, step: int) -> jax.Array:
     """The PRNG key of a train step: a function of (seed, step) only, so resumed runs match."""
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), 1), step)
 
-  # ---- sampling -----------------------------------------------------------------------------------
-  @functools.cached_property
-  def info(self):
-    """The dataset's image size, channels and classes (read lazily: a train step needs no data)."""
-    return dataset_info(self.config.data)
+  # ---- generation -----------------------------------------------------------------------------------
+  def _generate(self, params, key, batch, *, settings):
+    return self.recipe.preview(self._merge(params), batch, key, settings)
 
-  @property
-  def sample_shape(self) -> tuple[int, int, int]:
-    return (self.info.image_size, self.info.image_size, self.info.channels)
-
-  def sample_labels(self, n: int, offset: int = 0) -> jax.Array:
-    """Class labels 0, 1, ..., C-1, 0, 1, ... (zeros for unconditional data)."""
-    c = max(self.info.num_classes, 1)
-    return (jnp.arange(offset, offset + n) % c).astype(jnp.int32)
-
-  def _sample(self, params, key, cond, *, sampler, num_steps, guidance_scale, guidance_interval,
-              churn):
-    model = self._merge(params)
-    shape = (cond.shape[0],) + self.sample_shape
-    return self.recipe.sample(
-        functools.partial(_apply, model), key, shape, cond, model.null_cond(cond),
-        sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
-        guidance_interval=guidance_interval, churn=churn)
-
-  def sampler(self, *, sampler: str, num_steps: int, guidance_scale: float,
-              guidance_interval, churn: float = 0.0):
-    """A jitted `(params, key, labels [B]) -> images [B, H, W, C] in [-1, 1]`, compiled once.
-
-    Samplers are cached by their settings, so periodic sample grids reuse one compilation.
-    """
-    kw = dict(sampler=sampler, num_steps=int(num_steps), guidance_scale=float(guidance_scale),
-              guidance_interval=tuple(float(g) for g in guidance_interval), churn=float(churn))
-    key = tuple(sorted(kw.items()))
-    if key not in self._samplers:
-      self._samplers[key] = jax.jit(functools.partial(self._sample, **kw),
-                                    in_shardings=(self.param_shardings, None, None))
-    return self._samplers[key]
-
-  def config_sampler(self, **overrides):
-    """The sampler described by `config.sample`, with keyword overrides."""
+  def generator(self, **settings):
+    """A jitted `(params, key, batch) -> samples [B, *sample_shape] float32` with batch =
+    {"x": [B, *sample_shape], "cond": pytree} (`preview_batch`): samples for the conditions (a
+    diffusion recipe uses x only for its shape; an autoencoder reconstructs it). Compiled once per
+    settings (config.sample's keys, overridable) and cached, so periodic grids reuse one
+    compilation."""
     s = self.config.sample
-    kw = dict(sampler=s.sampler, num_steps=s.num_steps, guidance_scale=s.guidance_scale,
-              guidance_interval=s.guidance_interval, churn=s.get("churn", 0.0))
-    kw.update({k: v for k, v in overrides.items() if v is not None})
-    return self.sampler(**kw)
+    kw = {k: s.get(k) for k in SAMPLE_KEYS if s.get(k) is not None}
+    kw.update({k: v for k, v in settings.items() if v is not None})
+    kw["guidance_interval"] = tuple(float(g) for g in kw.get("guidance_interval", (-1e9, 1e9)))
+    cache_key = tuple(sorted(kw.items()))
+    if cache_key not in self._generators:
+      self._generators[cache_key] = jax.jit(functools.partial(self._generate, settings=kw),
+                                            in_shardings=(self.param_shardings, None, None))
+    return self._generators[cache_key]
 
+  @functools.cached_property
+  def autoencoder(self):
+    """The configured autoencoder (`config.autoencoder`, a spec for
+    `common.autoencoders.load_autoencoder`), or None when the network works on pixels."""
+    spec = self.config.get("autoencoder", "")
+    if not spec:
+      return None
+    from common.autoencoders import load_autoencoder  # pylint: disable=import-outside-toplevel
+    return load_autoencoder(spec)
 
-def _apply(model, x, noise_cond, cond, dropout_key=None):
-  return model(x, noise_cond, cond, dropout_key=dropout_key)
+  @functools.cached_property
+  def text_encoder(self):
+    """The configured text encoder (`config.text_encoder`), or None."""
+    spec = self.config.get("text_encoder", "")
+    if not spec:
+      return None
+    from common.text import load_text_encoder  # pylint: disable=import-outside-toplevel
+    return load_text_encoder(spec)
+
+  def to_images(self, samples) -> np.ndarray:
+    """Samples of the network's space -> float32 images in [-1, 1] ([N, H, W, C]), decoded
+    through the configured autoencoder when there is one."""
+    if self.autoencoder is not None:
+      samples = self.autoencoder.decode(jnp.asarray(samples))
+    return np.asarray(jax.device_get(samples), np.float32)
+
+  def preview_batch(self, n: int, offset: int = 0, prompts: Sequence[str] | None = None,
+                    data_x: np.ndarray | None = None):
+    """A batch for `generator`: `conditions(n, offset, prompts)` with x = `data_x` tiled to n rows
+    (real data, for recipes that reconstruct) or zeros. Returns (batch, meaning)."""
+    cond, meaning = self.conditions(n, offset, prompts)
+    if data_x is None:
+      x = np.zeros((n,) + self.sample_shape, np.float32)
+    else:
+      x = np.resize(np.asarray(data_x, np.float32), (n,) + tuple(np.shape(data_x)[1:]))
+    return {"x": jnp.asarray(x), "cond": cond}, meaning
+
+  def conditions(self, n: int, offset: int = 0, prompts: Sequence[str] | None = None):
+    """The conditions of `n` samples and what they mean, for grids and sampling jobs.
+
+    Text-conditional networks (`config.text_encoder` set) take `prompts` (or
+    `config.sample.prompts`), cycled from `offset`; class-conditional ones cycle the classes
+    0..C-1; unconditional ones get {}.
+
+    Returns:
+      (cond pytree of [n, ...] arrays, {"labels": int32 [n]} or {"prompts": [n] str} or {}).
+    """
+    _, spec = self.example_inputs(n)
+    if self.text_encoder is not None:
+      prompts = list(prompts or self.config.sample.get("prompts", ()) or ())
+      if not prompts:
+        raise ConfigError("a text-conditional model samples from prompts: pass --prompts=FILE "
+                          "(one a line) or set config.sample.prompts.")
+      chosen = [prompts[(offset + i) % len(prompts)] for i in range(n)]
+      enc = self.text_encoder.encode(chosen)
+      cond = {k: jnp.asarray(enc[k]) for k in spec}
+      want = jax.tree.map(lambda s: tuple(s.shape), spec)
+      if jax.tree.map(lambda a: tuple(a.shape), cond) != want:
+        raise ShapeError(f"text encoder {self.config.text_encoder!r} gives "
+                         f"{jax.tree.map(np.shape, enc)}, the network expects {want}.")
+      return cond, {"prompts": np.asarray(chosen)}
+    if "label" in spec:
+      c = max(int(getattr(self.abstract_model, "num_classes", 0)), 1)
+      labels = (np.arange(offset, offset + n) % c).astype(np.int32)
+      return {"label": jnp.asarray(labels)}, {"labels": labels}
+    return {}, {}
+
+  def grid_columns(self, n_conditions: int | None = None) -> int:
+    """Columns of a sample grid: one per class (up to 16), else 8."""
+    c = int(getattr(self.abstract_model, "num_classes", 0))
+    if 0 < c <= 16:
+      return c
+    return n_conditions if n_conditions and n_conditions <= 16 else 8

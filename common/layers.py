@@ -341,6 +341,48 @@ class Attention(nnx.Module):
     return self.out(o)
 
 
+class CrossAttention(nnx.Module):
+  """Multi-head attention from tokens x to a context (e.g. caption token embeddings), with a key
+  mask; QK-RMSNorm per head. The output projection is zero-initialised (the branch starts at 0).
+
+  Args:
+    dim: width of x (= num_heads * head_dim).
+    context_dim: width of the context tokens.
+    head_dim: width of one head.
+  """
+
+  def __init__(self, dim: int, context_dim: int, head_dim: int, *, qk_norm: bool = True,
+               zero_init_out: bool = True, dtype: Any = _F32, rngs: nnx.Rngs):
+    if dim % head_dim:
+      raise ConfigError(f"CrossAttention width {dim} is not divisible by head_dim {head_dim}.")
+    self.num_heads, self.head_dim = dim // head_dim, head_dim
+    self.q = Dense(dim, dim, names=("embed", "heads"), dtype=dtype, rngs=rngs)
+    self.kv = Dense(context_dim, 2 * dim, names=(None, "heads"), dtype=dtype, rngs=rngs)
+    self.q_norm = RMSNorm(head_dim, rngs=rngs) if qk_norm else None
+    self.k_norm = RMSNorm(head_dim, rngs=rngs) if qk_norm else None
+    self.out = Dense(dim, dim, names=("heads", "embed"), zero_init=zero_init_out, dtype=dtype,
+                     rngs=rngs)
+
+  def __call__(self, x: Array, context: Array, mask: Array | None = None) -> Array:
+    """x: [B, T, dim]; context: [B, S, context_dim]; mask: [B, S] (1 = attend) -> [B, T, dim].
+
+    A row whose mask is all zero attends to nothing and gets a zero output."""
+    b, t, _ = x.shape
+    s = context.shape[1]
+    q = self.q(x).reshape(b, t, self.num_heads, self.head_dim)
+    kv = self.kv(context.astype(q.dtype)).reshape(b, s, 2, self.num_heads, self.head_dim)
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    attn_mask = None
+    if mask is not None:
+      attn_mask = jnp.broadcast_to(mask.astype(bool)[:, None, None, :], (b, self.num_heads, t, s))
+    o = jax.nn.dot_product_attention(q, k, v, mask=attn_mask, implementation=None)
+    if mask is not None:  # fully masked rows: softmax over nothing -> 0, not a uniform average
+      o = jnp.where(jnp.any(mask.astype(bool), axis=1)[:, None, None, None], o, 0).astype(o.dtype)
+    return self.out(o.reshape(b, t, -1))
+
+
 class MLP(nnx.Module):
   """Dense(dim -> hidden) -> GELU(tanh) -> dropout -> Dense(hidden -> dim), output zero-init."""
 
@@ -362,7 +404,7 @@ class MLP(nnx.Module):
 
 
 class ResBlock(nnx.Module):
-  """Conditioned conv residual block (SiD2-style, spec A.5):
+  """Conditioned conv residual block (SiD2, arXiv 2410.19324; DFoT-style):
 
     h = conv3x3(SiLU(GN(x)))
     h = SiLU(GN(h) * (1 + scale(c)) + shift(c))
@@ -415,8 +457,8 @@ class Down(nnx.Module):
 class Up(nnx.Module):
   """2x upsampling: 3x3 conv (in -> out channels) at the low resolution, then nearest x2.
 
-  Conv-then-upsample (spec A.5) is 4x cheaper than upsample-then-conv and, being linear with zero
-  bias at init, maps a zero input to zero, which the residual skip relies on (spec A.10.5).
+  Conv-then-upsample is 4x cheaper than upsample-then-conv and, being linear with zero
+  bias at init, maps a zero input to zero, which the residual skip relies on.
   """
 
   def __init__(self, in_features: int, out_features: int, *, dtype: Any = _F32, rngs: nnx.Rngs):

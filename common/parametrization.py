@@ -1,11 +1,11 @@
 """Prediction parametrizations of the VP process and EDM preconditioning.
 
-VP process (spec A.2; Kingma et al. VDM, SiD): z = alpha x + sigma eps with alpha^2 + sigma^2 = 1
+VP process (Kingma et al. VDM, arXiv 2107.00630; SiD, arXiv 2301.11093): z = alpha x + sigma eps with alpha^2 + sigma^2 = 1
 and logSNR lambda = log(alpha^2 / sigma^2), so alpha^2 = sigmoid(lambda) and
 sigma^2 = sigmoid(-lambda).
 Predictions of x, eps or v = alpha eps - sigma x are interchangeable given (z, lambda):
 
-  x = alpha z - sigma v        eps = sigma z + alpha v          (spec A.2)
+  x = alpha z - sigma v        eps = sigma z + alpha v
   x = (z - sigma eps) / alpha  eps = (z - alpha x) / sigma
   v = (alpha z - x) / sigma    v = (eps - sigma z) / alpha
 
@@ -33,7 +33,7 @@ def broadcast_like(a: jax.Array, ref: jax.Array) -> jax.Array:
 
 
 def alpha_sigma(logsnr: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """alpha = sqrt(sigmoid(lambda)), sigma = sqrt(sigmoid(-lambda)) (spec A.2).
+  """alpha = sqrt(sigmoid(lambda)), sigma = sqrt(sigmoid(-lambda)).
 
   Returns float32 arrays with the shape of logsnr.
 
@@ -44,14 +44,14 @@ def alpha_sigma(logsnr: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def diffuse(x: jax.Array, noise: jax.Array, logsnr: jax.Array) -> jax.Array:
-  """z = alpha x + sigma eps (spec A.2). x, noise: [B, ...]; logsnr: [B] or scalar -> [B, ...]."""
+  """z = alpha x + sigma eps. x, noise: [B, ...]; logsnr: [B] or scalar -> [B, ...]."""
   alpha, sigma = alpha_sigma(logsnr)
   x = jnp.asarray(x, jnp.float32)
   return broadcast_like(alpha, x) * x + broadcast_like(sigma, x) * jnp.asarray(noise, jnp.float32)
 
 
 def v_target(x: jax.Array, noise: jax.Array, logsnr: jax.Array) -> jax.Array:
-  """v = alpha eps - sigma x (spec A.2; Salimans & Ho 2022). [B, ...] float32."""
+  """v = alpha eps - sigma x (Salimans & Ho 2022, arXiv 2202.00512). [B, ...] float32."""
   alpha, sigma = alpha_sigma(logsnr)
   x = jnp.asarray(x, jnp.float32)
   return broadcast_like(alpha, x) * jnp.asarray(noise, jnp.float32) - broadcast_like(sigma, x) * x
@@ -69,13 +69,13 @@ def target(prediction: str, x: jax.Array, noise: jax.Array, logsnr: jax.Array) -
 
 
 def x_from_v(z, v, logsnr):
-  """x = alpha z - sigma v (spec A.2)."""
+  """x = alpha z - sigma v."""
   alpha, sigma = alpha_sigma(logsnr)
   return broadcast_like(alpha, z) * z - broadcast_like(sigma, z) * v
 
 
 def eps_from_v(z, v, logsnr):
-  """eps = sigma z + alpha v (spec A.2)."""
+  """eps = sigma z + alpha v."""
   alpha, sigma = alpha_sigma(logsnr)
   return broadcast_like(sigma, z) * z + broadcast_like(alpha, z) * v
 
@@ -140,7 +140,7 @@ def convert(pred: jax.Array, z: jax.Array, logsnr: jax.Array, source: str, dest:
 
 def edm_precond(sigma: jax.Array, sigma_data: float
                 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """EDM preconditioning (Karras et al. 2022, Table 1; spec B.6).
+  """EDM preconditioning (Karras et al. 2022, Table 1).
 
   c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2),
   c_in = 1 / sqrt(sigma^2 + sd^2), c_noise = ln(sigma) / 4;
@@ -166,7 +166,7 @@ def edm_precond(sigma: jax.Array, sigma_data: float
 def edm_logsnr(sigma: jax.Array, sigma_data: float) -> jax.Array:
   """logSNR of an EDM noise level, normalized by the data scale: lambda = log(sd^2 / sigma^2).
 
-  With data variance sd^2 this is the SNR of x + n (spec A.7/A.10.7); used for guidance intervals.
+  With data variance sd^2 this is the SNR of x + n; used for guidance intervals.
   """
   sigma = jnp.asarray(sigma, jnp.float32)
   return 2.0 * (jnp.log(jnp.float32(sigma_data)) - jnp.log(sigma))

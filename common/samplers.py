@@ -13,7 +13,7 @@ Conventions:
 * EDM samplers walk sigma_0 > ... > sigma_{N-1} > sigma_N = 0 (Karras et al. 2022, Alg. 2); the
   last step is an Euler step (NFE = 2N - 1).
 * Guidance intervals are given in logSNR (lo, hi), inclusive. For EDM the logSNR of a noise level is
-  log(sigma_data^2 / sigma^2) (normalized by the data scale, spec A.7 / A.10.7), evaluated at the
+  log(sigma_data^2 / sigma^2) (normalized by the data scale), evaluated at the
   noise level of each network evaluation (both evaluations of a Heun step are checked separately).
 """
 
@@ -43,7 +43,7 @@ def guided_apply(apply_fn: ApplyFn, x_in: jax.Array, noise_cond: jax.Array, cond
   out = out_u + w (out_c - out_u) when lo <= logsnr <= hi (or no interval), else out = out_c
   (w = 1).
   Guiding the raw output F is the same as guiding x_hat, eps_hat or D, because each is affine in F
-  with coefficients that do not depend on the condition (spec B.6).
+  with coefficients that do not depend on the condition (micro_diffusion `models/model.py`).
 
   The conditional and unconditional branches run as one doubled batch [2B, ...] (cond first; the
   cond pytrees are concatenated leaf by leaf along axis 0). With an interval, steps outside it

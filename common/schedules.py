@@ -1,14 +1,14 @@
 """Noise schedules: logSNR schedules for VP diffusion and sigma schedules for EDM.
 
 VP schedules map continuous time t in [0, 1] (t = 0: clean, t = 1: noise) to the logSNR
-lambda_t = log(alpha_t^2 / sigma_t^2) (SiD, arXiv 2301.11093; spec A.2/A.3). Every schedule is a
+lambda_t = log(alpha_t^2 / sigma_t^2) (SiD, arXiv 2301.11093). Every schedule is a
 small frozen dataclass with
 
 * `logsnr(t)`: lambda(t), float32, same shape as `t`;
 * `neg_dlogsnr_dt(t)`: -d lambda / dt in closed form (positive: lambda decreases with t), float32,
-  the importance-sampling Jacobian of the VDM++ weighted loss (spec A.4, pitfall A.10.1).
+  the importance-sampling Jacobian of the VDM++ weighted loss (VDM++, arXiv 2303.00848).
 
-All math is done in float32 whatever the dtype of `t` (pitfall A.10.4). The clip endpoints t0/t1
+All math is done in float32 whatever the dtype of `t`. The clip endpoints t0/t1
 keep tan() finite at t = 0 and t = 1.
 
 EDM (Karras et al. 2022, arXiv 2206.00364): `edm_sigmas` (the sampling sigma grid, eq. 5) and
@@ -51,7 +51,7 @@ def _cosine_bounds(logsnr_min: float, logsnr_max: float) -> tuple[float, float]:
 
 
 def _clipped_cosine_logsnr(t: jax.Array, logsnr_min: float, logsnr_max: float) -> jax.Array:
-  """lambda_cos(t) = -2 log tan(t0 + t (t1 - t0)) (spec A.3, SiD clipped cosine). float32."""
+  """lambda_cos(t) = -2 log tan(t0 + t (t1 - t0)) (SiD, arXiv 2301.11093, clipped cosine). float32."""
   t0, t1 = _cosine_bounds(logsnr_min, logsnr_max)
   t = jnp.asarray(t, jnp.float32)
   return -2.0 * jnp.log(jnp.tan(t0 + t * (t1 - t0)))
@@ -59,7 +59,7 @@ def _clipped_cosine_logsnr(t: jax.Array, logsnr_min: float, logsnr_max: float) -
 
 def _clipped_cosine_neg_dlogsnr_dt(t: jax.Array, logsnr_min: float,
                                    logsnr_max: float) -> jax.Array:
-  """-d lambda_cos / dt = 4a / sin(2(a t + b)), a = t1 - t0, b = t0 (spec A.3). float32."""
+  """-d lambda_cos / dt = 4a / sin(2(a t + b)), a = t1 - t0, b = t0. float32."""
   t0, t1 = _cosine_bounds(logsnr_min, logsnr_max)
   a = t1 - t0
   t = jnp.asarray(t, jnp.float32)
@@ -68,7 +68,7 @@ def _clipped_cosine_neg_dlogsnr_dt(t: jax.Array, logsnr_min: float,
 
 @dataclasses.dataclass(frozen=True)
 class CosineSchedule:
-  """Clipped cosine schedule (SiD; spec A.3).
+  """Clipped cosine schedule (SiD, arXiv 2301.11093).
 
   lambda(t) = -2 log tan(t0 + t (t1 - t0)), so lambda(0) = logsnr_max, lambda(1) = logsnr_min.
 
@@ -93,7 +93,7 @@ class CosineSchedule:
 
 @dataclasses.dataclass(frozen=True)
 class ShiftedCosineSchedule:
-  """Shifted clipped cosine (SiD eq. 5; spec A.3).
+  """Shifted clipped cosine (SiD, arXiv 2301.11093, eq. 5).
 
   lambda(t) = lambda_cos(t) + 2 log(noise_d / image_d): the clip to [logsnr_min, logsnr_max] is
   applied to the base cosine *before* the shift, so lambda(0) = logsnr_max + shift (the SiD
@@ -131,7 +131,7 @@ class ShiftedCosineSchedule:
 
 @dataclasses.dataclass(frozen=True)
 class InterpolatedCosineSchedule:
-  """Shift interpolated in t between two base resolutions (SiD "interpolate 32->256"; spec A.3).
+  """Shift interpolated in t between two base resolutions (SiD, arXiv 2301.11093: "interpolate 32->256").
 
   lambda(t) = t * [lambda_cos(t) + 2 log(noise_d_low / image_d)]
             + (1 - t) * [lambda_cos(t) + 2 log(noise_d_high / image_d)]
@@ -167,14 +167,14 @@ class InterpolatedCosineSchedule:
     return base + t * shift_low + (1.0 - t) * shift_high
 
   def neg_dlogsnr_dt(self, t: jax.Array) -> jax.Array:
-    """-d lambda/dt = 4a / sin(2(a t + b)) + 2 log(noise_d_high / noise_d_low) (spec A.3)."""
+    """-d lambda/dt = 4a / sin(2(a t + b)) + 2 log(noise_d_high / noise_d_low)."""
     const = 2.0 * math.log(self.noise_d_high / self.noise_d_low)
     return _clipped_cosine_neg_dlogsnr_dt(t, self.logsnr_min, self.logsnr_max) + const
 
 
 @dataclasses.dataclass(frozen=True)
 class SiD2Schedule(InterpolatedCosineSchedule):
-  """SiD2 "cosine-interpolated" schedule (SiD2 App. B as transcribed in spec A.3).
+  """SiD2 "cosine-interpolated" schedule (SiD2, arXiv 2410.19324, App. B).
 
   lambda(t) = (1 - t) [lambda_cos(t) + 2 log(512 / d)] + t [lambda_cos(t) + 2 log(32 / d)], with the
   base cosine clipped to [-10, 10]; -d lambda/dt gains the constant 2 log(512/32) = 5.545.

@@ -1,15 +1,20 @@
-"""The training loop, the sampling job and the model summary; family-agnostic.
+"""The training loop, the sampling and evaluation jobs and the model summary; family-agnostic.
 
 `train` resumes from the newest checkpoint in the workdir by itself, saves on SIGTERM/SIGINT and exits
-cleanly, writes PNG sample grids to `WORKDIR/samples/`, and stops on a NaN/inf loss keeping the last
-good checkpoint.
+cleanly, writes PNG sample grids to `WORKDIR/samples/`, evaluates every `config.eval.every` steps
+when asked, and stops on a NaN/inf loss keeping the last good checkpoint.
+
+Every file access goes through `etils.epath`, so a workdir may be a `gs://` path.
 """
 
 import contextlib
+import json
 import os
 import signal
 import time
+from typing import Sequence
 
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -17,7 +22,7 @@ import numpy as np
 from common import sharding
 from common.checkpoint import Checkpointer
 from common.data import make_train_iterator
-from common.errors import CheckpointError, NonFiniteLossError, ShapeError
+from common.errors import CheckpointError, ConfigError, NonFiniteLossError, ShapeError
 from common.experiment import Experiment
 from common.images import save_grid, to_uint8
 from common.metrics import MetricWriter, Progress, format_duration
@@ -26,6 +31,14 @@ from common.metrics import MetricWriter, Progress, format_duration
 def _log(msg: str) -> None:
   if jax.process_index() == 0:
     print(msg, flush=True)
+
+
+def workdir_path(workdir: str) -> epath.Path:
+  """The workdir as an epath: cloud paths (gs://...) as given, local ones made absolute."""
+  workdir = str(workdir)
+  if "://" in workdir:
+    return epath.Path(workdir)
+  return epath.Path(os.path.abspath(os.path.expanduser(workdir)))
 
 
 @contextlib.contextmanager
@@ -44,14 +57,6 @@ def _stop_signals():
       signal.signal(s, h)
 
 
-def _check_batch(batch: dict, exp: Experiment, local_batch: int) -> None:
-  want = (local_batch,) + exp.sample_shape
-  got = tuple(np.shape(batch.get("image")))
-  if got != want:
-    raise ShapeError(f"data batch 'image' has shape {got}, the config expects {want} "
-                     f"(data.image_size={exp.info.image_size}, channels={exp.info.channels}).")
-
-
 def _check_finite(step: int, metrics: dict, ckpt: Checkpointer) -> None:
   loss = float(metrics["loss"])
   if not np.isfinite(loss):
@@ -62,13 +67,55 @@ def _check_finite(step: int, metrics: dict, ckpt: Checkpointer) -> None:
         "Try a lower optim.learning_rate or a tighter optim.clip_norm.")
 
 
-def write_sample_grid(exp: Experiment, params, path: str, *, num: int, seed: int) -> str:
-  """Samples `num` class-cycled images with `config.sample` settings and writes a PNG grid."""
-  fn = exp.config_sampler()
-  labels = exp.sample_labels(num)
-  images = fn(params, jax.random.key(seed), labels)
-  ncols = exp.info.num_classes if 0 < exp.info.num_classes <= 16 else 8
-  return save_grid(to_uint8(jax.device_get(images)), path, ncols)
+def generate(exp: Experiment, params, n: int, *, seed: int, batch_size: int | None = None,
+             prompts: Sequence[str] | None = None, data_x=None, progress: bool = False,
+             **settings) -> tuple[np.ndarray, dict]:
+  """`n` samples from `params` as uint8 images [n, H, W, C] (decoded through the autoencoder when
+  there is one), with what conditioned them ({"labels": [n]} or {"prompts": [n]} or {}).
+
+  Conditions cycle (classes, or prompts) from 0; batch i uses the key fold_in(key(seed), i), so
+  the same call gives the same images. `settings` override config.sample (sampler, num_steps, ...).
+  """
+  bs = int(batch_size or exp.config.sample.batch_size)
+  fn = exp.generator(**settings)
+  key = jax.random.key(seed)
+  images, meaning = [], {}
+  prog = Progress(-(-n // bs)) if progress else None
+  for i, start in enumerate(range(0, n, bs)):
+    batch, m = exp.preview_batch(min(bs, n - start), offset=start, prompts=prompts, data_x=data_x)
+    x = fn(params, jax.random.fold_in(key, i), batch)
+    images.append(to_uint8(exp.to_images(x)))
+    for k, v in m.items():
+      meaning.setdefault(k, []).append(np.asarray(v))
+    if prog is not None:
+      if i == 0:
+        prog.restart_clock(1)
+      prog.print(i + 1, {"images": min(start + bs, n)})
+  return np.concatenate(images)[:n], {k: np.concatenate(v)[:n] for k, v in meaning.items()}
+
+
+def write_sample_grid(exp: Experiment, params, path, *, num: int, seed: int,
+                      data_x=None) -> str:
+  """Samples `num` images with `config.sample` settings (conditions cycled) into a PNG grid."""
+  images, meaning = generate(exp, params, num, seed=seed, batch_size=num, data_x=data_x)
+  ncols = exp.grid_columns(len(set(meaning["prompts"])) if "prompts" in meaning else None)
+  return save_grid(images, str(path), ncols)
+
+
+def _restore_newest(exp: Experiment, workdir: epath.Path, keep: int):
+  ckpt = Checkpointer(str(workdir / "checkpoints"), keep=keep)
+  step = ckpt.latest_step()
+  if step is None:
+    ckpt.close()
+    raise CheckpointError(f"no checkpoint in {ckpt.directory}; train first with --mode=train.")
+  state = ckpt.restore(step, exp.abstract_state)
+  ckpt.close()
+  return step, state
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict:
@@ -76,28 +123,29 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
 
   Args:
     config: the experiment config.
-    workdir: checkpoints, `metrics.jsonl` and `samples/` go here.
+    workdir: checkpoints, `config.json`, `metrics.jsonl`, `samples/` and `eval/` go here.
     stop_after: stop (with a checkpoint) once this many steps are done in this call, as an
       interruption would; for tests and time-sliced jobs.
 
   Returns:
     `{"step": last step, "stopped_by": None | signal name | "stop_after", "loss": last loss}`.
   """
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
+  wd = workdir_path(workdir)
+  wd.mkdir(parents=True, exist_ok=True)
   tc = config.train
   mesh = sharding.make_mesh(config.mesh)
   nproc = jax.process_count()
   if tc.batch_size % nproc:
     raise ShapeError(f"train.batch_size={tc.batch_size} is not divisible by {nproc} processes.")
-  local_batch = tc.batch_size // nproc
   data = make_train_iterator(config.data, global_batch_size=tc.batch_size, seed=config.seed,
                              process_index=jax.process_index(), process_count=nproc)
   exp = Experiment(config, mesh)
+  _write_config(config, wd)
+  accum = f" in {exp.grad_accum} micro-batches" if exp.grad_accum > 1 else ""
   _log(f"model {config.model.name}: {exp.num_params / 1e6:.3f}M parameters; mesh "
-       f"{dict(mesh.shape)}; global batch {tc.batch_size}")
+       f"{dict(mesh.shape)}; global batch {tc.batch_size}{accum}")
 
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
+  ckpt = Checkpointer(str(wd / "checkpoints"), keep=tc.keep_checkpoints)
   start = ckpt.latest_step()
   if start is not None:
     state = ckpt.restore(start, exp.abstract_state, data)
@@ -107,22 +155,28 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     start = 0
   step = int(start)
   total = exp.total_steps
-  writer = MetricWriter(workdir, tensorboard=tc.get("tensorboard", True))
+  writer = MetricWriter(str(wd), tensorboard=tc.get("tensorboard", True))
   progress = Progress(total, step)
-  samples_dir = os.path.join(workdir, "samples")
+  samples_dir = wd / "samples"
+  eval_every = int(config.get("eval", {}).get("every", 0) or 0)
   result = {"step": step, "stopped_by": None, "loss": None}
-  metrics = prev = None
+  metrics = prev = preview_x = None
   t_start = time.perf_counter()
+
+  def grid(at_step):
+    path = write_sample_grid(exp, state["ema"], samples_dir / f"step_{at_step:07d}.png",
+                             num=tc.num_grid_samples, seed=config.seed, data_x=preview_x)
+    _log(f"wrote {path}")
 
   try:
     with _stop_signals() as stop:
       while step < total:
         batch = next(data)
         if prev is None:
-          _check_batch(batch, exp, local_batch)
-        gbatch = sharding.global_batch({"image": batch["image"], "label": batch["label"]}, mesh,
-                                       exp.rules)
-        state, metrics = exp.train_step(state, gbatch, exp.step_key(step))
+          exp.check_batch(batch)
+          preview_x = batch["x"]
+        state, metrics = exp.train_step(state, sharding.global_batch(batch, mesh, exp.rules),
+                                        exp.step_key(step))
         step += 1
         if prev is not None:  # check the previous step while this one runs
           _check_finite(step - 1, prev, ckpt)
@@ -139,9 +193,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
           _check_finite(step, metrics, ckpt)
           ckpt.save(step, state, data)
         if tc.sample_every and step % tc.sample_every == 0 and step < total:
-          path = write_sample_grid(exp, state["ema"], os.path.join(samples_dir, f"step_{step:07d}.png"),
-                                   num=tc.num_grid_samples, seed=config.seed)
-          _log(f"wrote {path}")
+          grid(step)
+        if eval_every and step % eval_every == 0:
+          _check_finite(step, metrics, ckpt)
+          scores = evaluate_params(exp, state["ema"], step, wd,
+                                   num_samples=int(config.eval.train_num_samples))
+          writer.write(step, scores)
         if stopping:
           result["stopped_by"] = stop["stop"] or "stop_after"
           _log(f"stopping at step {step} ({result['stopped_by']}); checkpoint saved in {ckpt.directory}")
@@ -150,10 +207,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         _check_finite(step, metrics, ckpt)
         result["loss"] = float(metrics["loss"])
       if step >= total and result["stopped_by"] is None:
-        path = write_sample_grid(exp, state["ema"], os.path.join(samples_dir, f"step_{step:07d}.png"),
-                                 num=tc.num_grid_samples, seed=config.seed)
-        _log(f"training done: {step} steps in {format_duration(time.perf_counter() - t_start)}; "
-             f"samples: {path}")
+        if preview_x is None:
+          preview_x = next(data)["x"]
+        grid(step)
+        _log(f"training done: {step} steps in {format_duration(time.perf_counter() - t_start)}")
   finally:
     ckpt.close()
     writer.close()
@@ -161,71 +218,147 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
   return result
 
 
+def _read_prompts(path: str | None) -> list[str] | None:
+  if not path:
+    return None
+  p = epath.Path(path)
+  if not p.exists():
+    raise ConfigError(f"--prompts={path}: no such file (one prompt a line).")
+  prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+  if not prompts:
+    raise ConfigError(f"--prompts={path} holds no prompt (one prompt a line).")
+  return prompts
+
+
 def sample(config: ml_collections.ConfigDict, workdir: str, *, num_samples: int | None = None,
            sampler: str | None = None, num_steps: int | None = None,
-           guidance_scale: float | None = None, guidance_interval=None, seed: int | None = None) -> str:
+           guidance_scale: float | None = None, guidance_interval=None, seed: int | None = None,
+           prompts_file: str | None = None) -> str:
   """Samples from the newest checkpoint's EMA weights into `WORKDIR/samples/samples.npz` and a grid.
 
   Arguments left as None come from `config.sample`. Returns the path of the npz file, which holds
-  `images` (uint8 [N, H, W, C]) and `labels` (int32 [N]).
+  `images` (uint8 [N, H, W, C], decoded through `config.autoencoder` for latent models) and
+  `labels` (int32 [N], class-conditional models) or `prompts` ([N] str, text-conditional ones).
   """
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  mesh = sharding.make_mesh(config.mesh)
-  exp = Experiment(config, mesh)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
-  step = ckpt.latest_step()
-  if step is None:
-    ckpt.close()
-    raise CheckpointError(f"no checkpoint in {ckpt.directory}; train first with --mode=train.")
-  state = ckpt.restore(step, exp.abstract_state)
-  ckpt.close()
+  wd = workdir_path(workdir)
+  exp = Experiment(config, sharding.make_mesh(config.mesh))
+  step, state = _restore_newest(exp, wd, config.train.keep_checkpoints)
   params = state["ema"]
   del state
   n = int(num_samples or config.sample.num_samples)
-  bs = int(config.sample.batch_size)
-  fn = exp.config_sampler(sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
-                          guidance_interval=guidance_interval)
-  key = jax.random.key(config.seed if seed is None else seed)
-  images, labels = [], []
-  progress = Progress(-(-n // bs))
-  for i, start in enumerate(range(0, n, bs)):
-    lab = exp.sample_labels(bs, offset=start)
-    x = fn(params, jax.random.fold_in(key, i), lab)
-    images.append(to_uint8(jax.device_get(x)))
-    labels.append(np.asarray(lab))
-    if i == 0:
-      progress.restart_clock(1)
-    progress.print(i + 1, {"images": min(start + bs, n)})
-  images = np.concatenate(images)[:n]
-  labels = np.concatenate(labels)[:n].astype(np.int32)
-  out_dir = os.path.join(workdir, "samples")
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, "samples.npz")
+  images, meaning = generate(
+      exp, params, n, seed=config.seed if seed is None else seed,
+      prompts=_read_prompts(prompts_file), progress=True, sampler=sampler, num_steps=num_steps,
+      guidance_scale=guidance_scale, guidance_interval=guidance_interval)
+  out_dir = wd / "samples"
+  path = out_dir / "samples.npz"
   if jax.process_index() == 0:
-    np.savez_compressed(path, images=images, labels=labels)
-    ncols = exp.info.num_classes if 0 < exp.info.num_classes <= 16 else 8
-    grid = save_grid(images[:max(ncols * 10, 64)], os.path.join(out_dir, "samples.png"), ncols)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    arrays = {"images": images}
+    if "labels" in meaning:
+      arrays["labels"] = meaning["labels"].astype(np.int32)
+    if "prompts" in meaning:
+      arrays["prompts"] = meaning["prompts"].astype(str)
+    with path.open("wb") as f:
+      np.savez_compressed(f, **arrays)
+    ncols = exp.grid_columns(len(set(meaning["prompts"])) if "prompts" in meaning else None)
+    grid = save_grid(images[:max(ncols * 10, 64)], str(out_dir / "samples.png"), ncols)
     _log(f"wrote {n} samples from the step-{step} EMA weights to {path} and {grid}")
-  return path
+  return str(path)
+
+
+# ---- evaluation ----------------------------------------------------------------------------------
+
+
+def _reference(config: ml_collections.ConfigDict, wd: epath.Path):
+  """`config.eval.reference` (a path to images or statistics), or statistics of the config's own
+  real images (`eval.reference_data`, default config.data, split `eval.reference_split`), written
+  once to WORKDIR/eval/reference.npz."""
+  from common.eval import reference as ref_lib  # pylint: disable=import-outside-toplevel
+  ec = config.eval
+  if ec.get("reference"):
+    return str(ec.reference)
+  path = wd / "eval" / "reference.npz"
+  if not path.exists():
+    data_cfg = ec.get("reference_data") or config.data
+    _log(f"writing the reference statistics of {data_cfg.name} ({ec.reference_split}) to {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ref_lib.write_reference_from_config(str(path), data_cfg, split=ec.reference_split,
+                                        limit=ec.get("reference_limit") or None,
+                                        inception_path=ec.get("inception") or None,
+                                        batch_size=int(ec.batch_size))
+  return str(path)
+
+
+def evaluate_params(exp: Experiment, params, step: int, wd: epath.Path, *,
+                    num_samples: int | None = None) -> dict:
+  """Samples `num_samples` (default config.eval.num_samples) images from `params` and scores them
+  (FID, sFID, IS, precision, recall) against the reference. The samples of a step are kept in
+  WORKDIR/eval/samples_step_N.npz and reused; the scores go to WORKDIR/eval/step_N.json.
+
+  Returns the scores with the keys prefixed "eval/" (for metrics.jsonl).
+  """
+  from common.eval.features import evaluate_images  # pylint: disable=import-outside-toplevel
+  config = exp.config
+  ec = config.eval
+  n = int(num_samples or ec.num_samples)
+  eval_dir = wd / "eval"
+  eval_dir.mkdir(parents=True, exist_ok=True)
+  samples_path = eval_dir / f"samples_step_{step:07d}_n{n}.npz"
+  if samples_path.exists():
+    with samples_path.open("rb") as f:
+      images = np.load(f)["images"]
+    _log(f"evaluating the {len(images)} samples already in {samples_path}")
+  else:
+    _log(f"sampling {n} images for evaluation at step {step}")
+    images, _ = generate(exp, params, n, seed=int(ec.seed), batch_size=int(config.sample.batch_size),
+                         progress=True)
+    if jax.process_index() == 0:
+      with samples_path.open("wb") as f:
+        np.savez(f, images=images)
+  scores = evaluate_images(images, _reference(config, wd), inception_path=ec.get("inception") or None,
+                           batch_size=int(ec.batch_size))
+  scores = {"step": int(step), **scores}
+  if jax.process_index() == 0:
+    (eval_dir / f"step_{step:07d}.json").write_text(json.dumps(scores, indent=2))
+  shown = ", ".join(f"{k} {v:.4g}" for k, v in scores.items()
+                    if isinstance(v, float) and k != "step")
+  _log(f"eval at step {step} ({n} samples): {shown}")
+  return {f"eval/{k}": v for k, v in scores.items()
+          if isinstance(v, (int, float)) and v is not None and k != "step"}
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+             num_samples: int | None = None) -> dict:
+  """`--mode=eval`: scores the newest checkpoint's EMA weights (see `evaluate_params`) and appends
+  the scores to WORKDIR/metrics.jsonl."""
+  wd = workdir_path(workdir)
+  exp = Experiment(config, sharding.make_mesh(config.mesh))
+  step, state = _restore_newest(exp, wd, config.train.keep_checkpoints)
+  scores = evaluate_params(exp, state["ema"], step, wd, num_samples=num_samples)
+  writer = MetricWriter(str(wd), tensorboard=False)
+  writer.write(step, scores)
+  writer.close()
+  return scores
+
+
+# ---- summary -------------------------------------------------------------------------------------
 
 
 def summary(config: ml_collections.ConfigDict) -> str:
   """Parameters per module and forward GFLOPs per example (XLA cost analysis); needs no data.
 
-  The network is built abstractly (no parameter memory) and its forward pass is lowered for one
-  example of `config.model.image_size` x `config.model.in_channels`.
+  The network is built abstractly (no parameter memory) and its forward pass is lowered for the
+  inputs it declares (`example_inputs(1)`).
   """
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from common.experiment import build_model  # pylint: disable=import-outside-toplevel
   from common.summary import summary_lines  # pylint: disable=import-outside-toplevel
   m = config.model
-  if "image_size" not in m or "in_channels" not in m:
-    raise ShapeError("summary needs config.model.image_size and config.model.in_channels.")
   model = nnx.eval_shape(lambda: build_model(m, jax.random.key(0)))
-  x = jax.ShapeDtypeStruct((1, m.image_size, m.image_size, m.in_channels), jax.numpy.float32)
+  x, cond = model.example_inputs(1)
   noise = jax.ShapeDtypeStruct((1,), jax.numpy.float32)
-  cond = jax.ShapeDtypeStruct((1,), jax.numpy.int32)
-  text = "\n".join([f"{m.name} ({m.image_size}x{m.image_size}x{m.in_channels})"]
-                   + summary_lines(model, (x, noise, cond), per_example=1))
+  shape = "x".join(str(d) for d in x.shape[1:])
+  text = "\n".join([f"{m.name} ({shape})"] + summary_lines(model, (x, noise, cond), per_example=1))
   _log(text)
   return text

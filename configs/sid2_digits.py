@@ -1,11 +1,11 @@
 """SiD2 on the embedded default: class-conditional scikit-learn digits (8x8, 1 channel, 10 classes).
 
 The main job of `make demo`: trains in under 10 minutes on 2 CPU cores, then samples. The recipe is
-SiD2's (spec A): v-prediction, sigmoid loss weighting with the -dlogSNR/dt Jacobian, the SiD2
+SiD2's (arXiv 2410.19324): v-prediction, sigmoid loss weighting with the -dlogSNR/dt Jacobian, the SiD2
 cosine-interpolated schedule at d=8, a Residual U-ViT with conv ResBlocks at 8x8 and transformer blocks
 at 4x4, dropout only at the low-resolution level, EMA weights and CFG with a guidance interval.
-Choices where the spec has no value for so small a problem (documented here, tuned on CPU):
-  * sigmoid bias b=-1 (DFoT's value, spec A.4): the resolution rule b_d = b_512 + 2 log(512/d) would
+Choices where the paper has no value for so small a problem (documented here, tuned on CPU):
+  * sigmoid bias b=-1 (DFoT's value): the resolution rule b_d = b_512 + 2 log(512/d) would
     give ~5 at d=8, which spends the weight on nearly clean images; class identity is decided at high
     noise, and b=2 learned the conditioning far more slowly in our runs.
   * AdamW lr 1e-3, batch 64, 200 warmup steps then cosine decay, EMA 0.999 with warmup: a short run.
@@ -51,6 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.diffusion.prediction = "v"
   c.diffusion.weighting = "sigmoid"
   c.diffusion.sigmoid_bias = -1.0
+  c.diffusion.cond_drop_prob = 0.1     # classifier-free guidance dropout
 
   c.train.steps = 2500
   c.train.batch_size = 64
@@ -60,7 +61,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.num_grid_samples = 100
   c.train.ema_decay = 0.999
   c.train.ema_warmup = True
-  c.train.cond_drop_prob = 0.1
 
   c.optim.learning_rate = 1e-3
   c.optim.warmup_steps = 200

@@ -2,13 +2,13 @@
 
 Usage: --config=configs/sid2_in256.py:ARG with ARG a comma-separated subset of
   p2        UViT/2 (default): token grid 128^2 at level 0, the same compute as UViT/4 @512:
-            138.5 G multiply-accumulates per forward vs. 137 published (spec A.5 table, FID 1.73).
+            138.5 G multiply-accumulates per forward vs. 137 published (SiD2, arXiv 2410.19324: FID 1.73).
   p1        UViT/1: grid 256^2, the same compute as UViT/2 @512 (657.9 G MACs; published 653, FID 1.38).
   runlocal  tiny model on the embedded digits, for a CPU smoke run.
 
-Same network as configs/sid2_in512.py (flop-heavy scaling, spec A.5); MACs = XLA flops / 2 (paper
+Same network as configs/sid2_in512.py (flop-heavy scaling); MACs = XLA flops / 2 (paper
 "GFLOPs", fvcore convention). All other choices are documented in sid2_in512.py; the sigmoid bias
-moves with the schedule shift, b_256 = b_512 + 2 log 2 (spec A.4, inferred rule).
+moves with the schedule shift, b_256 = b_512 + 2 log 2 (our rule: b follows the schedule shift).
 """
 
 import ml_collections

@@ -1,26 +1,26 @@
 """SiD2 (Simpler Diffusion, arXiv 2410.19324) on ImageNet 512x512, pixel space.
 
 Usage: --config=configs/sid2_in512.py:ARG with ARG a comma-separated subset of
-  p2        UViT/2 (default): 653 G multiply-accumulates per forward (spec A.5 / A.8, FID 1.48).
+  p2        UViT/2 (default): 653 G multiply-accumulates per forward (SiD2, arXiv 2410.19324: FID 1.48).
   p4        UViT/4: 137 G multiply-accumulates per forward (FID 2.19).
   runlocal  tiny model on the embedded digits (8x8), 20 steps, batch 8: a CPU smoke run.
 
-Flop-heavy scaling (spec A.5, pitfall A.10.6): UViT/4 and UViT/2 are the SAME network (same
+Flop-heavy scaling (SiD2, arXiv 2410.19324): UViT/4 and UViT/2 are the SAME network (same
 parameters); only the patch size, hence the token grid at every level, changes.
 
 Compute convention: papers quote "GFLOPs" in the fvcore/DiT convention, which counts one
 multiply-accumulate (MAC) as one FLOP. XLA's cost analysis counts 2 flops per MAC, so paper
 GFLOPs = XLA flops / 2. `--mode=summary` prints both. The architecture below (SiD2's exact widths
-are not public, spec A.5 [?]; the template is EarthBridge's @512 with 14 instead of 16 mid blocks)
+are not published; the template is EarthBridge's @512 with 14 instead of 16 mid blocks)
 was chosen so that XLA's cost analysis of one forward pass of ONE example gives
   UViT/4 @512: 138.6 G MACs (277.2 GFLOP XLA)  vs. 137 published (+1.2%)
   UViT/2 @512: 658.0 G MACs (1316 GFLOP XLA)   vs. 653 published (+0.8%)
 with 260 M parameters (see tests/test_sid2_model.py::test_in512_macs).
 
-Hyperparameters not in the readable SiD2 text (spec A.6 [?]) are documented choices:
-optimizer, lr, batch and EMA follow JiT's pixel-space recipe (spec A.6: Adam b=(0.9, 0.95),
+Hyperparameters not in the readable SiD2 text (not published) are documented choices:
+optimizer, lr, batch and EMA follow JiT's pixel-space recipe (JiT (Li & He 2025, "Back to Basics"), Table 9: Adam b=(0.9, 0.95),
 lr 2e-4 constant, batch 1024, EMA 0.9999); sampling is ancestral DDPM in logSNR with 512 steps and
-CFG (spec A.7), with a guidance interval expressed in logSNR.
+CFG (SiD2 samples with 512 steps x 2 NFE), with a guidance interval expressed in logSNR.
 """
 
 import math
@@ -35,18 +35,36 @@ CHANNELS = (128, 256, 512, 1024)
 LEVEL_TYPES = ("conv", "conv", "transformer", "transformer")
 BLOCKS_PER_LEVEL = (3, 3, 3)
 MID_BLOCKS = 14
-# SiD: dropout helps only at the lower-resolution levels, never at the highest (spec A.5); the SiD2
-# rates are [?]. Our choice: 0.1 at the two transformer levels.
+# SiD: dropout helps only at the lower-resolution levels, never at the highest (SiD, arXiv 2301.11093);
+# the SiD2 rates are not published. Our choice: 0.1 at the two transformer levels.
 DROPOUT = (0.0, 0.0, 0.1, 0.1)
 
-# Sigmoid-weighting bias b at 512 (spec A.4 [?]: EarthBridge's SiD2 re-implementation uses -3);
-# other resolutions move b with the schedule shift (spec A.4 inferred rule).
+# Sigmoid-weighting bias b at 512 (not published: EarthBridge's SiD2 re-implementation uses -3);
+# other resolutions move b with the schedule shift (our rule).
 SIGMOID_BIAS_512 = -3.0
 
 
 def sigmoid_bias(image_size: int) -> float:
-  """b_d = b_512 + 2 log(512 / d) (spec A.4, inferred rule)."""
+  """b_d = b_512 + 2 log(512 / d) (our rule: b follows the schedule shift)."""
   return SIGMOID_BIAS_512 + 2.0 * math.log(512.0 / image_size)
+
+
+# Guidance interval (Kynkaanniemi et al., arXiv 2404.07724): EDM2-XXL's best-FID interval, Heun steps
+# 17..22 of 32, is sigma in [0.283, 1.609] for data of std 0.5, i.e. logSNR = log(0.5^2 / sigma^2) +
+# 2 log 2 = -2 ln sigma in [-0.95, 2.52] in our raw logSNR (data in [-1, 1] also has std ~0.5). It was
+# tuned for ImageNet-512 latents, a 64 x 64 grid. Like the SiD schedules, which shift logSNR by
+# 2 log(base / d) for a d x d image (SiD, arXiv 2301.11093, eq. 5), we move it to d by 2 log(64 / d):
+# [-5.11, -1.64] at 512, [-3.72, -0.25] at 256, [-2.34, 1.13] at 128, which is t in [0.40, 0.69] of
+# the SiD2 schedule at every resolution. The untransferred interval would guide t in [0.13, 0.35]
+# at 512 but [0.30, 0.58] at 128 (checked in tests/test_sid2_model.py).
+GUIDANCE_INTERVAL_REF = (-0.95, 2.52)
+GUIDANCE_INTERVAL_REF_D = 64
+
+
+def guidance_interval(image_size: int) -> tuple[float, float]:
+  """The reference guidance interval moved to a d x d image: lambda + 2 log(64 / d)."""
+  shift = 2.0 * math.log(GUIDANCE_INTERVAL_REF_D / image_size)
+  return tuple(round(v + shift, 4) for v in GUIDANCE_INTERVAL_REF)
 
 
 def make_config(image_size: int, patch_size: int, flags: set[str]) -> ml_collections.ConfigDict:
@@ -67,16 +85,17 @@ def make_config(image_size: int, patch_size: int, flags: set[str]) -> ml_collect
   c.model.dropout = DROPOUT
   c.model.num_classes = 1000
   c.model.cond_dim = 1024
-  c.model.remat = True                 # the level-0 conv maps dominate activation memory (A.10.6)
+  c.model.remat = True                 # the level-0 conv maps dominate activation memory
   c.model.dtype = "bfloat16"
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.name = "vp"
-  # SiD2 cosine-interpolated 32 <-> 512 logSNR schedule, shifted for the image side (spec A.3).
+  # SiD2 cosine-interpolated 32 <-> 512 logSNR schedule, shifted for the image side.
   c.diffusion.schedule = ml_collections.ConfigDict({"name": "sid2", "image_d": image_size})
-  c.diffusion.prediction = "v"         # SiD lineage (spec A.2)
+  c.diffusion.prediction = "v"         # SiD lineage
   c.diffusion.weighting = "sigmoid"    # Kingma & Gao sigmoid weighting, on the eps-loss (A.4)
   c.diffusion.sigmoid_bias = sigmoid_bias(image_size)
+  c.diffusion.cond_drop_prob = 0.1     # classifier-free guidance dropout
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "tfds"
@@ -85,16 +104,13 @@ def make_config(image_size: int, patch_size: int, flags: set[str]) -> ml_collect
   c.data.image_size = image_size
   c.data.random_flip = True
 
-  # Training: JiT's pixel-space recipe (spec A.6), our choice where SiD2 is [?].
+  # Training: JiT's pixel-space recipe (JiT, Li & He 2025), our choice where SiD2 publishes none.
   c.train.steps = 500_000              # ~400 epochs at batch 1024 (choice)
   c.train.batch_size = 1024
   c.train.ema_decay = 0.9999
-  c.train.cond_drop_prob = 0.1
   c.train.log_every = 100
   c.train.checkpoint_every = 5_000
   c.train.sample_every = 50_000
-  c.train.param_dtype = "float32"
-  c.train.compute_dtype = "bfloat16"
 
   c.optim.name = "adamw"
   c.optim.learning_rate = 2e-4
@@ -105,13 +121,13 @@ def make_config(image_size: int, patch_size: int, flags: set[str]) -> ml_collect
   c.optim.warmup_steps = 5_000         # choice: short linear warmup before the constant lr
   c.optim.clip_norm = 1.0
 
-  # Sampling: 512 ancestral DDPM steps x 2 NFE with CFG (spec A.7). The SiD2 guidance scale and
-  # interval are [?]: we use the guidance-interval paper's G = 2.0 on its EDM interval
-  # sigma in [0.283, 1.609], i.e. logSNR = -2 ln sigma in [-0.95, 2.52] (spec A.7).
+  # Sampling: 512 ancestral DDPM steps x 2 NFE with CFG, as SiD2 samples. The SiD2 guidance scale
+  # and interval are not published: we use the guidance-interval paper's G = 2.0 on its interval,
+  # moved to this resolution (`guidance_interval`). The interval is in the VP recipe's raw logSNR.
   c.sample.sampler = "ddpm"
   c.sample.num_steps = 512
   c.sample.guidance_scale = 2.0
-  c.sample.guidance_interval = (-0.95, 2.52)
+  c.sample.guidance_interval = guidance_interval(image_size)
   c.sample.num_samples = 50_000
   c.sample.batch_size = 256
 
@@ -145,7 +161,6 @@ def apply_runlocal(c: ml_collections.ConfigDict) -> None:
   c.train.sample_every = 0
   c.train.num_grid_samples = 8
   c.train.ema_decay = 0.99
-  c.train.compute_dtype = "float32"
   c.optim.warmup_steps = 0
   c.optim.learning_rate = 1e-3
   c.sample.num_samples = 8

@@ -1,4 +1,4 @@
-"""The one entry point: `python launch/main.py --config=configs/X.py --workdir=DIR --mode=train|sample|summary`.
+"""The one entry point: `python launch/main.py --config=configs/X.py --workdir=DIR --mode=train|sample|eval|summary`.
 
 Config overrides: `--config.train.steps=100`; config arguments: `--config=configs/sid2_in512.py:p4,runlocal`.
 Errors a user can fix are printed on one line, without a traceback, and exit with status 1.
@@ -17,13 +17,16 @@ from ml_collections import config_flags  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/sid2_digits.py.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "summary"], "What to run.")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "sample: number of images (default config.sample.num_samples).")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "summary"], "What to run.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "sample/eval: number of images (default "
+                                    "config.sample.num_samples / config.eval.num_samples).")
 _SAMPLER = flags.DEFINE_string("sampler", None, "sample: ddpm | ddim | heun (default config.sample.sampler).")
 _STEPS = flags.DEFINE_integer("sample_steps", None, "sample: sampler steps (default config.sample.num_steps).")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "sample: CFG scale (default config.sample.guidance_scale).")
 _INTERVAL = flags.DEFINE_list("guidance_interval", None, "sample: 'lo,hi' logSNR interval where guidance applies.")
 _SEED = flags.DEFINE_integer("sample_seed", None, "sample: PRNG seed (default config.seed).")
+_PROMPTS = flags.DEFINE_string("prompts", None, "sample: a file of prompts, one a line (text-conditional "
+                               "models; default config.sample.prompts).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs; "
                                  "cluster environments such as SLURM/TPU pods are detected by jax).")
 
@@ -53,11 +56,13 @@ def _run(argv) -> None:
       raise app.UsageError(f"--workdir is required for --mode={_MODE.value}")
     if _MODE.value == "train":
       trainer.train(config, _WORKDIR.value)
+    elif _MODE.value == "eval":
+      trainer.evaluate(config, _WORKDIR.value, num_samples=_NUM_SAMPLES.value)
     else:
       interval = tuple(float(v) for v in _INTERVAL.value) if _INTERVAL.value else None
       trainer.sample(config, _WORKDIR.value, num_samples=_NUM_SAMPLES.value, sampler=_SAMPLER.value,
                      num_steps=_STEPS.value, guidance_scale=_GUIDANCE.value,
-                     guidance_interval=interval, seed=_SEED.value)
+                     guidance_interval=interval, seed=_SEED.value, prompts_file=_PROMPTS.value)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)

@@ -1,8 +1,8 @@
-"""SiD2 Residual U-ViT (Hoogeboom et al., "Simpler Diffusion", arXiv 2410.19324; spec A.5).
+"""SiD2 Residual U-ViT (Hoogeboom et al., "Simpler Diffusion", arXiv 2410.19324).
 
 A U-Net whose high-resolution levels are conv ResBlocks and whose low-resolution levels (including
 the middle) are transformer blocks, with ONE residual skip per downsampling instead of per-block
-concatenation skips (spec A.5, pitfall A.10.5):
+concatenation skips:
 
   h = PatchEmbed_p(x)
   for l = 0..L-2:   h = Blocks_l(h); skip_pos[l] = h; h = Down_l(h); skip_neg[l] = h
@@ -12,7 +12,7 @@ concatenation skips (spec A.5, pitfall A.10.5):
 
 Every block is a residual branch with a zero-initialised output layer, so at init each level is the
 identity, the mid/decoder corrections vanish (h - skip_neg = 0, Up(0) = 0) and F = 0 exactly.
-The exact SiD2 widths/depths are not public (spec A.5 [?]); the configs choose them to hit the
+The exact SiD2 widths/depths are not public (not published); the configs choose them to hit the
 published compute (137 / 653 GFLOPs for UViT/4 / UViT/2 at 512).
 """
 
@@ -31,34 +31,47 @@ Array = jax.Array
 
 
 class TransformerBlock(nnx.Module):
-  """Parallel transformer block (spec A.5, DFoT-style):
+  """Parallel transformer block (DFoT-style, as SiD2-style re-implementations build it):
 
-    y = AdaRMSNorm(x, c);  out = x + Attn(y) + MLP(y)
+    y = AdaRMSNorm(x, c);  out = x + Attn(y) + MLP(y) [+ CrossAttn(y, text tokens)]
 
-  QK-RMSNorm, 2-D RoPE on the token grid, MLP ratio `mlp_ratio`; both branch outputs zero-init.
-  Operates on a [B, H, W, C] map (flattened to H*W tokens internally).
+  QK-RMSNorm, 2-D RoPE on the token grid, MLP ratio `mlp_ratio`; every branch output zero-init.
+  With `context_dim` > 0 a cross-attention branch to the caption tokens joins the parallel sum
+  (our text-to-image variant: SiD2 publishes none). Operates on a [B, H, W, C] map (flattened to
+  H*W tokens internally).
   """
 
   def __init__(self, channels: int, cond_dim: int, *, head_dim: int, mlp_ratio: float,
-               dropout: float = 0.0, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               dropout: float = 0.0, context_dim: int = 0, dtype: Any = jnp.float32,
+               rngs: nnx.Rngs):
     self.norm = layers.AdaRMSNorm(channels, cond_dim, rngs=rngs)
     self.attn = layers.Attention(channels, head_dim, dtype=dtype, rngs=rngs)
     self.mlp = layers.MLP(channels, int(round(channels * mlp_ratio)), dtype=dtype, rngs=rngs)
+    self.cross = (layers.CrossAttention(channels, context_dim, head_dim, dtype=dtype, rngs=rngs)
+                  if context_dim else None)
     self.dropout_rate = dropout
     self.dtype = layers.as_dtype(dtype)
 
-  def __call__(self, x: Array, c: Array, dropout_key: Array | None = None) -> Array:
-    """x: [B, H, W, C]; c: [B, cond_dim] (activated) -> [B, H, W, C]."""
+  def __call__(self, x: Array, c: Array, dropout_key: Array | None = None,
+               context: tuple[Array, Array] | None = None) -> Array:
+    """x: [B, H, W, C]; c: [B, cond_dim] (activated); context: (tokens [B, S, D], mask [B, S])
+    when the block has cross-attention -> [B, H, W, C]."""
     b, h, w, ch = x.shape
     t = x.astype(self.dtype).reshape(b, h * w, ch)
     y = self.norm(t, c)
     a = self.attn(y, grid=(h, w), dropout_rate=self.dropout_rate,
                   dropout_key=layers.fold_key(dropout_key, 0))
     m = self.mlp(y, dropout_rate=self.dropout_rate, dropout_key=layers.fold_key(dropout_key, 1))
-    return (t + a + m).reshape(b, h, w, ch)
+    out = t + a + m
+    if self.cross is not None:
+      out = out + self.cross(y, *context)
+    return out.reshape(b, h, w, ch)
 
 
-def _call_block(block: nnx.Module, x: Array, c: Array, key: Array | None) -> Array:
+def _call_block(block: nnx.Module, x: Array, c: Array, key: Array | None,
+                context: tuple[Array, Array] | None) -> Array:
+  if isinstance(block, TransformerBlock):
+    return block(x, c, key, context)
   return block(x, c, key)
 
 
@@ -80,7 +93,12 @@ class ResidualUViT(nnx.Module):
     head_dim: attention head width when num_heads is None.
     mlp_ratio: transformer MLP hidden / width.
     dropout: rate per level, incl. the mid level (len(channels)); must be 0 at level 0.
-    num_classes: 0 for unconditional; otherwise labels in [0, num_classes], num_classes = null.
+    num_classes: 0 for no class labels; otherwise labels in [0, num_classes], num_classes = null.
+    text_dim: 0 for no text; otherwise the width D of caption embeddings, cond = {"tokens":
+      [B, text_len, D], "mask": [B, text_len], "pooled": [B, D]}: the pooled vector joins the
+      global conditioning, the transformer blocks cross-attend to the tokens; the null caption is
+      all-zero embeddings (as MicroDiT, micro_diffusion `models/dit.py`).
+    text_len: caption tokens T (what `example_inputs` declares).
     cond_dim: width of the global conditioning vector c.
     remat: rematerialise each block (`nnx.remat`) to save activation memory.
     dtype: compute dtype ("bfloat16" on accelerators); parameters are float32.
@@ -92,8 +110,8 @@ class ResidualUViT(nnx.Module):
                blocks_per_level: Sequence[int], mid_blocks: int,
                num_heads: int | None = None, head_dim: int = 64, mlp_ratio: float = 4.0,
                dropout: Sequence[float] | None = None, num_classes: int = 0,
-               cond_dim: int = 1024, remat: bool = False, dtype: Any = "float32",
-               rngs: nnx.Rngs):
+               cond_dim: int = 1024, text_dim: int = 0, text_len: int = 0,
+               remat: bool = False, dtype: Any = "float32", rngs: nnx.Rngs):
     channels, level_types = tuple(int(c) for c in channels), tuple(level_types)
     blocks_per_level = tuple(int(n) for n in blocks_per_level)
     num_levels = len(channels)
@@ -102,6 +120,9 @@ class ResidualUViT(nnx.Module):
                    dropout, num_classes)
     self.image_size, self.in_channels, self.patch_size = image_size, in_channels, patch_size
     self.num_levels, self.num_classes = num_levels, num_classes
+    self.text_dim, self.text_len = int(text_dim), int(text_len)
+    if self.text_dim and self.text_len < 1:
+      raise ConfigError(f"model.text_dim={text_dim} needs model.text_len >= 1 (caption tokens).")
     self.remat = remat
     self.dtype = layers.as_dtype(dtype)
 
@@ -113,12 +134,15 @@ class ResidualUViT(nnx.Module):
       if num_heads and ch % num_heads:
         raise ConfigError(f"model.channels[{level}]={ch} is not divisible by num_heads={num_heads}.")
       return TransformerBlock(ch, cond_dim, head_dim=hd, mlp_ratio=mlp_ratio,
-                              dropout=dropout[level], dtype=self.dtype, rngs=rngs)
+                              dropout=dropout[level], context_dim=self.text_dim,
+                              dtype=self.dtype, rngs=rngs)
 
-    # Conditioning: c = SiLU(MLP(NoiseEmb(logSNR) + ClassEmb(label))), float32.
+    # Conditioning: c = SiLU(MLP(NoiseEmb(logSNR) + ClassEmb(label) + Dense(pooled))), float32.
     self.noise_embed = layers.NoiseEmbedding(cond_dim, rngs=rngs)
     self.class_embed = (layers.ClassEmbedding(num_classes, cond_dim, rngs=rngs)
                         if num_classes > 0 else None)
+    self.pooled_embed = (layers.Dense(self.text_dim, cond_dim, names=(None, "embed"), rngs=rngs)
+                         if self.text_dim else None)
     self.cond_fc1 = layers.Dense(cond_dim, cond_dim, names=(None, "embed"), rngs=rngs)
     self.cond_fc2 = layers.Dense(cond_dim, cond_dim, names=("embed", None), rngs=rngs)
 
@@ -156,7 +180,7 @@ class ResidualUViT(nnx.Module):
                         f"({n} entries).")
     if dropout[0] != 0.0:
       raise ConfigError(f"model.dropout[0]={dropout[0]}: dropout must be 0 at the highest-"
-                        "resolution level (SiD: it only helps at lower resolutions, spec A.5).")
+                        "resolution level (SiD: it only helps at lower resolutions).")
     if any(not 0.0 <= d < 1.0 for d in dropout):
       raise ConfigError(f"model.dropout={dropout}: rates must lie in [0, 1).")
     if num_classes < 0:
@@ -166,20 +190,37 @@ class ResidualUViT(nnx.Module):
       raise ConfigError(f"model.image_size={image_size} must be divisible by patch_size * "
                         f"2^(levels-1) = {factor}.")
 
-  def null_cond(self, cond: Array | None) -> Array | None:
-    """The null-class labels (num_classes) with the shape of `cond`; None stays None."""
-    if cond is None:
-      return None
-    return jnp.full_like(cond, self.num_classes)
+  def example_inputs(self, batch_size: int) -> tuple[jax.ShapeDtypeStruct, dict]:
+    """What the network denoises and its conditioning, for `batch_size` examples:
+    x [B, H, W, C] float32 and {"label": int32 [B]} (empty for an unconditional model)."""
+    x = jax.ShapeDtypeStruct((batch_size, self.image_size, self.image_size, self.in_channels),
+                             jnp.float32)
+    cond = {}
+    if self.num_classes > 0:
+      cond["label"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+    if self.text_dim:
+      cond["tokens"] = jax.ShapeDtypeStruct((batch_size, self.text_len, self.text_dim), jnp.float32)
+      cond["mask"] = jax.ShapeDtypeStruct((batch_size, self.text_len), jnp.int32)
+      cond["pooled"] = jax.ShapeDtypeStruct((batch_size, self.text_dim), jnp.float32)
+    return x, cond
 
-  def _conditioning(self, noise_cond: Array, cond: Array | None) -> Array:
-    """[B] logSNR, [B] labels -> activated global conditioning c [B, cond_dim] float32."""
+  def null_cond(self, cond: dict) -> dict:
+    """The null class (index num_classes) and all-zero caption embeddings (tokens, pooled; the
+    mask is kept); {} stays {}."""
+    null = {"label": lambda v: jnp.full_like(v, self.num_classes), "tokens": jnp.zeros_like,
+            "pooled": jnp.zeros_like}
+    return {k: null.get(k, lambda v: v)(v) for k, v in cond.items()}
+
+  def _conditioning(self, noise_cond: Array, cond: dict) -> Array:
+    """[B] logSNR, {"label": [B]} -> activated global conditioning c [B, cond_dim] float32."""
     e = self.noise_embed(noise_cond)
     if self.class_embed is not None:
-      e = e + self.class_embed(cond)
+      e = e + self.class_embed(cond["label"])
+    if self.pooled_embed is not None:
+      e = e + self.pooled_embed(cond["pooled"].astype(jnp.float32))
     return jax.nn.silu(self.cond_fc2(jax.nn.silu(self.cond_fc1(e))))
 
-  def _check_inputs(self, x: Array, noise_cond: Array, cond: Array | None) -> None:
+  def _check_inputs(self, x: Array, noise_cond: Array, cond: dict) -> None:
     want = (self.image_size, self.image_size, self.in_channels)
     if x.ndim != 4 or tuple(x.shape[1:]) != want:
       raise ShapeError(f"ResidualUViT expects images [B, {want[0]}, {want[1]}, {want[2]}] (from "
@@ -189,33 +230,42 @@ class ResidualUViT(nnx.Module):
       raise ShapeError(f"ResidualUViT expects noise_cond of shape [{b}], got "
                        f"{tuple(jnp.shape(noise_cond))}.")
     if self.num_classes > 0:
-      if cond is None or jnp.shape(cond) != (b,):
-        raise ShapeError(f"ResidualUViT (num_classes={self.num_classes}) expects int class labels "
-                         f"of shape [{b}], got "
-                         f"{None if cond is None else tuple(jnp.shape(cond))}.")
-      if not jnp.issubdtype(jnp.result_type(cond), jnp.integer):
+      labels = cond.get("label") if isinstance(cond, dict) else None
+      if labels is None or jnp.shape(labels) != (b,):
+        raise ShapeError(f"ResidualUViT (num_classes={self.num_classes}) expects cond = "
+                         f"{{'label': int labels [{b}]}}, got "
+                         f"{jax.tree.map(jnp.shape, cond)}.")
+      if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
         raise ShapeError(f"ResidualUViT expects integer class labels, got dtype "
-                         f"{jnp.result_type(cond)}.")
+                         f"{jnp.result_type(labels)}.")
+    if self.text_dim:
+      want = {"tokens": (b, self.text_len, self.text_dim), "mask": (b, self.text_len),
+              "pooled": (b, self.text_dim)}
+      got = {k: tuple(jnp.shape(cond[k])) if k in cond else None for k in want}
+      if got != want:
+        raise ShapeError(f"ResidualUViT (text_dim={self.text_dim}, text_len={self.text_len}) "
+                         f"expects caption embeddings {want}, got {got}.")
 
-  def _run(self, block: nnx.Module, h: Array, c: Array, key: Array | None) -> Array:
+  def _run(self, block: nnx.Module, h: Array, c: Array, key: Array | None, context) -> Array:
     if self.remat:
-      return _remat_call_block(block, h, c, key)
-    return _call_block(block, h, c, key)
+      return _remat_call_block(block, h, c, key, context)
+    return _call_block(block, h, c, key, context)
 
-  def __call__(self, x: Array, noise_cond: Array, cond: Array | None, *,
+  def __call__(self, x: Array, noise_cond: Array, cond: dict, *,
                dropout_key: Array | None = None) -> Array:
     """Raw network output F.
 
     Args:
       x: [B, H, W, C] network input (already scaled by the diffusion recipe).
       noise_cond: [B] float logSNR.
-      cond: [B] int32 class labels in [0, num_classes] (ignored if num_classes == 0).
+      cond: {"label": int32 [B] class labels in [0, num_classes]} ({} if num_classes == 0).
       dropout_key: PRNG key; dropout is active iff given (per-block keys by fold_in).
     Returns:
       [B, H, W, C] float32 (computed in `dtype`, cast up for the loss and the sampler).
     """
     self._check_inputs(x, noise_cond, cond)
     c = self._conditioning(noise_cond, cond)
+    context = (cond["tokens"], cond["mask"]) if self.text_dim else None
     counter = itertools.count()
 
     def key():
@@ -225,14 +275,14 @@ class ResidualUViT(nnx.Module):
     skip_pos, skip_neg = [], []
     for l in range(self.num_levels - 1):
       for block in self.enc_blocks[l]:
-        h = self._run(block, h, c, key())
+        h = self._run(block, h, c, key(), context)
       skip_pos.append(h)
       h = self.downs[l](h)
       skip_neg.append(h)
     for block in self.mid:
-      h = self._run(block, h, c, key())
+      h = self._run(block, h, c, key(), context)
     for l in reversed(range(self.num_levels - 1)):
       h = self.ups[l](h - skip_neg[l]) + skip_pos[l]        # one residual skip per level (A.5)
       for block in self.dec_blocks[l]:
-        h = self._run(block, h, c, key())
+        h = self._run(block, h, c, key(), context)
     return self.out_proj(jax.nn.silu(self.out_norm(h))).astype(jnp.float32)

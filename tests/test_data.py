@@ -30,8 +30,8 @@ def _take(iterator, n):
 def _assert_batches_equal(a, b):
   assert len(a) == len(b)
   for x, y in zip(a, b):
-    np.testing.assert_array_equal(x["image"], y["image"])
-    np.testing.assert_array_equal(x["label"], y["label"])
+    np.testing.assert_array_equal(x["x"], y["x"])
+    np.testing.assert_array_equal(x["cond"]["label"], y["cond"]["label"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,18 +123,18 @@ def test_digits_batches():
   it = data.make_train_iterator(cfg, global_batch_size=64, seed=3, process_index=0,
                                 process_count=1)
   for batch in _take(it, 3):
-    assert set(batch) == {"image", "label"}
-    assert batch["image"].shape == (64, 8, 8, 1) and batch["image"].dtype == np.float32
-    assert batch["label"].shape == (64,) and batch["label"].dtype == np.int32
-    assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
-    assert batch["image"].min() == -1.0 and batch["image"].max() == 1.0
-    uint8 = np.rint((batch["image"] + 1) * 127.5).astype(np.uint8)
+    assert set(batch) == {"x", "cond"} and set(batch["cond"]) == {"label"}
+    assert batch["x"].shape == (64, 8, 8, 1) and batch["x"].dtype == np.float32
+    assert batch["cond"]["label"].shape == (64,) and batch["cond"]["label"].dtype == np.int32
+    assert batch["x"].min() >= -1.0 and batch["x"].max() <= 1.0
+    assert batch["x"].min() == -1.0 and batch["x"].max() == 1.0
+    uint8 = np.rint((batch["x"] + 1) * 127.5).astype(np.uint8)
     assert all(im.tobytes() in known for im in uint8)
 
 
 def test_default_process_index_and_count_come_from_jax():
   it = data.make_train_iterator(_cfg(name="digits"), global_batch_size=8, seed=0)
-  assert next(it)["image"].shape == (8, 8, 8, 1)  # one CPU process: B_local = B
+  assert next(it)["x"].shape == (8, 8, 8, 1)  # one CPU process: B_local = B
 
 
 def test_same_seed_same_stream_other_seed_other_stream():
@@ -144,7 +144,7 @@ def test_same_seed_same_stream_other_seed_other_stream():
   b = _take(data.make_train_iterator(cfg, seed=7, **kw), 4)
   c = _take(data.make_train_iterator(cfg, seed=8, **kw), 4)
   _assert_batches_equal(a, b)
-  assert not np.array_equal(a[0]["image"], c[0]["image"])
+  assert not np.array_equal(a[0]["x"], c[0]["x"])
 
 
 def test_resume_from_state_is_bit_identical():
@@ -177,9 +177,9 @@ def test_shards_are_disjoint_and_cover_the_data(tmp_path, n_train):
     it = data.make_train_iterator(cfg, global_batch_size=10, seed=5,
                                   process_index=process_index, process_count=2)
     batches = _take(it, 10)  # two epochs of a 25-example shard, 5 per local batch
-    assert all(b["image"].shape == (5, 28, 28, 1) for b in batches)
+    assert all(b["x"].shape == (5, 28, 28, 1) for b in batches)
     ids = [_image_id(np.rint((im + 1) * 127.5).astype(np.uint8))
-           for b in batches for im in b["image"]]
+           for b in batches for im in b["x"]]
     first, second = ids[:25], ids[25:]
     assert len(set(first)) == 25 and set(second) == set(first)  # each epoch = the whole shard
     assert first != second  # reshuffled per epoch
@@ -198,7 +198,7 @@ def test_random_flip(fmnist_dir):
     batch = next(data.make_train_iterator(cfg, global_batch_size=50, seed=0, process_index=0,
                                           process_count=1))
     out = []
-    for im in np.rint((batch["image"] + 1) * 127.5).astype(np.uint8):
+    for im in np.rint((batch["x"] + 1) * 127.5).astype(np.uint8):
       flipped = im[:, ::-1]
       if im[27, 27, 0] == 255:
         np.testing.assert_array_equal(im, originals[_image_id(im)])
@@ -229,7 +229,7 @@ def test_fashion_mnist_idx(tmp_path, gz):
   assert test_images.shape == (12, 28, 28, 1) and test_labels.shape == (12,)
   batch = next(data.make_train_iterator(cfg, global_batch_size=8, seed=0, process_index=0,
                                         process_count=1))
-  assert batch["image"].shape == (8, 28, 28, 1) and batch["label"].dtype == np.int32
+  assert batch["x"].shape == (8, 28, 28, 1) and batch["cond"]["label"].dtype == np.int32
 
 
 def test_fashion_mnist_errors(tmp_path):
@@ -277,7 +277,7 @@ def test_image_folder(tmp_path):
   it = data.make_train_iterator(cfg, global_batch_size=4, seed=1, process_index=0,
                                 process_count=1)
   batch = next(it)
-  assert batch["image"].shape == (4, 16, 16, 3) and batch["image"].dtype == np.float32
+  assert batch["x"].shape == (4, 16, 16, 3) and batch["x"].dtype == np.float32
   gray = data.load_arrays(_cfg(name="image_folder", path=root, image_size=8, channels=1))[0]
   assert gray.shape == (5, 8, 8, 1)
 
@@ -415,7 +415,7 @@ def test_tfds_array_record(tiny_tfds):
   kw = dict(global_batch_size=4, seed=2, process_index=0, process_count=1)
   it = data.make_train_iterator(cfg, **kw)
   first = _take(it, 2)
-  assert first[0]["image"].shape == (4, 16, 16, 3) and first[0]["label"].dtype == np.int32
+  assert first[0]["x"].shape == (4, 16, 16, 3) and first[0]["cond"]["label"].dtype == np.int32
   state = it.get_state()
   expected = _take(it, 3)
   fresh = data.make_train_iterator(cfg, **kw)

@@ -103,7 +103,7 @@ def test_sigmoid_weights_closed_form():
 
 @pytest.mark.parametrize("bias", [-3.0, 0.0, 2.0])
 def test_sigmoid_weight_equivalent_across_targets(bias):
-  """Same x_hat -> same weighted loss whichever target the MSE is taken on (spec A.4, A.10.2)."""
+  """Same x_hat -> same weighted loss whichever target the MSE is taken on (arXiv 2303.00848)."""
   x, eps, lam, x_hat = _data(3, lo=-10.0, hi=10.0)
   z = param.diffuse(x, eps, lam)
   vals = []
@@ -133,13 +133,13 @@ def test_vp_recipe_loss_same_for_every_target(sched_name):
     def apply_fn(z, lam, cond, p=p):
       return param.convert(_xhat_fn(z, lam), z, lam, "x", p)
 
-    loss = recipe.loss(apply_fn, x, None, key)
+    loss = recipe.per_example_loss(apply_fn, x, None, key)
     assert loss.shape == (B,) and loss.dtype == jnp.float32
     out.append(np.asarray(loss))
   np.testing.assert_allclose(out[0], out[1], rtol=3e-3)
   np.testing.assert_allclose(out[0], out[2], rtol=3e-3)
   if sched_name == "sid2":  # jit-compatible, same value
-    jitted = jax.jit(lambda x, k: recipe.loss(apply_fn, x, None, k))(x, key)
+    jitted = jax.jit(lambda x, k: recipe.per_example_loss(apply_fn, x, None, k))(x, key)
     np.testing.assert_allclose(jitted, out[2], rtol=1e-4)
 
 
@@ -155,7 +155,7 @@ def test_vp_recipe_loss_value_keeps_jacobian():
     return 0.1 * z
 
   x, _, _, _ = _data(5)
-  loss = np.asarray(recipe.loss(apply_fn, x, None, jax.random.key(3)), np.float64)
+  loss = np.asarray(recipe.per_example_loss(apply_fn, x, None, jax.random.key(3)), np.float64)
   z = np.asarray(seen["z"], np.float64)
   lam = np.asarray(seen["lam"], np.float64)
   t0, t1 = math.atan(math.exp(-7.5)), math.atan(math.exp(7.5))
@@ -168,7 +168,7 @@ def test_vp_recipe_loss_value_keeps_jacobian():
   np.testing.assert_allclose(loss, expected, rtol=2e-3)
   # uniform weighting: the plain MSE of the target.
   uni = diffusion.VPDiffusion(sched, prediction="eps", weighting="uniform")
-  np.testing.assert_allclose(uni.loss(apply_fn, x, None, jax.random.key(3)), mse, rtol=2e-3)
+  np.testing.assert_allclose(uni.per_example_loss(apply_fn, x, None, jax.random.key(3)), mse, rtol=2e-3)
 
 
 @pytest.mark.parametrize("sigma_data", [0.5, 0.9])
@@ -199,7 +199,7 @@ def test_edm_recipe_loss_value():
     return 0.5 * x_in
 
   x, _, _, _ = _data(6)
-  loss = np.asarray(recipe.loss(apply_fn, x, None, jax.random.key(2)))
+  loss = np.asarray(recipe.per_example_loss(apply_fn, x, None, jax.random.key(2)))
   x_in = np.asarray(seen["x_in"], np.float64)
   sigma = np.exp(4 * np.asarray(seen["c_noise"], np.float64))
   sd = 0.9

@@ -1,4 +1,4 @@
-"""Closed-form tests of common/schedules.py (spec A.3 value table, derivatives, EDM grids)."""
+"""Closed-form tests of common/schedules.py (value tables, derivatives, EDM grids)."""
 
 import math
 
@@ -50,7 +50,7 @@ def test_cosine_endpoints_and_unclipped_form():
 
 
 def test_interpolated_sid_form():
-  """SiD 32->256 at d = 512: lambda = t lambda_shift(32) + (1 - t) lambda_shift(256) (spec A.3)."""
+  """SiD 32->256 at d = 512: lambda = t lambda_shift(32) + (1 - t) lambda_shift(256)."""
   sched = schedules.get_logsnr_schedule("interpolated_cosine", image_d=512)
   low = schedules.ShiftedCosineSchedule(image_d=512, noise_d=32)
   high = schedules.ShiftedCosineSchedule(image_d=512, noise_d=256)

@@ -28,7 +28,7 @@ def inputs(seed=0):
   k1, k2 = jax.random.split(jax.random.key(seed))
   x = jax.random.normal(k1, (B, S, S, C))
   lam = jax.random.uniform(k2, (B,), minval=-15.0, maxval=15.0)
-  y = jnp.array([3, K], jnp.int32)                   # one real class, one null class
+  y = {"label": jnp.array([3, K], jnp.int32)}        # one real class, one null class
   return x, lam, y
 
 
@@ -70,7 +70,7 @@ def test_output_shape_zero_init_and_axis_names():
 
 def test_skip_structure_identity_with_zero_branches():
   """With all block branches at their zero init, random Down/Up/embedding weights cancel exactly:
-  h - skip_neg = 0 and Up(0) = 0, so F = Out(PatchEmbed(x)) (spec A.10.5)."""
+  h - skip_neg = 0 and Up(0) = 0, so F = Out(PatchEmbed(x))."""
   model = tiny()
   randomize(model, lambda p: p.startswith(("downs", "out_proj", "patch_embed"))
             or (p.startswith("ups") and p.endswith("kernel")))   # Up's bias stays 0: Up(0) = 0
@@ -85,7 +85,7 @@ def test_skip_structure_identity_with_zero_branches():
 
 
 def test_skip_structure_hand_check():
-  """Full forward with every parameter random equals the spec A.5 recursion written by hand."""
+  """Full forward with every parameter random equals the Residual U-ViT recursion written by hand."""
   model = tiny()
   randomize(model)
   x, lam, y = inputs()
@@ -141,18 +141,22 @@ def test_bad_inputs_raise():
   with pytest.raises(ShapeError):
     model(x, lam[:1], y)
   with pytest.raises(ShapeError):
-    model(x, lam, y[:1])
+    model(x, lam, {"label": y["label"][:1]})
   with pytest.raises(ShapeError):
-    model(x, lam, y.astype(jnp.float32))
+    model(x, lam, {"label": y["label"].astype(jnp.float32)})
 
 
 def test_null_cond_and_unconditional():
   model = tiny()
-  np.testing.assert_array_equal(model.null_cond(jnp.array([1, 2, 3])), [K, K, K])
+  np.testing.assert_array_equal(model.null_cond({"label": jnp.array([1, 2, 3])})["label"], [K, K, K])
   uncond = tiny(num_classes=0)
-  assert uncond.class_embed is None and uncond.null_cond(None) is None
+  assert uncond.class_embed is None and uncond.null_cond({}) == {}
   x, lam, _ = inputs()
-  assert uncond(x, lam, None).shape == (B, S, S, C)
+  assert uncond(x, lam, {}).shape == (B, S, S, C)
+  xs, cs = uncond.example_inputs(3)
+  assert xs.shape == (3, S, S, C) and cs == {}
+  xs, cs = model.example_inputs(3)
+  assert cs["label"].shape == (3,) and cs["label"].dtype == jnp.int32
 
 
 def test_gradients_reach_all_params_and_remat_matches():
@@ -225,7 +229,7 @@ def test_runlocal_config_builds_and_runs(name):
   kw = {k: v for k, v in cfg.model.to_dict().items() if k != "name"}
   model = ResidualUViT(**kw, rngs=nnx.Rngs(params=0))
   s, c = cfg.model.image_size, cfg.model.in_channels
-  out = model(jnp.zeros((2, s, s, c)), jnp.zeros((2,)), jnp.array([0, 10], jnp.int32))
+  out = model(jnp.zeros((2, s, s, c)), jnp.zeros((2,)), {"label": jnp.array([0, 10], jnp.int32)})
   assert out.shape == (2, s, s, c)
   with pytest.raises(ConfigError):
     mod.get_config("p3")
@@ -241,10 +245,54 @@ def test_in512_macs():
     cfg = sid2_in512.get_config(arg).model
     kw = {k: v for k, v in cfg.to_dict().items() if k != "name"}
     model = nnx.eval_shape(lambda: ResidualUViT(**kw, rngs=nnx.Rngs(params=0)))  # pylint: disable=cell-var-from-loop
-    inp = (jax.ShapeDtypeStruct((1, 512, 512, 3), jnp.float32),
-           jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32))
+    x, cond = model.example_inputs(1)
+    inp = (x, jax.ShapeDtypeStruct((1,), jnp.float32), cond)
     macs = summary.forward_macs(model, inp) / 1e9
     assert abs(macs / want - 1) < 0.10, (arg, macs)
     counts = summary.count_params_per_module(model)
     params.add(round(counts["total"] / 1e6))
   assert len(params) == 1 or max(params) - min(params) <= 1      # only the patch layers differ
+
+
+def test_guidance_interval_follows_the_resolution():
+  """The guidance interval moves with the image side like the schedule, so it covers the same
+  stretch of t at 128, 256 and 512."""
+  from common import schedules
+  from configs import sid2_in512
+  t = jnp.linspace(0.0, 1.0, 20001)
+  spans = []
+  for d in (128, 256, 512):
+    lo, hi = sid2_in512.guidance_interval(d)
+    lam = schedules.get_logsnr_schedule("sid2", image_d=d).logsnr(t)
+    inside = np.asarray(t[(lam >= lo) & (lam <= hi)])
+    spans.append((inside.min(), inside.max()))
+    cfg_d = {512: sid2_in512}.get(d)
+    if cfg_d is not None:
+      assert tuple(cfg_d.get_config("p4").sample.guidance_interval) == (lo, hi)
+  np.testing.assert_allclose(spans, [spans[0]] * 3, atol=2e-3)
+  assert 0.35 < spans[0][0] < 0.45 and 0.6 < spans[0][1] < 0.75, spans
+
+
+def test_text_conditioning_uses_tokens_pooled_and_mask():
+  model = tiny(num_classes=0, text_dim=8, text_len=4)
+  randomize(model)  # zero-init branches would hide the cross-attention
+  x, lam, _ = inputs()
+  k1, k2 = jax.random.split(jax.random.key(5))
+  cond = {"tokens": jax.random.normal(k1, (B, 4, 8)), "mask": jnp.array([[1, 1, 0, 0]] * B, jnp.int32),
+          "pooled": jax.random.normal(k2, (B, 8))}
+  xs, spec = model.example_inputs(B)
+  assert jax.tree.map(lambda s: s.shape, spec) == jax.tree.map(jnp.shape, cond)
+  f = jit_apply(model)
+  base = np.asarray(f(x, lam, cond))
+  # masked-out tokens change nothing; real tokens and the pooled vector do
+  pad_changed = {**cond, "tokens": cond["tokens"].at[:, 2:].set(7.0)}
+  np.testing.assert_allclose(np.asarray(f(x, lam, pad_changed)), base, atol=1e-5)
+  tok_changed = {**cond, "tokens": cond["tokens"].at[:, 0].set(7.0)}
+  assert np.abs(np.asarray(f(x, lam, tok_changed)) - base).max() > 1e-3
+  pooled_changed = {**cond, "pooled": cond["pooled"] + 1.0}
+  assert np.abs(np.asarray(f(x, lam, pooled_changed)) - base).max() > 1e-3
+  null = model.null_cond(cond)
+  assert float(jnp.abs(null["tokens"]).max()) == 0 and float(jnp.abs(null["pooled"]).max()) == 0
+  np.testing.assert_array_equal(null["mask"], cond["mask"])
+  with pytest.raises(ShapeError):
+    model(x, lam, {**cond, "tokens": cond["tokens"][:, :3]})

@@ -4,7 +4,7 @@ Public API (see docs/DESIGN.md, "Data contract"):
 
 - `make_train_iterator(cfg, *, global_batch_size, seed, process_index=None, process_count=None)`:
   an endless, shuffled, checkpointable grain iterator (`get_state()` -> bytes, `set_state(bytes)`)
-  of `{"image": float32 [B_local, H, W, C] in [-1, 1], "label": int32 [B_local]}` with
+  of `{"x": float32 [B_local, H, W, C] in [-1, 1], "cond": {"label": int32 [B_local]}}` with
   B_local = global_batch_size // process_count. Each process reads a disjoint shard.
 - `dataset_info(cfg)` -> `DatasetInfo(image_size, channels, num_classes, num_examples)` without
   reading images.
@@ -190,8 +190,8 @@ def make_train_iterator(cfg, *, global_batch_size: int, seed: int,
     process_count: number of shards; default jax.process_count().
 
   Returns:
-    a grain DataLoaderIterator of {"image": float32 [B_local, H, W, C] in [-1, 1],
-    "label": int32 [B_local]}, B_local = global_batch_size // process_count, with
+    a grain DataLoaderIterator of {"x": float32 [B_local, H, W, C] in [-1, 1],
+    "cond": {"label": int32 [B_local]}}, B_local = global_batch_size // process_count, with
     `get_state() -> bytes` and `set_state(bytes)` that resume bit-identically.
   """
   if process_index is None or process_count is None:

@@ -118,8 +118,9 @@ class RandomFlip(grain.transforms.RandomMap):
 
 
 class ToModelInput(grain.transforms.Map):
-  """uint8 [H, W, C] in [0, 255] -> float32 [H, W, C] in [-1, 1] (x / 127.5 - 1)."""
+  """An example as the trainer's batch contract wants it (docs/DESIGN.md):
+  {"x": float32 [H, W, C] in [-1, 1] (uint8 / 127.5 - 1), "cond": {"label": int32 []}}."""
 
   def map(self, example: Example) -> Example:
     image = example["image"].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-    return {"image": image, "label": example["label"]}
+    return {"x": image, "cond": {"label": example["label"]}}
