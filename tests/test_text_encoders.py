@@ -15,7 +15,7 @@ from flax import nnx
 import numpy as np
 import pytest
 
-from common.errors import ConfigError, DataNotFoundError
+from common.errors import ConfigError, DataNotFoundError, ShapeError
 from common.text import TextEncoder, load_text_encoder
 from common.text import bert as bert_lib
 from common.text import clip as clip_lib
@@ -152,6 +152,8 @@ def test_batches_pad_and_match_unbatched(bert_encoder):
   assert empty["tokens"].shape == (0, 12, 32) and empty["mask"].shape == (0, 12)
   with pytest.raises(TypeError):
     enc.encode("a red dress")
+  with pytest.raises(ShapeError):
+    enc.encode_ids(np.zeros((2, 13), np.int32), np.ones((2, 13), np.int32))
 
 
 def test_missing_and_unknown_specs(tmp_path):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common.errors import CheckpointError
+from common.errors import CheckpointError, ShapeError
 from common.layers import Dense
 
 Array = jax.Array
@@ -148,8 +148,14 @@ class TextEncoder:
     return self.encode_ids(ids, mask)
 
   def encode_ids(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
-    """Runs the network on already tokenized prompts: ids, mask int32 [N, T] -> as `encode`."""
+    """Runs the network on already tokenized prompts: ids, mask int [N, T], T <= max_length.
+
+    Returns the dict of `encode` with T tokens.
+    """
     ids, mask = np.asarray(ids, np.int32), np.asarray(mask, np.int32)
+    if ids.ndim != 2 or ids.shape != mask.shape or ids.shape[1] > self.max_length:
+      raise ShapeError(f"{self.name}: token ids {ids.shape} and mask {mask.shape} must both be "
+                       f"[N, T] with T <= {self.max_length}.")
     n, t = ids.shape
     tokens = np.zeros((n, t, self.width), np.float32)
     pooled = np.zeros((n, self.pooled_width), np.float32)
