@@ -43,6 +43,9 @@ _LATENT = flags.DEFINE_enum("latent", "mean", ["mean", "sample"],
                             "Store the posterior mean, or one posterior sample per image.")
 _DTYPE = flags.DEFINE_enum("dtype", "float16", ["float16", "float32"],
                            "Storage dtype of latents and embeddings.")
+_TRIM = flags.DEFINE_bool(
+    "trim_padding", False, "Store token embeddings only up to the last real token (less disk; "
+    "padding positions read back as zeros).")
 _SEED = flags.DEFINE_integer("seed", 0, "Fashion-MNIST caption templates; posterior samples.")
 _PROCESS_INDEX = flags.DEFINE_integer("process_index", 0,
                                       "This writer's index when several share --output.")
@@ -65,6 +68,7 @@ def _run(argv) -> None:
                        image_size=_IMAGE_SIZE.value, channels=_CHANNELS.value,
                        shard_size=_SHARD_SIZE.value, batch_size=_BATCH_SIZE.value,
                        limit=_LIMIT.value, latent=_LATENT.value, dtype=_DTYPE.value,
+                       trim_padding=_TRIM.value,
                        seed=_SEED.value, process_index=_PROCESS_INDEX.value,
                        process_count=_PROCESS_COUNT.value)
   except UserError as e:

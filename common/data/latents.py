@@ -10,7 +10,9 @@ A dataset directory (written by `launch/precompute.py`, read by `data.name = "la
 Each record is a msgpack map (`msgpack.packb`, format version 1):
 
   "x":       array, latents [h, w, c] (float16 or float32; already scaled by the autoencoder)
-  "tokens":  array, caption token embeddings [K, T, D] (same dtype as "x")
+  "tokens":  array, caption token embeddings [K, L, D] (same dtype as "x"); L = T, or with
+             `trim_padding` the last real token's position + 1 over the K captions (the pipeline
+             pads them back to T with zeros)
   "mask":    array, uint8 [K, T], 1 = real token
   "pooled":  array, pooled caption embeddings [K, D] (same dtype as "x")
   "label":   int, class label or -1
@@ -21,7 +23,10 @@ where an array is a map {"dtype": numpy dtype name, "shape": list[int], "data": 
 bytes}, and K >= 1 is the number of captions of the image (1 for Fashion-MNIST, 5-7 for COCO). As in
 micro_diffusion's precompute scripts (SonyResearch/micro_diffusion,
 micro_diffusion/datasets/prepare/coco/precompute.py) the latents and all T token embeddings are
-stored; unlike them, every caption of an image is kept and the pipeline draws one per sample.
+stored (`trim_padding` drops the padding positions to save space: 3x less for Fashion-MNIST captions
+in MiniLM's 32 tokens, but the padding positions then read back as zeros rather than the
+encoder's outputs there); unlike them, every caption of an image is kept and the pipeline draws one
+per sample.
 
 The training pipeline (`latents_train_iterator`) yields the text-conditional batches of the trainer
 contract: `{"x": float32 [B, h, w, c], "cond": {"tokens": float32 [B, T, D], "mask": int32 [B, T],
@@ -102,7 +107,7 @@ def serialize_example(x: np.ndarray, tokens: np.ndarray, mask: np.ndarray, poole
 
   Args:
     x: latents [h, w, c].
-    tokens: [K, T, D] token embeddings of the K captions.
+    tokens: [K, L, D] token embeddings of the K captions (L <= T).
     mask: [K, T], 1 = real token (stored as uint8).
     pooled: [K, D].
     label: class label or -1.
@@ -199,7 +204,7 @@ def _encode_captions(text_encoder: TextEncoder, captions: list[str], batch_size:
 def _write_shard(path: str, source, lo: int, hi: int, *, autoencoder: Autoencoder,
                  text_encoder: TextEncoder, image_shape: tuple[int, int, int],
                  latent_shape: tuple[int, int, int], batch_size: int, latent: str, seed: int,
-                 dtype: np.dtype, progress: _Progress, done: int) -> int:
+                 dtype: np.dtype, trim_padding: bool, progress: _Progress, done: int) -> int:
   """Encodes examples [lo, hi) of `source` into the array_record file `path`; returns `done`.
 
   Batches start at `lo` and never cross the shard's end, and caption embeddings are cached per
@@ -234,9 +239,12 @@ def _write_shard(path: str, source, lo: int, hi: int, *, autoencoder: Autoencode
       cache.update(_encode_captions(text_encoder, new, batch_size, dtype))
       for i, ex, z in zip(indices, examples, latents):
         embs = [cache[c] for c in ex.captions]
-        writer.write(serialize_example(
-            z, np.stack([e[0] for e in embs]), np.stack([e[1] for e in embs]),
-            np.stack([e[2] for e in embs]), ex.label, ex.captions, i))
+        tokens, mask = np.stack([e[0] for e in embs]), np.stack([e[1] for e in embs])
+        if trim_padding:
+          real = np.flatnonzero(mask.any(axis=0))
+          tokens = tokens[:, :(real[-1] + 1 if real.size else 1)]
+        writer.write(serialize_example(z, tokens, mask, np.stack([e[2] for e in embs]), ex.label,
+                                       ex.captions, i))
       done += len(examples)
       progress.update(done)
   finally:
@@ -247,7 +255,8 @@ def _write_shard(path: str, source, lo: int, hi: int, *, autoencoder: Autoencode
 def write_dataset(source, output: str, *, autoencoder: Autoencoder, text_encoder: TextEncoder,
                   autoencoder_spec: str, text_encoder_spec: str, shard_size: int = 4096,
                   batch_size: int = 64, limit: int | None = None, latent: str = "mean",
-                  seed: int = 0, dtype: str = "float16", process_index: int = 0,
+                  seed: int = 0, dtype: str = "float16", trim_padding: bool = False,
+                  process_index: int = 0,
                   process_count: int = 1, progress_every_s: float = 10.0, stream=None,
                   on_shard_done: Callable[[int], None] | None = None) -> dict | None:
   """Encodes a captioned source into array_record shards + meta.json under `output` (resumable).
@@ -276,6 +285,8 @@ def write_dataset(source, output: str, *, autoencoder: Autoencoder, text_encoder
       image with key fold_in(key(seed), first index of its batch), as micro_diffusion stores).
     seed: for latent == "sample".
     dtype: "float16" (as micro_diffusion saves) or "float32" for latents and embeddings.
+    trim_padding: store token embeddings only up to the last real token (see the module
+      docstring).
     process_index, process_count: this writer among several.
     progress_every_s: seconds between progress lines.
     stream: where progress goes (default stdout).
@@ -304,7 +315,7 @@ def write_dataset(source, output: str, *, autoencoder: Autoencoder, text_encoder
   plan = {
       "format_version": FORMAT_VERSION, "source": source.describe(), "num_examples": n,
       "shard_size": shard_size, "batch_size": batch_size, "latent": latent, "seed": int(seed),
-      "dtype": dtype, "autoencoder": autoencoder_spec, "text_encoder": text_encoder_spec,
+      "dtype": dtype, "trim_padding": bool(trim_padding), "autoencoder": autoencoder_spec, "text_encoder": text_encoder_spec,
       "image_shape": list(image_shape), "latent_shape": list(latent_shape),
       "text_max_length": int(text_encoder.max_length), "text_width": int(text_encoder.width)}
   os.makedirs(output, exist_ok=True)
@@ -339,7 +350,7 @@ def write_dataset(source, output: str, *, autoencoder: Autoencoder, text_encoder
     done = _write_shard(tmp, source, lo, hi, autoencoder=autoencoder, text_encoder=text_encoder,
                         image_shape=image_shape, latent_shape=latent_shape,
                         batch_size=batch_size, latent=latent, seed=seed, dtype=np.dtype(dtype),
-                        progress=progress, done=done)
+                        trim_padding=trim_padding, progress=progress, done=done)
     os.replace(tmp, final)
     if on_shard_done is not None:
       on_shard_done(k)
@@ -382,7 +393,8 @@ def precompute(*, source: str, output: str, autoencoder: str, text_encoder: str,
                path: str | None = None, image_dir: str | None = None, split: str = "train",
                image_size: int | None = None, channels: int = 3, shard_size: int = 4096,
                batch_size: int = 64, limit: int | None = None, latent: str = "mean",
-               dtype: str = "float16", seed: int = 0, process_index: int = 0,
+               dtype: str = "float16", trim_padding: bool = False, seed: int = 0,
+               process_index: int = 0,
                process_count: int = 1, load_autoencoder=None, load_text_encoder=None,
                stream=None) -> dict | None:
   """What `launch/precompute.py` does: opens the source, loads the encoders, `write_dataset`.
@@ -407,7 +419,8 @@ def precompute(*, source: str, output: str, autoencoder: str, text_encoder: str,
       captioned, output, autoencoder=load_autoencoder(autoencoder),
       text_encoder=load_text_encoder(text_encoder), autoencoder_spec=autoencoder,
       text_encoder_spec=text_encoder, shard_size=shard_size, batch_size=batch_size, limit=limit,
-      latent=latent, seed=seed, dtype=dtype, process_index=process_index,
+      latent=latent, seed=seed, dtype=dtype, trim_padding=trim_padding,
+      process_index=process_index,
       process_count=process_count, stream=stream)
   if meta is not None:
     print(f"precompute: wrote {meta['num_examples']} examples in {meta['num_shards']} shard(s) to "
@@ -547,14 +560,19 @@ class PickCaption(grain.transforms.RandomMap):
   """A record -> the trainer's example: latents and one of its K captions, all float32/int32.
 
   The caption is drawn with the per-record generator grain derives from (seed, stream position),
-  so the choice is part of the checkpointed stream. Output: {"x": float32 [h, w, c], "cond":
+  so the choice is part of the checkpointed stream. Trimmed token embeddings [L, D] are padded
+  with zeros to the mask's length T. Output: {"x": float32 [h, w, c], "cond":
   {"tokens": float32 [T, D], "mask": int32 [T], "pooled": float32 [D]}}.
   """
 
   def random_map(self, record: dict, rng: np.random.Generator) -> dict:
-    k = int(rng.integers(record["mask"].shape[0]))
+    mask = record["mask"]
+    k = int(rng.integers(mask.shape[0]))
+    stored = record["tokens"][k]
+    tokens = np.zeros((mask.shape[1], stored.shape[-1]), np.float32)
+    tokens[:stored.shape[0]] = stored
     return {"x": record["x"].astype(np.float32),
-            "cond": {"tokens": record["tokens"][k].astype(np.float32),
+            "cond": {"tokens": tokens,
                      "mask": record["mask"][k].astype(np.int32),
                      "pooled": record["pooled"][k].astype(np.float32)}}
 
