@@ -243,7 +243,9 @@ class CocoCaptions:
       raise DataNotFoundError(
           f"COCO caption file {annotations!r} not found; give e.g. "
           "annotations/captions_train2014.json from annotations_trainval2014.zip")
-    if not image_dir or not os.path.isdir(image_dir):
+    if not image_dir:
+      raise ConfigError("COCO captions need the directory of their images (--image_dir)")
+    if not os.path.isdir(image_dir):
       raise DataNotFoundError(
           f"COCO image directory {image_dir!r} not found; give the folder holding the images "
           "the caption file names (e.g. train2014/)")
