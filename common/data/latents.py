@@ -59,6 +59,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from common.data import captions as _captions
 from common.data import sources as _sources
 from common.errors import ConfigError, DataNotFoundError, ShapeError
+from common.metrics import format_duration
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -152,13 +153,6 @@ def _read_json(path: str) -> dict:
     return json.load(f)
 
 
-def _format_duration(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
-
-
 class _Progress:
   """`precompute: N/T examples (P%) | X examples/s | ETA ...` lines, at most every `every_s`."""
 
@@ -172,7 +166,7 @@ class _Progress:
       return
     self.last, self.printed = now, done
     rate = (done - self.start_done) / (now - self.t0) if now > self.t0 else 0.0
-    eta = _format_duration((self.total - done) / rate) if rate > 0 else "?"
+    eta = format_duration((self.total - done) / rate) if rate > 0 else "?"
     pct = 100.0 * done / max(self.total, 1)
     print(f"precompute: {done}/{self.total} examples ({pct:.1f}%) | {rate:.1f} examples/s | "
           f"ETA {eta}", file=self.stream, flush=True)
