@@ -4,6 +4,7 @@
 
 * `torch.save` zip archives (`.pt`, `.pth`, `.bin`, `.ckpt`): a state dict, possibly nested
   (`{"state_dict": {...}}`, `{"model": {...}, "ema": {...}}`); nested keys are joined with ".";
+* the legacy (torch < 1.6, non-zip) `torch.save` format, e.g. pytorch-fid's 2019 Inception weights;
 * TorchScript archives (`torch.jit.save`): the module tree in `data.pkl` is rebuilt from inert
   objects and flattened to the names of the module's `state_dict()` (e.g. `layers.conv.weight`);
 * `.safetensors` files, through the `safetensors` package.
@@ -69,12 +70,27 @@ _SAFETENSORS_DTYPES = {
     "C64": np.complex64, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
 }
 
-# torch dtype names that a pickle may refer to as `torch.<name>` (kept as inert strings).
-_TORCH_DTYPE_NAMES = {
-    "float32", "float", "float64", "double", "float16", "half", "bfloat16", "int64", "long", "int32",
-    "int", "int16", "short", "int8", "uint8", "bool", "complex64", "complex128", "float8_e4m3fn",
-    "float8_e5m2", "uint16", "uint32", "uint64",
+# torch dtypes a pickle may name (`torch.<name>`) -> numpy dtype; `_rebuild_tensor_v3` (torch >= 2.1,
+# used for float8 and unsigned types) reinterprets an untyped byte storage with it.
+_TORCH_DTYPES = {
+    "float32": np.float32, "float": np.float32, "float64": np.float64, "double": np.float64,
+    "float16": np.float16, "half": np.float16, "bfloat16": ml_dtypes.bfloat16,
+    "int64": np.int64, "long": np.int64, "int32": np.int32, "int": np.int32, "int16": np.int16,
+    "short": np.int16, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_,
+    "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64,
+    "complex64": np.complex64, "cfloat": np.complex64, "complex128": np.complex128,
+    "float8_e4m3fn": ml_dtypes.float8_e4m3fn, "float8_e5m2": ml_dtypes.float8_e5m2,
+    "float8_e4m3fnuz": ml_dtypes.float8_e4m3fnuz, "float8_e5m2fnuz": ml_dtypes.float8_e5m2fnuz,
+    "float8_e8m0fnu": ml_dtypes.float8_e8m0fnu,
 }
+
+
+class _TorchDtype:
+  """Stands in for a `torch.<dtype>` object."""
+
+  def __init__(self, name: str):
+    self.name = name
+    self.numpy = np.dtype(_TORCH_DTYPES[name])
 
 
 class _StorageType:
@@ -86,10 +102,18 @@ class _StorageType:
 
 
 class _Storage:
-  """A flat storage read from the archive: `array` is 1-D of the storage's dtype."""
+  """A flat storage read from the archive: `array` is 1-D of the storage's dtype.
 
-  def __init__(self, array: np.ndarray):
+  In legacy files `array` is None until the bytes after the pickle are read; a view of another
+  storage (`root`, element `offset`) takes its slice then.
+  """
+
+  def __init__(self, array: np.ndarray | None, dtype=None, numel: int = 0, root=None, offset: int = 0):
     self.array = array
+    self.dtype = dtype
+    self.numel = numel
+    self.root = root
+    self.offset = offset
 
 
 class TorchScriptObject:
@@ -115,10 +139,19 @@ class TorchScriptObject:
     return f"<inert {self._torch_class}>"
 
 
+class _LazyTensor:
+  """A tensor of a legacy file, whose storage bytes follow the pickle: made real by `_materialize`."""
+
+  def __init__(self, storage, storage_offset, size, stride):
+    self.args = (storage, storage_offset, size, stride)
+
+
 def _as_tensor(storage, storage_offset, size, stride):
   """A copy of the strided view `storage[offset + sum(i_k * stride_k)]`, shape `size`."""
   if not isinstance(storage, _Storage):
     raise CheckpointError(f"a tensor refers to {type(storage).__name__}, not to a storage record")
+  if storage.array is None:
+    return _LazyTensor(storage, storage_offset, size, stride)
   size = tuple(int(s) for s in size)
   stride = tuple(int(s) for s in stride)
   offset = int(storage_offset)
@@ -142,6 +175,20 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
                        backward_hooks=None, metadata=None):
   del requires_grad, backward_hooks, metadata
   return _as_tensor(storage, storage_offset, size, stride)
+
+
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype,
+                       metadata=None):
+  """torch._utils._rebuild_tensor_v3: an untyped (byte) storage viewed as `dtype`."""
+  del requires_grad, backward_hooks, metadata
+  if not isinstance(storage, _Storage) or not isinstance(dtype, _TorchDtype):
+    raise CheckpointError("malformed _rebuild_tensor_v3 call: the file is corrupt")
+  if storage.array is None:
+    raise CheckpointError("_rebuild_tensor_v3 in a legacy-format file: the file is corrupt")
+  raw = storage.array.view(np.uint8)
+  if raw.size % dtype.numpy.itemsize:
+    raise CheckpointError(f"storage of {raw.size} bytes is not a whole number of {dtype.name}")
+  return _as_tensor(_Storage(raw.view(dtype.numpy)), storage_offset, size, stride)
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride):
@@ -211,11 +258,12 @@ class _Inert:
       self.__dict__.update(state)
 
 
-_REBUILD_FUNCTIONS = (_rebuild_tensor_v2, _rebuild_tensor, _rebuild_parameter,
+_REBUILD_FUNCTIONS = (_rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_tensor, _rebuild_parameter,
                       _rebuild_parameter_with_state)
 
 _ALLOWED_GLOBALS = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
@@ -251,8 +299,9 @@ _ALLOWED_GLOBALS[("numpy", "dtype")] = np.dtype
 class _RestrictedUnpickler(pickle.Unpickler):
   """Unpickles a torch archive's `data.pkl`: tensors come from `read_record`, nothing else runs."""
 
-  def __init__(self, file, read_record, *, path: str, torchscript: bool):
+  def __init__(self, file, read_record, *, path: str, torchscript: bool = False, legacy: bool = False):
     super().__init__(file)
+    self._legacy = legacy
     self._read_record = read_record
     self._path = path
     self._torchscript = torchscript
@@ -261,10 +310,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
   def find_class(self, module, name):
     key = (module, name)
-    if module == "torch" and name in _STORAGE_DTYPES:
+    if module in ("torch", "torch.storage") and name in _STORAGE_DTYPES:
       return _StorageType(name)
-    if module == "torch" and name in _TORCH_DTYPE_NAMES:
-      return f"torch.{name}"
+    if module == "torch" and name in _TORCH_DTYPES:
+      return _TorchDtype(name)
     if self._torchscript and (module == "__torch__" or module.startswith("__torch__.")):
       if key not in self._script_classes:
         self._script_classes[key] = type(
@@ -283,15 +332,30 @@ class _RestrictedUnpickler(pickle.Unpickler):
     return value
 
   def persistent_load(self, pid):
+    if isinstance(pid, tuple) and pid and pid[0] == "module":
+      raise CheckpointError(f"{self._path}: refusing to load: it pickles a whole nn.Module "
+                            "(re-save its state_dict() or use safetensors)")
     if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
       raise CheckpointError(f"{self._path}: unknown persistent id {pid!r:.80}")
     storage_type, key, numel = pid[1], str(pid[2]), int(pid[4])
     if not isinstance(storage_type, _StorageType):
       raise CheckpointError(f"{self._path}: storage of unsupported type {storage_type!r:.80}")
+    if self._legacy:
+      # torch/serialization.py `_legacy_load`: ('storage', type, root_key, location, numel, view).
+      if key not in self._storages:
+        self._storages[key] = _Storage(None, storage_type.dtype, numel)
+      view = pid[5] if len(pid) > 5 else None
+      if view is None:
+        return self._storages[key]
+      view_key, offset, view_size = str(view[0]), int(view[1]), int(view[2])
+      if view_key not in self._storages:
+        self._storages[view_key] = _Storage(None, storage_type.dtype, view_size,
+                                            root=self._storages[key], offset=offset)
+      return self._storages[view_key]
     if key not in self._storages:
       raw = self._read_record(key)
       dtype = storage_type.dtype
-      if storage_type.name != "UntypedStorage" and len(raw) != numel * dtype.itemsize:
+      if len(raw) != numel * dtype.itemsize:
         raise CheckpointError(
             f"{self._path}: storage record {key} holds {len(raw)} bytes, expected "
             f"{numel} x {dtype.itemsize}: the file is corrupt")
@@ -397,6 +461,69 @@ def _load_zip(path: str) -> dict[str, np.ndarray]:
   return out
 
 
+_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c  # torch/serialization.py MAGIC_NUMBER
+_LEGACY_PROTOCOL = 1001
+
+
+def _materialize(tree):
+  if isinstance(tree, _LazyTensor):
+    return _as_tensor(*tree.args)
+  if isinstance(tree, dict):
+    return type(tree)((k, _materialize(v)) for k, v in tree.items())
+  if isinstance(tree, (list, tuple)):
+    return type(tree)(_materialize(v) for v in tree)
+  return tree
+
+
+def _load_legacy(path: str) -> dict[str, np.ndarray]:
+  """torch.save's pre-1.6 format: magic, protocol, sys_info and data pickles, then the raw storages
+  (each an int64 element count and its bytes), as torch/serialization.py `_legacy_load` reads it."""
+  with open(path, "rb") as f:
+    def plain_load():
+      return _RestrictedUnpickler(f, None, path=path).load()
+    try:
+      magic = plain_load()
+      if magic != _LEGACY_MAGIC:
+        raise CheckpointError(f"{path}: a pickle file, not a torch checkpoint (no torch magic number)")
+      if plain_load() != _LEGACY_PROTOCOL:
+        raise CheckpointError(f"{path}: unsupported legacy torch protocol version")
+      sys_info = plain_load()
+      if not isinstance(sys_info, dict) or not sys_info.get("little_endian", True):
+        raise CheckpointError(f"{path}: big-endian legacy torch files are not supported")
+      unpickler = _RestrictedUnpickler(f, None, path=path, legacy=True)
+      root = unpickler.load()
+      keys = plain_load()
+    except CheckpointError:
+      raise
+    except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError) as e:
+      raise CheckpointError(f"{path}: cannot unpickle ({type(e).__name__}: {e})") from None
+    storages = unpickler._storages  # pylint: disable=protected-access
+    for key in keys:
+      storage = storages.get(str(key))
+      if storage is None or storage.root is not None:
+        raise CheckpointError(f"{path}: storage {key} listed but not referenced: the file is corrupt")
+      header = f.read(8)
+      numel = struct.unpack("<q", header)[0] if len(header) == 8 else -1
+      raw = f.read(max(numel, 0) * storage.dtype.itemsize)
+      if numel != storage.numel or len(raw) != numel * storage.dtype.itemsize:
+        raise CheckpointError(f"{path}: storage {key} is truncated or corrupt")
+      storage.array = np.frombuffer(raw, dtype=storage.dtype)
+  for storage in storages.values():
+    if storage.root is not None:
+      if storage.root.array is None or storage.offset + storage.numel > storage.root.array.size:
+        raise CheckpointError(f"{path}: a storage view lies outside its storage: the file is corrupt")
+      storage.array = storage.root.array[storage.offset: storage.offset + storage.numel]
+    elif storage.array is None:
+      raise CheckpointError(f"{path}: storage data missing: the file is corrupt")
+  root = _materialize(root)
+  out: dict[str, np.ndarray] = {}
+  if isinstance(root, np.ndarray):
+    out[""] = root
+  else:
+    _flatten(root, "", out)
+  return out
+
+
 def _byteswapped(tree):
   # Tensors are copies made before the swap above; swap them too (big-endian archives are rare).
   if isinstance(tree, np.ndarray):
@@ -439,8 +566,9 @@ def load_torch_weights(path: str) -> dict[str, np.ndarray]:
   """Reads the tensors of a PyTorch weight file (torch.save zip, TorchScript, or safetensors).
 
   Args:
-    path: a local file. `.pt/.pth/.bin/.ckpt` zip archives written by `torch.save` (torch >= 1.6) or
-      `torch.jit.save`, or a `.safetensors` file; the format is detected from the content.
+    path: a local file. `.pt/.pth/.bin/.ckpt` files written by `torch.save` (zip, or the legacy
+      pre-1.6 format) or `torch.jit.save`, or a `.safetensors` file; the format is detected from the
+      content.
 
   Returns:
     `{name: array}` with the stored dtype (float32, float16, `ml_dtypes.bfloat16`, float8, int64, ...)
@@ -451,7 +579,7 @@ def load_torch_weights(path: str) -> dict[str, np.ndarray]:
 
   Raises:
     DataNotFoundError: `path` does not exist.
-    CheckpointError: unknown or corrupt format, a legacy (pre-1.6) torch file, or a pickle that refers
+    CheckpointError: unknown or corrupt format, a tar-based (pre-0.4) torch file, or a pickle that refers
       to anything but tensors and plain containers (named in the message; it is never executed).
   """
   if not os.path.isfile(path):
@@ -462,10 +590,12 @@ def load_torch_weights(path: str) -> dict[str, np.ndarray]:
     out = _load_zip(path)
   elif _is_safetensors(path, head):
     out = _load_safetensors(path)
-  elif head[:1] == b"\x80" or _is_tar(path):
+  elif head[:1] == b"\x80":
+    out = _load_legacy(path)
+  elif _is_tar(path):
     raise CheckpointError(
-        f"{path}: legacy (non-zip) torch serialization is not read; re-save it with a current torch: "
-        "torch.save(torch.load(old, weights_only=True), new) or safetensors.torch.save_file")
+        f"{path}: the tar-based torch format (torch < 0.4) is not read; re-save it with a current "
+        "torch: torch.save(torch.load(old), new) or safetensors.torch.save_file")
   else:
     raise CheckpointError(f"{path}: not a torch zip archive, TorchScript or safetensors file")
   if not out:
