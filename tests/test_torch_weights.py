@@ -168,3 +168,12 @@ def test_bad_files_give_one_clear_error(tmp_path):
   truncated.write_bytes(data[:-40])
   with pytest.raises(CheckpointError, match="truncated or corrupt"):
     load_torch_weights(str(truncated))
+
+
+def test_cyclic_pickle_terminates(tmp_path):
+  cyclic = []
+  cyclic.append(cyclic)
+  path = tmp_path / "cyclic.pt"
+  _zip(path, pickle.dumps({"a": cyclic}, protocol=2))
+  with pytest.raises(CheckpointError, match="holds no tensors"):
+    load_torch_weights(str(path))

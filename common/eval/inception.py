@@ -72,8 +72,8 @@ class ConvBN(nnx.Module):
                padding: tuple[int, int] = (0, 0), rngs: nnx.Rngs | None):
     kh, kw = kernel_size
     del rngs  # drawn by FIDInceptionV3 in one go (see `_randomize`)
-    self.kernel = _param((kh, kw, cin, cout), kh * kw * cin)
-    self.bias = _param((cout,), 100.0)
+    self.kernel = _param((kh, kw, cin, cout))
+    self.bias = _param((cout,))
     self.stride = stride
     self.padding = padding
 
@@ -86,20 +86,22 @@ class ConvBN(nnx.Module):
     return jax.nn.relu(y + self.bias[...])
 
 
-def _param(shape: tuple[int, ...], fan_in: float) -> nnx.Param:
-  """A zero placeholder; `_randomize` later draws N(0, 1 / fan_in) for it (`fan_in` is remembered)."""
-  return nnx.Param(np.zeros(shape, np.float32), fan_in=float(fan_in))
+def _param(shape: tuple[int, ...]) -> nnx.Param:
+  """A zero placeholder, filled by `_randomize` or by the loader."""
+  return nnx.Param(np.zeros(shape, np.float32))
 
 
 def _randomize(module: nnx.Module, key: jax.Array) -> None:
-  """Fills every placeholder `_param` of `module` with N(0, 1 / fan_in), deterministically in `key`.
+  """Fills every placeholder `_param` of `module` deterministically in `key`: kernels [..., in, out]
+  with N(0, 1 / fan_in) (fan_in = the product of all but the last axis), biases [out] with N(0, 0.01).
 
   Eagerly the draws come from numpy seeded with the key's data: one jax op per parameter would
   compile once per distinct shape (~190 shapes, minutes on a busy CPU). Under a trace (e.g.
   `nnx.eval_shape`) they are traced jax draws instead.
   """
   leaves = jax.tree.leaves(nnx.state(module, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))
-  scales = [np.float32(1.0 / np.sqrt(v.get_metadata()["fan_in"])) for v in leaves]
+  scales = [np.float32(1.0 / np.sqrt(np.prod(v.shape[:-1])) if len(v.shape) > 1 else 0.1)
+            for v in leaves]
   if isinstance(key, jax.core.Tracer):
     keys = jax.random.split(key, len(leaves))
     for var, k, scale in zip(leaves, keys, scales):
@@ -292,7 +294,7 @@ class FIDInceptionV3(nnx.Module):
     self.Mixed_7a = InceptionD(768, rngs=rngs)
     self.Mixed_7b = InceptionE(1280, pool="avg", rngs=rngs)
     self.Mixed_7c = InceptionE(2048, pool="max", rngs=rngs)
-    self.fc = _param((2048, NUM_CLASSES), 2048)  # [in, classes]
+    self.fc = _param((2048, NUM_CLASSES))  # [in, classes]
     self.has_logits = True
     if rngs is not None:
       _randomize(self, rngs.params())
