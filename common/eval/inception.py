@@ -69,9 +69,8 @@ class ConvBN(nnx.Module):
   """
 
   def __init__(self, cin: int, cout: int, kernel_size: tuple[int, int], *, stride: int = 1,
-               padding: tuple[int, int] = (0, 0), rngs: nnx.Rngs | None):
-    kh, kw = kernel_size
-    del rngs  # drawn by FIDInceptionV3 in one go (see `_randomize`)
+               padding: tuple[int, int] = (0, 0)):
+    kh, kw = kernel_size  # values: zero placeholders, drawn by FIDInceptionV3 (`_randomize`) or loaded
     self.kernel = _param((kh, kw, cin, cout))
     self.bias = _param((cout,))
     self.stride = stride
@@ -132,14 +131,14 @@ def _avg_pool_3x3_no_pad(x: jax.Array) -> jax.Array:
 class InceptionA(nnx.Module):
   """Mixed_5b/c/d (TF mixed, mixed_1, mixed_2): 35 x 35 blocks."""
 
-  def __init__(self, cin: int, pool_features: int, *, rngs: nnx.Rngs):
-    self.branch1x1 = ConvBN(cin, 64, (1, 1), rngs=rngs)
-    self.branch5x5_1 = ConvBN(cin, 48, (1, 1), rngs=rngs)
-    self.branch5x5_2 = ConvBN(48, 64, (5, 5), padding=(2, 2), rngs=rngs)
-    self.branch3x3dbl_1 = ConvBN(cin, 64, (1, 1), rngs=rngs)
-    self.branch3x3dbl_2 = ConvBN(64, 96, (3, 3), padding=(1, 1), rngs=rngs)
-    self.branch3x3dbl_3 = ConvBN(96, 96, (3, 3), padding=(1, 1), rngs=rngs)
-    self.branch_pool = ConvBN(cin, pool_features, (1, 1), rngs=rngs)
+  def __init__(self, cin: int, pool_features: int):
+    self.branch1x1 = ConvBN(cin, 64, (1, 1))
+    self.branch5x5_1 = ConvBN(cin, 48, (1, 1))
+    self.branch5x5_2 = ConvBN(48, 64, (5, 5), padding=(2, 2))
+    self.branch3x3dbl_1 = ConvBN(cin, 64, (1, 1))
+    self.branch3x3dbl_2 = ConvBN(64, 96, (3, 3), padding=(1, 1))
+    self.branch3x3dbl_3 = ConvBN(96, 96, (3, 3), padding=(1, 1))
+    self.branch_pool = ConvBN(cin, pool_features, (1, 1))
 
   def __call__(self, x):
     b1 = self.branch1x1(x)
@@ -152,11 +151,11 @@ class InceptionA(nnx.Module):
 class InceptionB(nnx.Module):
   """Mixed_6a (TF mixed_3): 35 -> 17 reduction."""
 
-  def __init__(self, cin: int, *, rngs: nnx.Rngs):
-    self.branch3x3 = ConvBN(cin, 384, (3, 3), stride=2, rngs=rngs)
-    self.branch3x3dbl_1 = ConvBN(cin, 64, (1, 1), rngs=rngs)
-    self.branch3x3dbl_2 = ConvBN(64, 96, (3, 3), padding=(1, 1), rngs=rngs)
-    self.branch3x3dbl_3 = ConvBN(96, 96, (3, 3), stride=2, rngs=rngs)
+  def __init__(self, cin: int):
+    self.branch3x3 = ConvBN(cin, 384, (3, 3), stride=2)
+    self.branch3x3dbl_1 = ConvBN(cin, 64, (1, 1))
+    self.branch3x3dbl_2 = ConvBN(64, 96, (3, 3), padding=(1, 1))
+    self.branch3x3dbl_3 = ConvBN(96, 96, (3, 3), stride=2)
 
   def __call__(self, x):
     b3 = self.branch3x3(x)
@@ -167,17 +166,17 @@ class InceptionB(nnx.Module):
 class InceptionC(nnx.Module):
   """Mixed_6b/c/d/e (TF mixed_4 ... mixed_7): 17 x 17 blocks with factorised 7x7 convolutions."""
 
-  def __init__(self, cin: int, c7: int, *, rngs: nnx.Rngs):
-    self.branch1x1 = ConvBN(cin, 192, (1, 1), rngs=rngs)
-    self.branch7x7_1 = ConvBN(cin, c7, (1, 1), rngs=rngs)
-    self.branch7x7_2 = ConvBN(c7, c7, (1, 7), padding=(0, 3), rngs=rngs)
-    self.branch7x7_3 = ConvBN(c7, 192, (7, 1), padding=(3, 0), rngs=rngs)
-    self.branch7x7dbl_1 = ConvBN(cin, c7, (1, 1), rngs=rngs)
-    self.branch7x7dbl_2 = ConvBN(c7, c7, (7, 1), padding=(3, 0), rngs=rngs)
-    self.branch7x7dbl_3 = ConvBN(c7, c7, (1, 7), padding=(0, 3), rngs=rngs)
-    self.branch7x7dbl_4 = ConvBN(c7, c7, (7, 1), padding=(3, 0), rngs=rngs)
-    self.branch7x7dbl_5 = ConvBN(c7, 192, (1, 7), padding=(0, 3), rngs=rngs)
-    self.branch_pool = ConvBN(cin, 192, (1, 1), rngs=rngs)
+  def __init__(self, cin: int, c7: int):
+    self.branch1x1 = ConvBN(cin, 192, (1, 1))
+    self.branch7x7_1 = ConvBN(cin, c7, (1, 1))
+    self.branch7x7_2 = ConvBN(c7, c7, (1, 7), padding=(0, 3))
+    self.branch7x7_3 = ConvBN(c7, 192, (7, 1), padding=(3, 0))
+    self.branch7x7dbl_1 = ConvBN(cin, c7, (1, 1))
+    self.branch7x7dbl_2 = ConvBN(c7, c7, (7, 1), padding=(3, 0))
+    self.branch7x7dbl_3 = ConvBN(c7, c7, (1, 7), padding=(0, 3))
+    self.branch7x7dbl_4 = ConvBN(c7, c7, (7, 1), padding=(3, 0))
+    self.branch7x7dbl_5 = ConvBN(c7, 192, (1, 7), padding=(0, 3))
+    self.branch_pool = ConvBN(cin, 192, (1, 1))
 
   def __call__(self, x):
     """Returns (block output [B, 17, 17, 768], branch1x1 output [B, 17, 17, 192])."""
@@ -194,13 +193,13 @@ class InceptionC(nnx.Module):
 class InceptionD(nnx.Module):
   """Mixed_7a (TF mixed_8): 17 -> 8 reduction."""
 
-  def __init__(self, cin: int, *, rngs: nnx.Rngs):
-    self.branch3x3_1 = ConvBN(cin, 192, (1, 1), rngs=rngs)
-    self.branch3x3_2 = ConvBN(192, 320, (3, 3), stride=2, rngs=rngs)
-    self.branch7x7x3_1 = ConvBN(cin, 192, (1, 1), rngs=rngs)
-    self.branch7x7x3_2 = ConvBN(192, 192, (1, 7), padding=(0, 3), rngs=rngs)
-    self.branch7x7x3_3 = ConvBN(192, 192, (7, 1), padding=(3, 0), rngs=rngs)
-    self.branch7x7x3_4 = ConvBN(192, 192, (3, 3), stride=2, rngs=rngs)
+  def __init__(self, cin: int):
+    self.branch3x3_1 = ConvBN(cin, 192, (1, 1))
+    self.branch3x3_2 = ConvBN(192, 320, (3, 3), stride=2)
+    self.branch7x7x3_1 = ConvBN(cin, 192, (1, 1))
+    self.branch7x7x3_2 = ConvBN(192, 192, (1, 7), padding=(0, 3))
+    self.branch7x7x3_3 = ConvBN(192, 192, (7, 1), padding=(3, 0))
+    self.branch7x7x3_4 = ConvBN(192, 192, (3, 3), stride=2)
 
   def __call__(self, x):
     b3 = self.branch3x3_2(self.branch3x3_1(x))
@@ -211,16 +210,16 @@ class InceptionD(nnx.Module):
 class InceptionE(nnx.Module):
   """Mixed_7b (TF mixed_9, `pool="avg"`) and Mixed_7c (TF mixed_10, `pool="max"`): 8 x 8 blocks."""
 
-  def __init__(self, cin: int, *, pool: str, rngs: nnx.Rngs):
-    self.branch1x1 = ConvBN(cin, 320, (1, 1), rngs=rngs)
-    self.branch3x3_1 = ConvBN(cin, 384, (1, 1), rngs=rngs)
-    self.branch3x3_2a = ConvBN(384, 384, (1, 3), padding=(0, 1), rngs=rngs)
-    self.branch3x3_2b = ConvBN(384, 384, (3, 1), padding=(1, 0), rngs=rngs)
-    self.branch3x3dbl_1 = ConvBN(cin, 448, (1, 1), rngs=rngs)
-    self.branch3x3dbl_2 = ConvBN(448, 384, (3, 3), padding=(1, 1), rngs=rngs)
-    self.branch3x3dbl_3a = ConvBN(384, 384, (1, 3), padding=(0, 1), rngs=rngs)
-    self.branch3x3dbl_3b = ConvBN(384, 384, (3, 1), padding=(1, 0), rngs=rngs)
-    self.branch_pool = ConvBN(cin, 192, (1, 1), rngs=rngs)
+  def __init__(self, cin: int, *, pool: str):
+    self.branch1x1 = ConvBN(cin, 320, (1, 1))
+    self.branch3x3_1 = ConvBN(cin, 384, (1, 1))
+    self.branch3x3_2a = ConvBN(384, 384, (1, 3), padding=(0, 1))
+    self.branch3x3_2b = ConvBN(384, 384, (3, 1), padding=(1, 0))
+    self.branch3x3dbl_1 = ConvBN(cin, 448, (1, 1))
+    self.branch3x3dbl_2 = ConvBN(448, 384, (3, 3), padding=(1, 1))
+    self.branch3x3dbl_3a = ConvBN(384, 384, (1, 3), padding=(0, 1))
+    self.branch3x3dbl_3b = ConvBN(384, 384, (3, 1), padding=(1, 0))
+    self.branch_pool = ConvBN(cin, 192, (1, 1))
     self.pool = pool
 
   def __call__(self, x):
@@ -278,22 +277,22 @@ class FIDInceptionV3(nnx.Module):
   """
 
   def __init__(self, *, rngs: nnx.Rngs | None):
-    self.Conv2d_1a_3x3 = ConvBN(3, 32, (3, 3), stride=2, rngs=rngs)
-    self.Conv2d_2a_3x3 = ConvBN(32, 32, (3, 3), rngs=rngs)
-    self.Conv2d_2b_3x3 = ConvBN(32, 64, (3, 3), padding=(1, 1), rngs=rngs)
-    self.Conv2d_3b_1x1 = ConvBN(64, 80, (1, 1), rngs=rngs)
-    self.Conv2d_4a_3x3 = ConvBN(80, 192, (3, 3), rngs=rngs)
-    self.Mixed_5b = InceptionA(192, 32, rngs=rngs)
-    self.Mixed_5c = InceptionA(256, 64, rngs=rngs)
-    self.Mixed_5d = InceptionA(288, 64, rngs=rngs)
-    self.Mixed_6a = InceptionB(288, rngs=rngs)
-    self.Mixed_6b = InceptionC(768, 128, rngs=rngs)
-    self.Mixed_6c = InceptionC(768, 160, rngs=rngs)
-    self.Mixed_6d = InceptionC(768, 160, rngs=rngs)
-    self.Mixed_6e = InceptionC(768, 192, rngs=rngs)
-    self.Mixed_7a = InceptionD(768, rngs=rngs)
-    self.Mixed_7b = InceptionE(1280, pool="avg", rngs=rngs)
-    self.Mixed_7c = InceptionE(2048, pool="max", rngs=rngs)
+    self.Conv2d_1a_3x3 = ConvBN(3, 32, (3, 3), stride=2)
+    self.Conv2d_2a_3x3 = ConvBN(32, 32, (3, 3))
+    self.Conv2d_2b_3x3 = ConvBN(32, 64, (3, 3), padding=(1, 1))
+    self.Conv2d_3b_1x1 = ConvBN(64, 80, (1, 1))
+    self.Conv2d_4a_3x3 = ConvBN(80, 192, (3, 3))
+    self.Mixed_5b = InceptionA(192, 32)
+    self.Mixed_5c = InceptionA(256, 64)
+    self.Mixed_5d = InceptionA(288, 64)
+    self.Mixed_6a = InceptionB(288)
+    self.Mixed_6b = InceptionC(768, 128)
+    self.Mixed_6c = InceptionC(768, 160)
+    self.Mixed_6d = InceptionC(768, 160)
+    self.Mixed_6e = InceptionC(768, 192)
+    self.Mixed_7a = InceptionD(768)
+    self.Mixed_7b = InceptionE(1280, pool="avg")
+    self.Mixed_7c = InceptionE(2048, pool="max")
     self.fc = _param((2048, NUM_CLASSES))  # [in, classes]
     self.has_logits = True
     if rngs is not None:
