@@ -44,6 +44,8 @@ import grain
 import numpy as np
 
 from common.data import image_folder as _image_folder
+from common.data import latents as _latents
+from common.data import loader as _loader
 from common.data import sources as _sources
 from common.data import tfds_source as _tfds
 from common.data import transforms as _transforms
@@ -53,7 +55,7 @@ from common.errors import ConfigError, ShapeError
 
 __all__ = ["DatasetInfo", "center_crop_arr", "dataset_info", "load_arrays", "make_train_iterator"]
 
-NAMES = ("digits", "fashion_mnist", "tfds", "image_folder")
+NAMES = ("digits", "fashion_mnist", "tfds", "image_folder", "latents")
 KNOWN_KEYS = frozenset({
     "name", "image_size", "channels", "random_flip", "path", "tfds_name", "data_dir", "split",
     "worker_count", "worker_buffer_size", "read_threads", "read_buffer_size", "image_key",
@@ -139,6 +141,10 @@ def dataset_info(cfg) -> DatasetInfo:
                        _sources.fashion_mnist_num_examples(_fmnist_dir(cfg), split))
   if name == "tfds":
     return _tfds_info(cfg)
+  if name == "latents":
+    info = _latents.latents_info(cfg)
+    h, _, c = info.latent_shape
+    return DatasetInfo(h, c, 0, info.num_examples)
   size = _positive_size(cfg.get("image_size", None), name)
   channels = _get(cfg, "channels", 3)
   if channels not in (1, 3):
@@ -151,6 +157,9 @@ def dataset_info(cfg) -> DatasetInfo:
 def _source_and_ops(cfg, split: str):
   """Returns (grain source, per-example uint8 ops ending in the shape check, DatasetInfo)."""
   name = _check_config(cfg)
+  if name == "latents":
+    raise ConfigError("data.name='latents' holds encoded latents, not images: point evaluation and "
+                      "image tools at the image dataset the latents were made from.")
   info = dataset_info(cfg)
   ops = []
   if name == "digits":
@@ -194,16 +203,12 @@ def make_train_iterator(cfg, *, global_batch_size: int, seed: int,
     "cond": {"label": int32 [B_local]}}, B_local = global_batch_size // process_count, with
     `get_state() -> bytes` and `set_state(bytes)` that resume bit-identically.
   """
-  if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-  if not 0 <= process_index < process_count:
-    raise ConfigError(f"process_index={process_index} not in [0, process_count={process_count})")
-  if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ConfigError(f"global batch size {global_batch_size} must be a positive multiple of the "
-                      f"process count {process_count}")
-  local_batch_size = global_batch_size // process_count
+  if cfg.get("name", None) == "latents":
+    return _latents.latents_train_iterator(
+        cfg, global_batch_size=global_batch_size, seed=seed, process_index=process_index,
+        process_count=process_count)
+  process_index, process_count, local_batch_size = _loader.local_batch(
+      global_batch_size, process_index, process_count)
   split = _get(cfg, "split", "train")
   source, ops, _ = _source_and_ops(cfg, split)
   # Threads only help sources that decode files; an in-memory array is read fastest inline (and
@@ -214,26 +219,9 @@ def make_train_iterator(cfg, *, global_batch_size: int, seed: int,
   if _get(cfg, "random_flip", False):
     ops.append(_transforms.RandomFlip())
   ops.append(_transforms.ToModelInput())
-  ops.append(grain.transforms.Batch(batch_size=local_batch_size, drop_remainder=True))
-  worker_count = int(_get(cfg, "worker_count", 0))
-  if worker_count > 0:
-    # grain's worker processes read absl flags; outside an absl app (scripts, notebooks, tests)
-    # they are unparsed and grain fails. Parsing nothing keeps every flag at its default.
-    from absl import flags  # pylint: disable=g-import-not-at-top
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-  shard_options = grain.sharding.ShardOptions(
-      shard_index=process_index, shard_count=process_count, drop_remainder=True)
-  sampler = grain.samplers.IndexSampler(
-      num_records=len(source), shard_options=shard_options, shuffle=True, num_epochs=None,
-      seed=int(seed) % 2**32)
-  loader = grain.DataLoader(
-      data_source=source, sampler=sampler, operations=ops, shard_options=shard_options,
-      worker_count=worker_count,
-      worker_buffer_size=int(_get(cfg, "worker_buffer_size", 1)),
-      read_options=grain.ReadOptions(num_threads=read_threads,
-                                     prefetch_buffer_size=read_buffer_size))
-  return iter(loader)
+  return _loader.make_loader(source, ops, cfg, local_batch_size=local_batch_size, seed=seed,
+                             process_index=process_index, process_count=process_count,
+                             read_threads=read_threads, read_buffer_size=read_buffer_size)
 
 
 def load_arrays(cfg, split: str = "train",

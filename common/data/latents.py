@@ -57,6 +57,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from common.data import captions as _captions
+from common.data import loader as _loader
 from common.data import sources as _sources
 from common.errors import ConfigError, DataNotFoundError, ShapeError
 from common.metrics import format_duration
@@ -578,34 +579,6 @@ def _get(cfg, key, default):
   return default if value is None else value
 
 
-def _make_loader(source, ops: list, cfg, *, local_batch_size: int, seed: int, process_index: int,
-                 process_count: int, read_threads: int,
-                 read_buffer_size: int) -> grain.DataLoaderIterator:
-  """The loader of `common.data.make_train_iterator` over `source` + `ops` (same mechanics).
-
-  Endless, shuffled per epoch, each process reading a disjoint equal-sized shard (IndexSampler with
-  ShardOptions(process_index, process_count, drop_remainder=True)), batched last.
-  """
-  ops = [*ops, grain.transforms.Batch(batch_size=local_batch_size, drop_remainder=True)]
-  worker_count = int(_get(cfg, "worker_count", 0))
-  if worker_count > 0:
-    # grain's worker processes read absl flags; outside an absl app they are unparsed.
-    from absl import flags  # pylint: disable=g-import-not-at-top
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-  shard_options = grain.sharding.ShardOptions(
-      shard_index=process_index, shard_count=process_count, drop_remainder=True)
-  sampler = grain.samplers.IndexSampler(
-      num_records=len(source), shard_options=shard_options, shuffle=True, num_epochs=None,
-      seed=int(seed) % 2**32)
-  loader = grain.DataLoader(
-      data_source=source, sampler=sampler, operations=ops, shard_options=shard_options,
-      worker_count=worker_count, worker_buffer_size=int(_get(cfg, "worker_buffer_size", 1)),
-      read_options=grain.ReadOptions(num_threads=read_threads,
-                                     prefetch_buffer_size=read_buffer_size))
-  return iter(loader)
-
-
 def latents_train_iterator(cfg, *, global_batch_size: int, seed: int,
                            process_index: int | None = None,
                            process_count: int | None = None) -> grain.DataLoaderIterator:
@@ -625,21 +598,13 @@ def latents_train_iterator(cfg, *, global_batch_size: int, seed: int,
     the stream exactly.
   """
   path = _path(cfg)
-  if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-  if not 0 <= process_index < process_count:
-    raise ConfigError(f"process_index={process_index} not in [0, process_count={process_count})")
-  if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ConfigError(f"global batch size {global_batch_size} must be a positive multiple of the "
-                      f"process count {process_count}")
-  local_batch_size = global_batch_size // process_count
+  process_index, process_count, local_batch_size = _loader.local_batch(
+      global_batch_size, process_index, process_count)
   source = LatentsSource(path)
   if len(source) // process_count < local_batch_size:
     raise ConfigError(f"the latents at {path} hold {len(source)} examples, fewer than one batch "
                       f"of {local_batch_size} per process ({process_count} processes)")
-  return _make_loader(
+  return _loader.make_loader(
       source, [PickCaption()], cfg, local_batch_size=local_batch_size, seed=seed,
       process_index=process_index, process_count=process_count,
       read_threads=int(_get(cfg, "read_threads", 8)),
