@@ -1,0 +1,83 @@
+"""Do the text-to-image samples show what their prompts ask for?
+
+Trains a Fashion-MNIST classifier (scikit-learn MLP on pixels, real training images), labels the
+samples in `WORKDIR/samples/samples.npz` (written by `--mode=sample` of configs/sid2_t2i_fashion.py,
+from held-out caption phrasings), and reports:
+  * accuracy: the fraction of samples the classifier assigns to the class their prompt names
+    (target >= 80%); the classifier's accuracy on real test images is printed beside it;
+  * FID (common.eval, the FID Inception network) of `--fid_n` samples against real test images, next
+    to the FID of as many real training images against the same reference (the floor at this N).
+
+Usage: python benchmarks/t2i_fashion_quality.py [--workdir workdirs/sid2_t2i_fashion] [--fid_n 500]
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from common.data import captions  # noqa: E402
+from common.data import sources  # noqa: E402
+
+
+def prompt_labels(prompts: np.ndarray) -> np.ndarray:
+  """The class each prompt names (held-out or training phrasings); -1 if none."""
+  table = {}
+  for split in ("train", "eval"):
+    for template in captions.fashion_caption_templates(split):
+      for label in range(len(captions.FASHION_CLASS_NAMES)):
+        table[captions.fashion_caption(label, template)] = label
+  return np.array([table.get(str(p), -1) for p in prompts], np.int64)
+
+
+def classifier(train_x: np.ndarray, train_y: np.ndarray, n: int = 20000):
+  from sklearn.neural_network import MLPClassifier  # pylint: disable=import-outside-toplevel
+  clf = MLPClassifier(hidden_layer_sizes=(256,), max_iter=30, random_state=0)
+  return clf.fit(train_x[:n], train_y[:n])
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--workdir", default="workdirs/sid2_t2i_fashion")
+  ap.add_argument("--fmnist", default=sources.FASHION_MNIST_DEFAULT_DIR)
+  ap.add_argument("--fid_n", type=int, default=500, help="images per FID set (0: no FID)")
+  args = ap.parse_args()
+  path = os.path.join(args.workdir, "samples", "samples.npz")
+  if not os.path.exists(path):
+    raise SystemExit(f"no samples at {path}: run `make t2i-demo` (or --mode=sample) first.")
+  data = np.load(path)
+  images, labels = data["images"], prompt_labels(data["prompts"])
+  if (labels < 0).any():
+    raise SystemExit(f"{int((labels < 0).sum())} prompts name no Fashion-MNIST class.")
+  tr_x, tr_y = sources.load_fashion_mnist(args.fmnist, "train")
+  te_x, te_y = sources.load_fashion_mnist(args.fmnist, "test")
+  flat = lambda x: x.reshape(len(x), -1).astype(np.float32) / 255.0
+  clf = classifier(flat(tr_x), tr_y)
+  real_acc = float((clf.predict(flat(te_x)) == te_y).mean())
+  pred = clf.predict(flat(images))
+  acc = float((pred == labels).mean())
+  per_class = {int(c): float((pred[labels == c] == c).mean()) for c in np.unique(labels)}
+  print("| metric | value |\n|---|---|")
+  print(f"| samples (held-out prompt phrasings) | {len(images)} |")
+  print(f"| prompt-class accuracy | {100 * acc:.1f}% |")
+  print(f"| classifier accuracy on real test images | {100 * real_acc:.1f}% |")
+  print("| per-class accuracy | " + ", ".join(f"{c}: {100 * a:.0f}%" for c, a in per_class.items())
+        + " |")
+  if args.fid_n:
+    from common.eval.features import evaluate_images  # pylint: disable=import-outside-toplevel
+    from common.eval.reference import make_reference  # pylint: disable=import-outside-toplevel
+    n = min(args.fid_n, len(images))
+    ref = os.path.join(args.workdir, "eval", f"fashion_test_reference_n{n}.npz")
+    if not os.path.exists(ref):
+      make_reference(ref, te_x[:n], store_images=False, progress=False)
+    fid = evaluate_images(images[:n], ref)["fid"]
+    floor = evaluate_images(tr_x[:n], ref)["fid"]
+    print(f"| FID vs {n} real test images: {n} samples / {n} real training images (floor) | "
+          f"{fid:.2f} / {floor:.2f} |")
+
+
+if __name__ == "__main__":
+  main()
