@@ -302,6 +302,42 @@ def test_extract_features_sharded_over_devices_and_sharded_pr():
   assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
 
 
+_TWO_PROCESS_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+import jax
+jax.distributed.initialize("127.0.0.1:{port}", 2, int(sys.argv[1]))
+import jax.numpy as jnp, numpy as np
+from common.eval import features
+from test_eval_metrics import fake_net
+images = np.random.default_rng(0).integers(0, 256, size=(50, 5, 5, 3), dtype=np.uint8)
+mine = images[:23] if jax.process_index() == 0 else images[23:]  # uneven shares
+got = features.extract_features(fake_net, mine, batch_size=8, progress=False)
+want = {{k: np.asarray(v).reshape(50, -1) for k, v in fake_net(jnp.asarray(images)).items()}}
+for k in want:  # every process gets all 50 rows (process-blocked order): compare sorted rows
+  assert got[k].shape == want[k].shape, (k, got[k].shape)
+  np.testing.assert_allclose(got[k][np.lexsort(got[k].T)], want[k][np.lexsort(want[k].T)],
+                             rtol=1e-5, atol=1e-6)
+print("RESULT", jax.process_index(), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_extract_features_in_two_processes():
+  import socket  # pylint: disable=import-outside-toplevel
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  script = _TWO_PROCESS_SCRIPT.format(root=ROOT, tests=os.path.dirname(os.path.abspath(__file__)),
+                                      port=port)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+  for i, p in enumerate(procs):
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0 and f"RESULT {i}" in out, err[-3000:]
+
+
 # ----------------------------------------------------------------------------------------------
 # compute_metrics and reference files
 

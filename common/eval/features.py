@@ -192,8 +192,9 @@ def extract_features(net_fn: Callable[[jax.Array], dict], images, *, batch_size:
                      f"{procs} processes")
   local = batch_size // procs
   total = _num_images(images)
-  if total is not None and procs > 1:
-    total = int(np.sum(multihost_utils.process_allgather(np.int64(total))))
+  if procs > 1:  # every process takes part in the same collectives
+    counts = np.asarray(multihost_utils.process_allgather(np.int64(-1 if total is None else total)))
+    total = None if np.any(counts < 0) else int(counts.sum())
   bar = _ProgressLine(total, progress, stream, desc=desc)
 
   chunks = _chunks(images, local)
@@ -215,6 +216,8 @@ def extract_features(net_fn: Callable[[jax.Array], dict], images, *, batch_size:
     if not more:
       break
     if chunk is None:  # this process is out of images while another is not: all padding
+      if shape is None:
+        raise ShapeError("extract_features: every process needs at least one image")
       chunk = np.zeros((0,) + shape, np.uint8)
     if shape is None:
       shape = chunk.shape[1:]
