@@ -90,9 +90,11 @@ def _make_reference() -> None:
   labels = None
   if config is not None:
     try:
-      data_cfg = config.data
+      data_cfg = config.get("data")
     except OSError as e:  # config_flags defers a config file's load error to the first access
       _fail(f"{str(e).splitlines()[-1].strip()} (--config={flags.FLAGS['config'].config_filename})")
+    if data_cfg is None:
+      _fail(f"--config={flags.FLAGS['config'].config_filename} has no `data` section")
     from common.data import load_arrays  # pylint: disable=import-outside-toplevel
     images, labels = load_arrays(data_cfg, _SPLIT.value, _LIMIT.value)
   else:
