@@ -37,12 +37,14 @@ from ml_collections import config_flags  # noqa: E402
 _SAMPLES = flags.DEFINE_string("samples", None, "Samples .npz (`images` or `arr_0`, uint8 NHWC) or .npy.")
 _REFERENCE = flags.DEFINE_string("reference", None, "Reference batch .npz (images and/or statistics).")
 _OUT = flags.DEFINE_string("out", None, "Write the metrics as JSON here.")
-_SAVE_FEATURES = flags.DEFINE_string("save_features", None, "Write the samples' pool/spatial/logits here (.npz).")
+_SAVE_FEATURES = flags.DEFINE_string("save_features", None,
+                                     "Write the samples' pool/spatial/logits here (.npz).")
 _INCEPTION = flags.DEFINE_string("inception", None, "FID Inception weights (default: its standard location).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Images per step over all devices.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Print progress lines (images/s, ETA) to stderr.")
 _MAKE_REFERENCE = flags.DEFINE_string("make_reference", None, "Write a reference batch to this .npz.")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "make_reference: the dataset's config (uses config.data).",
+_CONFIG = config_flags.DEFINE_config_file("config", None,
+                                          "make_reference: the dataset's config (uses config.data).",
                                           lock_config=True)
 _SPLIT = flags.DEFINE_string("split", "train", "make_reference --config: the dataset split.")
 _IMAGES = flags.DEFINE_string("images", None, "make_reference: an images .npz/.npy instead of --config.")

@@ -273,8 +273,13 @@ def test_extract_features_pads_and_batches(tmp_path):
     features.extract_features(fake_net, [images[:4], images[:4, :3]], batch_size=16)
 
 
+@pytest.mark.slow
 def test_extract_features_sharded_over_devices_and_sharded_pr():
-  """4 simulated CPU devices (a subprocess: the device count is fixed when jax starts)."""
+  """4 simulated CPU devices (a subprocess: the device count is fixed when jax starts).
+
+  Slow-marked (about 8 CPU seconds); the fast suite runs the same code on a one-device mesh through
+  the CLI tests (`evaluate_images` passes its mesh to extraction and precision/recall).
+  """
   script = textwrap.dedent(f"""
       import os, sys
       os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"

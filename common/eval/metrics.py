@@ -274,8 +274,8 @@ def manifold_radii(features: np.ndarray, *, k: int = 3, row_batch_size: int = 10
   ADM's `ManifoldEstimator.manifold_radii` (nhood_sizes=(3,)): the (k+1)-th smallest entry of each
   row of the pairwise squared-distance matrix, the point itself included. `row_batch_size` rows are
   done at a time against all N, so memory is [row_batch_size, N], never [N, N]; it changes the
-  result only by float rounding. `clamp_to_percentile` (ADM's option, off by default there too) sets radii above that
-  percentile to 0.
+  result only by float rounding. `clamp_to_percentile` (ADM's option, off by default there too)
+  sets radii above that percentile to 0.
 
   Args:
     features: [N, D].
