@@ -23,6 +23,8 @@ Write a reference batch from a dataset config or from an images file:
   the training pipeline sees (`common.data.load_arrays`: cropped and resized, not flipped).
 
 The FID Inception's weights come from --inception (default: `common.eval.inception`'s location).
+From Python: `evaluate_images(images, reference, *, inception_path=None, batch_size=256, mesh=None)`
+(defined in `common.eval.features`, re-exported here) returns the same dict.
 Errors a user can fix are printed on one line, without a traceback, and exit with status 1.
 """
 
@@ -35,6 +37,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+# The library entry point (the trainer's periodic evaluation imports it from common.eval.features).
+from common.eval.features import evaluate_images  # noqa: E402,F401  pylint: disable=unused-import
 
 _SAMPLES = flags.DEFINE_string("samples", None, "Samples .npz (`images` or `arr_0`, uint8 NHWC) or .npy.")
 _REFERENCE = flags.DEFINE_string("reference", None, "Reference batch .npz (images and/or statistics).")

@@ -9,7 +9,7 @@ each reference's statistics, so the trainer's periodic evaluations compile and r
 once.
 """
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 import os
 import sys
 import time
