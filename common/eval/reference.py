@@ -1,0 +1,329 @@
+"""Reference batches in the ADM evaluator's npz format: read them as published, write our own.
+
+ADM's reference batches (openai/guided-diffusion, `evaluations/README.md`; e.g.
+`VIRTUAL_imagenet256_labeled.npz`) are `np.savez` archives with
+
+  arr_0     uint8 [N, H, W, 3]  reference images (ADM computes precision/recall against their features)
+  mu        [2048]              mean of the Inception `pool_3` features  (FID)
+  sigma     [2048, 2048]        their covariance
+  mu_s      [2023]              mean of the spatial features, `mixed_6/conv` channels 0..6 (sFID)
+  sigma_s   [2023, 2023]        their covariance
+
+Either part may be missing: a file with only `arr_0` is evaluated from its images; a file with only
+statistics gives FID and sFID but no precision/recall. As in ADM, stored statistics take precedence
+over the images. Our references add (a documented extension that ADM's evaluator ignores)
+
+  pool      float32 [N, 2048]   the `pool_3` features of arr_0, so precision/recall need no images
+  arr_1     int32 [N]           labels, when known
+
+`images` is accepted instead of `arr_0` (our sampler writes `images`). Images are read from the
+archive in batches, never all at once, as ADM's `StreamingNpzArrayReader` does.
+"""
+
+from collections.abc import Callable, Iterator
+import os
+import zipfile
+
+import numpy as np
+
+from common.errors import DataNotFoundError, ShapeError
+
+IMAGE_KEYS = ("arr_0", "images")
+STAT_PAIRS = (("mu", "sigma"), ("mu_s", "sigma_s"))
+
+
+class NpzImages:
+  """uint8 images [N, H, W, C] stored in a `.npz` member (or a `.npy` file), read batch by batch.
+
+  Iterating yields uint8 [<= batch_size, H, W, C] batches; `num_images` and `shape` come from the
+  array header without reading the data.
+  """
+
+  def __init__(self, path: str, key: str | None, *, batch_size: int = 1000,
+               limit: int | None = None):
+    self.path, self.key, self.batch_size = path, key, batch_size
+    if key is None:  # a .npy file: memory-mapped
+      self._mmap = np.load(path, mmap_mode="r")
+      shape, dtype = self._mmap.shape, self._mmap.dtype
+    else:
+      self._mmap = None
+      with self._open() as f:
+        shape, dtype, self._fallback = _read_npy_header(f)
+    self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+    where = f"{path}" + (f" ['{key}']" if key else "")
+    if self.dtype != np.uint8 or len(self.shape) != 4 or self.shape[-1] not in (1, 3):
+      raise ShapeError(f"{where}: images must be uint8 [N, H, W, 3 or 1], got {self.dtype} "
+                       f"{list(self.shape)}")
+    if self.shape[0] == 0:
+      raise ShapeError(f"{where}: holds no images")
+    if limit is not None:  # read only the first `limit` images
+      self.shape = (min(self.shape[0], max(int(limit), 0)),) + self.shape[1:]
+
+  @property
+  def num_images(self) -> int:
+    return self.shape[0]
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def _open(self):
+    return _ZipMember(self.path, f"{self.key}.npy")
+
+  def __iter__(self) -> Iterator[np.ndarray]:
+    if self._mmap is not None:
+      for i in range(0, self.num_images, self.batch_size):
+        yield np.asarray(self._mmap[i:min(i + self.batch_size, self.num_images)])
+      return
+    if self._fallback:  # a layout that cannot be streamed (Fortran order): load it whole
+      with np.load(self.path) as z:
+        arr = z[self.key][:self.num_images]
+      for i in range(0, self.num_images, self.batch_size):
+        yield arr[i:i + self.batch_size]
+      return
+    per_image = int(np.prod(self.shape[1:]))
+    with self._open() as f:
+      _read_npy_header(f)
+      for i in range(0, self.num_images, self.batch_size):
+        n = min(self.batch_size, self.num_images - i)
+        data = _read_exactly(f, n * per_image, self.path)
+        yield np.frombuffer(data, np.uint8).reshape((n,) + self.shape[1:])
+
+  def read_all(self) -> np.ndarray:
+    """All images, uint8 [N, H, W, C]."""
+    return np.concatenate(list(self))
+
+
+class _ZipMember:
+  """Context manager opening one member of a zip archive as a stream."""
+
+  def __init__(self, path: str, member: str):
+    self.path, self.member = path, member
+
+  def __enter__(self):
+    self._file = open(self.path, "rb")
+    try:
+      self._zip = zipfile.ZipFile(self._file)
+      self._member = self._zip.open(self.member)
+    except Exception:
+      self._file.close()
+      raise
+    return self._member
+
+  def __exit__(self, *exc):
+    self._member.close()
+    self._zip.close()
+    self._file.close()
+
+
+def _read_npy_header(f) -> tuple[tuple, np.dtype, bool]:
+  """(shape, dtype, whether to load whole instead of streaming) of a .npy stream at its start."""
+  version = np.lib.format.read_magic(f)
+  if version == (1, 0):
+    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+  elif version == (2, 0):
+    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+  else:
+    raise ShapeError(f"unsupported .npy format version {version}")
+  return shape, dtype, fortran
+
+
+def _read_exactly(f, size: int, path: str) -> bytes:
+  chunks, have = [], 0
+  while have < size:
+    chunk = f.read(size - have)
+    if not chunk:
+      raise ShapeError(f"{path}: the image array is truncated (expected {size} more bytes)")
+    chunks.append(chunk)
+    have += len(chunk)
+  return b"".join(chunks)
+
+
+def _check_exists(path: str, what: str) -> None:
+  if not os.path.isfile(path):
+    raise DataNotFoundError(f"{what} {path!r} does not exist")
+
+
+def _npz_keys(path: str, what: str) -> list[str]:
+  _check_exists(path, what)
+  try:
+    with zipfile.ZipFile(path) as z:
+      return [n[:-4] for n in z.namelist() if n.endswith(".npy")]
+  except zipfile.BadZipFile as e:
+    raise ShapeError(f"{what} {path!r} is not an .npz archive ({e})") from e
+
+
+def _npz_images(path: str, key: str, batch_size: int, limit: int | None = None) -> NpzImages:
+  try:
+    return NpzImages(path, key, batch_size=batch_size, limit=limit)
+  except (ValueError, zipfile.BadZipFile) as e:  # a member that is not a .npy array
+    raise ShapeError(f"{path!r}: '{key}' is not a readable array ({e})") from e
+
+
+def load_images(path: str, *, batch_size: int = 1000, limit: int | None = None) -> NpzImages:
+  """The images of a samples file: an .npz with `images` or `arr_0` uint8 [N, H, W, 3 or 1], or an .npy.
+
+  `limit` keeps only the first `limit` images. Nothing but the header is read here.
+
+  Raises DataNotFoundError when the file is missing and ShapeError when it holds no such images.
+  """
+  if path.endswith(".npy"):
+    _check_exists(path, "images file")
+    try:
+      return NpzImages(path, None, batch_size=batch_size, limit=limit)
+    except ValueError as e:
+      raise ShapeError(f"images file {path!r} is not a readable .npy array ({e})") from e
+  keys = _npz_keys(path, "images file")
+  for key in IMAGE_KEYS:
+    if key in keys:
+      return _npz_images(path, key, batch_size, limit)
+  raise ShapeError(f"images file {path!r} has no 'images' or 'arr_0' array (it has {keys})")
+
+
+def _check_stats(path: str, stats: dict) -> None:
+  for mu_key, sigma_key in STAT_PAIRS:
+    if (mu_key in stats) != (sigma_key in stats):
+      raise ShapeError(f"reference {path!r} has {mu_key if mu_key in stats else sigma_key} without "
+                       f"{sigma_key if mu_key in stats else mu_key}")
+    if mu_key not in stats:
+      continue
+    mu, sigma = stats[mu_key], stats[sigma_key]
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or not (
+        np.issubdtype(mu.dtype, np.floating) and np.issubdtype(sigma.dtype, np.floating)):
+      raise ShapeError(f"reference {path!r}: {mu_key} must be float [D] and {sigma_key} float [D, D], "
+                       f"got {mu.dtype} {list(mu.shape)} and {sigma.dtype} {list(sigma.shape)}")
+  if "pool" in stats:
+    pool = stats["pool"]
+    d = len(stats["mu"]) if "mu" in stats else None
+    if pool.ndim != 2 or (d is not None and pool.shape[1] != d) or not np.issubdtype(pool.dtype,
+                                                                                   np.floating):
+      raise ShapeError(f"reference {path!r}: pool must be float [N, {d or 'D'}], got {pool.dtype} "
+                       f"{list(pool.shape)}")
+
+
+def load_reference(path: str, *, batch_size: int = 1000) -> dict:
+  """Reads a reference batch (ADM's format, plus our `pool`; see the module docstring).
+
+  Returns:
+    A dict with what the file holds: `images` (an `NpzImages`, streamed), `mu`, `sigma`, `mu_s`,
+    `sigma_s` (float64), `pool` (float32 [N, D]).
+
+  Raises:
+    DataNotFoundError: the file does not exist.
+    ShapeError: it is not an npz, holds neither images nor statistics, or an array has the wrong
+      shape or dtype.
+  """
+  keys = _npz_keys(path, "reference")
+  out = {}
+  try:
+    with np.load(path) as z:
+      for key in ("mu", "sigma", "mu_s", "sigma_s", "pool"):
+        if key in keys:
+          out[key] = z[key]
+  except ValueError as e:  # object arrays, corrupt members
+    raise ShapeError(f"reference {path!r} cannot be read: {e}") from e
+  _check_stats(path, out)
+  for key in ("mu", "sigma", "mu_s", "sigma_s"):
+    if key in out:
+      out[key] = out[key].astype(np.float64)
+  if "pool" in out:
+    out["pool"] = out["pool"].astype(np.float32)
+  for key in IMAGE_KEYS:
+    if key in keys:
+      out["images"] = _npz_images(path, key, batch_size)
+      break
+  if "images" not in out and "mu" not in out and "pool" not in out:
+    raise ShapeError(f"reference {path!r} holds neither images ('arr_0') nor statistics ('mu', "
+                     f"'sigma', 'mu_s', 'sigma_s'); it has {keys}")
+  return out
+
+
+def statistics_from_features(feats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """{"mu", "sigma"} of `pool`, {"mu_s", "sigma_s"} of `spatial` (when given), and `pool` itself."""
+  from common.eval import metrics  # pylint: disable=import-outside-toplevel
+  out = {}
+  out["mu"], out["sigma"] = metrics.feature_statistics(feats["pool"])
+  if "spatial" in feats:
+    out["mu_s"], out["sigma_s"] = metrics.feature_statistics(feats["spatial"])
+  out["pool"] = np.asarray(feats["pool"], np.float32)
+  return out
+
+
+def reference_statistics(ref: dict, extract: Callable[[object], dict]) -> dict:
+  """What `compute_metrics` needs from a reference: stored statistics first, then its images.
+
+  Args:
+    ref: `load_reference`'s dict (or any dict with some of `images`, `mu`, `sigma`, `mu_s`, `sigma_s`,
+      `pool`).
+    extract: images -> {"pool", "spatial", ...} features (called at most once, only when the images
+      are needed: for missing statistics or for precision/recall without stored `pool`).
+
+  Returns:
+    `mu`, `sigma`, and when available `mu_s`, `sigma_s`, `pool`.
+  """
+  missing = [k for k in ("mu", "mu_s", "pool") if ref.get(k) is None]
+  derived = {}
+  if missing and ref.get("images") is not None:
+    derived = statistics_from_features(extract(ref["images"]))
+  elif ref.get("mu") is None and ref.get("pool") is not None:
+    derived = statistics_from_features({"pool": ref["pool"]})
+  out = {}
+  for key in ("mu", "sigma", "mu_s", "sigma_s", "pool"):
+    value = ref.get(key) if ref.get(key) is not None else derived.get(key)
+    if value is not None:
+      out[key] = value
+  if "mu" not in out:
+    raise ShapeError(f"the reference holds neither images nor statistics (keys {sorted(ref)})")
+  return out
+
+
+def write_reference(path: str, stats: dict, *, images: np.ndarray | None = None,
+                    labels: np.ndarray | None = None) -> str:
+  """Writes a reference batch: ADM's `arr_0`, `mu`, `sigma`, `mu_s`, `sigma_s`, plus `pool`, `arr_1`.
+
+  The file is written next to `path` and renamed into place, so a reader never sees half a file.
+  """
+  arrays = {k: np.asarray(stats[k]) for k in ("mu", "sigma", "mu_s", "sigma_s", "pool") if k in stats}
+  if images is not None:
+    arrays["arr_0"] = np.asarray(images, np.uint8)
+  if labels is not None:
+    arrays["arr_1"] = np.asarray(labels, np.int32)
+  return write_arrays(path, arrays)
+
+
+def write_arrays(path: str, arrays: dict[str, np.ndarray]) -> str:
+  """`np.savez(path, **arrays)` (uncompressed, as ADM's files), written to a temporary file first."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp"
+  with open(tmp, "wb") as f:
+    np.savez(f, **arrays)
+  os.replace(tmp, path)
+  return path
+
+
+def make_reference(path: str, images, *, labels: np.ndarray | None = None,
+                   inception_path: str | None = None, batch_size: int = 256, mesh=None,
+                   store_images: bool = True, progress: bool = True) -> dict:
+  """Computes the FID Inception statistics of `images` and writes them as a reference batch.
+
+  Args:
+    path: the .npz to write.
+    images: uint8 [N, H, W, 3 or 1] (e.g. `common.data.load_arrays(cfg, split, limit)[0]`), or an
+      `NpzImages`.
+    labels: int [N], stored as `arr_1` when given.
+    inception_path: weights of the FID Inception (None: its default location).
+    batch_size, mesh, progress: see `features.extract_features`.
+    store_images: also store the images as `arr_0` (makes the file usable by ADM's evaluator).
+
+  Returns:
+    The statistics written (`mu`, `sigma`, `mu_s`, `sigma_s`, `pool`).
+  """
+  from common.eval import features  # pylint: disable=import-outside-toplevel
+  if isinstance(images, np.ndarray):
+    images = features.check_images(images, "make_reference")
+  net = features.fid_network(inception_path)
+  feats = features.extract_features(net, images, batch_size=batch_size, mesh=mesh, progress=progress)
+  stats = statistics_from_features(feats)
+  if store_images:
+    images = images if isinstance(images, np.ndarray) else images.read_all()
+  write_reference(path, stats, images=images if store_images else None, labels=labels)
+  return stats
