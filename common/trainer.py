@@ -274,7 +274,8 @@ def _reference(config: ml_collections.ConfigDict, wd: epath.Path):
   """`config.eval.reference` (a path to images or statistics), or statistics of the config's own
   real images (`eval.reference_data`, default config.data, split `eval.reference_split`), written
   once to WORKDIR/eval/reference.npz."""
-  from common.eval import reference as ref_lib  # pylint: disable=import-outside-toplevel
+  from common.data import load_arrays  # pylint: disable=import-outside-toplevel
+  from common.eval.reference import make_reference  # pylint: disable=import-outside-toplevel
   ec = config.eval
   if ec.get("reference"):
     return str(ec.reference)
@@ -282,11 +283,10 @@ def _reference(config: ml_collections.ConfigDict, wd: epath.Path):
   if not path.exists():
     data_cfg = ec.get("reference_data") or config.data
     _log(f"writing the reference statistics of {data_cfg.name} ({ec.reference_split}) to {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ref_lib.write_reference_from_config(str(path), data_cfg, split=ec.reference_split,
-                                        limit=ec.get("reference_limit") or None,
-                                        inception_path=ec.get("inception") or None,
-                                        batch_size=int(ec.batch_size))
+    images, _ = load_arrays(data_cfg, split=ec.reference_split,
+                            limit=int(ec.get("reference_limit") or 0) or None)
+    make_reference(str(path), images, inception_path=ec.get("inception") or None,
+                   batch_size=int(ec.batch_size), store_images=False)
   return str(path)
 
 
@@ -317,7 +317,7 @@ def evaluate_params(exp: Experiment, params, step: int, wd: epath.Path, *,
       with samples_path.open("wb") as f:
         np.savez(f, images=images)
   scores = evaluate_images(images, _reference(config, wd), inception_path=ec.get("inception") or None,
-                           batch_size=int(ec.batch_size))
+                           batch_size=int(ec.batch_size), progress=True)
   scores = {"step": int(step), **scores}
   if jax.process_index() == 0:
     (eval_dir / f"step_{step:07d}.json").write_text(json.dumps(scores, indent=2))

@@ -160,3 +160,59 @@ def test_cli_summary_reports_params_and_gflops():
   r = run_cli("--config=configs/sid2_digits.py", "--mode=summary")
   assert r.returncode == 0, r.stderr[-2000:]
   assert "total" in r.stdout and "GFLOP" in r.stdout and "1,566,529" in r.stdout
+
+
+def test_eval_mode_and_periodic_eval(tmp_path, monkeypatch):
+  """config.eval.every logs eval/* by step; --mode=eval scores the newest EMA weights, writes
+  eval/step_N.json and reuses the samples it already drew for that step. The FID Inception is
+  replaced by a small random network with its interface (the real one is tested in test_inception)."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from common.eval import features  # pylint: disable=import-outside-toplevel
+  from tests.test_evaluate_cli import TinyFeatureNet  # pylint: disable=import-outside-toplevel
+  net = TinyFeatureNet(rngs=nnx.Rngs(0))
+  monkeypatch.setattr(features, "load_network", lambda path=None: net)
+  monkeypatch.setattr(features, "_NETWORKS", {})
+  monkeypatch.setattr(features, "_REFERENCES", {})
+  c = tiny_config(steps=6)
+  c.eval.every = 3
+  c.eval.train_num_samples = 10
+  c.eval.num_samples = 12
+  c.eval.batch_size = 8
+  c.eval.reference_limit = 40
+  trainer.train(c, str(tmp_path))
+  evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  evals = [r for r in evals if "eval/fid" in r]
+  assert [r["step"] for r in evals] == [3, 6]
+  assert all(np.isfinite(r["eval/fid"]) and 0 <= r["eval/precision"] <= 1 for r in evals)
+  assert (tmp_path / "eval" / "reference.npz").exists()
+  scores = trainer.evaluate(c, str(tmp_path))
+  assert np.isfinite(scores["eval/fid"]) and scores["eval/num_samples"] == 12
+  rec = json.loads((tmp_path / "eval" / "step_0000006.json").read_text())
+  assert rec["num_samples"] == 12 and rec["step"] == 6
+  samples = tmp_path / "eval" / "samples_step_0000006_n12.npz"
+  mtime = samples.stat().st_mtime
+  again = trainer.evaluate(c, str(tmp_path))
+  assert samples.stat().st_mtime == mtime and again["eval/fid"] == scores["eval/fid"]
+
+
+def test_gradient_accumulation_averages_interleaved_micro_batches():
+  """grad_accum_steps = k: the step's gradient is the mean of the k micro-batch gradients, micro-batch
+  i being rows i, i + k, ... with key fold_in(key, i)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from common import sharding  # pylint: disable=import-outside-toplevel
+  from common.experiment import Experiment  # pylint: disable=import-outside-toplevel
+  c = tiny_config(steps=2, batch_size=8, grad_accum_steps=2)
+  exp = Experiment(c, sharding.make_mesh(c.mesh))
+  params = exp.init_state(0)["params"]
+  rng = np.random.default_rng(0)
+  batch = {"x": rng.uniform(-1, 1, (8, 8, 8, 1)).astype(np.float32),
+           "cond": {"label": rng.integers(0, 10, (8,)).astype(np.int32)}}
+  key = jax.random.key(3)
+  loss, _, grads = jax.jit(exp._grads)(params, batch, key)  # pylint: disable=protected-access
+  parts = [jax.value_and_grad(exp._loss, has_aux=True)(  # pylint: disable=protected-access
+      params, jax.tree.map(lambda x: x[i::2], batch), jax.random.fold_in(key, i)) for i in range(2)]
+  np.testing.assert_allclose(loss, (parts[0][0][0] + parts[1][0][0]) / 2, rtol=1e-5)
+  jax.tree.map(lambda g, a, b: np.testing.assert_allclose(g, (a + b) / 2, rtol=1e-4, atol=1e-7),
+               grads, parts[0][1], parts[1][1])
+  with pytest.raises(ConfigError, match="grad_accum_steps"):
+    Experiment(tiny_config(batch_size=8, grad_accum_steps=3), exp.mesh)
