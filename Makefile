@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= workdirs/sid2_digits
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all venv clean
+.PHONY: demo t2i-demo test test-all venv clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,22 @@ demo: $(STAMP)
 	$(PY) launch/main.py --config=configs/sid2_digits.py --workdir=$(DEMO_DIR) --mode=sample
 	$(PY) benchmarks/digits_sample_quality.py --workdir=$(DEMO_DIR)
 	@echo "samples: $(DEMO_DIR)/samples/ (grid: samples.png, arrays: samples.npz)"
+
+# make t2i-demo: the latent text-to-image pipeline on captioned Fashion-MNIST (CPU): train our KL
+# autoencoder, export it, precompute latents + MiniLM caption embeddings, train SiD2 text-to-image,
+# sample from held-out prompts and check them with a Fashion-MNIST classifier and FID.
+T2I_AE ?= workdirs/ae_fashion
+T2I_LATENTS ?= workdirs/fashion_latents
+T2I_DIR ?= workdirs/sid2_t2i_fashion
+T2I_CFG = configs/sid2_t2i_fashion.py --config.autoencoder=$(T2I_AE)/export --config.data.path=$(T2I_LATENTS)
+
+t2i-demo: $(STAMP)
+	$(PY) launch/main.py --config=configs/autoencoder_fashion.py --workdir=$(T2I_AE) --mode=train
+	$(PY) launch/export_autoencoder.py --config=configs/autoencoder_fashion.py --workdir=$(T2I_AE) --out=$(T2I_AE)/export
+	$(PY) launch/precompute.py --source=fashion_mnist --autoencoder=$(T2I_AE)/export --text_encoder=minilm --output=$(T2I_LATENTS)
+	$(PY) launch/main.py --config=$(T2I_CFG) --workdir=$(T2I_DIR) --mode=train
+	$(PY) launch/main.py --config=$(T2I_CFG) --workdir=$(T2I_DIR) --mode=sample
+	$(PY) benchmarks/t2i_fashion_quality.py --workdir=$(T2I_DIR)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not accelerator" $(PYTEST_ARGS)
