@@ -13,6 +13,7 @@ from sklearn.preprocessing import StandardScaler
 
 from coat import fp8
 from coat.optim import Fp8AdamWState, fp8_adamw, state_bytes
+from common.errors import ConfigError
 from kernels.fp8_adamw import fp8_adamw_rows
 
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +299,7 @@ def test_groups_stay_within_leading_axis_shards(num_shards, impl):
 
 
 def test_bad_arguments():
-  with pytest.raises(ValueError, match="impl"):
+  with pytest.raises(ConfigError, match="impl"):
     fp8_adamw(1e-3, impl="cuda")
   tx = fp8_adamw(1e-3, weight_decay=0.1)
   params = {"w": jnp.ones((4,))}
@@ -306,5 +307,5 @@ def test_bad_arguments():
     tx.update(params, tx.init(params))
   if jax.default_backend() == "cpu":
     tx = fp8_adamw(1e-3, impl="pallas")  # without interpret=True
-    with pytest.raises(ValueError, match="interpret=True"):
+    with pytest.raises(ConfigError, match="interpret=True"):
       tx.update(params, tx.init(params))
