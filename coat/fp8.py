@@ -1,29 +1,29 @@
-"""FP8 quantization for COAT (arXiv 2410.19313), spec `terdit_coat.md` B1-B2.
+"""FP8 quantization for COAT (arXiv 2410.19313): per-tensor, per-group and optimizer-state groups.
 
 Three granularities:
 
 * per-tensor (`quantize_per_tensor`): E4M3 or E5M2 with a just-in-time absmax scale
-  `s = (max|x| + 1e-10) / fp8_max` (spec B3, Group Scaling), used for GEMM operands and grads;
+  `s = (max|x| + 1e-10) / fp8_max` (COAT's Group Scaling), used for GEMM operands and grads;
 * per-group 1xG along the last axis (`quantize_per_group`, G = 16 for activations) with bf16
-  group scales (spec B1, B7.5);
+  group scales;
 * optimizer groups of 128 consecutive elements of the flattened tensor with COAT's Dynamic Range
-  Expansion (`quantize_groups` / `dequantize_groups`, spec B2).
+  Expansion (`quantize_groups` / `dequantize_groups`).
 
 Every cast to float8 clips to the format's finite range first: `float8_e4m3fn` has no inf, so an
-unclipped overflow becomes NaN (spec B7.3).
+unclipped overflow becomes NaN.
 
-Dynamic Range Expansion (spec B2), per group of the flattened tensor:
+Dynamic Range Expansion, per group of the flattened tensor:
 
-  M  = max|x| + 1e-30,   mn = min_{x != 0}|x| + 1e-30        (a true masked min, B7.1)
+  M  = max|x| + 1e-30,   mn = min_{x != 0}|x| + 1e-30        (a true masked min)
   R  = M / mn,           c  = sqrt(M) * sqrt(mn)
-  k  = floor(16 * log2(448^2 / 2) / log2 R) / 16               (not clamped to k >= 1, B7.2)
+  k  = floor(16 * log2(448^2 / 2) / log2 R) / 16               (not clamped to k >= 1)
   x' = sign(x) * (|x| / c)^k,   s = (M / c)^k / 448,   code = e4m3(clip(x' / s, +-448))
   dequant: x = sign(code s) * |code s|^(1/k) * c
 
-Decisions beyond the spec:
+Decisions beyond the paper:
 
 * constant groups (R = 1, log2 R = 0) get k = 1; all-zero groups store (s, k, c) = (0, 1, 1),
-  the state-init values of spec B2, and dequantize to zeros;
+  the optimizer's state-init values, and dequantize to zeros;
 * k is capped at `K_MAX` = 4096. The cap only acts on nearly constant groups (R < 1.046), where the
   fp32 rounding of |x|/c raised to a power of 1e5 or more would overflow; a smaller k only
   compresses, so every code stays representable. k is also at least 1/16 (it cannot reach 0 in
@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import jax
@@ -58,7 +57,7 @@ from kernels.dre import (DRE_EPS, E4M3, E4M3_MAX, EXPAND_STEP, K_MAX, K_MIN,  # 
 
 E5M2 = jnp.float8_e5m2
 E5M2_MAX = 57344.0
-TENSOR_EPS = 1e-10  # per-tensor and 1xG scales: s = (max + 1e-10) / fp8_max (spec B3)
+TENSOR_EPS = 1e-10  # per-tensor and 1xG scales: s = (max + 1e-10) / fp8_max
 OPTIM_GROUP_SIZE = 128
 ACT_GROUP_SIZE = 16
 
@@ -113,10 +112,10 @@ def dequantize_per_tensor(codes: jax.Array, scale: jax.Array, dtype=jnp.float32)
 
 @functools.partial(jax.jit, static_argnames=("group_size", "dtype"))
 def quantize_per_group(x: jax.Array, group_size: int = ACT_GROUP_SIZE, dtype=E4M3):
-  """1xG FP8 quantization along the last axis with bf16 group scales (spec B1, B3).
+  """1xG FP8 quantization along the last axis with bf16 group scales.
 
   The scale of each group is `bf16((max|x| + 1e-10) / fp8_max)`; bf16 rounding can make
-  |x / scale| exceed fp8_max slightly, which the clip before the cast saturates (spec B7.3).
+  |x / scale| exceed fp8_max slightly, which the clip before the cast saturates.
 
   Args:
     x: [..., D] float with D divisible by `group_size`.
@@ -216,7 +215,7 @@ jax.tree_util.register_dataclass(
 
 def empty_groups(shape: tuple[int, ...], group_size: int = OPTIM_GROUP_SIZE,
                  num_shards: int = 1) -> QuantizedGroups:
-  """A zero tensor in the state-init form of spec B2: codes 0, s = 0, k = 1, c = 1."""
+  """A zero tensor in the optimizer's state-init form: codes 0, s = 0, k = 1, c = 1."""
   _, n_groups = group_layout(tuple(shape), group_size, num_shards)
   return QuantizedGroups(
       codes=jnp.zeros((n_groups, group_size), E4M3),
@@ -229,7 +228,7 @@ def empty_groups(shape: tuple[int, ...], group_size: int = OPTIM_GROUP_SIZE,
 @functools.partial(jax.jit, static_argnames=("group_size", "expand", "num_shards"))
 def quantize_groups(x: jax.Array, group_size: int = OPTIM_GROUP_SIZE, expand: bool = True,
                     *, num_shards: int = 1) -> QuantizedGroups:
-  """Quantizes `x` to E4M3 in groups with COAT's Dynamic Range Expansion (spec B2).
+  """Quantizes `x` to E4M3 in groups with COAT's Dynamic Range Expansion.
 
   Args:
     x: any shape (scalars included), float; it is handled as float32.

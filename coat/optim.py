@@ -1,4 +1,4 @@
-"""FP8 AdamW with Dynamic Range Expansion (COAT, arXiv 2410.19313, Sec. 4.1).
+"""FP8 AdamW with Dynamic Range Expansion (COAT, arXiv 2410.19313, Sec. 4).
 
 `fp8_adamw` is a `common.optim.FusedGradientTransformation` (an `optax.GradientTransformation`):
 the first and second moments live as float8_e4m3fn groups of 128 with fp32 (scale, k, c) per

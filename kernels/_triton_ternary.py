@@ -106,11 +106,18 @@ def ternary_matmul_kernel(
     tl.store(o, (acc * alpha).to(o_ptr.dtype.element_ty), mask=o_mask)
 
 
+MIN_STEPS_PER_SPLIT = 3  # K steps a split-K program runs, so its cp.async pipeline fills
+
+
 def default_config(m: int, n: int, h: int) -> dict[str, int]:
   """Heuristic tiles: see the module docstring. Returns BM, BN, BQ, SPLIT_K, GROUP_M,
-  num_warps, num_stages."""
+  num_warps, num_stages.
+
+  SPLIT_K divides the K steps (every program runs the same constant trip count, no row
+  masks): the fewest splits that give about two programs per SM, among those that leave
+  each program at least MIN_STEPS_PER_SPLIT steps (else the most such splits)."""
   if m <= 16:
-    cfg = dict(BM=16, BN=64, BQ=64, num_warps=4, num_stages=4)
+    cfg = dict(BM=16, BN=64, BQ=32, num_warps=4, num_stages=4)
   elif m <= 64:
     cfg = dict(BM=max(16, 1 << (m - 1).bit_length()), BN=64, BQ=64, num_warps=4,
                num_stages=4)
@@ -120,14 +127,12 @@ def default_config(m: int, n: int, h: int) -> dict[str, int]:
     cfg = dict(BM=128, BN=128, BQ=32, num_warps=8, num_stages=3)
   tiles = -(-m // cfg["BM"]) * -(-n // cfg["BN"])
   steps = -(-h // cfg["BQ"])
-  target = 4 * NUM_SMS_HINT
-  split = 1 if tiles >= 2 * NUM_SMS_HINT else max(1, min(steps, -(-target // tiles)))
-  # Prefer a split that divides the K steps, so every program runs the same (constant) count
-  # and the row masks vanish.
-  for s in range(split, max(1, split // 2) - 1, -1):
-    if steps % s == 0:
-      split = s
-      break
+  split = 1
+  if tiles < 2 * NUM_SMS_HINT:
+    candidates = [s for s in range(1, steps + 1)
+                  if steps % s == 0 and steps // s >= min(MIN_STEPS_PER_SPLIT, steps)]
+    enough = [s for s in candidates if tiles * s >= 2 * NUM_SMS_HINT]
+    split = enough[0] if enough else candidates[-1]
   cfg["SPLIT_K"] = split
   cfg["GROUP_M"] = 8
   return cfg

@@ -1,6 +1,6 @@
 """FP8 E4M3 group quantization with COAT's Dynamic Range Expansion: the row math.
 
-COAT (arXiv 2410.19313, Sec. 4.1, Eq. 3-5) quantizes each optimizer-state group of G elements with
+COAT (arXiv 2410.19313, Sec. 4) quantizes each optimizer-state group of G elements with
 an exponent k that stretches the group's range (max / min) to fill E4M3's range. The functions here
 work on [rows, G] blocks (one row per group) with [rows, 1] metadata and use only element-wise ops
 and row reductions, so the fused Pallas kernel (kernels/fp8_adamw.py) runs the very same code on its

@@ -1,6 +1,6 @@
 """Fused FP8 AdamW step over groups: dequantize, update, requantize, write the parameter in place.
 
-COAT (arXiv 2410.19313, Sec. 4.1) keeps AdamW's first and second moments as float8_e4m3fn groups of
+COAT (arXiv 2410.19313, Sec. 4) keeps AdamW's first and second moments as float8_e4m3fn groups of
 G = 128 with an fp32 (scale, k, c) per group (Dynamic Range Expansion, kernels/dre.py). One tensor is
 laid out as groups [n_groups, G] (`coat.fp8.to_groups`). One step, per group:
 
@@ -8,7 +8,7 @@ laid out as groups [n_groups, G] (`coat.fp8.to_groups`). One step, per group:
   2. AdamW in fp32 on the scaled gradient g = grad_scale * grad (grad_scale: global-norm clipping):
        m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
        denom = (sqrt(v) / sqrt(1-b2^t) + eps) (1-b1^t);  u = -lr (m / denom + wd p)
-     (COAT's bias correction, the official repo NVlabs/COAT, coat/optimizer/fp8_adamw.py);
+     (COAT's form of the bias correction);
   3. requantize m and v per group (`kernels.dre.dre_quantize_rows_f32`);
   4. output = p + u (`out="params"`, the in-place step) or u (`out="update"`, what optax expects).
 
@@ -135,9 +135,13 @@ def _pick_block_rows(n: int, block_rows: int, backend: str) -> int:
 
 
 def default_block_rows(backend: str | None = None) -> int:
-  """Groups per program: 64 (8192 elements) on GPU, 256 on TPU, 512 in CPU interpret mode."""
+  """Groups per program: 16 on GPU, 256 on TPU, 512 in CPU interpret mode.
+
+  On GPU 16 groups (2048 elements, 4 warps) compile for sm_90 to 168 registers without spills;
+  32 groups reach the 255-register cap and spill, 64 (8 warps) spill 388 bytes
+  (benchmarks/inspect_triton.py)."""
   backend = backend or jax.default_backend()
-  return {"gpu": 64, "tpu": 256}.get(backend, 512)
+  return {"gpu": 16, "tpu": 256}.get(backend, 512)
 
 
 def _cuda_capability(device) -> tuple[int, int] | None:

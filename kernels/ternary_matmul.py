@@ -65,6 +65,7 @@ ZERO_BYTE = 0x55
 
 # Split-K sizing of the GPU variant assumes an H100 SXM (132 SMs).
 GPU_NUM_SMS_HINT = 132
+GPU_MIN_STEPS_PER_SPLIT = 3
 
 Impl = Literal["reference", "pallas", "triton"]
 PallasVariant = Literal["auto", "gpu", "tpu"]
@@ -321,7 +322,7 @@ def _pallas_blocks(variant: str, m: int, n: int, h: int, block_m, block_n, block
   if variant == "gpu":
     bm = block_m or min(128, max(16, _next_pow2(m)))
     bn = block_n or (64 if m <= 64 else 128)
-    bq = block_q or (64 if m <= 64 else 32)
+    bq = block_q or (64 if 16 < m <= 64 else 32)
     for name, v in (("block_m", bm), ("block_n", bn), ("block_q", bq)):
       if v < 16 or v & (v - 1):
         raise ValueError(f"pallas gpu variant needs {name} a power of two >= 16, got {v}.")
@@ -333,8 +334,9 @@ def _pallas_blocks(variant: str, m: int, n: int, h: int, block_m, block_n, block
 
 
 def _gpu_split_k(m_tiles: int, n_tiles: int, steps: int, split_k: int | None) -> int:
-  """K splits for the GPU variant: the fewest that divide the K steps and give about two
-  programs per SM when the output tiles alone do not (small M); 1 otherwise."""
+  """K splits for the GPU variant: they divide the K steps and leave each program at least
+  GPU_MIN_STEPS_PER_SPLIT steps (so its cp.async pipeline fills); the fewest that give about
+  two programs per SM when the output tiles alone do not (small M), else the most allowed."""
   if split_k is not None:
     if split_k < 1 or steps % split_k:
       raise ValueError(f"split_k={split_k} must be >= 1 and divide the {steps} K steps.")
@@ -342,10 +344,10 @@ def _gpu_split_k(m_tiles: int, n_tiles: int, steps: int, split_k: int | None) ->
   tiles = m_tiles * n_tiles
   if tiles >= 2 * GPU_NUM_SMS_HINT:
     return 1
-  for s in range(1, steps + 1):
-    if steps % s == 0 and tiles * s >= 2 * GPU_NUM_SMS_HINT:
-      return s
-  return steps
+  candidates = [s for s in range(1, steps + 1)
+                if steps % s == 0 and steps // s >= min(GPU_MIN_STEPS_PER_SPLIT, steps)]
+  enough = [s for s in candidates if tiles * s >= 2 * GPU_NUM_SMS_HINT]
+  return enough[0] if enough else candidates[-1]
 
 
 def _pallas_matmul(x, packed, alpha, *, variant: str, interpret: bool, block_m, block_n,
