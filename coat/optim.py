@@ -65,11 +65,14 @@ def _num_shards_for(num_shards: int | Callable[[tuple[int, ...]], int], shape) -
 
 
 def resolve_impl(impl: str, interpret: bool = False) -> str:
-  """"auto" -> "pallas" where the fused kernel compiles (TPU; CUDA GPUs of compute capability
-  >= 8.9), "jnp" elsewhere (CPU; older GPUs, with a warning). "pallas" on a device the kernel does
-  not support raises ConfigError (an explicit request is not silently replaced)."""
+  """"auto" -> "pallas" on a single TPU or CUDA GPU of compute capability >= 8.9, "jnp" elsewhere
+  (CPU; older GPUs, with a warning; several devices, where the kernel is not yet wrapped in a
+  shard_map and XLA would gather sharded parameters around it). "pallas" on a device the kernel
+  does not support raises ConfigError (an explicit request is not silently replaced)."""
   if impl == "jnp" or interpret:
     return impl if impl != "auto" else "jnp"
+  if impl == "auto" and jax.device_count() > 1:
+    return "jnp"
   try:
     fused.check_supported()
   except fused.KernelUnsupported as e:
@@ -96,9 +99,10 @@ def fp8_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float 
     learning_rate: a float or an optax schedule (called with the step count from 0).
     b1, b2, eps: Adam hyper-parameters.
     weight_decay: decoupled weight decay (times the learning rate, as AdamW).
-    impl: "auto" (the fused kernel where it compiles: TPU, CUDA compute capability >= 8.9; the jnp
-      path elsewhere), "pallas" (the fused kernel of kernels/fp8_adamw.py; a ConfigError where it
-      does not compile) or "jnp" (XLA). Resolved when the step is traced.
+    impl: "auto" (the fused kernel on one TPU or one CUDA GPU of compute capability >= 8.9; the
+      jnp path elsewhere, including multi-device meshes: see `resolve_impl`), "pallas" (the fused
+      kernel of kernels/fp8_adamw.py; a ConfigError where it does not compile) or "jnp" (XLA).
+      Resolved when the step is traced.
     interpret: run the Pallas kernel in interpret mode (CPU).
     expand: Dynamic Range Expansion of the moments (False: plain per-group absmax scaling).
     num_shards: leading-axis shards per parameter (int or shape -> int); see the module docstring.
