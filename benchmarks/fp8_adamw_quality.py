@@ -1,9 +1,9 @@
 """Does COAT's FP8 AdamW train like fp32 AdamW? A side-by-side run of the SiD2 digits demo.
 
 Trains `configs/sid2_digits.py` twice through the real trainer, identical except for
-`optim.name` ("adamw" vs "fp8_adamw": m and v as E4M3 groups of 128 with dynamic range expansion),
-with the same seed, initial weights and data order, and compares the final training loss (mean of the
-last quarter of the logged per-step losses, to average out the diffusion loss's noise).
+`optim.name` ("adamw" vs "coat.optim.fp8_adamw": m and v as E4M3 groups of 128 with dynamic range
+expansion), with the same seed, initial weights and data order, and compares the final training loss
+(mean of the last quarter of the logged per-step losses, to average out the diffusion loss's noise).
 
   python benchmarks/fp8_adamw_quality.py --steps 400
 """
@@ -20,6 +20,9 @@ import numpy as np  # noqa: E402
 
 from common import trainer  # noqa: E402
 from configs import sid2_digits  # noqa: E402
+
+
+OPTIMIZERS = {"adamw": "adamw", "fp8_adamw": "coat.optim.fp8_adamw"}  # row label -> optim.name
 
 
 def run(optimizer: str, steps: int, workdir: str) -> np.ndarray:
@@ -42,7 +45,7 @@ def main():
   ap.add_argument("--steps", type=int, default=400)
   a = ap.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
-    res = {o: run(o, a.steps, os.path.join(tmp, o)) for o in ("adamw", "fp8_adamw")}
+    res = {o: run(name, a.steps, os.path.join(tmp, o)) for o, name in OPTIMIZERS.items()}
   q = a.steps // 4
   final = {o: float(v[-q:].mean()) for o, v in res.items()}
   first = {o: float(v[:q].mean()) for o, v in res.items()}

@@ -1,29 +1,29 @@
-"""FP8 quantization for COAT (arXiv 2410.19313), spec `terdit_coat.md` B1-B2.
+"""FP8 quantization for COAT (arXiv 2410.19313): per-tensor, per-group and optimizer-state groups.
 
 Three granularities:
 
 * per-tensor (`quantize_per_tensor`): E4M3 or E5M2 with a just-in-time absmax scale
-  `s = (max|x| + 1e-10) / fp8_max` (spec B3, Group Scaling), used for GEMM operands and grads;
+  `s = (max|x| + 1e-10) / fp8_max` (COAT's Group Scaling), used for GEMM operands and grads;
 * per-group 1xG along the last axis (`quantize_per_group`, G = 16 for activations) with bf16
-  group scales (spec B1, B7.5);
+  group scales;
 * optimizer groups of 128 consecutive elements of the flattened tensor with COAT's Dynamic Range
-  Expansion (`quantize_groups` / `dequantize_groups`, spec B2).
+  Expansion (`quantize_groups` / `dequantize_groups`).
 
 Every cast to float8 clips to the format's finite range first: `float8_e4m3fn` has no inf, so an
-unclipped overflow becomes NaN (spec B7.3).
+unclipped overflow becomes NaN.
 
-Dynamic Range Expansion (spec B2), per group of the flattened tensor:
+Dynamic Range Expansion, per group of the flattened tensor:
 
-  M  = max|x| + 1e-30,   mn = min_{x != 0}|x| + 1e-30        (a true masked min, B7.1)
+  M  = max|x| + 1e-30,   mn = min_{x != 0}|x| + 1e-30        (a true masked min)
   R  = M / mn,           c  = sqrt(M) * sqrt(mn)
-  k  = floor(16 * log2(448^2 / 2) / log2 R) / 16               (not clamped to k >= 1, B7.2)
+  k  = floor(16 * log2(448^2 / 2) / log2 R) / 16               (not clamped to k >= 1)
   x' = sign(x) * (|x| / c)^k,   s = (M / c)^k / 448,   code = e4m3(clip(x' / s, +-448))
   dequant: x = sign(code s) * |code s|^(1/k) * c
 
-Decisions beyond the spec:
+Decisions beyond the paper:
 
 * constant groups (R = 1, log2 R = 0) get k = 1; all-zero groups store (s, k, c) = (0, 1, 1),
-  the state-init values of spec B2, and dequantize to zeros;
+  the optimizer's state-init values, and dequantize to zeros;
 * k is capped at `K_MAX` = 4096. The cap only acts on nearly constant groups (R < 1.046), where the
   fp32 rounding of |x|/c raised to a power of 1e5 or more would overflow; a smaller k only
   compresses, so every code stays representable. k is also at least 1/16 (it cannot reach 0 in
@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import jax
@@ -51,19 +50,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from common.errors import ShapeError
+# The DRE row math and its constants are kernels/dre.py's (re-exported here for coat's users).
+from kernels.dre import (DRE_EPS, E4M3, E4M3_MAX, EXPAND_STEP, K_MAX, K_MIN,  # noqa: F401
+                         LOG2_TARGET_RANGE, PLAIN_EPS, dre_dequantize_rows, dre_quantize_rows,
+                         dre_quantize_rows_f32)
 
-E4M3 = jnp.float8_e4m3fn
 E5M2 = jnp.float8_e5m2
-E4M3_MAX = 448.0
 E5M2_MAX = 57344.0
-# log2(448^2 / 2): the target range of Dynamic Range Expansion (spec B2).
-LOG2_TARGET_RANGE = math.log2(E4M3_MAX * E4M3_MAX / 2.0)
-EXPAND_STEP = 16  # k is a multiple of 1/16 (COAT's expand_min)
-K_MAX = 4096.0
-K_MIN = 1.0 / EXPAND_STEP
-DRE_EPS = 1e-30  # added to max and min before the range (spec B2)
-PLAIN_EPS = 1e-20  # the non-expanded scale: s = (max + 1e-20) / 448 (spec B2)
-TENSOR_EPS = 1e-10  # per-tensor and 1xG scales: s = (max + 1e-10) / fp8_max (spec B3)
+TENSOR_EPS = 1e-10  # per-tensor and 1xG scales: s = (max + 1e-10) / fp8_max
 OPTIM_GROUP_SIZE = 128
 ACT_GROUP_SIZE = 16
 
@@ -118,10 +112,10 @@ def dequantize_per_tensor(codes: jax.Array, scale: jax.Array, dtype=jnp.float32)
 
 @functools.partial(jax.jit, static_argnames=("group_size", "dtype"))
 def quantize_per_group(x: jax.Array, group_size: int = ACT_GROUP_SIZE, dtype=E4M3):
-  """1xG FP8 quantization along the last axis with bf16 group scales (spec B1, B3).
+  """1xG FP8 quantization along the last axis with bf16 group scales.
 
   The scale of each group is `bf16((max|x| + 1e-10) / fp8_max)`; bf16 rounding can make
-  |x / scale| exceed fp8_max slightly, which the clip before the cast saturates (spec B7.3).
+  |x / scale| exceed fp8_max slightly, which the clip before the cast saturates.
 
   Args:
     x: [..., D] float with D divisible by `group_size`.
@@ -152,79 +146,8 @@ def dequantize_per_group(codes: jax.Array, scales: jax.Array,
 
 
 # ----------------------------------------------------------------------------------------------
-# Optimizer groups with Dynamic Range Expansion. The row functions work on [rows, G] blocks with
-# [rows, 1] metadata and use only element-wise ops and row reductions, so the Pallas kernel
-# (kernels/fp8_adamw.py) runs the very same code on its blocks.
-
-
-def dre_quantize_rows(x: jax.Array, expand: bool = True):
-  """Quantizes each row (one group) of `x` to E4M3 with Dynamic Range Expansion (spec B2).
-
-  Args:
-    x: [rows, G] float32; zeros (including padding) are ignored by the min.
-    expand: apply Dynamic Range Expansion; False gives COAT's plain per-group scaling
-      s = (max + 1e-20) / 448 with k = 1, c = 1.
-
-  Returns:
-    (codes, scale, k, c): codes float8_e4m3fn [rows, G]; scale, k, c float32 [rows, 1].
-  """
-  y, scale, k, c = dre_quantize_rows_f32(x, expand)
-  return y.astype(E4M3), scale, k, c
-
-
-def dre_quantize_rows_f32(x: jax.Array, expand: bool = True):
-  """`dre_quantize_rows` with the codes before the final cast: float32 in [-448, 448].
-
-  The kernel selects between these and old codes in float32 (old codes convert exactly) and casts
-  once, which avoids selects on float8 values.
-  """
-  x = x.astype(jnp.float32)
-  a = jnp.abs(x)
-  amax = jnp.max(a, axis=1, keepdims=True)
-  nonzero = amax > 0
-  one = jnp.ones_like(amax)
-  if expand:
-    amin = jnp.min(jnp.where(a > 0, a, jnp.inf), axis=1, keepdims=True)
-    amin = jnp.where(nonzero, amin, amax)  # all-zero group: R = 1
-    log2_big = jnp.log2(amax + DRE_EPS)
-    log2_small = jnp.log2(amin + DRE_EPS)
-    log2_range = log2_big - log2_small  # log2 R >= 0
-    safe = jnp.where(log2_range > 0, log2_range, one)
-    k = jnp.floor(EXPAND_STEP * LOG2_TARGET_RANGE / safe) / EXPAND_STEP
-    k = jnp.where(log2_range > 0, k, one)  # constant group: k = 1
-    k = jnp.clip(k, K_MIN, K_MAX)
-    log2_c = 0.5 * (log2_big + log2_small)  # c = sqrt(M) sqrt(mn)
-    log2_scale = k * (log2_big - log2_c) - math.log2(E4M3_MAX)  # s = (M/c)^k / 448
-    # |code| = (|x|/c)^k / s
-    mag = jnp.where(a > 0, jnp.exp2(k * (jnp.log2(jnp.where(a > 0, a, one)) - log2_c)
-                                     - log2_scale), 0.0)
-    scale = jnp.exp2(log2_scale)
-    c = jnp.exp2(log2_c)
-  else:
-    k = one
-    c = one
-    scale = (amax + PLAIN_EPS) / E4M3_MAX
-    mag = a / scale
-  y = jnp.clip(jnp.where(x < 0, -mag, mag), -E4M3_MAX, E4M3_MAX)
-  scale = jnp.where(nonzero, scale, 0.0)
-  k = jnp.where(nonzero, k, one)
-  c = jnp.where(nonzero, c, one)
-  return y, scale, k, c
-
-
-def dre_dequantize_rows(codes: jax.Array, scale: jax.Array, k: jax.Array,
-                        c: jax.Array) -> jax.Array:
-  """Inverse of `dre_quantize_rows`: codes [rows, G], scale/k/c [rows, 1] -> float32 [rows, G].
-
-  x = code * s;  value = sign(x) |x|^(1/k) c  (spec B2 step 1); groups with k = 1 and c = 1 (plain
-  scaling, all-zero groups, fresh state) decode exactly as code * s.
-  """
-  x = codes.astype(jnp.float32) * scale
-  a = jnp.abs(x)
-  one = jnp.ones_like(a)
-  mag = jnp.where(a > 0, jnp.exp2(jnp.log2(jnp.where(a > 0, a, one)) / k + jnp.log2(c)), 0.0)
-  plain = (k == 1.0) & (c == 1.0)
-  return jnp.where(plain, x, jnp.where(x < 0, -mag, mag))
+# Optimizer groups with Dynamic Range Expansion: the row math (`dre_quantize_rows`,
+# `dre_dequantize_rows`) lives in kernels/dre.py, the jnp reference the fused kernel shares.
 
 
 def group_layout(shape: tuple[int, ...], group_size: int = OPTIM_GROUP_SIZE,
@@ -292,7 +215,7 @@ jax.tree_util.register_dataclass(
 
 def empty_groups(shape: tuple[int, ...], group_size: int = OPTIM_GROUP_SIZE,
                  num_shards: int = 1) -> QuantizedGroups:
-  """A zero tensor in the state-init form of spec B2: codes 0, s = 0, k = 1, c = 1."""
+  """A zero tensor in the optimizer's state-init form: codes 0, s = 0, k = 1, c = 1."""
   _, n_groups = group_layout(tuple(shape), group_size, num_shards)
   return QuantizedGroups(
       codes=jnp.zeros((n_groups, group_size), E4M3),
@@ -305,7 +228,7 @@ def empty_groups(shape: tuple[int, ...], group_size: int = OPTIM_GROUP_SIZE,
 @functools.partial(jax.jit, static_argnames=("group_size", "expand", "num_shards"))
 def quantize_groups(x: jax.Array, group_size: int = OPTIM_GROUP_SIZE, expand: bool = True,
                     *, num_shards: int = 1) -> QuantizedGroups:
-  """Quantizes `x` to E4M3 in groups with COAT's Dynamic Range Expansion (spec B2).
+  """Quantizes `x` to E4M3 in groups with COAT's Dynamic Range Expansion.
 
   Args:
     x: any shape (scalars included), float; it is handled as float32.

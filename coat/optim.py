@@ -1,14 +1,16 @@
-"""FP8 AdamW with Dynamic Range Expansion (COAT, arXiv 2410.19313, spec B1-B2).
+"""FP8 AdamW with Dynamic Range Expansion (COAT, arXiv 2410.19313, Sec. 4).
 
-`fp8_adamw` is an `optax.GradientTransformation`: the first and second moments live as
-float8_e4m3fn groups of 128 with fp32 (scale, k, c) per group (`coat.fp8.QuantizedGroups`),
-2 + 24/128 = 2.1875 bytes per parameter instead of 8 for fp32 AdamW; parameters and gradients stay
-fp32. Each step follows spec B2: dequantize m and v, fp32 AdamW with COAT's bias correction
+`fp8_adamw` is a `common.optim.FusedGradientTransformation` (an `optax.GradientTransformation`):
+the first and second moments live as float8_e4m3fn groups of 128 with fp32 (scale, k, c) per
+group (`coat.fp8.QuantizedGroups`), 2 + 24/128 = 2.1875 bytes per parameter instead of 8 for fp32 AdamW; parameters and gradients stay
+fp32. Each step: dequantize m and v, fp32 AdamW with COAT's bias correction
 
   denom = (sqrt(v) / sqrt(1 - b2^t) + eps) (1 - b1^t),   u = -lr (m / denom + wd p),
 
-then requantize m and v per group. `u` (= new_p - p) is returned, as optax expects; weight decay is
-decoupled and multiplied by the learning rate (AdamW, as `optax.adamw`).
+then requantize m and v per group. `update` returns `u` (= new_p - p), as optax expects; `apply`
+(used by `common.optim.apply_gradients`, so by the trainer) returns the new parameters, written by
+the fused kernel into the donated parameter buffers. Weight decay is decoupled and multiplied by the
+learning rate (AdamW, as `optax.adamw`). Global-norm clipping passes its scale into the step.
 
 Non-finite gradients: if any gradient element of the tree is NaN or inf (`skip_nonfinite=True`, the
 default) the whole step is skipped: zero updates, and the state (count included) is returned
@@ -26,6 +28,7 @@ size for parameters sharded on their leading axis.
 from __future__ import annotations
 
 from collections.abc import Callable
+import logging
 from typing import Any, NamedTuple
 
 import jax
@@ -33,7 +36,9 @@ import jax.numpy as jnp
 import optax
 
 from coat import fp8
-from kernels.fp8_adamw import fp8_adamw_rows
+from common.errors import ConfigError
+from common.optim import FusedGradientTransformation
+from kernels import fp8_adamw as fused
 
 
 class Fp8AdamWState(NamedTuple):
@@ -59,19 +64,45 @@ def _num_shards_for(num_shards: int | Callable[[tuple[int, ...]], int], shape) -
   return n
 
 
+def resolve_impl(impl: str, interpret: bool = False) -> str:
+  """"auto" -> "pallas" on a single TPU or CUDA GPU of compute capability >= 8.9, "jnp" elsewhere
+  (CPU; older GPUs, with a warning; several devices, where the kernel is not yet wrapped in a
+  shard_map and XLA would gather sharded parameters around it). "pallas" on a device the kernel
+  does not support raises ConfigError (an explicit request is not silently replaced)."""
+  if impl == "jnp" or interpret:
+    return impl if impl != "auto" else "jnp"
+  if impl == "auto" and jax.device_count() > 1:
+    return "jnp"
+  try:
+    fused.check_supported()
+  except fused.KernelUnsupported as e:
+    if impl == "pallas":
+      raise ConfigError(str(e)) from e
+    if jax.default_backend() == "gpu":
+      logging.warning("fp8_adamw: %s; using the jnp path.", e)
+    return "jnp"
+  return "pallas"
+
+
 def fp8_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
-              eps: float = 1e-8, weight_decay: float = 0.0, *, impl: str = "jnp",
+              eps: float = 1e-8, weight_decay: float = 0.0, *, impl: str = "auto",
               interpret: bool = False, expand: bool = True,
               num_shards: int | Callable[[tuple[int, ...]], int] = 1,
               skip_nonfinite: bool = True, group_size: int = fp8.OPTIM_GROUP_SIZE,
-              block_rows: int | None = None) -> optax.GradientTransformation:
+              block_rows: int | None = None) -> FusedGradientTransformation:
   """AdamW with float8_e4m3fn moments in groups of 128 (COAT).
+
+  Also the optimizer factory of `config.optim.name = "coat.optim.fp8_adamw"` (common/optim.py calls
+  it with learning_rate, b1, b2, eps, weight_decay and `config.optim.options`).
 
   Args:
     learning_rate: a float or an optax schedule (called with the step count from 0).
     b1, b2, eps: Adam hyper-parameters.
     weight_decay: decoupled weight decay (times the learning rate, as AdamW).
-    impl: "jnp" (XLA) or "pallas" (the fused kernel of kernels/fp8_adamw.py).
+    impl: "auto" (the fused kernel on one TPU or one CUDA GPU of compute capability >= 8.9; the
+      jnp path elsewhere, including multi-device meshes: see `resolve_impl`), "pallas" (the fused
+      kernel of kernels/fp8_adamw.py; a ConfigError where it does not compile) or "jnp" (XLA).
+      Resolved when the step is traced.
     interpret: run the Pallas kernel in interpret mode (CPU).
     expand: Dynamic Range Expansion of the moments (False: plain per-group absmax scaling).
     num_shards: leading-axis shards per parameter (int or shape -> int); see the module docstring.
@@ -80,11 +111,12 @@ def fp8_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float 
     block_rows: groups per Pallas program (None: the backend's default).
 
   Returns:
-    An optax.GradientTransformation whose state is `Fp8AdamWState`.
+    A `common.optim.FusedGradientTransformation` (an optax.GradientTransformation whose state is
+    `Fp8AdamWState`); its `apply` writes the new parameters and moments in place (donate them).
   """
-  if impl not in ("jnp", "pallas"):
-    raise ValueError(f"impl must be 'jnp' or 'pallas', got {impl!r}")
-  hyper = dict(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, expand=expand, impl=impl,
+  if impl not in ("auto", "jnp", "pallas"):
+    raise ConfigError(f"fp8_adamw impl must be 'auto', 'jnp' or 'pallas', got {impl!r}")
+  hyper = dict(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, expand=expand,
                interpret=interpret, block_rows=block_rows)
 
   def init_fn(params):
@@ -95,8 +127,9 @@ def fp8_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float 
     nu = jax.tree.map(empty, params)
     return Fp8AdamWState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
 
-  def update_fn(updates, state, params=None):
-    if weight_decay and params is None:
+  def step(grads, state, params, grad_scale, out):
+    """out="update": (updates, state); out="params": (new params, state)."""
+    if (weight_decay or out == "params") and params is None:
       raise ValueError("fp8_adamw with weight_decay != 0 needs `params` in update()")
     count = state.count
     lr = learning_rate(count) if callable(learning_rate) else learning_rate
@@ -104,45 +137,46 @@ def fp8_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float 
     t = (count + 1).astype(jnp.float32)
     bc1 = 1.0 - jnp.power(jnp.float32(b1), t)
     sqrt_bc2 = jnp.sqrt(1.0 - jnp.power(jnp.float32(b2), t))
-    grads, treedef = jax.tree.flatten(updates)
+    leaves, treedef = jax.tree.flatten(grads)
     mus = treedef.flatten_up_to(state.mu)
     nus = treedef.flatten_up_to(state.nu)
-    ps = treedef.flatten_up_to(params) if params is not None else [None] * len(grads)
-
-    def step(_):
-      outs, new_mu, new_nu = [], [], []
-      for g, m, v, p in zip(grads, mus, nus, ps):
-        g = jnp.asarray(g)
-        n = m.num_shards
-        g_rows = fp8.to_groups(g.astype(jnp.float32), group_size, n)
-        p_rows = (fp8.to_groups(jnp.asarray(p, jnp.float32), group_size, n)
-                  if (weight_decay and p is not None) else None)
-        m_rows = (m.codes, m.scale[:, None], m.k[:, None], m.c[:, None])
-        v_rows = (v.codes, v.scale[:, None], v.k[:, None], v.c[:, None])
-        u, m_rows, v_rows = fp8_adamw_rows(g_rows, p_rows, m_rows, v_rows, lr, bc1, sqrt_bc2,
-                                           **hyper)
-        out_dtype = p.dtype if p is not None else g.dtype
-        outs.append(fp8.from_groups(u, g.shape, n).astype(out_dtype))
-        new_mu.append(_rows_to_groups(m_rows, m))
-        new_nu.append(_rows_to_groups(v_rows, v))
-      return outs, count + 1, new_mu, new_nu
-
-    if skip_nonfinite and grads:
-      finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in grads]).all()
-
-      def skip(_):
-        outs = [jnp.zeros(jnp.shape(g), p.dtype if p is not None else jnp.asarray(g).dtype)
-                for g, p in zip(grads, ps)]
-        return outs, count, list(mus), list(nus)
-
-      outs, new_count, new_mu, new_nu = jax.lax.cond(finite, step, skip, None)
-    else:
-      outs, new_count, new_mu, new_nu = step(None)
+    ps = treedef.flatten_up_to(params) if params is not None else [None] * len(leaves)
+    skip = jnp.bool_(False)
+    if skip_nonfinite and leaves:
+      skip = jnp.logical_not(jnp.stack([jnp.all(jnp.isfinite(g)) for g in leaves]).all())
+    kernel_impl = resolve_impl(impl, interpret)
+    outs, new_mu, new_nu = [], [], []
+    for g, m, v, p in zip(leaves, mus, nus, ps):
+      g = jnp.asarray(g)
+      n = m.num_shards
+      g_rows = fp8.to_groups(g, group_size, n)
+      p_rows = None
+      if p is not None and (weight_decay or out == "params"):
+        p_rows = fp8.to_groups(jnp.asarray(p), group_size, n)
+      m_rows = (m.codes, m.scale[:, None], m.k[:, None], m.c[:, None])
+      v_rows = (v.codes, v.scale[:, None], v.k[:, None], v.c[:, None])
+      try:
+        res, m_rows, v_rows = fused.fp8_adamw_rows(
+            g_rows, p_rows, m_rows, v_rows, lr, bc1, sqrt_bc2, grad_scale, skip, out=out,
+            impl=kernel_impl, **hyper)
+      except fused.KernelUnsupported as e:
+        raise ConfigError(str(e)) from e
+      out_dtype = p.dtype if p is not None else g.dtype
+      outs.append(fp8.from_groups(res, g.shape, n).astype(out_dtype))
+      new_mu.append(_rows_to_groups(m_rows, m))
+      new_nu.append(_rows_to_groups(v_rows, v))
+    new_count = count + jnp.where(skip, 0, 1).astype(count.dtype)
     return (treedef.unflatten(outs),
             Fp8AdamWState(count=new_count, mu=treedef.unflatten(new_mu),
                           nu=treedef.unflatten(new_nu)))
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  def update_fn(updates, state, params=None):
+    return step(updates, state, params, None, "update")
+
+  def apply_fn(grads, state, params, grad_scale=None):
+    return step(grads, state, params, grad_scale, "params")
+
+  return FusedGradientTransformation(init_fn, update_fn, apply_fn)
 
 
 def _rows_to_groups(rows, like: fp8.QuantizedGroups) -> fp8.QuantizedGroups:

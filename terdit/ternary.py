@@ -12,6 +12,7 @@ layout) and run through `kernels.ternary_matmul.ternary_matmul` together with al
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -19,13 +20,34 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from common.errors import ShapeError
+from common.errors import ConfigError, ShapeError
 from kernels import ternary_matmul as tm
 
 EPS = 1e-6  # TerDiT's gamma + 1e-6 (spec A2).
 
-pack = tm.pack_ternary
-unpack = tm.unpack_ternary
+# Words of the kernels' ValueError messages about options (ConfigError), not inputs (ShapeError).
+_OPTION_WORDS = ("impl", "variant", "block_", "split_k", "CUDA", "jax-triton")
+
+
+def _user_errors(fn):
+  """Wraps a kernels function: its ValueErrors (kernels/ is a leaf and raises plain ValueError)
+  become common.errors.ConfigError (a bad option) or ShapeError (bad shapes or dtypes)."""
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    try:
+      return fn(*args, **kwargs)
+    except ValueError as e:
+      msg = str(e)
+      err = ConfigError if any(w in msg for w in _OPTION_WORDS) else ShapeError
+      raise err(msg) from e
+
+  return wrapped
+
+
+pack = _user_errors(tm.pack_ternary)
+unpack = _user_errors(tm.unpack_ternary)
+_ternary_matmul = _user_errors(tm.ternary_matmul)
 
 
 def ternarize(w: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -172,7 +194,7 @@ def packed_dense(params: dict[str, jax.Array], x: jax.Array, **matmul_kwargs) ->
     x: activations, float32 or bfloat16.
     **matmul_kwargs: passed to `ternary_matmul` (impl, interpret, pallas_variant, ...).
   """
-  y = tm.ternary_matmul(x, params["packed"], params["alpha"], **matmul_kwargs)
+  y = _ternary_matmul(x, params["packed"], params["alpha"], **matmul_kwargs)
   if params.get("bias") is not None:
     y = (y.astype(jnp.float32) + params["bias"]).astype(x.dtype)
   return y

@@ -1,6 +1,7 @@
 """Tests of coat/optim.py (FP8 AdamW) and kernels/fp8_adamw.py (the fused Pallas kernel)."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from sklearn.preprocessing import StandardScaler
 
 from coat import fp8
 from coat.optim import Fp8AdamWState, fp8_adamw, state_bytes
+from common.errors import ConfigError
 from kernels.fp8_adamw import fp8_adamw_rows
 
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +300,7 @@ def test_groups_stay_within_leading_axis_shards(num_shards, impl):
 
 
 def test_bad_arguments():
-  with pytest.raises(ValueError, match="impl"):
+  with pytest.raises(ConfigError, match="impl"):
     fp8_adamw(1e-3, impl="cuda")
   tx = fp8_adamw(1e-3, weight_decay=0.1)
   params = {"w": jnp.ones((4,))}
@@ -306,5 +308,130 @@ def test_bad_arguments():
     tx.update(params, tx.init(params))
   if jax.default_backend() == "cpu":
     tx = fp8_adamw(1e-3, impl="pallas")  # without interpret=True
-    with pytest.raises(ValueError, match="interpret=True"):
+    with pytest.raises(ConfigError, match="interpret=True"):
       tx.update(params, tx.init(params))
+
+
+# ---------------------------------------------------------------------------------------------
+# The in-place step through common.optim (the trainer's path).
+
+
+def _optim_cfg(name="coat.optim.fp8_adamw", clip_norm=0.5, **options):
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  return ml_collections.ConfigDict(dict(
+      name=name, learning_rate=1e-2, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.05,
+      warmup_steps=2, schedule="cosine", final_lr_fraction=0.1, clip_norm=clip_norm,
+      options=options))
+
+
+def _tree():
+  k = jax.random.split(jax.random.key(7), 3)
+  return {"w": jax.random.normal(k[0], (16, 128)), "b": jax.random.normal(k[1], (5,)),
+          "e": jax.random.normal(k[2], (3, 5, 7))}
+
+
+def _grads(step):
+  return jax.tree.map(lambda p: 3.0 * jax.random.normal(jax.random.key(100 + step), p.shape),
+                      _tree())
+
+
+def test_make_optimizer_by_dotted_name_keeps_the_fused_step():
+  from common.errors import ConfigError  # pylint: disable=import-outside-toplevel,reimported
+  from common.optim import FusedGradientTransformation, make_optimizer  # pylint: disable=import-outside-toplevel
+  tx = make_optimizer(_optim_cfg(impl="jnp"), 10)
+  assert isinstance(tx, FusedGradientTransformation) and isinstance(tx, optax.GradientTransformation)
+  # the state has the structure of optax.chain(clip, fp8_adamw): checkpoints do not change
+  chained = optax.chain(optax.clip_by_global_norm(0.5), fp8_adamw(1e-2))
+  assert (jax.tree.structure(tx.init(_tree()))
+          == jax.tree.structure(chained.init(_tree())))
+  assert isinstance(make_optimizer(_optim_cfg(clip_norm=0.0), 10), FusedGradientTransformation)
+  assert not isinstance(make_optimizer(_optim_cfg(name="adamw"), 10), FusedGradientTransformation)
+  make_optimizer(_optim_cfg(name="optax.adamw"), 10)  # any factory with AdamW's keywords
+  for bad in ("fp8_adamw", "coat.optim.nope", "nomodule.fn"):
+    with pytest.raises(ConfigError, match="optim.name"):
+      make_optimizer(_optim_cfg(name=bad), 10)
+  with pytest.raises(ConfigError, match="impl"):
+    make_optimizer(_optim_cfg(impl="cuda"), 10)
+
+
+@pytest.mark.parametrize("impl", ["jnp", "pallas"])
+def test_apply_gradients_in_place_equals_update_path(impl):
+  """3 clipped steps with `apply_gradients` (fused, in place) vs `update` + `apply_updates`."""
+  from common.optim import apply_gradients, make_optimizer  # pylint: disable=import-outside-toplevel
+  fused = make_optimizer(_optim_cfg(impl=impl, interpret=True, block_rows=8), 10)
+  plain = make_optimizer(_optim_cfg(impl="jnp"), 10)
+
+  def plain_step(p, s, g):
+    u, s = plain.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  fused_step = jax.jit(functools.partial(apply_gradients, fused), donate_argnums=(1, 2))
+  plain_step = jax.jit(plain_step)
+  pf, sf = _tree(), fused.init(_tree())
+  pp, sp = _tree(), plain.init(_tree())
+  for step in range(3):
+    assert float(optax.global_norm(_grads(step))) > 0.5  # clipping acts
+    pf, sf = fused_step(_grads(step), sf, pf)
+    pp, sp = plain_step(pp, sp, _grads(step))
+  for a, b in zip(jax.tree.leaves(pf), jax.tree.leaves(pp)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  assert int(sf[1].count) == int(sp[1].count) == 3
+  for a, b in zip(jax.tree.leaves(sf), jax.tree.leaves(sp)):
+    codes = a.dtype == fp8.E4M3
+    a, b = np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32))
+    # fp32 rounding differences (FMA contraction) can flip an E4M3 code by one step (2^-3)
+    assert not codes or np.mean(a != b) < 0.01
+    np.testing.assert_allclose(a, b, rtol=0.13, atol=1e-6 * float(np.abs(b).max()))
+
+
+def test_apply_gradients_skips_nonfinite_and_resumes_exactly():
+  from common.optim import apply_gradients, make_optimizer  # pylint: disable=import-outside-toplevel
+  tx = make_optimizer(_optim_cfg(impl="pallas", interpret=True), 10)
+  step = jax.jit(functools.partial(apply_gradients, tx), donate_argnums=(1, 2))
+  p, s = _tree(), tx.init(_tree())
+  p, s = step(_grads(0), s, p)
+  before = jax.device_get((p, s))
+  bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), _grads(1))
+  p, s = step(bad, s, p)  # skipped: parameters and state unchanged bit for bit
+  for a, b in zip(jax.tree.leaves((p, s)), jax.tree.leaves(before)):
+    np.testing.assert_array_equal(np.atleast_1d(np.asarray(a)).view(np.uint8),
+                                  np.atleast_1d(np.asarray(b)).view(np.uint8))
+  # two more steps straight, or through a host round trip (a checkpoint): identical
+  saved = jax.device_get((p, s))
+  straight = (p, s)
+  for i in (2, 3):
+    straight = step(_grads(i), straight[1], straight[0])
+  resumed = jax.device_put(saved)
+  for i in (2, 3):
+    resumed = step(_grads(i), resumed[1], resumed[0])
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(np.atleast_1d(np.asarray(a)).view(np.uint8),
+                                  np.atleast_1d(np.asarray(b)).view(np.uint8))
+  assert int(straight[1][1].count) == 3
+
+
+def test_donated_train_step_aliases_params_and_state():
+  """A jitted train step with params and state donated: the compiled executable writes the new
+  parameters and FP8 moments into the donated buffers (aliased outputs), as the trainer's does."""
+  from common.optim import apply_gradients, make_optimizer  # pylint: disable=import-outside-toplevel
+  tx = make_optimizer(_optim_cfg(impl="pallas", interpret=True), 10)
+  params = {"w": jnp.ones((64, 128)), "v": jnp.ones((32, 128))}
+  state = tx.init(params)
+
+  def train_step(params, opt_state, x):
+    grads = jax.grad(lambda p: jnp.sum((x @ p["w"].T) ** 2) + jnp.sum(p["v"] ** 2))(params)
+    return apply_gradients(tx, grads, opt_state, params)
+
+  x = jnp.ones((4, 128))
+  compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, state, x).compile()
+  hlo = compiled.as_text()
+  header = next(line for line in hlo.splitlines() if line.startswith("HloModule"))
+  # params (2 leaves) and both moments (4 arrays per leaf each) are aliased to outputs
+  assert len(re.findall(r"(?:may|must)-alias", header)) >= 2 + 8 * 2, header
+  mem = compiled.memory_analysis()
+  donated = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves((params, state)))
+  if mem is not None and getattr(mem, "alias_size_in_bytes", 0):
+    assert mem.alias_size_in_bytes >= donated - 64  # all but scalars (count) may stay separate
+  new_p, new_s = compiled(params, state, x)
+  assert int(new_s[1].count) == 1 and new_p["w"].shape == (64, 128)
+  assert float(jnp.abs(new_s[1].mu["w"].codes.astype(jnp.float32)).max()) > 0  # m was written

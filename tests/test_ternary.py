@@ -229,3 +229,12 @@ def test_packed_dense_runs_an_exported_layer():
   want = net.blocks[0].down(h)
   got = T.packed_dense(tree["blocks"][0]["down"], h)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # kernels/ raises plain ValueError; the user-facing wrappers turn it into the project's errors
+  from common.errors import ConfigError, ShapeError  # pylint: disable=import-outside-toplevel
+  layer = tree["blocks"][0]["down"]
+  with pytest.raises(ShapeError, match="ceil"):
+    T.packed_dense(layer, h[:, :5])  # 5 inputs need 2 packed rows, the layer has 3
+  with pytest.raises(ConfigError, match="impl"):
+    T.packed_dense(layer, h, impl="cuda")
+  with pytest.raises(ShapeError):
+    T.pack(jnp.zeros((2, 3, 4)))

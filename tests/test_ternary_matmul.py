@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from common.errors import ConfigError, ShapeError
 from kernels import ternary_matmul as tm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,6 +71,41 @@ def test_pallas_interpret_multi_tile_multi_step(variant, dtype, k, blocks):
   _close(y, exact, dtype)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pallas_gpu_split_k_equals_exact(dtype):
+  # H = 64 packed rows, block_q = 16: 4 K steps, split in 2 and in 4 (one step each).
+  x, packed, alpha, exact = _problem(3, 256, 40, dtype, seed=4)
+  for split in (2, 4):
+    y = tm.ternary_matmul(x, packed, alpha, impl="pallas", interpret=True, pallas_variant="gpu",
+                          block_m=16, block_n=16, block_q=16, split_k=split)
+    assert y.shape == (3, 40) and y.dtype == dtype
+    _close(y, exact, dtype)
+  with pytest.raises(ValueError, match="split_k"):
+    tm.ternary_matmul(x, packed, alpha, impl="pallas", interpret=True, pallas_variant="gpu",
+                      block_q=16, split_k=3)
+
+
+def test_gpu_split_k_heuristic_fills_the_sms():
+  # TerDiT shapes at M <= 16: bm 16, bn 64, bq 32 -> 48 to 128 output tiles for 132 SMs.
+  for k, n in ((1536, 4096), (3072, 8192), (8192, 3072)):
+    steps = tm.packed_rows(k) // 32
+    split = tm._gpu_split_k(1, n // 64, steps, None)
+    assert steps % split == 0 and steps // split >= tm.GPU_MIN_STEPS_PER_SPLIT, (k, n, split)
+    assert (n // 64) * split >= tm.GPU_NUM_SMS_HINT, (k, n, split)  # at least one wave
+  assert tm._gpu_split_k(32, 64, 12, None) == 1  # large M: enough tiles already
+
+
+def test_tpu_blocks_divide_terdit_packed_rows():
+  # No per-call padding of the packed weight on TPU: bq divides H, bn divides N.
+  for k, n in ((1536, 4096), (3072, 8192), (8192, 3072)):
+    h = tm.packed_rows(k)
+    for m in (1, 16, 4096):
+      _, bn, bq = tm._pallas_blocks("tpu", m, n, h, None, None, None)
+      assert h % bq == 0 and n % bn == 0 and bq % 128 == 0 and bn % 128 == 0, (k, n, bq, bn)
+  # K = 3072: 768 packed rows -> blocks of 384 (two K steps), not 512 rows padded to 1024
+  assert tm._pallas_blocks("tpu", 16, 8192, 768, None, None, None)[2] == 384
+
+
 def test_leading_dims_and_alpha_shapes():
   x, packed, _, _ = _problem(6, 13, 7, jnp.float32, seed=3)
   x3 = x.reshape(2, 3, 13)
@@ -84,20 +118,20 @@ def test_leading_dims_and_alpha_shapes():
 
 def test_bad_inputs_give_clear_errors():
   x, packed, alpha, _ = _problem(5, 37, 19, jnp.float32)
-  with pytest.raises(ShapeError, match="ceil"):
+  with pytest.raises(ValueError, match="ceil"):
     tm.ternary_matmul(x[:, :30], packed, alpha)  # K=30 needs 8 packed rows, not 10
-  with pytest.raises(ShapeError, match="uint8"):
+  with pytest.raises(ValueError, match="uint8"):
     tm.ternary_matmul(x, packed.astype(jnp.int32), alpha)
-  with pytest.raises(ShapeError, match="float32 and bfloat16"):
+  with pytest.raises(ValueError, match="float32 and bfloat16"):
     tm.ternary_matmul(x.astype(jnp.float16), packed, alpha)
-  with pytest.raises(ConfigError, match="impl"):
+  with pytest.raises(ValueError, match="impl"):
     tm.ternary_matmul(x, packed, alpha, impl="cuda")
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the non-CUDA error")
 def test_triton_impl_refuses_non_cuda_backend():
   x, packed, alpha, _ = _problem(5, 37, 19, jnp.float32)
-  with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+  with pytest.raises(ValueError, match="needs a CUDA GPU"):
     tm.ternary_matmul(x, packed, alpha, impl="triton")
 
 
@@ -153,6 +187,8 @@ _TRITON_INTERPRETER_SCRIPT = textwrap.dedent("""
         (5, 300, 19, ml_dtypes.bfloat16, dict(BM=16, BN=16, BQ=16, SPLIT_K=3)),
         (40, 301, 70, np.float32, dict(BM=16, BN=32, BQ=16, SPLIT_K=1, GROUP_M=2)),
         (3, 1000, 17, np.float32, {}),  # the heuristic small-M config (split-K)
+        # tiles divide the shape: the unmasked (EVEN_N, EVEN_Q) path, split-K
+        (3, 512, 32, ml_dtypes.bfloat16, dict(BM=16, BN=16, BQ=16, SPLIT_K=2)),
     ]
     for m, k, n, dt, over in cases:
       codes = rng.integers(-1, 2, size=(k, n)).astype(np.int8)
@@ -161,21 +197,19 @@ _TRITON_INTERPRETER_SCRIPT = textwrap.dedent("""
       x = rng.normal(size=(m, k)).astype(dt)
       cfg = tt.default_config(m, n, h)
       cfg.update(over)
-      tiles, split, rows = tt.launch_geometry(m, n, h, cfg)
+      consts, grid = tt.kernel_constexprs(m, k, n, h, dt, cfg)
+      split = grid[1]
       out = (np.zeros((split, m, n), np.float32) if split > 1 else np.zeros((m, n), dt))
       o = Shim(out)
-      tt.ternary_matmul_kernel[(tiles, split)](
-          Shim(x), Shim(packed), Shim(np.array([0.37], np.float32)), o,
-          m, n, k, h, rows, k, n, n, m * n,
-          BM=cfg["BM"], BN=cfg["BN"], BQ=cfg["BQ"], GROUP_M=cfg["GROUP_M"],
-          SPLIT=split > 1, F32_IN=dt == np.float32)
+      tt.ternary_matmul_kernel[grid](
+          Shim(x), Shim(packed), Shim(np.array([0.37], np.float32)), o, **consts)
       got = o.arr.astype(np.float64)
       if split > 1:
         got = 0.37 * got.sum(0)
       want = (x.astype(np.float64) @ codes.astype(np.float64)) * 0.37
       tol = 1e-5 if dt == np.float32 or split > 1 else 2 ** -7
       np.testing.assert_allclose(got, want, rtol=tol, atol=max(tol, 1e-5) * 4)
-      print("ok", m, k, n, np.dtype(dt).name, split)
+      print("ok", m, k, n, np.dtype(dt).name, split, consts["EVEN_N"] and consts["EVEN_Q"])
 """)
 
 
@@ -186,4 +220,5 @@ def test_triton_kernel_in_triton_interpreter():
                         capture_output=True, text=True, timeout=600,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 0, proc.stdout + proc.stderr
-  assert proc.stdout.count("ok") == 5, proc.stdout
+  assert proc.stdout.count("ok") == 6, proc.stdout
+  assert "True" in proc.stdout  # the unmasked path ran

@@ -147,7 +147,7 @@ def test_cli_sigterm_saves_and_exits_zero(tmp_path):
 
 def test_fp8_adamw_trains_checkpoints_and_resumes(tmp_path):
   c = tiny_config(steps=4)
-  c.optim.name = "fp8_adamw"
+  c.optim.name = "coat.optim.fp8_adamw"
   full, split = str(tmp_path / "full"), str(tmp_path / "split")
   trainer.train(c, full)
   trainer.train(c, split, stop_after=2)
