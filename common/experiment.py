@@ -25,7 +25,7 @@ from common import sharding
 from common.diffusion import make_diffusion
 from common.ema import ema_update
 from common.errors import ConfigError, ShapeError
-from common.optim import learning_rate_schedule, make_optimizer
+from common.optim import apply_gradients, learning_rate_schedule, make_optimizer
 
 
 def model_class(model_cfg: ml_collections.ConfigDict):
@@ -163,8 +163,7 @@ class Experiment:
 
   def _train_step(self, state, batch, key):
     loss, metrics, grads = self._grads(state["params"], batch, key)
-    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    params, opt_state = apply_gradients(self.tx, grads, state["opt_state"], state["params"])
     step = state["step"] + 1
     ema = ema_update(state["ema"], params, step, decay=float(self.config.train.ema_decay),
                      start_step=int(self.config.train.ema_start_step),

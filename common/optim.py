@@ -23,7 +23,6 @@ global-norm clipping passes its scale into the fused step instead of materialisi
 """
 
 from collections.abc import Callable
-import importlib
 from typing import Any
 
 import jax
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from common import registry
 from common.errors import ConfigError
 
 # apply(grads, state, params, grad_scale) -> (new_params, new_state); grad_scale is None or an
@@ -129,11 +129,7 @@ def optimizer_factory(name: str) -> Callable[..., optax.GradientTransformation]:
   if not isinstance(name, str) or "." not in name:
     raise ConfigError(f"optim.name={name!r}: expected 'adamw' or a dotted factory path such as "
                       "'coat.optim.fp8_adamw'.")
-  module_name, fn_name = name.rsplit(".", 1)
-  try:
-    factory = getattr(importlib.import_module(module_name), fn_name)
-  except (ImportError, AttributeError) as e:
-    raise ConfigError(f"optim.name={name!r} cannot be imported: {e}") from e
+  factory = registry.import_object(name, "optim.name")
   if not callable(factory):
     raise ConfigError(f"optim.name={name!r} is not callable.")
   return factory
