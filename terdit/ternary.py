@@ -1,6 +1,7 @@
 """TerDiT ternary weights (arXiv 2405.14854): quantizer, QAT dense layer, packing, export.
 
-Quantizer (spec A2, `layers.py::ternary` of the official code):
+Quantizer (TerDiT, arXiv 2405.14854; `fairscale/fairscale/nn/model_parallel/layers.py::ternary` of
+Lucky-Lance/TerDiT):
   gamma = mean(|W|) over the whole tensor,
   Wt = clip(round(W / (gamma + 1e-6)), -1, 1) (round half to even),
   W_eff = alpha * Wt, y = x W_eff (+ b); backward: identity straight-through estimator,
@@ -23,7 +24,7 @@ from flax import nnx
 from common.errors import ConfigError, ShapeError
 from kernels import ternary_matmul as tm
 
-EPS = 1e-6  # TerDiT's gamma + 1e-6 (spec A2).
+EPS = 1e-6  # TerDiT's gamma + 1e-6 (official layers.py).
 
 # Words of the kernels' ValueError messages about options (ConfigError), not inputs (ShapeError).
 _OPTION_WORDS = ("impl", "variant", "block_", "split_k", "CUDA", "jax-triton")
@@ -51,7 +52,7 @@ _ternary_matmul = _user_errors(tm.ternary_matmul)
 
 
 def ternarize(w: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """TerDiT's absmean ternary quantizer (spec A2).
+  """TerDiT's absmean ternary quantizer (arXiv 2405.14854; official layers.py::ternary).
 
   Args:
     w: weight tensor of any shape.
@@ -83,9 +84,9 @@ class TernaryScale(nnx.Param):
 class TernaryDense(nnx.Module):
   """Dense layer with TerDiT ternary weights, trained with QAT.
 
-  Forward: y = x @ (alpha * Wt) + b, Wt = ternarize(kernel) (spec A2). The identity STE
-  is written as Wt_ste = Wt + (W - stop_gradient(W)): the same gradient as the spec's
-  W + stop_gradient(Wt - W) form (A10.2; dL/dW = dL/dWt, no 1/gamma factor, no clip
+  Forward: y = x @ (alpha * Wt) + b, Wt = ternarize(kernel). The identity STE
+  is written as Wt_ste = Wt + (W - stop_gradient(W)): the same gradient as the official
+  W + stop_gradient(Wt - W) form (dL/dW = dL/dWt, no 1/gamma factor, no clip
   mask), but its forward value is exactly Wt in floating point, so the QAT forward and
   the packed deployment use the very same weights.
 

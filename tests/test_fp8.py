@@ -17,7 +17,7 @@ def _lognormal(key, shape, sigma=2.0):
   return jax.random.normal(k1, shape) * jnp.exp(sigma * jax.random.normal(k2, shape))
 
 
-def _spec_b2_reference(x, group_size=128):
+def _coat_dre_reference(x, group_size=128):
   """Spec B2 written directly in float64 numpy (groups of the flattened tensor, last partial).
 
   Returns per group (k, c, s) and the decoded values of the float8 codes.
@@ -62,7 +62,7 @@ def test_per_tensor_round_trip(dtype, bound, rel):
 
 def test_e4m3_cast_saturates_instead_of_nan():
   big = jnp.array([448.0, 449.0, 500.0, 1e9, -1e30, -600.0])
-  assert bool(jnp.isnan(big.astype(fp8.E4M3)).any())  # the pitfall (spec B7.3): a raw cast
+  assert bool(jnp.isnan(big.astype(fp8.E4M3)).any())  # why we clip: a raw cast
   out = fp8.cast_to_fp8(big).astype(jnp.float32)
   np.testing.assert_array_equal(np.asarray(out), [448, 448, 448, 448, -448, -448])
   codes, _ = fp8.quantize_per_tensor(big, scale=jnp.float32(1.0))
@@ -92,10 +92,10 @@ def test_per_group_activations_bf16_scales_and_clip():
 # Groups with Dynamic Range Expansion.
 
 
-def test_quantize_groups_matches_spec_b2():
+def test_quantize_groups_matches_coat_dre():
   x = _lognormal(jax.random.key(2), (16, 128), sigma=1.5)  # 16 groups of 128
   q = fp8.quantize_groups(x)
-  ks, cs, ss, dec = _spec_b2_reference(np.asarray(x))
+  ks, cs, ss, dec = _coat_dre_reference(np.asarray(x))
   assert q.codes.dtype == fp8.E4M3 and q.codes.shape == (16, 128)
   assert q.scale.dtype == q.k.dtype == q.c.dtype == jnp.float32 and q.k.shape == (16,)
   np.testing.assert_array_equal(np.asarray(q.k), ks)
@@ -113,7 +113,7 @@ def test_true_min_over_nonzero_and_zero_lanes():
   x_zeros[:, 0] = 0.0  # a zero at lane 0: the CUDA kernel's partial min would give k ~ 1/16
   x_zeros[:, 77] = 0.0
   q, qz = fp8.quantize_groups(x), fp8.quantize_groups(x_zeros)
-  ks, _, _, _ = _spec_b2_reference(x_zeros)
+  ks, _, _, _ = _coat_dre_reference(x_zeros)
   np.testing.assert_array_equal(np.asarray(qz.k), ks)
   assert float(qz.k.min()) >= float(q.k.min())  # dropping elements cannot widen the range
   assert float(qz.k.min()) > 1.0
@@ -138,7 +138,7 @@ def test_all_zero_constant_and_compressing_groups():
   wide = jnp.array(np.geomspace(1e-20, 1e20, 128), jnp.float32)
   q = fp8.quantize_groups(wide)
   assert 0.0 < float(q.k[0]) < 1.0
-  np.testing.assert_allclose(float(q.k[0]), _spec_b2_reference(np.asarray(wide))[0][0])
+  np.testing.assert_allclose(float(q.k[0]), _coat_dre_reference(np.asarray(wide))[0][0])
   y = fp8.dequantize_groups(q)
   assert bool(jnp.isfinite(y).all()) and bool((y > 0).all())
   assert float(jnp.max(jnp.abs(jnp.log(y / wide)))) < 3.0  # within a factor e^3 over 40 decades
