@@ -37,7 +37,8 @@ class Autoencoder:
 
   Args:
     net: the network; `net.encode_moments(x [B,H,W,C]) -> (mean, logvar) [B,h,w,c]` and
-      `net.decode(z [B,h,w,c]) -> [B,H,W,C]`, with `net.downsample_factor` and `net.latent_channels`.
+      `net.decode(z [B,h,w,c]) -> [B,H,W,C]`, with `net.downsample_factor`, `net.in_channels` (C)
+      and `net.latent_channels` (c).
     shift, scale: float32 [c] (or scalars): model latents are `(z - shift) * scale`.
     name: where it was loaded from, for messages.
   """
@@ -46,6 +47,7 @@ class Autoencoder:
     self.graphdef, self.params = nnx.split(net, nnx.Param)
     self.downsample_factor = int(net.downsample_factor)
     self.latent_channels = int(net.latent_channels)
+    self.image_channels = int(net.in_channels)
     c = self.latent_channels
     self.shift = np.broadcast_to(np.asarray(shift, np.float32), (c,)).copy()
     self.scale = np.broadcast_to(np.asarray(scale, np.float32), (c,)).copy()
@@ -72,7 +74,10 @@ class Autoencoder:
 
   def latent_shape(self, image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
     """(H, W, C) of images -> (h, w, c) of their latents."""
-    h, w, _ = image_shape
+    h, w, c = image_shape
+    if c != self.image_channels:
+      raise ShapeError(f"autoencoder {self.name} takes images with {self.image_channels} channel(s), "
+                       f"got {c}")
     f = self.downsample_factor
     if h % f or w % f:
       raise ShapeError(f"autoencoder {self.name}: image size {h}x{w} is not divisible by its "

@@ -290,7 +290,7 @@ class AutoencoderKL(nnx.Module):
                        if use_quant_conv else None)
     self.post_quant_conv = (Conv2d(latent_channels, latent_channels, 1, dtype=dtype, rngs=rngs)
                             if use_post_quant_conv else None)
-    self.latent_channels = latent_channels
+    self.in_channels, self.latent_channels = in_channels, latent_channels
     self.downsample_factor = 2 ** (len(tuple(block_out_channels)) - 1)
 
   def encode_moments(self, x: Array) -> tuple[Array, Array]:
