@@ -55,7 +55,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.num_grid_samples = 64
   c.train.ema_decay = 0.999
   c.train.ema_warmup = True
-  c.train.cond_drop_prob = 0.0          # no conditioning
 
   c.optim.learning_rate = 2e-3
   c.optim.warmup_steps = 100
