@@ -11,7 +11,11 @@ Choices (tuned on a 2-core CPU; figures in README.md "Autoencoders"):
     keeps the latents smooth for a diffusion model at a negligible reconstruction cost here.
   * widths (16, 32, 32) at 28, 14, 7 pixels, one ResnetBlock2D per level, none extra at the
     latent resolution, no attention: 0.12M parameters, 5.2 GFLOP per train step of 32 images.
-  * AdamW lr 2e-3, batch 32, 1500 steps, cosine decay, EMA 0.999 with warmup.
+  * AdamW lr 2e-3, batch 32, 600 steps, cosine decay, EMA 0.999 with warmup. Measured with
+    benchmarks/autoencoder_fashion.py (same model, recipe, optimizer and steps): test-set PSNR
+    21.7 dB (MSE 0.0068 on [0, 1] pixels); a logistic-regression pixel classifier scores 82.1% on
+    the reconstructions vs 82.7% on the real test images. 0.5 steps/s on a 2-core CPU shared with
+    other jobs (load ~12); about 0.13 s a step at the 40 GFLOP/s a free 2-core machine gives.
 
 Args (comma-separated): "runlocal" for a few-second smoke run.
 """
@@ -47,11 +51,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.diffusion.reconstruction = "l1"
   c.diffusion.sample_posterior = True
 
-  c.train.steps = 1500
+  c.train.steps = 600
   c.train.batch_size = 32
   c.train.log_every = 100
-  c.train.checkpoint_every = 500
-  c.train.sample_every = 500
+  c.train.checkpoint_every = 200
+  c.train.sample_every = 200
   c.train.num_grid_samples = 64
   c.train.ema_decay = 0.999
   c.train.ema_warmup = True
