@@ -52,8 +52,8 @@ class Autoencoder:
     self.shift = np.broadcast_to(np.asarray(shift, np.float32), (c,)).copy()
     self.scale = np.broadcast_to(np.asarray(scale, np.float32), (c,)).copy()
     self.name = name
-    self._encode_mean = jax.jit(self._encode)
-    self._encode_sample = jax.jit(self._encode)
+    self._moments = jax.jit(self._moments_fn)
+    self._normalize = jax.jit(self._normalize_fn)
     self._decode = jax.jit(self._decode_fn)
 
   @property
@@ -61,8 +61,10 @@ class Autoencoder:
     """The network, merged from the stored params."""
     return nnx.merge(self.graphdef, self.params)
 
-  def _encode(self, params, images, key):
-    mean, logvar = nnx.merge(self.graphdef, params).encode_moments(images)
+  def _moments_fn(self, params, images):
+    return nnx.merge(self.graphdef, params).encode_moments(images)
+
+  def _normalize_fn(self, mean, logvar, key):
     z = mean
     if key is not None:  # a sample of the diagonal Gaussian posterior
       z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
@@ -92,10 +94,16 @@ class Autoencoder:
     images = jnp.asarray(images, jnp.float32)
     if images.ndim != 4:
       raise ShapeError(f"autoencoder {self.name}: images must be [B, H, W, C], got {images.shape}")
+    mean, logvar = self.moments(images)
+    return self._normalize(mean, logvar, key)
+
+  def moments(self, images) -> tuple[jax.Array, jax.Array]:
+    """images float32 [B, H, W, C] in [-1, 1] -> the posterior's unscaled (mean, logvar) [B, h, w, c]."""
+    images = jnp.asarray(images, jnp.float32)
+    if images.ndim != 4:
+      raise ShapeError(f"autoencoder {self.name}: images must be [B, H, W, C], got {images.shape}")
     self.latent_shape(images.shape[1:])
-    if key is None:
-      return self._encode_mean(self.params, images, None)
-    return self._encode_sample(self.params, images, key)
+    return self._moments(self.params, images)
 
   def decode(self, latents) -> jax.Array:
     """scaled latents float32 [B, h, w, c] -> images float32 [B, h*f, w*f, C] (~[-1, 1])."""

@@ -89,8 +89,9 @@ def export_autoencoder(config: ml_collections.ConfigDict, workdir: str, out: str
   from common.data import dataset_info, load_arrays  # pylint: disable=import-outside-toplevel
   from common.experiment import build_model  # pylint: disable=import-outside-toplevel
   params, step = restore_ema_params(config, workdir)
-  net = build_model(config.model, jax.random.key(0))
-  nnx.update(net, params)
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(config.model, jax.random.key(0))),
+                          nnx.Param)
+  net = nnx.merge(graphdef, jax.tree.map(jax.numpy.asarray, params))
   raw = ae_lib.Autoencoder(net, shift=0.0, scale=1.0, name=workdir)
   images, _ = load_arrays(config.data, "train", limit=int(num_images))
   mean, std = latent_statistics(raw, images)
