@@ -1,0 +1,267 @@
+"""`Autoencoder`: a KL autoencoder network with its latent normalisation, and `load_autoencoder`.
+
+Two on-disk formats load with `load_autoencoder(directory)`, told apart by `config.json`:
+
+* a diffusers `AutoencoderKL` folder (`"_class_name": "AutoencoderKL"`): `config.json` plus
+  `diffusion_pytorch_model.safetensors` (or `.bin`, read by `common.torch_weights`), e.g. the SD, SDXL,
+  SD3 or FLUX VAE downloaded by the user;
+* our export (`"format": "frugal-diffusion-autoencoder"`, written by `save_autoencoder` through
+  `launch/export_autoencoder.py`): `config.json` with the network's `config.model` and the latent
+  normalisation, plus `params.safetensors` with dotted parameter names.
+
+Latents are normalised as the Stable Diffusion 3 / FLUX pipelines do: `(z - shift) * scale`, with
+`shift` and `scale` per channel (constant for SD, SDXL, SD3, FLUX).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from common.autoencoders import kl_vae
+from common.errors import CheckpointError, ConfigError, DataNotFoundError, ShapeError
+
+EXPORT_FORMAT = "frugal-diffusion-autoencoder"
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+class Autoencoder:
+  """A KL autoencoder (an NNX network with `encode_moments` and `decode`) and its latent scaling.
+
+  Args:
+    net: the network; `net.encode_moments(x [B,H,W,C]) -> (mean, logvar) [B,h,w,c]` and
+      `net.decode(z [B,h,w,c]) -> [B,H,W,C]`, with `net.downsample_factor`, `net.in_channels` (C)
+      and `net.latent_channels` (c).
+    shift, scale: float32 [c] (or scalars): model latents are `(z - shift) * scale`.
+    name: where it was loaded from, for messages.
+  """
+
+  def __init__(self, net: nnx.Module, *, shift: Any = 0.0, scale: Any = 1.0, name: str = ""):
+    self.graphdef, self.params = nnx.split(net, nnx.Param)
+    self.downsample_factor = int(net.downsample_factor)
+    self.latent_channels = int(net.latent_channels)
+    self.image_channels = int(net.in_channels)
+    c = self.latent_channels
+    self.shift = np.broadcast_to(np.asarray(shift, np.float32), (c,)).copy()
+    self.scale = np.broadcast_to(np.asarray(scale, np.float32), (c,)).copy()
+    self.name = name
+    self._moments = jax.jit(self._moments_fn)
+    self._normalize = jax.jit(self._normalize_fn)
+    self._decode = jax.jit(self._decode_fn)
+
+  @property
+  def net(self) -> nnx.Module:
+    """The network, merged from the stored params."""
+    return nnx.merge(self.graphdef, self.params)
+
+  def _moments_fn(self, params, images):
+    return nnx.merge(self.graphdef, params).encode_moments(images)
+
+  def _normalize_fn(self, mean, logvar, key):
+    z = mean
+    if key is not None:  # a sample of the diagonal Gaussian posterior
+      z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+    return (z - self.shift) * self.scale
+
+  def _decode_fn(self, params, latents):
+    z = latents.astype(jnp.float32) / self.scale + self.shift
+    return nnx.merge(self.graphdef, params).decode(z)
+
+  def latent_shape(self, image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """(H, W, C) of images -> (h, w, c) of their latents."""
+    h, w, c = image_shape
+    if c != self.image_channels:
+      raise ShapeError(f"autoencoder {self.name} takes images with {self.image_channels} channel(s), "
+                       f"got {c}")
+    f = self.downsample_factor
+    if h % f or w % f:
+      raise ShapeError(f"autoencoder {self.name}: image size {h}x{w} is not divisible by its "
+                       f"downsampling factor {f}")
+    return (h // f, w // f, self.latent_channels)
+
+  def encode(self, images, key: jax.Array | None = None) -> jax.Array:
+    """images float32 [B, H, W, C] in [-1, 1] -> scaled latents float32 [B, H/f, W/f, c].
+
+    The posterior mean when `key` is None, else a sample of the posterior.
+    """
+    images = jnp.asarray(images, jnp.float32)
+    if images.ndim != 4:
+      raise ShapeError(f"autoencoder {self.name}: images must be [B, H, W, C], got {images.shape}")
+    mean, logvar = self.moments(images)
+    return self._normalize(mean, logvar, key)
+
+  def moments(self, images) -> tuple[jax.Array, jax.Array]:
+    """images float32 [B, H, W, C] in [-1, 1] -> the posterior's unscaled (mean, logvar) [B, h, w, c]."""
+    images = jnp.asarray(images, jnp.float32)
+    if images.ndim != 4:
+      raise ShapeError(f"autoencoder {self.name}: images must be [B, H, W, C], got {images.shape}")
+    self.latent_shape(images.shape[1:])
+    return self._moments(self.params, images)
+
+  def decode(self, latents) -> jax.Array:
+    """scaled latents float32 [B, h, w, c] -> images float32 [B, h*f, w*f, C] (~[-1, 1])."""
+    latents = jnp.asarray(latents, jnp.float32)
+    if latents.ndim != 4 or latents.shape[-1] != self.latent_channels:
+      raise ShapeError(f"autoencoder {self.name}: latents must be [B, h, w, {self.latent_channels}], "
+                       f"got {latents.shape}")
+    return self._decode(self.params, latents)
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading.
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      cfg = json.load(f)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+  if not isinstance(cfg, dict):
+    raise CheckpointError(f"{path} does not hold a JSON object")
+  return cfg
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  from safetensors import flax as st_flax  # pylint: disable=import-outside-toplevel
+  try:
+    tensors = st_flax.load_file(path)  # through jax: bfloat16 tensors load too
+  except Exception as e:  # safetensors raises its own error types for corrupt files
+    raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+  return {k: np.asarray(v.astype(jnp.float32)) for k, v in tensors.items()}
+
+
+def _abstract_params(net_fn) -> tuple[Any, dict]:
+  abstract = nnx.eval_shape(net_fn)
+  graphdef, params = nnx.split(abstract, nnx.Param)
+  return graphdef, nnx.to_pure_dict(params)
+
+
+def _merge(graphdef, pure_params: dict) -> nnx.Module:
+  abstract = nnx.merge(graphdef, jax.tree.map(jnp.asarray, pure_params))
+  return abstract
+
+
+def load_diffusers_vae(directory: str, config: dict | None = None, *,
+                       dtype: str = "float32") -> Autoencoder:
+  """A diffusers `AutoencoderKL` folder -> Autoencoder with its scaling/shift factors.
+
+  Args:
+    directory: holds config.json and diffusion_pytorch_model.safetensors (or .bin).
+    config: the parsed config.json (read from `directory` when None).
+    dtype: compute dtype of the convolutions ("float32" or "bfloat16").
+  """
+  config = config if config is not None else _read_json(os.path.join(directory, "config.json"))
+  kwargs = kl_vae.model_kwargs(config)
+  shift, scale = kl_vae.latent_normalization(config)
+  weights = next((os.path.join(directory, w) for w in DIFFUSERS_WEIGHTS
+                  if os.path.isfile(os.path.join(directory, w))), None)
+  if weights is None:
+    raise DataNotFoundError(
+        f"no diffusion_pytorch_model.safetensors (or .bin) in {directory}: download the VAE's "
+        f"diffusion_pytorch_model.safetensors beside its config.json into {directory}")
+  if weights.endswith(".safetensors"):
+    state_dict = _read_safetensors(weights)
+  else:
+    from common.torch_weights import load_torch_weights  # pylint: disable=import-outside-toplevel
+    state_dict = {k: np.asarray(v, np.float32) for k, v in load_torch_weights(weights).items()}
+  graphdef, abstract = _abstract_params(
+      lambda: kl_vae.AutoencoderKL(**kwargs, dtype=dtype, rngs=nnx.Rngs(0)))
+  params = kl_vae.torch_to_params(state_dict, abstract, weights)
+  return Autoencoder(_merge(graphdef, params), shift=shift, scale=scale, name=directory)
+
+
+def save_autoencoder(directory: str, model_config: ml_collections.ConfigDict | dict,
+                     params: dict, *, shift: Any, scale: Any, image_shape: tuple[int, int, int],
+                     extra: dict | None = None) -> None:
+  """Writes our format: DIR/config.json and DIR/params.safetensors (dotted parameter names).
+
+  Args:
+    model_config: the network's `config.model` (its `name` and constructor arguments).
+    params: the network's pure param dict (e.g. the EMA params of a checkpoint).
+    shift, scale: latent normalisation, float32 [c] or scalars (latents = (z - shift) * scale).
+    image_shape: (H, W, C) of the images it was trained on.
+    extra: more JSON-serialisable entries for config.json (e.g. provenance).
+  """
+  from safetensors import numpy as st_numpy  # pylint: disable=import-outside-toplevel
+  os.makedirs(directory, exist_ok=True)
+  model = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+  model = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.items()}
+  cfg = {"format": EXPORT_FORMAT, "model": model,
+         "shift_factor": np.asarray(shift, np.float32).reshape(-1).tolist(),
+         "scaling_factor": np.asarray(scale, np.float32).reshape(-1).tolist(),
+         "image_shape": [int(s) for s in image_shape], **(extra or {})}
+  flat = {k: np.ascontiguousarray(np.asarray(v, np.float32))
+          for k, v in kl_vae.flatten(params).items()}
+  st_numpy.save_file(flat, os.path.join(directory, "params.safetensors"))
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(cfg, f, indent=2)
+
+
+def _load_export(directory: str, config: dict) -> Autoencoder:
+  from common.experiment import model_class  # pylint: disable=import-outside-toplevel
+  model_cfg = ml_collections.ConfigDict(config.get("model") or {})
+  cls = model_class(model_cfg)
+  kwargs = {k: tuple(v) if isinstance(v, list) else v
+            for k, v in model_cfg.to_dict().items() if k != "name"}
+  try:
+    graphdef, abstract = _abstract_params(lambda: cls(**kwargs, rngs=nnx.Rngs(0)))
+  except TypeError as e:
+    raise CheckpointError(f"{directory}/config.json: cannot build {model_cfg.name}: {e}") from e
+  path = os.path.join(directory, "params.safetensors")
+  if not os.path.isfile(path):
+    raise DataNotFoundError(f"{path} is missing: export the autoencoder again with "
+                            "launch/export_autoencoder.py --out={directory}")
+  flat = _read_safetensors(path)
+  want = kl_vae.flatten(abstract)
+  if set(flat) != set(want):
+    diff = sorted(set(flat) ^ set(want))
+    raise ShapeError(f"{path}: parameter names do not match {model_cfg.name} built from "
+                     f"config.json (e.g. {diff[:3]})")
+  for k, v in want.items():
+    if tuple(flat[k].shape) != tuple(v.shape):
+      raise ShapeError(f"{path}: parameter {k} has shape {flat[k].shape}, config.json implies "
+                       f"{tuple(v.shape)}")
+  net = _merge(graphdef, kl_vae.unflatten(flat))
+  return Autoencoder(net, shift=np.asarray(config["shift_factor"], np.float32),
+                     scale=np.asarray(config["scaling_factor"], np.float32), name=directory)
+
+
+def load_autoencoder(spec: str) -> Autoencoder:
+  """Loads an autoencoder from a local directory (never downloads).
+
+  Args:
+    spec: a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors),
+      e.g. a copy of stabilityai/sdxl-vae, or a folder written by launch/export_autoencoder.py.
+
+  Raises:
+    ConfigError: empty spec; DataNotFoundError: missing folder or files; CheckpointError /
+    ShapeError: unreadable or mismatching files.
+  """
+  if not spec:
+    raise ConfigError("no autoencoder given: set config.autoencoder (or --autoencoder) to a local "
+                      "folder (a diffusers AutoencoderKL or one written by launch/export_autoencoder.py)")
+  directory = os.path.abspath(os.path.expanduser(spec))
+  config_path = os.path.join(directory, "config.json")
+  if not os.path.isfile(config_path):
+    what = "does not exist" if not os.path.isdir(directory) else "has no config.json"
+    raise DataNotFoundError(
+        f"autoencoder folder {directory} {what}: download a diffusers VAE's config.json and "
+        f"diffusion_pytorch_model.safetensors (e.g. from stabilityai/sdxl-vae) into {directory}, or "
+        "export ours with launch/export_autoencoder.py --out=" + directory)
+  config = _read_json(config_path)
+  if config.get("_class_name") == "AutoencoderKL":
+    return load_diffusers_vae(directory, config)
+  if config.get("format") == EXPORT_FORMAT:
+    return _load_export(directory, config)
+  raise CheckpointError(
+      f"{config_path} is neither a diffusers AutoencoderKL config (\"_class_name\": "
+      f"\"AutoencoderKL\"; got {config.get('_class_name')!r}) nor one written by "
+      "launch/export_autoencoder.py")
