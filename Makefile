@@ -37,7 +37,7 @@ T2I_CFG = configs/sid2_t2i_fashion.py --config.autoencoder=$(T2I_AE)/export --co
 t2i-demo: $(STAMP)
 	$(PY) launch/main.py --config=configs/autoencoder_fashion.py --workdir=$(T2I_AE) --mode=train
 	$(PY) launch/export_autoencoder.py --config=configs/autoencoder_fashion.py --workdir=$(T2I_AE) --out=$(T2I_AE)/export
-	$(PY) launch/precompute.py --source=fashion_mnist --autoencoder=$(T2I_AE)/export --text_encoder=minilm --output=$(T2I_LATENTS)
+	$(PY) launch/precompute.py --source=fashion_mnist --autoencoder=$(T2I_AE)/export --text_encoder=minilm --output=$(T2I_LATENTS) --limit=20000
 	$(PY) launch/main.py --config=$(T2I_CFG) --workdir=$(T2I_DIR) --mode=train
 	$(PY) launch/main.py --config=$(T2I_CFG) --workdir=$(T2I_DIR) --mode=sample
 	$(PY) benchmarks/t2i_fashion_quality.py --workdir=$(T2I_DIR)

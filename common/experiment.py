@@ -117,16 +117,21 @@ class Experiment:
     """The shape of one example the network denoises ([H, W, C]: pixels or latents)."""
     return tuple(self.example_inputs(1)[0].shape[1:])
 
-  def check_batch(self, batch: dict) -> None:
-    """Raises ShapeError unless `batch` (a local numpy batch) matches the network's inputs."""
+  def model_batch(self, batch: dict) -> dict:
+    """`batch` with only the conditioning the network declares (`example_inputs`): a data set may
+    carry more (class labels beside captions; labels an autoencoder ignores), which stays on the
+    host. Raises ShapeError unless x and every declared condition have the declared shapes."""
     b = int(np.shape(batch.get("x"))[0]) if "x" in batch else 0
     x_spec, cond_spec = self.example_inputs(max(b, 1))
-    got = {"x": np.shape(batch.get("x")),
-           "cond": jax.tree.map(np.shape, batch.get("cond", {}))}
+    cond = batch.get("cond", {})
     want = {"x": tuple(x_spec.shape), "cond": jax.tree.map(lambda s: tuple(s.shape), cond_spec)}
-    if jax.tree.structure(got["cond"]) != jax.tree.structure(want["cond"]) or got != want:
-      raise ShapeError(f"the data batch has shapes {got} but {self.config.model.name} (config.model) "
-                       f"expects {want}: check config.data against config.model.")
+    kept = {k: cond[k] for k in cond_spec if k in cond}
+    got = {"x": tuple(np.shape(batch.get("x"))), "cond": jax.tree.map(np.shape, kept)}
+    if got != want:
+      raise ShapeError(f"the data batch has shapes {got} (of cond keys {sorted(cond)}) but "
+                       f"{self.config.model.name} (config.model) expects {want}: check config.data "
+                       "against config.model.")
+    return {"x": batch["x"], "cond": kept}
 
   # ---- training -----------------------------------------------------------------------------------
   def _merge(self, params):

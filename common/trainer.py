@@ -8,6 +8,7 @@ Every file access goes through `etils.epath`, so a workdir may be a `gs://` path
 """
 
 import contextlib
+import inspect
 import json
 import os
 import signal
@@ -171,9 +172,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
   try:
     with _stop_signals() as stop:
       while step < total:
-        batch = next(data)
+        batch = exp.model_batch(next(data))
         if prev is None:
-          exp.check_batch(batch)
           preview_x = batch["x"]
         state, metrics = exp.train_step(state, sharding.global_batch(batch, mesh, exp.rules),
                                         exp.step_key(step))
@@ -357,8 +357,13 @@ def summary(config: ml_collections.ConfigDict) -> str:
   m = config.model
   model = nnx.eval_shape(lambda: build_model(m, jax.random.key(0)))
   x, cond = model.example_inputs(1)
-  noise = jax.ShapeDtypeStruct((1,), jax.numpy.float32)
+  # A denoiser's forward is (x, noise_cond, cond); other networks (an autoencoder) take x alone.
+  params = inspect.signature(type(model).__call__).parameters
+  if len([p for p in params.values() if p.default is p.empty and p.kind != p.KEYWORD_ONLY]) > 2:
+    inputs = (x, jax.ShapeDtypeStruct((1,), jax.numpy.float32), cond)
+  else:
+    inputs = (x,)
   shape = "x".join(str(d) for d in x.shape[1:])
-  text = "\n".join([f"{m.name} ({shape})"] + summary_lines(model, (x, noise, cond), per_example=1))
+  text = "\n".join([f"{m.name} ({shape})"] + summary_lines(model, inputs, per_example=1))
   _log(text)
   return text
