@@ -14,6 +14,7 @@ $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || { base=$$(bash launch/find_python.sh) && echo "creating $(VENV) with $$base" && "$$base" -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps 'xmanager==0.8.5'  # local executor only: see setup.cfg [test]
 	@touch $(STAMP)
 
 demo: $(STAMP)
