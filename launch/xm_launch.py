@@ -1,4 +1,4 @@
-r"""Runs a config, or a sweep over config overrides, as an XManager experiment: one work unit per point.
+r"""Runs a config, or a sweep over config overrides, as an XManager experiment, one work unit per point.
 
 Needs the `xm` extra (`pip install -e '.[xm]'`). Each work unit runs
 `launch/main.py --config=CONFIG --workdir=ROOT/EXPERIMENT/NN_POINT --config.KEY=VALUE ...`, so every
@@ -11,17 +11,21 @@ Sweeps (combined as a cartesian product, in this order):
   --set=train.steps=100   fixed overrides applied to every point.
 
 Executors:
-  local       (default) each work unit is a subprocess of this machine running `python launch/main.py`
+  local       (default) each work unit is a subprocess of this machine running launch/main.py
               (no docker), `--max_parallel` (default 1) at a time; the launcher waits, prints each
-              unit's status and exits 1 if any failed. A status file ROOT/EXPERIMENT/xm_status.json lists the units.
+              unit's status and exits 1 if any failed. A status file
+              ROOT/EXPERIMENT/xm_status.json lists the units.
   vertex      a Vertex AI custom job per point, built from this checkout with `xm.python_container`
               (docker and `gcloud auth` needed; see docs/SCALING.md). `--accelerator=h100
               --accelerator_count=8 --num_hosts=2` asks for 2 VMs with 8 H100s each; the replicas
-              find each other through Vertex's CLUSTER_SPEC (`--distributed`, launch/distributed.py).
+              find each other through Vertex's CLUSTER_SPEC (--distributed, launch/distributed.py).
               TPUs: xmanager 0.8.5 maps only tpu_v2/tpu_v3 onto Vertex machine types.
-  kubernetes  a Kubernetes Job per host (GKE by default; `kubectl` credentials needed). Host i gets
-              JAX_PROCESS_ID=i, JAX_NUM_PROCESSES=num_hosts and JAX_COORDINATOR_ADDRESS=host 0's
-              pod name under xmanager's headless `experiments` service.
+  kubernetes  a Kubernetes Job per host (GKE by default; `kubectl` credentials needed), CPUs or
+              GPUs. Host i gets JAX_PROCESS_ID=i, JAX_NUM_PROCESSES=num_hosts and
+              JAX_COORDINATOR_ADDRESS=host 0's pod name under xmanager's headless `experiments`
+              service. (xmanager 0.8.5 does not request GKE TPU slices.)
+  Cloud work units need --workdir_root on shared storage (gs://...) and a config inside this
+  checkout; they are submitted and the launcher returns.
 
 Example (what tests/test_xm_launch.py runs):
   python launch/xm_launch.py --config=configs/sid2_digits.py:runlocal --workdir_root=/tmp/xm \
@@ -50,6 +54,7 @@ from absl import logging  # noqa: E402
 from etils import epath  # noqa: E402
 
 from common.errors import ConfigError, UserError  # noqa: E402
+from common.paths import is_remote  # noqa: E402
 from launch.distributed import DEFAULT_PORT, ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID  # noqa: E402
 
 MAIN = os.path.join(ROOT, "launch", "main.py")
@@ -78,7 +83,6 @@ _CPU = flags.DEFINE_integer("cpu", None, "vertex/kubernetes: vCPUs per host.")
 _RAM_GIB = flags.DEFINE_integer("ram_gib", None, "vertex/kubernetes: RAM per host in GiB.")
 _BASE_IMAGE = flags.DEFINE_string("base_image", "python:3.12-slim", "vertex/kubernetes: docker "
                                   "base image (jax's CUDA and TPU wheels bring their own runtimes).")
-_TPU_RUNTIME = flags.DEFINE_string("tpu_runtime_version", None, "kubernetes: TPU runtime version.")
 _MAX_PARALLEL = flags.DEFINE_integer("max_parallel", 1, "local: work units running at once (they "
                                     "share this machine's cores and accelerators).")
 _EXTRA_ARGS = flags.DEFINE_multi_string("main_arg", [], "Extra launch/main.py flag for every unit, "
@@ -181,7 +185,12 @@ def requirements_kwargs(executor: str, accelerator: str | None, count: int, num_
     raise ConfigError(
         f"--executor=vertex --accelerator={accelerator}: xmanager 0.8.5 maps only {VERTEX_TPUS} "
         "onto Vertex AI machine types; create TPU v5e/v5p/v6e slices with the gcloud commands in "
-        "docs/SCALING.md, or use --executor=kubernetes on a GKE TPU node pool")
+        "docs/SCALING.md")
+  if executor == "kubernetes" and accelerator in TPUS:
+    raise ConfigError(
+        f"--executor=kubernetes --accelerator={accelerator}: xmanager 0.8.5's Kubernetes executor "
+        "does not request GKE TPU slices (no google.com/tpu limits or topology selectors); create "
+        "TPU slices with the gcloud commands in docs/SCALING.md")
   if count <= 0 or num_hosts <= 0:
     raise ConfigError(f"--accelerator_count={count} and --num_hosts={num_hosts} must be positive")
   kwargs: dict[str, Any] = {}
@@ -200,14 +209,15 @@ def _container(xm, spec, args: list[str], extra: str):
   return xm.python_container(
       executor_spec=spec, path=ROOT, base_image=_BASE_IMAGE.value,
       docker_instructions=[f"COPY {name}/ /workdir/{name}", f"WORKDIR /workdir/{name}",
-                           f"RUN python -m pip install --no-cache-dir -e '.[{extra}]'"],
+                           f"RUN python -m pip install --no-cache-dir -e '.{extra}'"],
       entrypoint=xm.ModuleName("launch.main"), args=args)
 
 
 def _accelerator_extra(accelerator: str | None) -> str:
+  """The install extra of the container: "[tpu]", "[gpu]" or "" (CPU)."""
   if accelerator in TPUS:
-    return "tpu"
-  return "gpu" if accelerator in GPUS else "test"
+    return "[tpu]"
+  return "[gpu]" if accelerator in GPUS else ""
 
 
 def make_job_generator(executor: str, config: str, name: str, workdir: str,
@@ -250,15 +260,13 @@ def make_job_generator(executor: str, config: str, name: str, workdir: str,
     [executable] = work_unit.experiment.package(
         [_container(xm, xm_local.Kubernetes.Spec(), args, extra)])
     host0 = kubernetes.convert_to_valid_label(work_unit.get_full_job_name("host0"))
-    tpu = (xm_local.TpuCapability(tpu_runtime_version=_TPU_RUNTIME.value)
-           if _TPU_RUNTIME.value else None)
     jobs = {}
     for i in range(num_hosts):
       env = ({ENV_COORDINATOR: f"{host0}.experiments:{DEFAULT_PORT}",
               ENV_NUM_PROCESSES: str(num_hosts), ENV_PROCESS_ID: str(i)} if num_hosts > 1 else {})
       jobs[f"host{i}"] = xm.Job(
           executable, name=f"host{i}", env_vars=env,
-          executor=xm_local.Kubernetes(requirements=xm.JobRequirements(**req), tpu_capability=tpu))
+          executor=xm_local.Kubernetes(requirements=xm.JobRequirements(**req)))
     work_unit.add(xm.JobGroup(**jobs))
   return kubernetes_job
 
@@ -332,6 +340,15 @@ def run(config: str, workdir_root: str, points: list[dict[str, Any]], *, executo
     raise ConfigError(f"--config={config!r}: file {config_path} does not exist")
   if executor == "local":  # absolute, so work units do not depend on their working directory
     config = os.path.abspath(config_path) + config[len(config_path):]
+  else:  # the container holds this checkout: the config goes by its path inside it
+    inside = os.path.relpath(os.path.abspath(config_path), ROOT)
+    if inside.startswith(".."):
+      raise ConfigError(f"--config={config_path}: cloud work units run this checkout in a "
+                        f"container; the config must lie inside {ROOT}")
+    if not is_remote(workdir_root):
+      raise ConfigError(f"--workdir_root={workdir_root}: cloud work units need shared storage "
+                        "such as gs://BUCKET/DIR")
+    config = inside + config[len(config_path):]
   stem = os.path.splitext(os.path.basename(config_path))[0]
   title = experiment_name or f"{stem}_{time.strftime('%Y%m%d_%H%M%S')}"
   if sweep_keys is None:

@@ -38,10 +38,14 @@ def test_sweep_file_and_cloud_requirements():
   assert [p["optim.learning_rate"] for p in points] == [3e-4, 1e-3, 3e-3]
   req = xm_launch.requirements_kwargs("vertex", "h100", 8, 2, cpu=None, ram_gib=None)
   assert req == {"h100": 8}
-  assert xm_launch.requirements_kwargs("kubernetes", "tpu_v5e", 4, 2, 8, 16) == {
-      "tpu_v5e": 4, "cpu": 8, "ram": 16 * 2**30}
-  with pytest.raises(ConfigError, match="SCALING"):
-    xm_launch.requirements_kwargs("vertex", "tpu_v5p", 4, 1, None, None)
+  assert xm_launch.requirements_kwargs("kubernetes", "a100", 4, 2, 8, 16) == {
+      "a100": 4, "cpu": 8, "ram": 16 * 2**30}
+  assert xm_launch.requirements_kwargs("vertex", "tpu_v3", 8, 1, None, None) == {"tpu_v3": 8}
+  for executor in ("vertex", "kubernetes"):
+    with pytest.raises(ConfigError, match="SCALING"):
+      xm_launch.requirements_kwargs(executor, "tpu_v5p", 4, 1, None, None)
+  with pytest.raises(ConfigError, match="gs://"):
+    xm_launch.run(os.path.join(ROOT, "configs/sid2_digits.py"), "/tmp/local", [{}], executor="vertex")
 
 
 def test_local_sweep_runs_each_point_in_its_own_workdir_and_reports_failures(tmp_path):
