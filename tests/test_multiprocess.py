@@ -106,3 +106,36 @@ def test_four_processes_data_fsdp_mesh_matches_one_process(tmp_path):
   assert len(_losses(str(tmp_path / "one"))) == 3
   np.testing.assert_allclose(_losses(str(tmp_path / "four")), _losses(str(tmp_path / "one")),
                              rtol=2e-4, atol=1e-5)
+
+
+def test_distributed_settings_from_flags_environment_and_vertex():
+  from launch import distributed  # pylint: disable=import-outside-toplevel
+  env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.2:1234", "JAX_NUM_PROCESSES": "4",
+         "JAX_PROCESS_ID": "3"}
+  assert distributed.resolve(env=env) == ("10.0.0.2:1234", 4, 3)
+  assert distributed.resolve("h:1", 2, 0, env=env) == ("h:1", 2, 0)     # flags win
+  spec = {"cluster": {"workerpool0": ["primary:2222"], "workerpool1": ["w0:2222", "w1:2222"]},
+          "task": {"type": "workerpool1", "index": 1}}
+  vertex = {"CLUSTER_SPEC": __import__("json").dumps(spec)}
+  assert distributed.resolve(env=vertex) == ("primary:8476", 3, 2)
+  assert distributed.resolve(env={}) == (None, None, None)               # left to jax's detection
+  with pytest.raises(distributed.DistributedError, match="not in"):
+    distributed.resolve("h:1", 2, 2, env={})
+  with pytest.raises(distributed.DistributedError, match="integer"):
+    distributed.resolve(env={"JAX_NUM_PROCESSES": "four"})
+  with pytest.raises(distributed.DistributedError, match="CLUSTER_SPEC"):
+    distributed.resolve(env={"CLUSTER_SPEC": "{}"})
+
+
+def test_distributed_without_a_cluster_fails_with_one_line(tmp_path):
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_",
+                              "OMPI_", "KUBERNETES_", "CLUSTER_SPEC"))}
+  env["JAX_PLATFORMS"] = "cpu"
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "main.py"), "--distributed",
+                      "--config=configs/sid2_digits.py:runlocal", f"--workdir={tmp_path}"],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 1
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: --distributed: cannot start"), r.stderr
+  assert "--coordinator_address" in lines[0]
