@@ -33,7 +33,7 @@ c.train.log_every = 1
 c.train.checkpoint_every = 3
 c.train.tensorboard = False
 {extra}
-r = trainer.train(c, {workdir!r})
+r = trainer.train(c, {workdir!r}, stop_after={stop_after})
 print("RESULT", jax.process_index(), jax.device_count(), r["step"], repr(r["loss"]), flush=True)
 """
 
@@ -44,14 +44,16 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_processes(workdir: str, steps: int, nproc: int = 2, extra: str = "") -> list[tuple]:
+def _run_processes(workdir: str, steps: int, nproc: int = 2, extra: str = "",
+                   stop_after: int | None = None) -> list[tuple]:
   """Trains the runlocal digits config in `nproc` processes (one CPU device each).
 
-  `extra` is Python run after the config `c` is made. Returns each process's
-  (process index, device count, last step, last loss) as strings, in process order.
+  `extra` is Python run after the config `c` is made; `stop_after` is passed to trainer.train
+  (stopping early skips the final sample grid). Returns each process's (process index, device
+  count, last step, last loss) as strings, in process order.
   """
   script = SCRIPT.format(root=ROOT, port=_free_port(), steps=steps, workdir=workdir,
-                         nproc=nproc, extra=extra)
+                         nproc=nproc, extra=extra, stop_after=stop_after)
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], stdout=subprocess.PIPE,
@@ -97,10 +99,12 @@ def test_four_processes_data_fsdp_mesh_matches_one_process(tmp_path):
     Image.fromarray(image).save(tmp_path / "images" / "zero" / f"{i:02d}.png")
   extra = (f"c.data = ml_collections.ConfigDict(dict(name='image_folder', "
            f"path={str(tmp_path / 'images')!r}, image_size=8, channels=1))\n"
-           "c.mesh.data, c.mesh.fsdp = {data}, {fsdp}\n"
-           "c.sample.num_steps = 2\nc.train.num_grid_samples = 4")
-  one = _run_processes(str(tmp_path / "one"), 3, nproc=1, extra=extra.format(data=-1, fsdp=1))
-  four = _run_processes(str(tmp_path / "four"), 3, nproc=4, extra=extra.format(data=2, fsdp=2))
+           "c.mesh.data, c.mesh.fsdp = {data}, {fsdp}")
+  # 3 of 4 steps, so that training stops with a checkpoint and no final sample grid to compile.
+  one = _run_processes(str(tmp_path / "one"), 4, nproc=1, extra=extra.format(data=-1, fsdp=1),
+                       stop_after=3)
+  four = _run_processes(str(tmp_path / "four"), 4, nproc=4, extra=extra.format(data=2, fsdp=2),
+                        stop_after=3)
   assert one[0][1] == "1" and all(x[1] == "4" and x[2] == "3" for x in four)
   assert len({x[3] for x in four}) == 1                   # all processes agree
   assert len(_losses(str(tmp_path / "one"))) == 3
