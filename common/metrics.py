@@ -8,6 +8,8 @@ import time
 import jax
 import numpy as np
 
+from common.paths import as_path, is_remote
+
 
 def _scalar(v):
   v = np.asarray(v)
@@ -17,38 +19,59 @@ def _scalar(v):
 class MetricWriter:
   """Writes `{"step": int, **values}` lines to `WORKDIR/metrics.jsonl` (and TensorBoard if available).
 
-  Only process 0 writes. TensorBoard goes through `clu.metric_writers`, which imports TensorFlow; it
-  is used only when `tensorboard=True` and TensorFlow is installed (the `tensorboard` extra).
+  Only process 0 writes. `workdir` may be local (the file is appended to and flushed per line) or a
+  `gs://` path: objects cannot be appended to, so the file is rewritten with all its lines at each
+  write (metrics are logged every `train.log_every` steps, so it stays small). TensorBoard goes
+  through `clu.metric_writers`, which imports TensorFlow; it is used only when `tensorboard=True`
+  and TensorFlow is installed (the `tensorboard` extra).
   """
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True):
+  def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True):
     self._active = jax.process_index() == 0
-    self._path = os.path.join(workdir, "metrics.jsonl")
+    workdir = as_path(workdir)
+    self._path = workdir / "metrics.jsonl"
     self._tb = None
+    self._file = None
+    self._lines: list[str] = []
     if not self._active:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._file = open(self._path, "a", encoding="utf-8")
+    workdir.mkdir(parents=True, exist_ok=True)
+    if is_remote(self._path):
+      if self._path.exists():
+        self._lines = self._path.read_text().splitlines(keepends=True)
+    else:
+      self._file = self._path.open("a")
     if tensorboard:
       try:
         import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
         from clu import metric_writers  # pylint: disable=import-outside-toplevel
-        self._tb = metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._tb = metric_writers.SummaryWriter(os.fspath(workdir / "tensorboard"))
       except ImportError:
         self._tb = None
+
+  @property
+  def path(self):
+    """The epath.Path of the JSON-lines file."""
+    return self._path
 
   def write(self, step: int, values: dict) -> None:
     if not self._active:
       return
     values = {k: _scalar(v) for k, v in values.items()}
-    self._file.write(json.dumps({"step": int(step), **values}) + "\n")
-    self._file.flush()
+    line = json.dumps({"step": int(step), **values}) + "\n"
+    if self._file is not None:
+      self._file.write(line)
+      self._file.flush()
+    else:
+      self._lines.append(line)
+      self._path.write_text("".join(self._lines))
     if self._tb is not None:
       self._tb.write_scalars(int(step), {k: v for k, v in values.items() if isinstance(v, float)})
 
   def close(self) -> None:
     if self._active:
-      self._file.close()
+      if self._file is not None:
+        self._file.close()
       if self._tb is not None:
         self._tb.close()
 

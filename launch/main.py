@@ -27,8 +27,18 @@ _INTERVAL = flags.DEFINE_list("guidance_interval", None, "sample: 'lo,hi' logSNR
 _SEED = flags.DEFINE_integer("sample_seed", None, "sample: PRNG seed (default config.seed).")
 _PROMPTS = flags.DEFINE_string("prompts", None, "sample: a file of prompts, one a line (text-conditional "
                                "models; default config.sample.prompts).")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs; "
-                                 "cluster environments such as SLURM/TPU pods are detected by jax).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Start jax.distributed for a multi-host run (one process per host): TPU pod "
+    "slices, SLURM, Kubernetes and Vertex AI are detected; elsewhere give the three flags below "
+    "(docs/SCALING.md).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "--distributed: HOST:PORT of process 0 (default: "
+    "$JAX_COORDINATOR_ADDRESS, else detected).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "--distributed: number of processes (default: $JAX_NUM_PROCESSES, else "
+    "detected).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "--distributed: this process's id (default: $JAX_PROCESS_ID, else detected).")
 
 
 def _run(argv) -> None:
@@ -43,12 +53,14 @@ def _run(argv) -> None:
     print(f"error: {str(e).splitlines()[-1].strip()} (--config={flags.FLAGS['config'].config_filename})",
           file=sys.stderr, flush=True)
     sys.exit(1)
-  import jax  # pylint: disable=import-outside-toplevel
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
-  from common import trainer  # pylint: disable=import-outside-toplevel
   from common.errors import UserError  # pylint: disable=import-outside-toplevel
   try:
+    if _DISTRIBUTED.value:
+      from launch import distributed  # pylint: disable=import-outside-toplevel
+      distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    elif any(f.value is not None for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)):
+      raise app.UsageError("--coordinator_address/--num_processes/--process_id need --distributed")
+    from common import trainer  # pylint: disable=import-outside-toplevel
     if _MODE.value == "summary":
       trainer.summary(config)
       return

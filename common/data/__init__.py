@@ -1,4 +1,5 @@
-"""Grain input pipelines: digits (embedded), fashion_mnist, tfds (array_record), image_folder.
+"""Grain input pipelines: digits (embedded), fashion_mnist, tfds (array_record), image_folder, and
+SYNTHETIC random images.
 
 Public API (see docs/DESIGN.md, "Data contract"):
 
@@ -13,7 +14,7 @@ Public API (see docs/DESIGN.md, "Data contract"):
 
 `cfg` is the `config.data` ConfigDict:
 
-  name          "digits" | "fashion_mnist" | "tfds" | "image_folder"
+  name          "digits" | "fashion_mnist" | "tfds" | "image_folder" | "synthetic"
   image_size    output side in pixels. digits (8) and fashion_mnist (28) are served at their native
                 size only: another value raises ConfigError (no resizing of low-res sets).
                 tfds and image_folder images go through ADM's center crop + resize to it; for tfds
@@ -26,6 +27,12 @@ Public API (see docs/DESIGN.md, "Data contract"):
   tfds_name, data_dir, image_key ("image"), label_key ("label"; None: unlabeled, all labels 0)
                 for tfds.
   split         "train" by default.
+  num_classes, num_examples, seed   synthetic only: SYNTHETIC random images (not a dataset, for
+                smoke and throughput runs of real-size configs) of data.image_size (required) and
+                data.channels (default 3); labels uniform in [0, num_classes) (default 1000);
+                num_examples default 10000; example i depends only on (seed, i) (default seed 0;
+                the shuffle order follows config.seed as for every source). Marked SYNTHETIC in
+                `dataset_info` and in a line printed when the training iterator is made.
   worker_count  grain worker processes (default 0: in the calling process). The stream depends on
                 it (each worker batches its own records), and a saved state restores only into
                 an iterator with the same worker_count (grain checks).
@@ -39,6 +46,8 @@ used.
 """
 
 from __future__ import annotations
+
+import zlib
 
 import grain
 import numpy as np
@@ -55,11 +64,12 @@ from common.errors import ConfigError, ShapeError
 
 __all__ = ["DatasetInfo", "center_crop_arr", "dataset_info", "load_arrays", "make_train_iterator"]
 
-NAMES = ("digits", "fashion_mnist", "tfds", "image_folder", "latents")
+NAMES = ("digits", "fashion_mnist", "tfds", "image_folder", "synthetic", "latents")
 KNOWN_KEYS = frozenset({
     "name", "image_size", "channels", "random_flip", "path", "tfds_name", "data_dir", "split",
     "worker_count", "worker_buffer_size", "read_threads", "read_buffer_size", "image_key",
-    "label_key"})
+    "label_key", "num_classes", "num_examples", "seed"})
+_SYNTHETIC_ONLY = frozenset({"num_classes", "num_examples", "seed"})
 
 
 def _get(cfg, key, default=None):
@@ -76,6 +86,9 @@ def _check_config(cfg) -> str:
   unknown = sorted(set(cfg.keys()) - KNOWN_KEYS)
   if unknown:
     raise ConfigError(f"unknown data config key(s) {unknown}; known keys: {sorted(KNOWN_KEYS)}")
+  misplaced = sorted(k for k in _SYNTHETIC_ONLY & set(cfg.keys()) if cfg[k] is not None)
+  if misplaced and name != "synthetic":
+    raise ConfigError(f"data key(s) {misplaced} apply to data.name='synthetic' only, not {name!r}")
   return name
 
 
@@ -126,10 +139,17 @@ def dataset_info(cfg) -> DatasetInfo:
   """Image size, channels, number of classes and of examples (of cfg.split), without images.
 
   digits: (8, 1, 10, 1797); fashion_mnist: (28, 1, 10, 60000) for "train" (read from the labels
-  file header); tfds: from the prepared dataset's metadata; image_folder: from a directory listing.
+  file header); tfds: from the prepared dataset's metadata; image_folder: from a directory listing;
+  synthetic: from the config, with `synthetic=True` (its repr says SYNTHETIC).
   """
   name = _check_config(cfg)
   split = _get(cfg, "split", "train")
+  if name == "synthetic":
+    size = _positive_size(cfg.get("image_size", None), name)
+    num_classes = _get(cfg, "num_classes", _sources.SYNTHETIC_DEFAULT_CLASSES)
+    return DatasetInfo(size, _get(cfg, "channels", 3), num_classes,
+                       _get(cfg, "num_examples", _sources.SYNTHETIC_DEFAULT_EXAMPLES),
+                       synthetic=True)
   if name == "digits":
     if split != "train":
       raise ConfigError(f"digits has only a 'train' split, got data.split={split!r}")
@@ -170,6 +190,11 @@ def _source_and_ops(cfg, split: str):
   elif name == "tfds":
     source = _tfds.TfdsSource(cfg, split)
     ops.append(_transforms.CenterCropResize(info.image_size))
+  elif name == "synthetic":
+    # A different split gets different images: the split name enters the seed.
+    seed = int(_get(cfg, "seed", 0)) + (0 if split == "train" else zlib.crc32(split.encode()))
+    source = _sources.SyntheticSource(info.image_size, info.channels, info.num_classes,
+                                      info.num_examples, seed=seed)
   else:
     if split != _get(cfg, "split", "train"):
       raise ConfigError(f"image_folder has one split (data.path); point data.path at the "
@@ -210,7 +235,10 @@ def make_train_iterator(cfg, *, global_batch_size: int, seed: int,
   process_index, process_count, local_batch_size = _loader.local_batch(
       global_batch_size, process_index, process_count)
   split = _get(cfg, "split", "train")
-  source, ops, _ = _source_and_ops(cfg, split)
+  source, ops, info = _source_and_ops(cfg, split)
+  if info.synthetic and process_index == 0:
+    print(f"data: SYNTHETIC random images, not a dataset (data.name='synthetic'): {info}",
+          flush=True)
   # Threads only help sources that decode files; an in-memory array is read fastest inline (and
   # grain's prefetch bookkeeping costs O(buffer) per element).
   in_memory = isinstance(source, _sources.ArraySource)

@@ -12,31 +12,31 @@ import numpy as np
 from PIL import Image
 
 from common.errors import DataNotFoundError, ShapeError
+from common.paths import as_path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 
-def list_images(root: str) -> tuple[list[str], list[str], list[int]]:
-  """Lists the images under `root`.
+def list_images(root: str | os.PathLike) -> tuple[list[str], list[str], list[int]]:
+  """Lists the images under `root` (a local or gs:// directory).
 
   Returns:
     (class names sorted, image paths sorted by class then file name, labels [N]).
   """
-  if not root or not os.path.isdir(root):
+  if not root or not as_path(root).is_dir():
     raise DataNotFoundError(
         f"image folder {root!r} does not exist. Set data.path to a directory holding one "
         "subfolder per class (root/<class>/<image>.png|jpg|...).")
-  classes = sorted(d for d in os.listdir(root)
-                   if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
+  root = as_path(root)
+  classes = sorted(d.name for d in root.iterdir() if not d.name.startswith(".") and d.is_dir())
   if not classes:
     raise DataNotFoundError(
         f"image folder {root} has no class subfolders; expected root/<class>/<image> files.")
   paths, labels = [], []
   for label, name in enumerate(classes):
-    class_dir = os.path.join(root, name)
-    for f in sorted(os.listdir(class_dir)):
+    for f in sorted(p.name for p in (root / name).iterdir()):
       if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
-        paths.append(os.path.join(class_dir, f))
+        paths.append(os.fspath(root / name / f))
         labels.append(label)
   if not paths:
     raise DataNotFoundError(
@@ -45,12 +45,12 @@ def list_images(root: str) -> tuple[list[str], list[str], list[int]]:
   return classes, paths, labels
 
 
-def read_image(path: str, channels: int) -> np.ndarray:
-  """Reads `path` with PIL as uint8 [H, W, channels] (channels 1 -> L, 3 -> RGB)."""
+def read_image(path: str | os.PathLike, channels: int) -> np.ndarray:
+  """Reads `path` (local or gs://) with PIL as uint8 [H, W, channels] (channels 1 -> L, 3 -> RGB)."""
   if channels not in (1, 3):
     raise ShapeError(f"image folder: data.channels must be 1 or 3, got {channels}")
   try:
-    with Image.open(path) as image:
+    with as_path(path).open("rb") as f, Image.open(f) as image:
       image = image.convert("L" if channels == 1 else "RGB")
       arr = np.asarray(image, dtype=np.uint8)
   except OSError as e:

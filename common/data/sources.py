@@ -1,6 +1,9 @@
-"""In-memory datasets: scikit-learn's digits (embedded default) and Fashion-MNIST from idx files.
+"""In-memory datasets: scikit-learn's digits (embedded default), Fashion-MNIST from idx files, and
+SYNTHETIC random images.
 
-Both are small enough to hold as uint8 arrays; `ArraySource` serves them to grain by index.
+Digits and Fashion-MNIST are small enough to hold as uint8 arrays; `ArraySource` serves them to grain
+by index. `SyntheticSource` computes random images of any shape from their index (smoke tests and
+throughput runs of full-size configs without a dataset; a model learns nothing from it).
 """
 
 from __future__ import annotations
@@ -10,9 +13,11 @@ import gzip
 import os
 import struct
 
+from etils import epath
 import numpy as np
 
 from common.errors import ConfigError, DataNotFoundError, ShapeError
+from common.paths import as_path
 
 FASHION_MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_SIZE = 28
@@ -35,11 +40,18 @@ class DatasetInfo:
     channels: number of image channels C.
     num_classes: number of classes (labels lie in [0, num_classes)); 0 for unlabeled data.
     num_examples: number of examples in the configured split.
+    synthetic: True for random images (data.name="synthetic"), not a dataset; shown in the repr.
   """
   image_size: int
   channels: int
   num_classes: int
   num_examples: int
+  synthetic: bool = False
+
+  def __repr__(self) -> str:
+    kind = "SYNTHETIC random images, not a dataset; " if self.synthetic else ""
+    return (f"DatasetInfo({kind}image_size={self.image_size}, channels={self.channels}, "
+            f"num_classes={self.num_classes}, num_examples={self.num_examples})")
 
 
 class ArraySource:
@@ -71,6 +83,51 @@ class ArraySource:
 
 
 # ----------------------------------------------------------------------------------------------
+# SYNTHETIC random images
+
+SYNTHETIC_DEFAULT_EXAMPLES = 10_000
+SYNTHETIC_DEFAULT_CLASSES = 1000
+
+
+class SyntheticSource:
+  """A grain source of SYNTHETIC random images: example i is a function of (seed, i) only.
+
+  Each image is a random low-frequency pattern (a 4x4 uint8 grid upsampled to the full size with
+  nearest neighbours) plus uniform pixel noise, so it compresses and resizes like a picture rather
+  than white noise; its label is uniform in [0, num_classes). Nothing is held in memory, any
+  `image_size` works, and the same (seed, index) always gives the same example (so iterator
+  checkpoints resume exactly).
+  """
+
+  def __init__(self, image_size: int, channels: int, num_classes: int, num_examples: int,
+               seed: int = 0):
+    if image_size <= 0 or channels <= 0 or num_classes < 0 or num_examples <= 0:
+      raise ConfigError(
+          f"synthetic data needs positive image_size, channels and num_examples and "
+          f"num_classes >= 0; got {image_size}, {channels}, {num_examples}, {num_classes}")
+    self.image_size, self.channels = int(image_size), int(channels)
+    self.num_classes, self.num_examples, self.seed = int(num_classes), int(num_examples), int(seed)
+
+  def __len__(self) -> int:
+    return self.num_examples
+
+  def __getitem__(self, index: int) -> dict:
+    rng = np.random.default_rng([self.seed, int(index)])
+    n = self.image_size
+    coarse = rng.integers(0, 256, (4, 4, self.channels), dtype=np.int16)
+    reps = -(-n // 4)
+    base = coarse.repeat(reps, axis=0).repeat(reps, axis=1)[:n, :n]
+    noise = rng.integers(-32, 33, (n, n, self.channels), dtype=np.int16)
+    image = np.clip(base + noise, 0, 255).astype(np.uint8)
+    label = int(rng.integers(0, self.num_classes)) if self.num_classes else 0
+    return {"image": image, "label": label}
+
+  def __repr__(self) -> str:
+    return (f"SyntheticSource(SYNTHETIC, image_size={self.image_size}, channels={self.channels}, "
+            f"num_classes={self.num_classes}, n={self.num_examples}, seed={self.seed})")
+
+
+# ----------------------------------------------------------------------------------------------
 # scikit-learn digits
 
 
@@ -96,13 +153,15 @@ def load_digits(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
 # Fashion-MNIST (idx files)
 
 
-def _find_idx_file(directory: str, stem: str) -> str:
-  """Returns the path of `stem` or `stem.gz` in `directory`, or raises DataNotFoundError."""
+def _find_idx_file(directory: str | os.PathLike, stem: str) -> epath.Path:
+  """Returns the path of `stem` or `stem.gz` in `directory` (local or gs://), or raises
+  DataNotFoundError."""
+  directory = as_path(directory)
   for candidate in (stem, stem + ".gz"):
-    path = os.path.join(directory, candidate)
-    if os.path.isfile(path):
+    path = directory / candidate
+    if path.is_file():
       return path
-  present = sorted(os.listdir(directory)) if os.path.isdir(directory) else None
+  present = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else None
   raise DataNotFoundError(
       f"Fashion-MNIST file {stem}(.gz) not found in {directory} "
       f"({'directory does not exist' if present is None else f'it holds {present}'}). "
@@ -111,17 +170,15 @@ def _find_idx_file(directory: str, stem: str) -> str:
       "https://github.com/zalandoresearch/fashion-mnist there and set data.path.")
 
 
-def _open(path: str):
-  return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-
-
-def _read_idx(path: str, magic: int, ndim: int, header_only: bool = False):
-  """Reads an idx file: big-endian int32 magic, `ndim` int32 sizes, then uint8 data.
+def _read_idx(path: epath.Path, magic: int, ndim: int, header_only: bool = False):
+  """Reads an idx file (gzipped if its name ends in .gz): big-endian int32 magic, `ndim` int32
+  sizes, then uint8 data.
 
   Returns:
     the sizes tuple if header_only, else the uint8 array of that shape.
   """
-  with _open(path) as f:
+  with path.open("rb") as raw, (gzip.GzipFile(fileobj=raw, mode="rb")
+                                if path.name.endswith(".gz") else raw) as f:
     header = f.read(4 * (1 + ndim))
     if len(header) != 4 * (1 + ndim):
       raise ShapeError(f"{path}: truncated idx header")
@@ -139,7 +196,7 @@ def _read_idx(path: str, magic: int, ndim: int, header_only: bool = False):
   return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
-def _fmnist_paths(directory: str, split: str) -> tuple[str, str]:
+def _fmnist_paths(directory: str | os.PathLike, split: str) -> tuple[epath.Path, epath.Path]:
   if split not in _FMNIST_PREFIX:
     raise ConfigError(f"fashion_mnist splits are 'train' and 'test', got split={split!r}")
   prefix = _FMNIST_PREFIX[split]

@@ -10,16 +10,18 @@ from __future__ import annotations
 import os
 import re
 
+from etils import epath
 import numpy as np
 
 from common.errors import ConfigError, DataNotFoundError
+from common.paths import as_path
 
 _VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
 
 
 def default_data_dir() -> str:
   """tfds' default data directory: $TFDS_DATA_DIR or ~/tensorflow_datasets."""
-  return os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
+  return os.fspath(as_path(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")))
 
 
 def _split_name(name: str) -> tuple[str, list[str]]:
@@ -42,6 +44,15 @@ def _prepare_hint(base: str, data_dir: str) -> str:
   return hint + ", then copy the data_dir here (tfds cannot download on this machine)."
 
 
+def _walk_files(directory: epath.Path):
+  """Yields (folder, file name) for every file under `directory` (local or gs://)."""
+  for entry in directory.iterdir():
+    if entry.is_dir():
+      yield from _walk_files(entry)
+    else:
+      yield entry.parent, entry.name
+
+
 def check_prepared(name: str, data_dir: str, split: str) -> None:
   """Raises DataNotFoundError unless array_record files of `name`/`split` exist under data_dir.
 
@@ -55,20 +66,19 @@ def check_prepared(name: str, data_dir: str, split: str) -> None:
   """
   base, parts = _split_name(name)
   split_base = split.split("[")[0].strip()
-  look_in = os.path.join(data_dir, base, *parts)
+  look_in = as_path(data_dir).joinpath(base, *parts)
   pattern = f"{base}-{split_base}.array_record-*"
   hint = _prepare_hint(base, data_dir)
-  if not os.path.isdir(look_in):
+  if not look_in.is_dir():
     raise DataNotFoundError(
         f"tfds dataset {name!r} not found: directory {look_in} does not exist "
         f"(data.data_dir={data_dir!r}). {hint}")
   found, other_formats = [], []
-  for root, _, files in os.walk(look_in):
-    for f in files:
-      if f.startswith(f"{base}-{split_base}.array_record-"):
-        found.append(os.path.join(root, f))
-      elif f.startswith(f"{base}-{split_base}.") and "record" in f:
-        other_formats.append(f)
+  for folder, f in _walk_files(look_in):
+    if f.startswith(f"{base}-{split_base}.array_record-"):
+      found.append(folder / f)
+    elif f.startswith(f"{base}-{split_base}.") and "record" in f:
+      other_formats.append(f)
   if found:
     return
   detail = f"no files matching {pattern} under {look_in}"
@@ -84,7 +94,7 @@ def _tfds_names(cfg) -> tuple[str, str, str]:
   name = cfg.get("tfds_name", None)
   if not name:
     raise ConfigError("data.name='tfds' needs data.tfds_name (e.g. 'imagenet2012')")
-  data_dir = os.path.expanduser(cfg.get("data_dir", None) or default_data_dir())
+  data_dir = os.fspath(as_path(cfg.get("data_dir", None) or default_data_dir()))
   return name, data_dir, cfg.get("split", "train")
 
 
