@@ -10,7 +10,6 @@ Every file access goes through `etils.epath`, so a workdir may be a `gs://` path
 import contextlib
 import inspect
 import json
-import os
 import signal
 import time
 from typing import Sequence
@@ -21,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from common import sharding
+from common.paths import as_path
 from common.checkpoint import Checkpointer
 from common.data import make_train_iterator
 from common.errors import CheckpointError, ConfigError, NonFiniteLossError, ShapeError
@@ -32,14 +32,6 @@ from common.metrics import MetricWriter, Progress, format_duration
 def _log(msg: str) -> None:
   if jax.process_index() == 0:
     print(msg, flush=True)
-
-
-def workdir_path(workdir: str) -> epath.Path:
-  """The workdir as an epath: cloud paths (gs://...) as given, local ones made absolute."""
-  workdir = str(workdir)
-  if "://" in workdir:
-    return epath.Path(workdir)
-  return epath.Path(os.path.abspath(os.path.expanduser(workdir)))
 
 
 @contextlib.contextmanager
@@ -131,7 +123,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
   Returns:
     `{"step": last step, "stopped_by": None | signal name | "stop_after", "loss": last loss}`.
   """
-  wd = workdir_path(workdir)
+  wd = as_path(workdir)
   wd.mkdir(parents=True, exist_ok=True)
   tc = config.train
   mesh = sharding.make_mesh(config.mesh)
@@ -240,7 +232,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str, *, num_samples: int 
   `images` (uint8 [N, H, W, C], decoded through `config.autoencoder` for latent models) and
   `labels` (int32 [N], class-conditional models) or `prompts` ([N] str, text-conditional ones).
   """
-  wd = workdir_path(workdir)
+  wd = as_path(workdir)
   exp = Experiment(config, sharding.make_mesh(config.mesh))
   step, state = _restore_newest(exp, wd, config.train.keep_checkpoints)
   params = state["ema"]
@@ -332,7 +324,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
              num_samples: int | None = None) -> dict:
   """`--mode=eval`: scores the newest checkpoint's EMA weights (see `evaluate_params`) and appends
   the scores to WORKDIR/metrics.jsonl."""
-  wd = workdir_path(workdir)
+  wd = as_path(workdir)
   exp = Experiment(config, sharding.make_mesh(config.mesh))
   step, state = _restore_newest(exp, wd, config.train.keep_checkpoints)
   scores = evaluate_params(exp, state["ema"], step, wd, num_samples=num_samples)
