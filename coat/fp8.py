@@ -12,24 +12,9 @@ Three granularities:
 Every cast to float8 clips to the format's finite range first: `float8_e4m3fn` has no inf, so an
 unclipped overflow becomes NaN.
 
-Dynamic Range Expansion, per group of the flattened tensor:
-
-  M  = max|x| + 1e-30,   mn = min_{x != 0}|x| + 1e-30        (a true masked min)
-  R  = M / mn,           c  = sqrt(M) * sqrt(mn)
-  k  = floor(16 * log2(448^2 / 2) / log2 R) / 16               (not clamped to k >= 1)
-  x' = sign(x) * (|x| / c)^k,   s = (M / c)^k / 448,   code = e4m3(clip(x' / s, +-448))
-  dequant: x = sign(code s) * |code s|^(1/k) * c
-
-Decisions beyond the paper:
-
-* constant groups (R = 1, log2 R = 0) get k = 1; all-zero groups store (s, k, c) = (0, 1, 1),
-  the optimizer's state-init values, and dequantize to zeros;
-* k is capped at `K_MAX` = 4096. The cap only acts on nearly constant groups (R < 1.046), where the
-  fp32 rounding of |x|/c raised to a power of 1e5 or more would overflow; a smaller k only
-  compresses, so every code stays representable. k is also at least 1/16 (it cannot reach 0 in
-  fp32, where log2 R < 265);
-* the formulas are evaluated in the log2 domain (`log2 R = log2 M - log2 mn`), which cannot overflow
-  for any finite fp32 input (the direct M / mn overflows once M > 3e8 and mn ~ 1e-30).
+Dynamic Range Expansion, per group of the flattened tensor: the formulas and the decisions beyond
+the paper (constant and all-zero groups, the cap on k, the log2-domain evaluation) are documented
+with the row math in `kernels/dre.py`, which this module re-exports and the fused kernel runs.
 
 Sharding rule: with `num_shards = S` the tensor is split into S equal blocks along its leading axis
 (the FSDP shard of a leading-axis-sharded parameter), each block is flattened and padded with zeros
