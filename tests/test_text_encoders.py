@@ -91,8 +91,6 @@ def test_openclip_tokenizer_matches_open_clip(clip_encoder):
 
 @pytest.mark.parametrize("weights", ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"])
 def test_openclip_matches_open_clip(weights, tmp_path):
-  if weights.endswith(".bin") and importlib.util.find_spec("common.torch_weights") is None:
-    pytest.skip("common.torch_weights (the safe .bin reader) is not merged yet")
   folder = tmp_path / "clip"
   shutil.copytree(CLIP_DIR, folder)
   for other in {"open_clip_model.safetensors", "open_clip_pytorch_model.bin"} - {weights}:
