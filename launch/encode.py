@@ -21,15 +21,6 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 import numpy as np  # noqa: E402
 
-_AUTOENCODER = flags.DEFINE_string("autoencoder", None, "images: a diffusers AutoencoderKL folder or "
-                                   "one written by launch/export_autoencoder.py.")
-_INPUT = flags.DEFINE_string("input", None, "images: an npz file with `images` (uint8 [N, H, W, C]).")
-_TEXT_ENCODER = flags.DEFINE_string("text_encoder", None, "text: 'minilm' or a local path.")
-_PROMPTS = flags.DEFINE_string("prompts", None, "text: a text file with one prompt a line.")
-_OUTPUT = flags.DEFINE_string("output", None, "The npz file to write.")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "Images or prompts per batch.")
-_SAMPLE = flags.DEFINE_bool("sample", False, "images: encode a posterior sample (seed 0) instead of "
-                            "the posterior mean.")
 
 COMMANDS = ("images", "text")
 
@@ -156,4 +147,15 @@ def _run(argv) -> None:
 
 
 if __name__ == "__main__":
+  # Flags are defined only when this file runs as a program, so importing its functions (tests,
+  # other tools) claims no flag names that other programs in the same process define.
+  _AUTOENCODER = flags.DEFINE_string("autoencoder", None, "images: a diffusers AutoencoderKL folder or "
+                                     "one written by launch/export_autoencoder.py.")
+  _INPUT = flags.DEFINE_string("input", None, "images: an npz file with `images` (uint8 [N, H, W, C]).")
+  _TEXT_ENCODER = flags.DEFINE_string("text_encoder", None, "text: 'minilm' or a local path.")
+  _PROMPTS = flags.DEFINE_string("prompts", None, "text: a text file with one prompt a line.")
+  _OUTPUT = flags.DEFINE_string("output", None, "The npz file to write.")
+  _BATCH = flags.DEFINE_integer("batch_size", 64, "Images or prompts per batch.")
+  _SAMPLE = flags.DEFINE_bool("sample", False, "images: encode a posterior sample (seed 0) instead of "
+                              "the posterior mean.")
   app.run(_run)

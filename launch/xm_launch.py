@@ -63,30 +63,6 @@ GPUS = ("t4", "v100", "a100", "a100_80gib", "l4", "h100")
 TPUS = ("tpu_v2", "tpu_v3", "tpu_v4", "tpu_v5e", "tpu_v5p", "tpu_v6e")
 VERTEX_TPUS = ("tpu_v2", "tpu_v3")  # the TPU types xmanager 0.8.5 maps onto Vertex machine types
 
-_CONFIG = flags.DEFINE_string("config", None, "Config file and optional argument, e.g. "
-                              "configs/sid2_digits.py:runlocal (as for launch/main.py).")
-_WORKDIR_ROOT = flags.DEFINE_string("workdir_root", None, "Work units write to "
-                                    "WORKDIR_ROOT/EXPERIMENT/NN_POINT (local path or gs://).")
-_NAME = flags.DEFINE_string("experiment_name", None, "Experiment title and folder (default: config "
-                            "name and time).")
-_SET = flags.DEFINE_multi_string("set", [], "KEY=VALUE config override applied to every work unit.")
-_SWEEP = flags.DEFINE_multi_string("sweep", [], "KEY=V1,V2,... one sweep axis (cartesian product).")
-_SWEEP_FILE = flags.DEFINE_string("sweep_file", None, "Python file with get_sweep(arg=None) -> "
-                                  "list of {key: value} dicts; FILE[:arg].")
-_EXECUTOR = flags.DEFINE_enum("executor", "local", EXECUTORS, "Where the work units run.")
-_ACCEL = flags.DEFINE_enum("accelerator", None, GPUS + TPUS, "vertex/kubernetes: accelerator type.")
-_ACCEL_COUNT = flags.DEFINE_integer("accelerator_count", 1, "vertex/kubernetes: accelerators per "
-                                    "host (GPUs, or TPU chips for tpu_v2/v3 on Vertex).")
-_NUM_HOSTS = flags.DEFINE_integer("num_hosts", 1, "vertex/kubernetes: hosts per work unit; > 1 "
-                                  "starts jax.distributed (launch/main.py --distributed).")
-_CPU = flags.DEFINE_integer("cpu", None, "vertex/kubernetes: vCPUs per host.")
-_RAM_GIB = flags.DEFINE_integer("ram_gib", None, "vertex/kubernetes: RAM per host in GiB.")
-_BASE_IMAGE = flags.DEFINE_string("base_image", "python:3.12-slim", "vertex/kubernetes: docker "
-                                  "base image (jax's CUDA and TPU wheels bring their own runtimes).")
-_MAX_PARALLEL = flags.DEFINE_integer("max_parallel", 1, "local: work units running at once (they "
-                                    "share this machine's cores and accelerators).")
-_EXTRA_ARGS = flags.DEFINE_multi_string("main_arg", [], "Extra launch/main.py flag for every unit, "
-                                        "e.g. --main_arg=--mode=train.")
 
 
 # ---- sweeps ---------------------------------------------------------------------------------------
@@ -394,4 +370,30 @@ def _main(argv) -> None:
 
 
 if __name__ == "__main__":
+  # Flags are defined only when this file runs as a program, so importing its functions (tests,
+  # other tools) claims no flag names that other programs in the same process define.
+  _CONFIG = flags.DEFINE_string("config", None, "Config file and optional argument, e.g. "
+                                "configs/sid2_digits.py:runlocal (as for launch/main.py).")
+  _WORKDIR_ROOT = flags.DEFINE_string("workdir_root", None, "Work units write to "
+                                      "WORKDIR_ROOT/EXPERIMENT/NN_POINT (local path or gs://).")
+  _NAME = flags.DEFINE_string("experiment_name", None, "Experiment title and folder (default: config "
+                              "name and time).")
+  _SET = flags.DEFINE_multi_string("set", [], "KEY=VALUE config override applied to every work unit.")
+  _SWEEP = flags.DEFINE_multi_string("sweep", [], "KEY=V1,V2,... one sweep axis (cartesian product).")
+  _SWEEP_FILE = flags.DEFINE_string("sweep_file", None, "Python file with get_sweep(arg=None) -> "
+                                    "list of {key: value} dicts; FILE[:arg].")
+  _EXECUTOR = flags.DEFINE_enum("executor", "local", EXECUTORS, "Where the work units run.")
+  _ACCEL = flags.DEFINE_enum("accelerator", None, GPUS + TPUS, "vertex/kubernetes: accelerator type.")
+  _ACCEL_COUNT = flags.DEFINE_integer("accelerator_count", 1, "vertex/kubernetes: accelerators per "
+                                      "host (GPUs, or TPU chips for tpu_v2/v3 on Vertex).")
+  _NUM_HOSTS = flags.DEFINE_integer("num_hosts", 1, "vertex/kubernetes: hosts per work unit; > 1 "
+                                    "starts jax.distributed (launch/main.py --distributed).")
+  _CPU = flags.DEFINE_integer("cpu", None, "vertex/kubernetes: vCPUs per host.")
+  _RAM_GIB = flags.DEFINE_integer("ram_gib", None, "vertex/kubernetes: RAM per host in GiB.")
+  _BASE_IMAGE = flags.DEFINE_string("base_image", "python:3.12-slim", "vertex/kubernetes: docker "
+                                    "base image (jax's CUDA and TPU wheels bring their own runtimes).")
+  _MAX_PARALLEL = flags.DEFINE_integer("max_parallel", 1, "local: work units running at once (they "
+                                      "share this machine's cores and accelerators).")
+  _EXTRA_ARGS = flags.DEFINE_multi_string("main_arg", [], "Extra launch/main.py flag for every unit, "
+                                          "e.g. --main_arg=--mode=train.")
   app.run(_main)
