@@ -35,6 +35,7 @@ import ml_dtypes
 import numpy as np
 
 from common.errors import CheckpointError, DataNotFoundError
+from common.paths import as_path
 
 _ZIP_MAGIC = b"PK\x03\x04"
 
@@ -423,50 +424,51 @@ def _flatten_script_module(obj: TorchScriptObject, prefix: str, out: dict[str, n
 
 
 def _load_zip(path: str) -> dict[str, np.ndarray]:
-  try:
-    zf = zipfile.ZipFile(path)
-  except zipfile.BadZipFile as e:
-    raise CheckpointError(f"{path}: not a readable zip archive ({e})") from None
-  with zf:
-    names = zf.namelist()
-    pickles = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
-    if not pickles:
-      raise CheckpointError(f"{path}: a zip file without a torch 'data.pkl' record: not a torch file")
-    prefix = pickles[0][: -len("data.pkl")]
-    torchscript = any(n.startswith(prefix + "code/") for n in names) or (
-        prefix + "constants.pkl" in names)
-    byteorder = "little"
-    if prefix + "byteorder" in names:
-      byteorder = zf.read(prefix + "byteorder").decode("ascii").strip()
+  with as_path(path).open("rb") as f:
+    try:
+      zf = zipfile.ZipFile(f)
+    except zipfile.BadZipFile as e:
+      raise CheckpointError(f"{path}: not a readable zip archive ({e})") from None
+    with zf:
+      names = zf.namelist()
+      pickles = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
+      if not pickles:
+        raise CheckpointError(f"{path}: a zip file without a torch 'data.pkl' record: not a torch file")
+      prefix = pickles[0][: -len("data.pkl")]
+      torchscript = any(n.startswith(prefix + "code/") for n in names) or (
+          prefix + "constants.pkl" in names)
+      byteorder = "little"
+      if prefix + "byteorder" in names:
+        byteorder = zf.read(prefix + "byteorder").decode("ascii").strip()
 
-    def read_record(key: str) -> bytes:
+      def read_record(key: str) -> bytes:
+        try:
+          raw = zf.read(f"{prefix}data/{key}")
+        except KeyError:
+          raise CheckpointError(f"{path}: missing storage record data/{key}: the file is corrupt") from None
+        return raw
+
+      unpickler = _RestrictedUnpickler(
+          io.BytesIO(zf.read(prefix + "data.pkl")), read_record, path=path, torchscript=torchscript)
       try:
-        raw = zf.read(f"{prefix}data/{key}")
-      except KeyError:
-        raise CheckpointError(f"{path}: missing storage record data/{key}: the file is corrupt") from None
-      return raw
-
-    unpickler = _RestrictedUnpickler(
-        io.BytesIO(zf.read(prefix + "data.pkl")), read_record, path=path, torchscript=torchscript)
-    try:
-      root = unpickler.load()
-    except CheckpointError:
-      raise
-    except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError) as e:
-      raise CheckpointError(f"{path}: cannot unpickle data.pkl ({type(e).__name__}: {e})") from None
-    out: dict[str, np.ndarray] = {}
-    try:
-      if isinstance(root, TorchScriptObject):
-        _flatten_script_module(root, "", out, zf, prefix + "code/", {}, set())
-      elif isinstance(root, np.ndarray):
-        out[""] = root
-      else:
-        _flatten(root, "", out)
-    except RecursionError:
-      raise CheckpointError(f"{path}: nested too deeply: the file is corrupt") from None
-  if byteorder != "little":  # tensors were copied from big-endian bytes read as little-endian
-    out = {k: v.byteswap() for k, v in out.items()}
-  return out
+        root = unpickler.load()
+      except CheckpointError:
+        raise
+      except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise CheckpointError(f"{path}: cannot unpickle data.pkl ({type(e).__name__}: {e})") from None
+      out: dict[str, np.ndarray] = {}
+      try:
+        if isinstance(root, TorchScriptObject):
+          _flatten_script_module(root, "", out, zf, prefix + "code/", {}, set())
+        elif isinstance(root, np.ndarray):
+          out[""] = root
+        else:
+          _flatten(root, "", out)
+      except RecursionError:
+        raise CheckpointError(f"{path}: nested too deeply: the file is corrupt") from None
+    if byteorder != "little":  # tensors were copied from big-endian bytes read as little-endian
+      out = {k: v.byteswap() for k, v in out.items()}
+    return out
 
 
 _LEGACY_MAGIC = 0x1950a86a20f9469cfc6c  # torch/serialization.py MAGIC_NUMBER
@@ -486,7 +488,7 @@ def _materialize(tree):
 def _load_legacy(path: str) -> dict[str, np.ndarray]:
   """torch.save's pre-1.6 format: magic, protocol, sys_info and data pickles, then the raw storages
   (each an int64 element count and its bytes), as torch/serialization.py `_legacy_load` reads it."""
-  with open(path, "rb") as f:
+  with as_path(path).open("rb") as f:
     def plain_load():
       return _RestrictedUnpickler(f, None, path=path).load()
     try:
@@ -539,13 +541,12 @@ def _is_safetensors(path: str, head: bytes) -> bool:
   if len(head) < 9:
     return False
   (n,) = struct.unpack("<Q", head[:8])
-  return head[8:9] == b"{" and 0 < n <= os.path.getsize(path) - 8
+  return head[8:9] == b"{" and 0 < n <= as_path(path).stat().length - 8
 
 
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:
   import safetensors  # pylint: disable=import-outside-toplevel
-  with open(path, "rb") as f:
-    data = f.read()
+  data = as_path(path).read_bytes()
   try:
     records = safetensors.deserialize(data)
   except Exception as e:  # safetensors raises its own SafetensorError (and others) on a bad header
@@ -559,11 +560,11 @@ def _load_safetensors(path: str) -> dict[str, np.ndarray]:
   return out
 
 
-def load_torch_weights(path: str) -> dict[str, np.ndarray]:
+def load_torch_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Reads the tensors of a PyTorch weight file (torch.save zip, TorchScript, or safetensors).
 
   Args:
-    path: a local file. `.pt/.pth/.bin/.ckpt` files written by `torch.save` (zip, or the legacy
+    path: a local or gs:// file. `.pt/.pth/.bin/.ckpt` files written by `torch.save` (zip, or the legacy
       pre-1.6 format) or `torch.jit.save`, or a `.safetensors` file; the format is detected from the
       content.
 
@@ -579,9 +580,9 @@ def load_torch_weights(path: str) -> dict[str, np.ndarray]:
     CheckpointError: unknown or corrupt format, a tar-based (pre-0.4) torch file, or a pickle that refers
       to anything but tensors and plain containers (named in the message; it is never executed).
   """
-  if not os.path.isfile(path):
+  if not as_path(path).is_file():
     raise DataNotFoundError(f"weights file not found: {path}")
-  with open(path, "rb") as f:
+  with as_path(path).open("rb") as f:
     head = f.read(64)
   if head.startswith(_ZIP_MAGIC):
     out = _load_zip(path)
@@ -603,7 +604,8 @@ def load_torch_weights(path: str) -> dict[str, np.ndarray]:
 def _is_tar(path: str) -> bool:
   import tarfile  # pylint: disable=import-outside-toplevel
   try:
-    return tarfile.is_tarfile(path)
+    with as_path(path).open("rb") as f:
+      return tarfile.is_tarfile(f)
   except OSError:
     return False
 

@@ -14,7 +14,9 @@ Errors a user can fix are printed on one line and exit with status 1.
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from etils import epath
+
+sys.path.insert(0, os.fspath(epath.Path(__file__).absolute().parent.parent))  # the repository root
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
@@ -42,11 +44,12 @@ def encode_images(autoencoder_spec: str, input_path: str, output_path: str, *, b
   from common.autoencoders import load_autoencoder  # pylint: disable=import-outside-toplevel
   from common.errors import DataNotFoundError, ShapeError  # pylint: disable=import-outside-toplevel
   from common.images import to_uint8  # pylint: disable=import-outside-toplevel
-  if not os.path.isfile(input_path):
+  from common.paths import as_path  # pylint: disable=import-outside-toplevel
+  if not as_path(input_path).is_file():
     raise DataNotFoundError(f"--input={input_path} does not exist (an npz file with `images`, uint8 "
                             "[N, H, W, C])")
   try:
-    with np.load(input_path) as data:
+    with as_path(input_path).open("rb") as f, np.load(f) as data:
       if "images" not in data.files:
         raise ShapeError(f"{input_path} has no `images` array (it holds {data.files})")
       images = data["images"]
@@ -66,8 +69,9 @@ def encode_images(autoencoder_spec: str, input_path: str, output_path: str, *, b
     latents.append(np.asarray(z, np.float32))
     recons.append(to_uint8(np.asarray(ae.decode(mean))))
   latents, recons = np.concatenate(latents), np.concatenate(recons)
-  os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-  np.savez(output_path, latents=latents, reconstructions=recons)
+  as_path(output_path).parent.mkdir(parents=True, exist_ok=True)
+  with as_path(output_path).open("wb") as f:
+    np.savez(f, latents=latents, reconstructions=recons)
   return {"num": images.shape[0], "image_shape": images.shape[1:], "latent_shape": latent_shape,
           "psnr_db": psnr_uint8(images, recons)}
 
@@ -75,9 +79,10 @@ def encode_images(autoencoder_spec: str, input_path: str, output_path: str, *, b
 def read_prompts(path: str) -> list[str]:
   """Non-empty lines of a UTF-8 text file, stripped."""
   from common.errors import DataNotFoundError, ShapeError  # pylint: disable=import-outside-toplevel
-  if not os.path.isfile(path):
+  from common.paths import as_path  # pylint: disable=import-outside-toplevel
+  if not as_path(path).is_file():
     raise DataNotFoundError(f"--prompts={path} does not exist (a text file with one prompt a line)")
-  with open(path, encoding="utf-8") as f:
+  with as_path(path).open(encoding="utf-8") as f:
     prompts = [line.strip() for line in f if line.strip()]
   if not prompts:
     raise ShapeError(f"--prompts={path} holds no prompt (one a line)")
@@ -92,6 +97,7 @@ def encode_text(text_encoder_spec: str, prompts_path: str, output_path: str, *,
     {"num", "tokens_shape", "max_length", "width"}.
   """
   from common.errors import ShapeError  # pylint: disable=import-outside-toplevel
+  from common.paths import as_path  # pylint: disable=import-outside-toplevel
   from common.text import load_text_encoder  # pylint: disable=import-outside-toplevel
   prompts = read_prompts(prompts_path)
   enc = load_text_encoder(text_encoder_spec)
@@ -102,9 +108,10 @@ def encode_text(text_encoder_spec: str, prompts_path: str, output_path: str, *,
       or out["pooled"].shape != (n, out["tokens"].shape[2])):
     raise ShapeError(f"text encoder {text_encoder_spec!r} returned tokens {out['tokens'].shape}, "
                      f"mask {out['mask'].shape}, pooled {out['pooled'].shape} for {n} prompts")
-  os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-  np.savez(output_path, tokens=out["tokens"].astype(np.float32), mask=out["mask"].astype(np.int32),
-           pooled=out["pooled"].astype(np.float32), prompts=np.asarray(prompts))
+  as_path(output_path).parent.mkdir(parents=True, exist_ok=True)
+  with as_path(output_path).open("wb") as f:
+    np.savez(f, tokens=out["tokens"].astype(np.float32), mask=out["mask"].astype(np.int32),
+             pooled=out["pooled"].astype(np.float32), prompts=np.asarray(prompts))
   return {"num": n, "tokens_shape": out["tokens"].shape, "max_length": int(enc.max_length),
           "width": int(enc.width)}
 
@@ -125,6 +132,7 @@ def _run(argv) -> None:
   if len(argv) != 2 or argv[1] not in COMMANDS:
     _fail(f"usage: launch/encode.py {{{'|'.join(COMMANDS)}}} [flags]; got {argv[1:]}")
   from common.errors import UserError  # pylint: disable=import-outside-toplevel
+  from common.paths import as_path  # pylint: disable=import-outside-toplevel
   try:
     if argv[1] == "images":
       _require(autoencoder=_AUTOENCODER.value, input=_INPUT.value, output=_OUTPUT.value)
@@ -132,7 +140,7 @@ def _run(argv) -> None:
                         sample=_SAMPLE.value)
       print(f"encoded {r['num']} images {'x'.join(map(str, r['image_shape']))} -> latents "
             f"{'x'.join(map(str, r['latent_shape']))}; reconstruction PSNR {r['psnr_db']:.2f} dB; "
-            f"wrote {os.path.abspath(_OUTPUT.value)}", flush=True)
+            f"wrote {as_path(_OUTPUT.value)}", flush=True)
     else:
       _require(text_encoder=_TEXT_ENCODER.value, prompts=_PROMPTS.value, output=_OUTPUT.value)
       try:
@@ -141,7 +149,7 @@ def _run(argv) -> None:
         _fail(f"text encoders are not available in this installation (common.text: {e})")
       print(f"encoded {r['num']} prompts -> tokens {'x'.join(map(str, r['tokens_shape']))} "
             f"(max_length {r['max_length']}, width {r['width']}); wrote "
-            f"{os.path.abspath(_OUTPUT.value)}", flush=True)
+            f"{as_path(_OUTPUT.value)}", flush=True)
   except UserError as e:
     _fail(str(e))
 

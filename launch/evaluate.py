@@ -32,7 +32,9 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from etils import epath
+
+sys.path.insert(0, os.fspath(epath.Path(__file__).absolute().parent.parent))  # the repository root
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
@@ -67,8 +69,9 @@ def _fail(msg: str) -> None:
 
 
 def _write_json(path: str, obj: dict) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w", encoding="utf-8") as f:
+  from common.paths import as_path  # pylint: disable=import-outside-toplevel
+  as_path(path).parent.mkdir(parents=True, exist_ok=True)
+  with as_path(path).open("w", encoding="utf-8") as f:
     json.dump(obj, f, indent=2)
     f.write("\n")
 

@@ -12,7 +12,9 @@ are printed on one line and exit with status 1.
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from etils import epath
+
+sys.path.insert(0, os.fspath(epath.Path(__file__).absolute().parent.parent))  # the repository root
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
@@ -44,11 +46,12 @@ def _run(argv) -> None:
     _fail(f"{str(e).splitlines()[-1].strip()} (--config={flags.FLAGS['config'].config_filename})")
   from common.autoencoders.export import export_autoencoder  # pylint: disable=import-outside-toplevel
   from common.errors import UserError  # pylint: disable=import-outside-toplevel
+  from common.paths import as_path  # pylint: disable=import-outside-toplevel
   try:
     r = export_autoencoder(config, _WORKDIR.value, _OUT.value, num_images=_NUM_IMAGES.value)
   except UserError as e:
     _fail(str(e))
-  print(f"exported step {r['step']} to {os.path.abspath(_OUT.value)}: latents "
+  print(f"exported step {r['step']} to {as_path(_OUT.value)}: latents "
         f"{'x'.join(map(str, r['latent_shape']))}, shift_factor {r['shift_factor']:.5f}, "
         f"scaling_factor {r['scaling_factor']:.5f} (from {r['num_images']} training images)",
         flush=True)

@@ -14,7 +14,9 @@ the same command is run again. Errors a user can fix are printed on one line and
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from etils import epath
+
+sys.path.insert(0, os.fspath(epath.Path(__file__).absolute().parent.parent))  # the repository root
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402

@@ -8,8 +8,9 @@ Two proofs:
    uses that are not workdir or dataset I/O are listed in ALLOWED with the reason.
 2. A fake `gs://` object store (an fsspec in-memory filesystem registered for the gs protocol, which
    is what epath uses for gs:// when TensorFlow is absent): metrics, sample grids, image folders,
-   Fashion-MNIST idx files and the tfds preparation check all work on gs:// paths, and nothing lands
-   on the local disk. Orbax checkpoints are not run against it: orbax writes array data through
+   Fashion-MNIST idx files, the tfds preparation check, reference batches and sample files (.npz,
+   .npy) and weight files (safetensors, torch zip / legacy / TorchScript) all work on gs:// paths,
+   and nothing lands on the local disk. Orbax checkpoints are not run against it: orbax writes array data through
    tensorstore's own GCS driver, which needs a real (or emulated HTTP) GCS endpoint.
 """
 
@@ -33,17 +34,18 @@ CHECKED_DIRS = ("common", "launch")
 
 # Calls that read, write or list files behind epath's back.
 FORBIDDEN_CALLS = {
-    "open", "io.open", "gzip.open", "bz2.open", "lzma.open", "tarfile.open", "zipfile.ZipFile",
+    "open", "io.open", "gzip.open", "bz2.open", "lzma.open", "tarfile.open",
     "os.makedirs", "os.mkdir", "os.listdir", "os.scandir", "os.walk", "os.remove", "os.unlink",
     "os.rename", "os.replace", "os.rmdir", "os.stat", "os.chdir",
     "glob.glob", "glob.iglob", "pathlib.Path", "Path",
     "np.fromfile", "np.genfromtxt",
     "tempfile.mkdtemp", "tempfile.NamedTemporaryFile", "tempfile.TemporaryDirectory",
 }
-# numpy readers and writers: fine on a file object from `with epath_path.open(...) as f`, not on a
-# path (`np.savez_compressed(f, images=...)`, not `np.savez_compressed(path, ...)`).
+# numpy readers and writers (and zipfile): fine on a file object from `with epath_path.open(...) as
+# f`, not on a path (`np.savez_compressed(f, images=...)`, not `np.savez_compressed(path, ...)`).
 NUMPY_IO = {f"{np}.{fn}" for np in ("np", "numpy")
             for fn in ("save", "savez", "savez_compressed", "load", "loadtxt", "savetxt")}
+FILE_OBJECT_IO = NUMPY_IO | {"zipfile.ZipFile"}
 FORBIDDEN_PREFIXES = ("os.path.", "shutil.")
 
 # (file, call) -> why it is not workdir or dataset I/O. Keep this short and specific.
@@ -73,14 +75,14 @@ def _dotted(node: ast.AST) -> str | None:
 
 
 def _writes_to_path(node: ast.Call, file_objects: set[str]) -> bool:
-  """numpy I/O, `Image.fromarray(...).save(target)` or `Image.open(target)` with `target` not a
-  file object."""
+  """numpy I/O, `zipfile.ZipFile(target)`, `Image.fromarray(...).save(target)` or
+  `Image.open(target)` with `target` not a file object."""
   func = node.func
   if not (isinstance(func, ast.Attribute) and node.args):
     return False
   target = node.args[0]
   is_file_object = isinstance(target, ast.Name) and target.id in file_objects
-  if _dotted(func) in NUMPY_IO:
+  if _dotted(func) in FILE_OBJECT_IO:
     return not is_file_object
   if func.attr == "save" and isinstance(func.value, ast.Call):
     return _dotted(func.value.func) in ("Image.fromarray", "PIL.Image.fromarray") and (
@@ -138,8 +140,9 @@ def test_the_check_catches_what_it_should(tmp_path, monkeypatch):
             "def f(d, x):\n"
             "  os.makedirs(d)\n  p = os.path.join(d, 'a')\n  open(p, 'w').write('x')\n"
             "  np.savez_compressed(p, x=x)\n  Image.fromarray(x).save(p)\n"
+            "  zipfile.ZipFile(p)\n"
             "  with epath.Path(p).open('wb') as f:\n    Image.fromarray(x).save(f)\n"
-            "    np.savez_compressed(f, x=x)\n")
+            "    np.savez_compressed(f, x=x)\n    zipfile.ZipFile(f)\n")
   try:
     bad.write_text(source)
     found = [v.split(": ", 1)[1] for v in file_io_violations(bad)]
@@ -147,6 +150,7 @@ def test_the_check_catches_what_it_should(tmp_path, monkeypatch):
     bad.unlink()
   assert found.count("Image.fromarray(x).save") == 1  # the file-object saves are fine
   assert found.count("np.savez_compressed") == 1
+  assert found.count("zipfile.ZipFile") == 1
   assert {"os.makedirs", "os.path.join", "open"} <= set(found)
 
 
@@ -245,3 +249,41 @@ def test_datasets_on_gs(fake_gcs):
   fake_gcs.pipe("gs://bucket/tfds/tiny/1.0.0/tiny-train.array_record-00000-of-00001", b"")
   tfds_source.check_prepared("tiny", "gs://bucket/tfds", "train")
   assert not os.path.exists("gs:")
+
+
+def test_eval_files_and_weights_on_gs(fake_gcs):
+  from safetensors import numpy as st_numpy  # pylint: disable=import-outside-toplevel
+  from common.eval import reference  # pylint: disable=import-outside-toplevel
+  from common.text.weights import read_weights  # pylint: disable=import-outside-toplevel
+  from common.torch_weights import load_torch_weights  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
+  mu, sigma = rng.normal(size=3), np.eye(3)
+  assert reference.write_arrays("gs://bucket/ref/ref.npz", {"arr_0": images, "mu": mu,
+                                                            "sigma": sigma}) == "gs://bucket/ref/ref.npz"
+  assert not fake_gcs.exists("gs://bucket/ref/ref.npz.tmp")
+  np.testing.assert_array_equal(reference.load_images("gs://bucket/ref/ref.npz",
+                                                      batch_size=2).read_all(), images)
+  ref = reference.load_reference("gs://bucket/ref/ref.npz")
+  np.testing.assert_allclose(ref["mu"], mu)
+  buffer = io.BytesIO()
+  np.save(buffer, images)
+  fake_gcs.pipe("gs://bucket/samples.npy", buffer.getvalue())
+  np.testing.assert_array_equal(reference.load_images("gs://bucket/samples.npy",
+                                                      batch_size=3).read_all(), images)
+
+  w = rng.normal(size=(2, 3)).astype(np.float32)
+  fake_gcs.pipe("gs://bucket/w.safetensors", st_numpy.save({"a.weight": w, "b": w[0]}))
+  np.testing.assert_array_equal(load_torch_weights("gs://bucket/w.safetensors")["a.weight"], w)
+  assert list(read_weights("gs://bucket/w.safetensors", keep=lambda k: k != "b")) == ["a.weight"]
+  for name in ("state_dict.pt", "legacy.pt", "script.pt"):  # zip, pre-1.6 and TorchScript formats
+    local = ROOT / "tests" / "fixtures" / "torch_weights" / name
+    fake_gcs.pipe(f"gs://bucket/{name}", local.read_bytes())
+    want, got = load_torch_weights(str(local)), load_torch_weights(f"gs://bucket/{name}")
+    assert list(got) == list(want) and all(np.array_equal(got[k], want[k]) for k in want)
+
+  from common.data import latents  # pylint: disable=import-outside-toplevel
+  from common.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ConfigError, match="local directory"):  # array_record writes local files only
+    latents.precompute(source="fashion_mnist", output="gs://bucket/latents", autoencoder="a",
+                       text_encoder="minilm")

@@ -19,6 +19,7 @@ import json
 import os
 from typing import Any
 
+from etils import epath
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ import numpy as np
 
 from common.autoencoders import kl_vae
 from common.errors import CheckpointError, ConfigError, DataNotFoundError, ShapeError
+from common.paths import as_path
 
 EXPORT_FORMAT = "frugal-diffusion-autoencoder"
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -118,9 +120,9 @@ class Autoencoder:
 # Loading.
 
 
-def _read_json(path: str) -> dict:
+def _read_json(path: epath.Path) -> dict:
   try:
-    with open(path) as f:
+    with path.open() as f:
       cfg = json.load(f)
   except (OSError, ValueError) as e:
     raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from e
@@ -129,10 +131,10 @@ def _read_json(path: str) -> dict:
   return cfg
 
 
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+def _read_safetensors(path: epath.Path) -> dict[str, np.ndarray]:
   from safetensors import flax as st_flax  # pylint: disable=import-outside-toplevel
   try:
-    tensors = st_flax.load_file(path)  # through jax: bfloat16 tensors load too
+    tensors = st_flax.load(path.read_bytes())  # through jax: bfloat16 tensors load too
   except Exception as e:  # safetensors raises its own error types for corrupt files
     raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from e
   return {k: np.asarray(v.astype(jnp.float32)) for k, v in tensors.items()}
@@ -158,23 +160,23 @@ def load_diffusers_vae(directory: str, config: dict | None = None, *,
     config: the parsed config.json (read from `directory` when None).
     dtype: compute dtype of the convolutions ("float32" or "bfloat16").
   """
-  config = config if config is not None else _read_json(os.path.join(directory, "config.json"))
+  folder = as_path(directory)
+  config = config if config is not None else _read_json(folder / "config.json")
   kwargs = kl_vae.model_kwargs(config)
   shift, scale = kl_vae.latent_normalization(config)
-  weights = next((os.path.join(directory, w) for w in DIFFUSERS_WEIGHTS
-                  if os.path.isfile(os.path.join(directory, w))), None)
+  weights = next((folder / w for w in DIFFUSERS_WEIGHTS if (folder / w).is_file()), None)
   if weights is None:
     raise DataNotFoundError(
         f"no diffusion_pytorch_model.safetensors (or .bin) in {directory}: download the VAE's "
         f"diffusion_pytorch_model.safetensors beside its config.json into {directory}")
-  if weights.endswith(".safetensors"):
+  if weights.name.endswith(".safetensors"):
     state_dict = _read_safetensors(weights)
   else:
     from common.torch_weights import load_torch_weights  # pylint: disable=import-outside-toplevel
     state_dict = {k: np.asarray(v, np.float32) for k, v in load_torch_weights(weights).items()}
   graphdef, abstract = _abstract_params(
       lambda: kl_vae.AutoencoderKL(**kwargs, dtype=dtype, rngs=nnx.Rngs(0)))
-  params = kl_vae.torch_to_params(state_dict, abstract, weights)
+  params = kl_vae.torch_to_params(state_dict, abstract, os.fspath(weights))
   return Autoencoder(_merge(graphdef, params), shift=shift, scale=scale, name=directory)
 
 
@@ -191,7 +193,8 @@ def save_autoencoder(directory: str, model_config: ml_collections.ConfigDict | d
     extra: more JSON-serialisable entries for config.json (e.g. provenance).
   """
   from safetensors import numpy as st_numpy  # pylint: disable=import-outside-toplevel
-  os.makedirs(directory, exist_ok=True)
+  folder = as_path(directory)
+  folder.mkdir(parents=True, exist_ok=True)
   model = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
   model = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.items()}
   cfg = {"format": EXPORT_FORMAT, "model": model,
@@ -200,8 +203,8 @@ def save_autoencoder(directory: str, model_config: ml_collections.ConfigDict | d
          "image_shape": [int(s) for s in image_shape], **(extra or {})}
   flat = {k: np.ascontiguousarray(np.asarray(v, np.float32))
           for k, v in kl_vae.flatten(params).items()}
-  st_numpy.save_file(flat, os.path.join(directory, "params.safetensors"))
-  with open(os.path.join(directory, "config.json"), "w") as f:
+  (folder / "params.safetensors").write_bytes(st_numpy.save(flat))
+  with (folder / "config.json").open("w") as f:
     json.dump(cfg, f, indent=2)
 
 
@@ -215,10 +218,10 @@ def _load_export(directory: str, config: dict) -> Autoencoder:
     graphdef, abstract = _abstract_params(lambda: cls(**kwargs, rngs=nnx.Rngs(0)))
   except TypeError as e:
     raise CheckpointError(f"{directory}/config.json: cannot build {model_cfg.name}: {e}") from e
-  path = os.path.join(directory, "params.safetensors")
-  if not os.path.isfile(path):
+  path = as_path(directory) / "params.safetensors"
+  if not path.is_file():
     raise DataNotFoundError(f"{path} is missing: export the autoencoder again with "
-                            "launch/export_autoencoder.py --out={directory}")
+                            f"launch/export_autoencoder.py --out={directory}")
   flat = _read_safetensors(path)
   want = kl_vae.flatten(abstract)
   if set(flat) != set(want):
@@ -248,10 +251,11 @@ def load_autoencoder(spec: str) -> Autoencoder:
   if not spec:
     raise ConfigError("no autoencoder given: set config.autoencoder (or --autoencoder) to a local "
                       "folder (a diffusers AutoencoderKL or one written by launch/export_autoencoder.py)")
-  directory = os.path.abspath(os.path.expanduser(spec))
-  config_path = os.path.join(directory, "config.json")
-  if not os.path.isfile(config_path):
-    what = "does not exist" if not os.path.isdir(directory) else "has no config.json"
+  folder = as_path(spec)
+  directory = os.fspath(folder)
+  config_path = folder / "config.json"
+  if not config_path.is_file():
+    what = "does not exist" if not folder.is_dir() else "has no config.json"
     raise DataNotFoundError(
         f"autoencoder folder {directory} {what}: download a diffusers VAE's config.json and "
         f"diffusion_pytorch_model.safetensors (e.g. from stabilityai/sdxl-vae) into {directory}, or "

@@ -20,6 +20,7 @@ import numpy as np
 from common.autoencoders import autoencoder as ae_lib
 from common.autoencoders import kl_vae
 from common.errors import CheckpointError, ShapeError
+from common.paths import as_path
 
 
 def restore_ema_params(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, int]:
@@ -30,8 +31,8 @@ def restore_ema_params(config: ml_collections.ConfigDict, workdir: str) -> tuple
   """
   from common.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
   from common.experiment import build_model  # pylint: disable=import-outside-toplevel
-  directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
-  if not os.path.isdir(directory):
+  directory = os.fspath(as_path(workdir) / "checkpoints")
+  if not as_path(directory).is_dir():
     raise CheckpointError(f"no checkpoints in {directory}: train first with launch/main.py "
                           f"--config=... --workdir={workdir}")
   ckpt = Checkpointer(directory, keep=int(config.train.get("keep_checkpoints", 3)))
@@ -102,7 +103,7 @@ def export_autoencoder(config: ml_collections.ConfigDict, workdir: str, out: str
   shift, scale = mean, 1.0 / std
   ae_lib.save_autoencoder(out, config.model, params, shift=shift, scale=scale,
                           image_shape=image_shape,
-                          extra={"source": {"workdir": os.path.abspath(workdir), "step": step,
+                          extra={"source": {"workdir": os.fspath(as_path(workdir)), "step": step,
                                             "num_images": int(images.shape[0])}})
   return {"step": step, "shift_factor": shift, "scaling_factor": scale,
           "latent_shape": raw.latent_shape(image_shape), "num_images": int(images.shape[0])}

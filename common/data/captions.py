@@ -30,6 +30,7 @@ from common.data import image_folder as _image_folder
 from common.data import sources as _sources
 from common.data import transforms as _transforms
 from common.errors import ConfigError, DataNotFoundError, ShapeError
+from common.paths import as_path
 
 FASHION_CLASS_NAMES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
                        "sneaker", "bag", "ankle boot")
@@ -149,14 +150,14 @@ class CaptionedFashionMNIST:
 
   def describe(self) -> dict:
     """What identifies this source's content (stored in meta.json)."""
-    return {"source": "fashion_mnist", "path": os.path.abspath(self.directory),
+    return {"source": "fashion_mnist", "path": os.fspath(as_path(self.directory)),
             "split": self.split, "caption_seed": self.seed,
             "caption_templates": list(_FASHION_TEMPLATES["train"]),
             "class_names": list(FASHION_CLASS_NAMES)}
 
 
 def _read_captions(path: str) -> tuple[str, ...]:
-  with open(path, encoding="utf-8") as f:
+  with as_path(path).open(encoding="utf-8") as f:
     captions = tuple(line.strip() for line in f if line.strip())
   if not captions:
     raise DataNotFoundError(f"caption file {path} is empty; write one caption per line")
@@ -173,8 +174,8 @@ def _check_size(image_size, channels) -> None:
 class CaptionedImageFolder:
   """Images anywhere under `root`, each with a caption file `<stem>.txt` beside it.
 
-  Files are visited in sorted path order (os.walk, hidden entries skipped); every non-empty line
-  of a caption file is one caption. An image without its `.txt` is an error (listing how many lack
+  Files are visited in sorted path order (hidden entries skipped); every non-empty line of a caption
+  file is one caption. An image without its `.txt` is an error (listing how many lack
   one), not silently skipped.
 
   Args:
@@ -185,28 +186,28 @@ class CaptionedImageFolder:
 
   def __init__(self, root: str, image_size: int, channels: int = 3):
     _check_size(image_size, channels)
-    if not root or not os.path.isdir(root):
+    if not root or not as_path(root).is_dir():
       raise DataNotFoundError(
           f"caption image folder {root!r} does not exist; give a directory of images with a "
           ".txt caption beside each (img001.jpg + img001.txt)")
     self.root, self.image_size, self.channels = root, image_size, channels
     self.paths, self.caption_paths, missing = [], [], []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in as_path(root).walk():
       dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
       for f in sorted(filenames):
         if f.startswith(".") or not f.lower().endswith(_image_folder.IMAGE_EXTENSIONS):
           continue
-        path = os.path.join(dirpath, f)
-        txt = os.path.splitext(path)[0] + ".txt"
-        if os.path.isfile(txt):
-          self.paths.append(path)
-          self.caption_paths.append(txt)
+        path = dirpath / f
+        txt = path.with_suffix(".txt")
+        if txt.is_file():
+          self.paths.append(os.fspath(path))
+          self.caption_paths.append(os.fspath(txt))
         else:
           missing.append(path)
     if missing:
       raise DataNotFoundError(
           f"{len(missing)} image(s) under {root} have no caption file beside them, e.g. "
-          f"{missing[0]} needs {os.path.splitext(missing[0])[0]}.txt")
+          f"{missing[0]} needs {missing[0].with_suffix('.txt')}")
     if not self.paths:
       raise DataNotFoundError(
           f"caption image folder {root} holds no images with extensions "
@@ -221,7 +222,7 @@ class CaptionedImageFolder:
                             _read_captions(self.caption_paths[index]), -1)
 
   def describe(self) -> dict:
-    return {"source": "image_folder", "path": os.path.abspath(self.root)}
+    return {"source": "image_folder", "path": os.fspath(as_path(self.root))}
 
 
 class CocoCaptions:
@@ -239,18 +240,18 @@ class CocoCaptions:
 
   def __init__(self, annotations: str, image_dir: str, image_size: int, channels: int = 3):
     _check_size(image_size, channels)
-    if not annotations or not os.path.isfile(annotations):
+    if not annotations or not as_path(annotations).is_file():
       raise DataNotFoundError(
           f"COCO caption file {annotations!r} not found; give e.g. "
           "annotations/captions_train2014.json from annotations_trainval2014.zip")
     if not image_dir:
       raise ConfigError("COCO captions need the directory of their images (--image_dir)")
-    if not os.path.isdir(image_dir):
+    if not as_path(image_dir).is_dir():
       raise DataNotFoundError(
           f"COCO image directory {image_dir!r} not found; give the folder holding the images "
           "the caption file names (e.g. train2014/)")
     try:
-      with open(annotations, encoding="utf-8") as f:
+      with as_path(annotations).open(encoding="utf-8") as f:
         data = json.load(f)
       images = [(int(im["id"]), str(im["file_name"])) for im in data["images"]]
       captions: dict[int, list[str]] = {}
@@ -264,7 +265,7 @@ class CocoCaptions:
           f"annotations[{{image_id, caption}}]): {type(e).__name__}: {e}") from e
     self.annotations, self.image_dir = annotations, image_dir
     self.image_size, self.channels = image_size, channels
-    self.entries = [(os.path.join(image_dir, name), tuple(captions[i]))
+    self.entries = [(os.fspath(as_path(image_dir) / name), tuple(captions[i]))
                     for i, name in images if i in captions]
     if not self.entries:
       raise DataNotFoundError(f"{annotations} has no image with a caption")
@@ -274,12 +275,12 @@ class CocoCaptions:
 
   def __getitem__(self, index: int) -> CaptionedExample:
     path, captions = self.entries[index]
-    if not os.path.isfile(path):
+    if not as_path(path).is_file():
       raise DataNotFoundError(f"COCO image {path} (named in {self.annotations}) not found")
     image = _image_folder.read_image(path, self.channels)
     return CaptionedExample(_transforms.center_crop_arr(image, self.image_size), captions, -1)
 
   def describe(self) -> dict:
-    return {"source": "coco", "path": os.path.abspath(self.annotations),
-            "image_dir": os.path.abspath(self.image_dir)}
+    return {"source": "coco", "path": os.fspath(as_path(self.annotations)),
+            "image_dir": os.fspath(as_path(self.image_dir))}
 

@@ -61,6 +61,7 @@ from common.data import loader as _loader
 from common.data import sources as _sources
 from common.errors import ConfigError, DataNotFoundError, ShapeError
 from common.metrics import format_duration
+from common.paths import as_path, is_remote
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -141,16 +142,17 @@ def shard_name(index: int, count: int) -> str:
   return f"shard-{index:05d}-of-{count:05d}.array_record"
 
 
-def _write_json(path: str, value: dict) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
+def _write_json(path: str | os.PathLike, value: dict) -> None:
+  path = as_path(path)
+  tmp = path.parent / (path.name + ".tmp")
+  with tmp.open("w", encoding="utf-8") as f:
     json.dump(value, f, indent=2, sort_keys=True)
     f.write("\n")
-  os.replace(tmp, path)
+  tmp.replace(path)
 
 
-def _read_json(path: str) -> dict:
-  with open(path, encoding="utf-8") as f:
+def _read_json(path: str | os.PathLike) -> dict:
+  with as_path(path).open(encoding="utf-8") as f:
     return json.load(f)
 
 
@@ -249,6 +251,12 @@ def _write_shard(path: str, source, lo: int, hi: int, *, autoencoder: Autoencode
   return done
 
 
+def _check_local(output: str) -> None:
+  if is_remote(output):
+    raise ConfigError(f"--output={output}: array_record shards are written to a local directory "
+                      "only; precompute locally, then copy the directory (gsutil -m cp -r)")
+
+
 def write_dataset(source, output: str, *, autoencoder: Autoencoder, text_encoder: TextEncoder,
                   autoencoder_spec: str, text_encoder_spec: str, shard_size: int = 4096,
                   batch_size: int = 64, limit: int | None = None, latent: str = "mean",
@@ -268,7 +276,7 @@ def write_dataset(source, output: str, *, autoencoder: Autoencoder, text_encoder
   Args:
     source: a captioned source (`common.data.captions`): `len`, `[i] -> CaptionedExample`,
       `image_size`, `channels`, `describe()`.
-    output: dataset directory (created).
+    output: dataset directory (created; local: array_record writes local files only).
     autoencoder: `encode(images float32 [B, H, W, C] in [-1, 1], key) -> latents [B, h, w, c]`
       (scaled) and `latent_shape((H, W, C))`.
     text_encoder: `encode(prompts) -> {"tokens" [N, T, D], "mask" [N, T], "pooled" [N, D]}`,
@@ -293,6 +301,7 @@ def write_dataset(source, output: str, *, autoencoder: Autoencoder, text_encoder
     the meta.json dict, or None when other processes still have shards to write.
   """
   stream = stream or sys.stdout
+  _check_local(output)
   if latent not in LATENT_MODES:
     raise ConfigError(f"latent must be one of {LATENT_MODES}, got {latent!r}")
   if dtype not in DTYPES:
@@ -315,9 +324,10 @@ def write_dataset(source, output: str, *, autoencoder: Autoencoder, text_encoder
       "dtype": dtype, "trim_padding": bool(trim_padding), "autoencoder": autoencoder_spec, "text_encoder": text_encoder_spec,
       "image_shape": list(image_shape), "latent_shape": list(latent_shape),
       "text_max_length": int(text_encoder.max_length), "text_width": int(text_encoder.width)}
-  os.makedirs(output, exist_ok=True)
-  plan_path = os.path.join(output, PLAN_FILE)
-  if os.path.exists(plan_path):
+  out_dir = as_path(output)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  plan_path = out_dir / PLAN_FILE
+  if plan_path.exists():
     old = _read_json(plan_path)
     diff = sorted(k for k in set(plan) | set(old) if plan.get(k) != old.get(k))
     if diff:
@@ -329,7 +339,7 @@ def write_dataset(source, output: str, *, autoencoder: Autoencoder, text_encoder
     _write_json(plan_path, plan)
 
   def complete(k: int) -> bool:
-    return os.path.isfile(os.path.join(output, shards[k]))
+    return (out_dir / shards[k]).is_file()
 
   mine = [k for k in range(num_shards) if k % process_count == process_index]
   todo = [k for k in mine if not complete(k)]
@@ -341,14 +351,14 @@ def write_dataset(source, output: str, *, autoencoder: Autoencoder, text_encoder
     print(f"precompute: resuming, {len(mine) - len(todo)} of {len(mine)} shard(s) complete",
           file=stream, flush=True)
   for k in todo:
-    final = os.path.join(output, shards[k])
-    tmp = final + ".tmp"
+    final = out_dir / shards[k]
+    tmp = os.fspath(final) + ".tmp"
     lo, hi = bounds[k]
     done = _write_shard(tmp, source, lo, hi, autoencoder=autoencoder, text_encoder=text_encoder,
                         image_shape=image_shape, latent_shape=latent_shape,
                         batch_size=batch_size, latent=latent, seed=seed, dtype=np.dtype(dtype),
                         trim_padding=trim_padding, progress=progress, done=done)
-    os.replace(tmp, final)
+    as_path(tmp).replace(final)
     if on_shard_done is not None:
       on_shard_done(k)
   progress.update(done, force=True)
@@ -361,7 +371,7 @@ def write_dataset(source, output: str, *, autoencoder: Autoencoder, text_encoder
           "shard_examples": [hi - lo for lo, hi in bounds],
           "scaling": "latents are autoencoder.encode outputs: (z - shift_factor) * scaling_factor",
           "record_format": "msgpack; see common/data/latents.py"}
-  _write_json(os.path.join(output, META_FILE), meta)
+  _write_json(out_dir / META_FILE, meta)
   return meta
 
 
@@ -406,6 +416,7 @@ def precompute(*, source: str, output: str, autoencoder: str, text_encoder: str,
                       ("text_encoder", text_encoder)):
     if not value:
       raise ConfigError(f"--{name} is required")
+  _check_local(output)
   captioned = build_source(source, path=path, image_dir=image_dir, split=split,
                            image_size=image_size, channels=channels, seed=seed)
   if load_autoencoder is None:
@@ -476,11 +487,11 @@ def _path(cfg) -> str:
 
 def read_meta(path: str) -> dict:
   """meta.json of the dataset at `path`, or DataNotFoundError saying how to make it."""
-  meta_path = os.path.join(path, META_FILE)
-  if not os.path.isfile(meta_path):
+  meta_path = as_path(path) / META_FILE
+  if not meta_path.is_file():
     state = ("an unfinished precompute run (rerun the same command to finish it)"
-             if os.path.isfile(os.path.join(path, PLAN_FILE)) else
-             "no dataset" if os.path.isdir(path) else "a missing directory")
+             if (as_path(path) / PLAN_FILE).is_file() else
+             "no dataset" if as_path(path).is_dir() else "a missing directory")
     raise DataNotFoundError(f"no precomputed latent dataset at {path} ({state}); {_HOW_TO}")
   meta = _read_json(meta_path)
   if meta.get("format_version") != FORMAT_VERSION:
@@ -506,7 +517,9 @@ def latents_info(cfg) -> LatentsInfo:
 def _same_spec(a: str, b: str) -> bool:
   if a == b:
     return True
-  return bool(a) and bool(b) and os.path.realpath(a) == os.path.realpath(b)
+  if not a or not b or is_remote(a) or is_remote(b):
+    return False
+  return as_path(a).resolve() == as_path(b).resolve()
 
 
 def check_encoders(info: LatentsInfo, *, autoencoder: str | None, text_encoder: str | None) -> None:
@@ -531,8 +544,8 @@ class LatentsSource:
 
   def __init__(self, path: str):
     self.meta = read_meta(path)
-    paths = [os.path.join(path, s) for s in self.meta["shards"]]
-    missing = [p for p in paths if not os.path.isfile(p)]
+    paths = [os.fspath(as_path(path) / s) for s in self.meta["shards"]]
+    missing = [p for p in paths if not as_path(p).is_file()]
     if missing:
       raise DataNotFoundError(f"{len(missing)} shard(s) listed in {path}/{META_FILE} are missing, "
                               f"e.g. {missing[0]}; copy the whole directory or precompute again")

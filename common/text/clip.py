@@ -20,7 +20,6 @@ hub config sets `quick_gelu: true`): width 1024, 24 layers, 16 heads, 77 tokens.
 """
 
 import dataclasses
-import glob
 import html
 import json
 import os
@@ -32,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from common.errors import ConfigError, DataNotFoundError
+from common.paths import as_path
 from common.text.encoder import LayerNorm, TextEncoder, dense, load_state, self_attention
 from common.text.encoder import warn_truncated
 from common.text.weights import read_weights
@@ -72,7 +72,7 @@ class OpenClipTextConfig:
   @classmethod
   def from_json(cls, path: str) -> "OpenClipTextConfig":
     """Reads an `open_clip_config.json` (hub format `{"model_cfg": ...}` or a bare model config)."""
-    with open(path, encoding="utf-8") as f:
+    with as_path(path).open(encoding="utf-8") as f:
       cfg = json.load(f)
     cfg = cfg.get("model_cfg", cfg)
     if "text_cfg" not in cfg or "embed_dim" not in cfg:
@@ -193,7 +193,7 @@ class ClipTokenizer:
 
   def __init__(self, path: str, max_length: int):
     from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
-    self.tok = Tokenizer.from_file(path)
+    self.tok = Tokenizer.from_str(as_path(path).read_text(encoding="utf-8"))
     self.tok.no_truncation()
     self.tok.no_padding()
     ids = {}
@@ -227,14 +227,13 @@ class ClipTokenizer:
 def find_weights(folder: str) -> str | None:
   """The OpenCLIP weights file in `folder` (safetensors first, as open_clip), or None."""
   for name in WEIGHT_NAMES:
-    if os.path.isfile(os.path.join(folder, name)):
-      return os.path.join(folder, name)
+    if (as_path(folder) / name).is_file():
+      return os.fspath(as_path(folder) / name)
   return None
 
 
 def is_openclip_folder(folder: str) -> bool:
-  return os.path.isfile(os.path.join(folder, CONFIG_NAME)) or bool(
-      glob.glob(os.path.join(folder, "open_clip_*")))
+  return (as_path(folder) / CONFIG_NAME).is_file() or any(as_path(folder).glob("open_clip_*"))
 
 
 def load_openclip_folder(folder: str, *, weights_path: str | None = None,
@@ -253,8 +252,8 @@ def load_openclip_folder(folder: str, *, weights_path: str | None = None,
     A TextEncoder with `tokens` = ln_final outputs [N, T, width], `mask` [N, T] and `pooled` = the
     projected EOT feature [N, embed_dim] (the CLIP text embedding, not normalised).
   """
-  cfg_path = os.path.join(folder, CONFIG_NAME)
-  if not os.path.isfile(cfg_path):
+  cfg_path = as_path(folder) / CONFIG_NAME
+  if not cfg_path.is_file():
     raise DataNotFoundError(
         f"OpenCLIP folder {folder} lacks {CONFIG_NAME}: put the model's {CONFIG_NAME} there (from "
         "its Hugging Face hub page, e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K).")
@@ -262,8 +261,8 @@ def load_openclip_folder(folder: str, *, weights_path: str | None = None,
   if weights_path is None:
     raise DataNotFoundError(f"OpenCLIP folder {folder} has no weights: put "
                             f"open_clip_model.safetensors or open_clip_pytorch_model.bin there.")
-  tok_path = os.path.join(folder, "tokenizer.json")
-  if not os.path.isfile(tok_path):
+  tok_path = as_path(folder) / "tokenizer.json"
+  if not tok_path.is_file():
     raise DataNotFoundError(
         f"OpenCLIP folder {folder} lacks tokenizer.json: put a Hugging Face CLIP tokenizer.json "
         "there (e.g. from laion/CLIP-ViT-H-14-laion2B-s32B-b79K; all OpenCLIP ViT models share it).")

@@ -12,26 +12,32 @@ import os
 import numpy as np
 
 from common.errors import CheckpointError, DataNotFoundError
+from common.paths import as_path, is_remote
 
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 
 
-def read_weights(path: str, keep: Callable[[str], bool] | None = None) -> dict[str, np.ndarray]:
+def read_weights(path: str | os.PathLike, keep: Callable[[str], bool] | None = None) -> dict[str, np.ndarray]:
   """Reads the tensors of a weights file whose names pass `keep` (all when None).
 
   Args:
-    path: a `.safetensors` file or a PyTorch state dict (`.bin`, `.pt`, `.pth`).
+    path: a `.safetensors` file or a PyTorch state dict (`.bin`, `.pt`, `.pth`), local or gs://.
     keep: predicate on tensor names; only those tensors are returned (and, for safetensors, read).
 
   Returns:
     {name: float32 array} in the file's own layout (PyTorch Linear weights are [out, in]).
   """
-  if not os.path.isfile(path):
+  path = os.fspath(path)
+  if not as_path(path).is_file():
     raise DataNotFoundError(f"Weights file {path} does not exist.")
   keep = keep or (lambda _: True)
   if path.endswith(".safetensors"):
     from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+    from safetensors import numpy as st_numpy  # pylint: disable=import-outside-toplevel
     try:
+      if is_remote(path):  # safe_open memory-maps a local file; an object is read whole
+        tensors = st_numpy.load(as_path(path).read_bytes())
+        return {k: np.asarray(v, np.float32) for k, v in tensors.items() if keep(k)}
       with safe_open(path, framework="numpy") as f:
         return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys() if keep(k)}
     except Exception as e:  # safetensors raises its own error types for corrupt headers
