@@ -453,8 +453,8 @@ def test_synthetic_is_deterministic_checkpointable_and_marked(capsys):
   it = data.make_train_iterator(cfg, **kw)
   assert "SYNTHETIC" in capsys.readouterr().out
   first = _take(it, 2)
-  assert first[0]["image"].shape == (4, 12, 12, 3) and first[0]["image"].dtype == np.float32
-  assert -1.0 <= first[0]["image"].min() and first[0]["image"].max() <= 1.0
+  assert first[0]["x"].shape == (4, 12, 12, 3) and first[0]["x"].dtype == np.float32
+  assert -1.0 <= first[0]["x"].min() and first[0]["x"].max() <= 1.0
   state = it.get_state()
   expected = _take(it, 3)
   fresh = data.make_train_iterator(cfg, **kw)
