@@ -87,7 +87,6 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
   assert steps == [1, 2, 3, 4, 5]                          # process 0 alone writes metrics
 
 
-@pytest.mark.slow
 def test_four_processes_data_fsdp_mesh_matches_one_process(tmp_path):
   # Every example is the same image, so the global batch is identical however the data is
   # sharded over processes; what differs is only the parallelism: parameters and optimizer states
