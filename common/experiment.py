@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from common import numerics
 from common import registry
 from common import sharding
 from common.diffusion import make_diffusion
@@ -33,12 +34,21 @@ def model_class(model_cfg: ml_collections.ConfigDict):
   return registry.import_object(model_cfg.get("name", None), "config.model.name")
 
 
-def build_model(model_cfg: ml_collections.ConfigDict, key: jax.Array) -> nnx.Module:
-  """Builds the network: `config.model.name(**other keys, rngs=nnx.Rngs(params=key))`."""
+def build_model(model_cfg: ml_collections.ConfigDict, key: jax.Array,
+                numerics_rules: Sequence[Any] = ()) -> nnx.Module:
+  """Builds the network: `config.model.name(**other keys, rngs=nnx.Rngs(params=key))`, then gives
+  its linear layers the implementations `numerics_rules` (`config.numerics.rules`) choose."""
   cls = model_class(model_cfg)
   kwargs = registry.config_kwargs(model_cfg)
   registry.check_kwargs(cls.__init__, kwargs, "config.model")
-  return cls(**kwargs, rngs=nnx.Rngs(params=key))
+  model = cls(**kwargs, rngs=nnx.Rngs(params=key))
+  numerics.apply_rules(model, numerics_rules)
+  return model
+
+
+def numerics_rules(config: ml_collections.ConfigDict) -> tuple:
+  """`config.numerics.rules` (empty when the config has no numerics section)."""
+  return tuple(config.get("numerics", {}).get("rules", ()) or ())
 
 
 SAMPLE_KEYS = ("sampler", "num_steps", "guidance_scale", "guidance_interval", "churn")
@@ -59,7 +69,8 @@ class Experiment:
     self.tx = make_optimizer(config.optim, self.total_steps)
     self.lr_schedule = learning_rate_schedule(config.optim, self.total_steps)
 
-    abstract_model = nnx.eval_shape(lambda: build_model(config.model, jax.random.key(0)))
+    abstract_model = nnx.eval_shape(
+        lambda: build_model(config.model, jax.random.key(0), numerics_rules(config)))
     self.graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
     if jax.tree.leaves(abstract_rest):
       raise ConfigError(f"{config.model.name} holds non-parameter state "
@@ -80,7 +91,7 @@ class Experiment:
 
   # ---- state ------------------------------------------------------------------------------------
   def _init(self, key):
-    model = build_model(self.config.model, key)
+    model = build_model(self.config.model, key, numerics_rules(self.config))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return {"step": jnp.zeros((), jnp.int32), "params": params,
             "opt_state": self.tx.init(params), "ema": params}

@@ -83,6 +83,7 @@ class Dense(nnx.Module):
     self.kernel = param(rngs, init, (in_features, out_features), names)
     self.bias = (param(rngs, nnx.initializers.zeros_init(), (out_features,), (names[1],))
                  if use_bias else None)
+    self.in_features, self.out_features, self.names = in_features, out_features, tuple(names)
     self.dtype = as_dtype(dtype)
 
   def __call__(self, x: Array) -> Array:

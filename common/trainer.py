@@ -344,10 +344,10 @@ def summary(config: ml_collections.ConfigDict) -> str:
   inputs it declares (`example_inputs(1)`).
   """
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from common.experiment import build_model  # pylint: disable=import-outside-toplevel
+  from common.experiment import build_model, numerics_rules  # pylint: disable=import-outside-toplevel
   from common.summary import summary_lines  # pylint: disable=import-outside-toplevel
   m = config.model
-  model = nnx.eval_shape(lambda: build_model(m, jax.random.key(0)))
+  model = nnx.eval_shape(lambda: build_model(m, jax.random.key(0), numerics_rules(config)))
   x, cond = model.example_inputs(1)
   # A denoiser's forward is (x, noise_cond, cond); other networks (an autoencoder) take x alone.
   params = inspect.signature(type(model).__call__).parameters

@@ -42,6 +42,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.final_lr_fraction = 0.0      # cosine decays to learning_rate * this
   c.optim.clip_norm = 1.0              # 0 disables global-norm clipping
 
+  # Which implementation each linear layer uses (common/numerics.py): (module-path regex,
+  # "package.module.Class", kwargs) rules, first match wins; empty: every layer full precision.
+  c.numerics = ml_collections.ConfigDict()
+  c.numerics.rules = ()
+
   # Latent models: the autoencoder that decodes samples, and the text encoder that turns prompts
   # into conditions (specs of common.autoencoders.load_autoencoder / common.text.load_text_encoder;
   # empty: pixels / no text).
