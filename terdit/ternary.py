@@ -152,6 +152,20 @@ class TernaryDense(nnx.Module):
     else:
       self.bias = nnx.data(None)
 
+  @classmethod
+  def from_dense(cls, dense: Any, alpha_init: str | float = "gamma") -> "TernaryDense":
+    """A `config.numerics.rules` implementation (common/numerics.py): the ternary QAT version of
+    a built `common.layers.Dense`, keeping its widths, axis names, compute dtype and its
+    initialised kernel (the latent weight) and bias."""
+    names = tuple(dense.names)
+    layer = cls(dense.in_features, dense.out_features, use_bias=dense.bias is not None,
+                kernel_init=lambda *_: dense.kernel[...], alpha_init=alpha_init,
+                kernel_axes=names if any(n is not None for n in names) else None,
+                dtype=dense.dtype, rngs=nnx.Rngs(params=0))
+    if dense.bias is not None:
+      layer.bias[...] = dense.bias[...]
+    return layer
+
   def effective_kernel(self) -> jax.Array:
     """alpha * Wt with the identity STE: fp32 [in, out]; gradients reach kernel and alpha."""
     w = self.kernel[...]

@@ -90,3 +90,17 @@ def test_experiment_builds_with_rules(tmp_path):
   model = build_model(cfg.model, jax.random.key(0),
                       [(r".*", f"{__name__}.Scaled", {"factor": 1.0})])
   assert not any(isinstance(d, layers.Dense) for _, d in numerics.linear_paths(model))
+
+
+def test_ternary_rule_keeps_the_dense_initialisation():
+  from terdit.ternary import TernaryDense, ternarize
+  ref, net = _net(), _net()
+  numerics.apply_rules(net, [(r"blocks/\d+/qkv", "terdit.ternary.TernaryDense", {})])
+  layer = net.blocks[1].qkv
+  assert isinstance(layer, TernaryDense) and isinstance(net.blocks[1].proj, layers.Dense)
+  np.testing.assert_array_equal(layer.kernel[...], ref.blocks[1].qkv.kernel[...])
+  np.testing.assert_array_equal(layer.bias[...], ref.blocks[1].qkv.bias[...])
+  x = jnp.ones((2, 4))
+  codes, _ = ternarize(ref.blocks[1].qkv.kernel[...])
+  want = x @ (layer.alpha[...] * codes) + ref.blocks[1].qkv.bias[...]
+  np.testing.assert_allclose(layer(x), want, rtol=1e-5, atol=1e-6)
