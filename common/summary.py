@@ -83,6 +83,9 @@ def summary_lines(model: nnx.Module, example_inputs: Sequence[Any], *,
   width = max(len(k) for k in counts)
   lines = [f"{k:<{width}}  {v:>14,d}" for k, v in counts.items() if k != "total"]
   lines.append(f"{'total':<{width}}  {counts['total']:>14,d}  ({counts['total'] / 1e6:.2f} M)")
+  if hasattr(model, "active_params_per_token"):   # e.g. MoE: only the experts a token uses
+    active = int(model.active_params_per_token())
+    lines.append(f"{'active per token':<{width}}  {active:>14,d}  ({active / 1e6:.2f} M)")
   flops = forward_flops(model, example_inputs)
   b = per_example or 1
   lines.append(f"forward: {flops / b / 1e9:.4g} GFLOP (XLA, 2 per MAC) = {flops / b / 2e9:.4g} "
