@@ -1,4 +1,4 @@
-"""One device mesh with named axes (data, fsdp, tensor) and logical-axis rules.
+"""One device mesh with named axes (data, fsdp, tensor, expert) and logical-axis rules.
 
 Parameters carry logical axis names (docs/DESIGN.md); `config.mesh.rules` maps each logical name to
 mesh axes. A dimension whose size is not divisible by the product of its mesh axes is replicated, so
@@ -15,11 +15,12 @@ import numpy as np
 
 from common.errors import ConfigError
 
-AXES = ("data", "fsdp", "tensor")
+AXES = ("data", "fsdp", "tensor", "expert")   # expert: mixture-of-experts weights (MicroDiT)
 
 
 def make_mesh(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds the (data, fsdp, tensor) mesh; an axis of size -1 takes the remaining devices."""
+  """Builds the (data, fsdp, tensor, expert) mesh; an axis of size -1 takes the remaining devices
+  (a missing axis has size 1)."""
   devices = list(devices if devices is not None else jax.devices())
   sizes = [int(cfg.get(a, 1)) for a in AXES]
   if sizes.count(-1) > 1:

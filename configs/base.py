@@ -83,14 +83,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1                     # -1: all remaining devices
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  c.mesh.expert = 1                    # MoE experts (logical axis "expert")
   # logical axis -> mesh axes (None: replicated). Tuples of (logical, mesh) pairs.
   c.mesh.rules = (
-      ("batch", ("data", "fsdp")),
+      ("batch", ("data", "fsdp", "expert")),
       ("embed", "fsdp"),
       ("conv_in", None),
       ("conv_out", "fsdp"),
       ("mlp", "tensor"),
       ("heads", "tensor"),
       ("vocab", None),
+      ("expert", "expert"),
   )
   return c

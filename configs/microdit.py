@@ -173,7 +173,7 @@ def _runlocal(c: ml_collections.ConfigDict) -> None:
     c.model.update(dict(input_size=8, caption_channels=32, caption_len=8))
     c.data = ml_collections.ConfigDict({"name": "latents", "path": c.data.path,
                                         "read_threads": 0})
-  c.model.update(dict(dim=64, depth=2, head_dim=16, multiple_of=32, patch_mixer_depth=2,
+  c.model.update(dict(dim=64, depth=3, head_dim=16, multiple_of=32, patch_mixer_depth=2,
                       patch_mixer_dim=32, num_experts=4, dtype="float32"))
   c.init_from = _init_from()
   c.train.steps = 20

@@ -39,6 +39,12 @@ def _fixture_model():
   return model, io, tree
 
 
+def _call(model, *args, **kwargs):
+  """model(*args, **kwargs) compiled as one XLA program (op-by-op dispatch is slow on CPU)."""
+  graphdef, state = nnx.split(model)
+  return jax.jit(lambda s, a, k: nnx.merge(graphdef, s)(*a, **k))(state, args, kwargs)
+
+
 def _inputs(io):
   x = jnp.asarray(io["x"].transpose(0, 2, 3, 1))
   return x, jnp.asarray(io["t"]), {"tokens": jnp.asarray(io["y"][:, 0])}
@@ -46,14 +52,14 @@ def _inputs(io):
 
 def test_official_parity_unmasked():
   model, io, _ = _fixture_model()
-  out = model(*_inputs(io))
+  out = _call(model, *_inputs(io))
   np.testing.assert_allclose(np.asarray(out), io["out"].transpose(0, 2, 3, 1), rtol=1e-4,
                              atol=1e-4)
 
 
 def test_official_parity_masked():
   model, io, _ = _fixture_model()
-  out, aux = model(*_inputs(io), mask_noise=jnp.asarray(io["mask_noise"]))
+  out, aux = _call(model, *_inputs(io), mask_noise=jnp.asarray(io["mask_noise"]))
   np.testing.assert_allclose(np.asarray(out), io["out_masked"].transpose(0, 2, 3, 1), rtol=1e-4,
                              atol=1e-4)
   p = model.patch_size
@@ -103,12 +109,14 @@ def _tiny(**kw):
 def test_masking_only_with_a_key_and_recipe_loss():
   model = _tiny()
   x, cond = jnp.ones((2, 8, 8, 4)), {"tokens": jnp.ones((2, 3, 12))}
-  assert not isinstance(model(x, jnp.zeros(2), cond), tuple)       # sampling: no mask
-  _, aux = model(x, jnp.zeros(2), cond, dropout_key=jax.random.key(1))
+  assert not isinstance(_call(model, x, jnp.zeros(2), cond), tuple)       # sampling: no mask
+  _, aux = _call(model, x, jnp.zeros(2), cond, dropout_key=jax.random.key(1))
   assert aux["loss_mask"].shape == (2, 8, 8)
   np.testing.assert_array_equal(aux["loss_mask"].sum((1, 2)), [16, 16])   # 4 of 16 patches
   recipe = EDMDiffusion(sigma_data=0.9, p_mean=-0.6, p_std=1.2, cond_drop_prob=0.1)
-  loss, _ = recipe.loss(model, {"x": x, "cond": cond}, jax.random.key(2))
+  graphdef, state = nnx.split(model)
+  loss, _ = jax.jit(lambda s, b, k: recipe.loss(nnx.merge(graphdef, s), b, k))(
+      state, {"x": x, "cond": cond}, jax.random.key(2))
   assert loss.shape == (2,) and np.all(np.isfinite(loss))
   null = model.null_cond(cond)
   assert not np.any(null["tokens"])
@@ -120,10 +128,10 @@ def test_expert_choice_top_k_per_sample():
   moe = ExpertChoiceMoE(8, 16, 16, num_experts=4, capacity=1.0, dtype="float32",
                         rngs=nnx.Rngs(params=jax.random.key(0)))
   x = jax.random.normal(jax.random.key(1), (2, 8, 8))
-  out = moe(x)
+  out = _call(moe, x)
   assert moe.tokens_per_expert(8) == 2
   # Sample 0 alone gives the same output: experts choose within each sample.
-  np.testing.assert_allclose(moe(x[:1]), out[:1], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(_call(moe, x[:1]), out[:1], rtol=1e-5, atol=1e-6)
   probs = jax.nn.softmax(x @ moe.gate.kernel[...], -1)
   picked = np.zeros((2, 8), bool)
   for bi in range(2):
