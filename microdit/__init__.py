@@ -1,2 +1,3 @@
-"""MicroDiT (Stretching Each Dollar, arXiv 2407.15811). The network is not in the codebase yet; the
-package exists so the design card's layout is stable. Spec: ../shared/specs/sid2_microdit.md Part B."""
+"""MicroDiT (Sehwag et al., "Stretching Each Dollar", arXiv 2407.15811): `model.MicroDiT` (the network
+of SonyResearch/micro_diffusion `models/dit.py`), `layers` (its blocks: QK-LayerNorm attention,
+SwiGLU, expert-choice MoE, fixed sin-cos positions) and `convert.from_official` (official weights)."""
