@@ -205,6 +205,17 @@ def test_make_diffusion_builds_it_from_config():
     make_diffusion({"name": "common.adm.ADMDiffusion", "learn_simga": True})
 
 
+def test_noise_cond_is_the_timestep_or_its_logsnr():
+  seen = []
+  net = lambda x, n, c: (seen.append(n), jnp.zeros(x.shape[:-1] + (2 * x.shape[-1],)))[1]
+  t = np.array([0, 999])
+  for name in ("timestep", "logsnr"):
+    adm.ADMDiffusion(noise_cond=name).denoise(net, jnp.zeros((2, 2, 2, 1)), t, {})
+  abar = np.cumprod(1 - adm.named_betas("linear", 1000))[t]
+  np.testing.assert_array_equal(seen[0], [0.0, 999.0])
+  np.testing.assert_allclose(seen[1], np.log(abar / (1 - abar)), rtol=1e-6)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"noise_schedule": "quadratic"}, "noise_schedule"),
     ({"noise_cond": "sigma"}, "noise_cond"),
