@@ -57,12 +57,14 @@ def ternary_rules(alpha_init: str | float = "normal") -> tuple:
 
 
 def _diffusion() -> ml_collections.ConfigDict:
+  """The DiT/ADM recipe's keys (common.adm.ADMDiffusion)."""
   d = ml_collections.ConfigDict()
   d.name = "common.adm.ADMDiffusion"
-  d.num_timesteps = 1000
-  d.beta_schedule = "linear"           # beta_t from 1e-4 to 0.02 (DDPM / ADM "linear")
+  d.diffusion_steps = 1000
+  d.noise_schedule = "linear"          # beta_t from 1e-4 to 0.02 (DDPM / ADM "linear")
   d.learn_sigma = True                 # the network outputs [eps, v] (2 C channels)
   d.vlb_weight = 0.001                 # L_simple + 0.001 L_vlb (Improved DDPM hybrid loss)
+  d.noise_cond = "timestep"            # the network gets the original timestep t in [0, 1000)
   d.cond_drop_prob = 0.1               # class dropout to the null class (Large-DiT: 0.1)
   return d
 
@@ -110,6 +112,8 @@ def _imagenet(c: ml_collections.ConfigDict, variant: str) -> None:
 
   c.sample.sampler = "ddpm"
   c.sample.num_steps = 250             # respaced DDPM steps (DiT / TerDiT sample.py)
+  # TerDiT's forward_with_cfg (DiT legacy) guides only the first 3 of the 4 eps channels.
+  c.diffusion.guided_channels = 3
   c.sample.guidance_scale = 1.5        # the "-G" FIDs (DiT convention); 4.0 for pictures
   c.sample.num_samples = 50_000
   c.sample.batch_size = 125
