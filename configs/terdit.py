@@ -128,7 +128,7 @@ def _digits(c: ml_collections.ConfigDict, tiny: bool) -> None:
   c.data.random_flip = False
   c.model.image_size = 8
   c.model.in_channels = 1
-  c.model.dim, c.model.depth, c.model.num_heads = (32, 2, 2) if tiny else (128, 4, 4)
+  c.model.dim, c.model.depth, c.model.num_heads = (32, 2, 2) if tiny else (96, 4, 4)
   c.model.multiple_of = 32
   c.model.num_classes = 10
   c.model.qk_norm = True

@@ -145,12 +145,14 @@ def from_official(tree: Mapping[str, np.ndarray], abstract_params: Mapping[str, 
   xe["kernel"] = np.ascontiguousarray(
       xe["kernel"].reshape(in_channels, p, p, dim).transpose(1, 2, 0, 3).reshape(k_in, dim))
   out["x_embedder"] = xe
-  out["t_embedder"] = {0: _linear(r, "t_embedder.mlp.0", ap["t_embedder"][0]),
-                       1: _linear(r, "t_embedder.mlp.2", ap["t_embedder"][1])}
+  # List entries are keyed by int (nnx.to_pure_dict) or str (after a round trip through a file).
+  t0, t1 = sorted(ap["t_embedder"], key=int)
+  out["t_embedder"] = {t0: _linear(r, "t_embedder.mlp.0", ap["t_embedder"][t0]),
+                       t1: _linear(r, "t_embedder.mlp.2", ap["t_embedder"][t1])}
   out["y_embedder"] = {"table": _vector(r, "y_embedder.embedding_table.weight")}
 
   blocks = {}
-  for i in sorted(ap["blocks"]):
+  for i in sorted(ap["blocks"], key=int):
     t = ap["blocks"][i]
     o = f"layers.{i}."
     attn = {n: _linear(r, o + "attention." + n, t["attn"][n]) for n in ("wq", "wk", "wv", "wo")}
