@@ -6,8 +6,8 @@ Usage: --config=configs/terdit.py:ARG, ARG a comma-separated list of one variant
   4.2B_256   TerDiT-4.2B (dim 3072, 32 blocks, 32 heads; Large-DiT's `DiT_Llama_3B_patch2`)
   4.2B_512   the same network on 512 px
   <any>_fp   the same shapes without ternary rules: the full-precision Large-DiT baseline
-  digits     a tiny TerDiT on the embedded scikit-learn digits (8x8 pixels, 10 classes): trains on
-             2 CPU cores in minutes
+  digits     a small TerDiT (dim 96, 4 blocks, 0.73 M parameters) on the embedded scikit-learn
+             digits (8x8 pixels, 10 classes, patch 2: 16 tokens), for a CPU demo
   runlocal   a tiny model on the digits for a few-second smoke run
 options:
   no_adaln_norm  drop TerDiT's RMSNorm after the block adaLN (ablation, TerDiT Fig. 7)
