@@ -19,10 +19,12 @@ decides, and a `Dense` no rule matches stays as it is.
 An implementation is an `nnx.Module` class with a classmethod
 `from_dense(dense: common.layers.Dense, **kwargs) -> nnx.Module`: it takes over the layer's
 widths, logical axis names, compute dtype and its initialised kernel and bias (so the family's
-initialisation is kept), and is called like the Dense, `x [..., in] -> [..., out]`.
+initialisation is kept), and is called like the Dense, `x [..., in] -> [..., out]`. A `from_dense`
+with a `path` parameter also receives the layer's module path (e.g. to seed a per-layer init).
 """
 
 from collections.abc import Sequence
+import inspect
 import re
 from typing import Any
 
@@ -94,7 +96,8 @@ def apply_rules(model: nnx.Module, rules: Sequence[Any]) -> dict[str, str]:
       if regex.fullmatch(path):
         used.add(i)
         chosen[path] = name
-        new = impl.from_dense(dense, **kwargs)
+        extra = {"path": path} if _accepts_path(impl.from_dense) else {}
+        new = impl.from_dense(dense, **kwargs, **extra)
         if new is not dense:
           replacements.append((path, new))
         break
@@ -105,6 +108,15 @@ def apply_rules(model: nnx.Module, rules: Sequence[Any]) -> dict[str, str]:
   for path, new in replacements:
     _set_module(model, path.split("/"), new)
   return chosen
+
+
+def _accepts_path(fn: Any) -> bool:
+  """Whether an implementation's `from_dense` takes the layer's module path (`path=`), e.g. to
+  seed a per-layer random initialisation."""
+  try:
+    return "path" in inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return False
 
 
 def _set_module(root: Any, parts: list[str], value: nnx.Module) -> None:

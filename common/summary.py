@@ -36,6 +36,23 @@ def count_params_per_module(model: nnx.Module, depth: int = 1) -> dict[str, int]
   return counts
 
 
+def count_params_by_kind(model: nnx.Module) -> dict[str, int]:
+  """Number of parameter elements per kind of parameter: the `nnx.Variable` class name.
+
+  A full-precision network gives {"Param": n}; a network whose linear layers `config.numerics.rules`
+  made ternary (terdit.ternary.TernaryDense) also has {"TernaryKernel": m, "TernaryScale": k}.
+  Works on concrete and abstract (`nnx.eval_shape`) models; insertion-ordered, "Param" first when
+  present.
+  """
+  counts: dict[str, int] = {}
+  for _, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    kind = type(leaf).__name__
+    counts[kind] = counts.get(kind, 0) + int(np.prod(leaf.shape))
+  if "Param" in counts:
+    counts = {"Param": counts["Param"], **{k: v for k, v in counts.items() if k != "Param"}}
+  return counts
+
+
 def _abstract(x: Any) -> Any:
   if isinstance(x, jax.ShapeDtypeStruct):
     return x
@@ -72,6 +89,10 @@ def forward_macs(model: nnx.Module, example_inputs: Sequence[Any], **kw) -> floa
   return forward_flops(model, example_inputs, **kw) / 2
 
 
+def _human(n: int) -> str:
+  return f"{n / 1e9:.4g} B" if n >= 1e9 else f"{n / 1e6:.4g} M"
+
+
 def summary_lines(model: nnx.Module, example_inputs: Sequence[Any], *,
                   per_example: int | None = None, depth: int = 1) -> list[str]:
   """Human-readable summary: params per module, total, forward flops and MACs.
@@ -86,6 +107,14 @@ def summary_lines(model: nnx.Module, example_inputs: Sequence[Any], *,
   if hasattr(model, "active_params_per_token"):   # e.g. MoE: only the experts a token uses
     active = int(model.active_params_per_token())
     lines.append(f"{'active per token':<{width}}  {active:>14,d}  ({active / 1e6:.2f} M)")
+  kinds = count_params_by_kind(model)
+  if set(kinds) != {"Param"}:
+    lines.append("parameters by kind: " + ", ".join(
+        f"{k} {v:,d} ({_human(v)})" for k, v in kinds.items()))
+  if "TernaryKernel" in kinds:
+    tern = kinds["TernaryKernel"]
+    lines.append(f"ternary weights: {tern:,d} ({_human(tern)}); full precision (the rest, "
+                 f"alphas included): {counts['total'] - tern:,d} ({_human(counts['total'] - tern)})")
   flops = forward_flops(model, example_inputs)
   b = per_example or 1
   lines.append(f"forward: {flops / b / 1e9:.4g} GFLOP (XLA, 2 per MAC) = {flops / b / 2e9:.4g} "

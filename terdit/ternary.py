@@ -14,6 +14,7 @@ layout) and run through `kernels.ternary_matmul.ternary_matmul` together with al
 from __future__ import annotations
 
 import functools
+import zlib
 from typing import Any, Callable, Sequence
 
 import jax
@@ -96,7 +97,8 @@ class TernaryDense(nnx.Module):
   the layer starts with the output scale its fp init was designed for. For a zero-init
   kernel (TerDiT's adaLN) gamma = 0 would freeze the layer (dL/dW = alpha dL/dW_eff = 0),
   so alpha falls back to 1/sqrt(in_features), the scale at which a {-1, 0, 1} matrix
-  roughly preserves activation variance. A float gives a fixed init value.
+  roughly preserves activation variance. "normal" is the official init, alpha ~ N(0, 1)
+  (drawn from the "params" stream). A float gives a fixed init value.
 
   Attributes:
     kernel: TernaryKernel fp32 [in_features, out_features], logical axes `kernel_axes`.
@@ -123,7 +125,7 @@ class TernaryDense(nnx.Module):
       kernel_init: initializer of the latent fp32 kernel [K, N] (TerDiT: xavier_uniform;
         zeros for the adaLN modulation).
       bias_init: initializer of the bias.
-      alpha_init: "gamma" (see the class docstring) or a float.
+      alpha_init: "gamma", "normal" (see the class docstring) or a float.
       kernel_axes: logical axis names of the kernel, e.g. ("embed", "mlp") or
         ("mlp", "embed"); None for no sharding annotation.
       dtype: compute dtype of the matmul (None: the input's dtype); accumulation fp32.
@@ -140,10 +142,12 @@ class TernaryDense(nnx.Module):
     if alpha_init == "gamma":
       gamma = jnp.mean(jnp.abs(w))
       alpha = jnp.where(gamma > 0, gamma, 1.0 / np.sqrt(in_features))
-    elif isinstance(alpha_init, (int, float)):
+    elif alpha_init == "normal":
+      alpha = jax.random.normal(rngs.params(), (), jnp.float32)
+    elif isinstance(alpha_init, (int, float)) and not isinstance(alpha_init, bool):
       alpha = jnp.asarray(alpha_init)
     else:
-      raise ValueError(f"alpha_init must be 'gamma' or a float, got {alpha_init!r}.")
+      raise ConfigError(f"alpha_init must be 'gamma', 'normal' or a float, got {alpha_init!r}.")
     self.alpha = TernaryScale(jnp.asarray(alpha, jnp.float32).reshape(()))
     if use_bias:
       b = jnp.asarray(bias_init(rngs.params(), (out_features,), jnp.float32), jnp.float32)
@@ -153,15 +157,25 @@ class TernaryDense(nnx.Module):
       self.bias = nnx.data(None)
 
   @classmethod
-  def from_dense(cls, dense: Any, alpha_init: str | float = "gamma") -> "TernaryDense":
+  def from_dense(cls, dense: Any, alpha_init: str | float = "gamma", seed: int = 0,
+                 path: str = "") -> "TernaryDense":
     """A `config.numerics.rules` implementation (common/numerics.py): the ternary QAT version of
     a built `common.layers.Dense`, keeping its widths, axis names, compute dtype and its
-    initialised kernel (the latent weight) and bias."""
+    initialised kernel (the latent weight) and bias.
+
+    Args:
+      dense: the built layer.
+      alpha_init: see the class docstring.
+      seed: with `path`, seeds the random alpha init ("normal"): each layer draws from
+        fold_in(key(seed), crc32(path)), so layers differ and a rebuild gives the same values.
+      path: the layer's module path (passed by common.numerics.apply_rules).
+    """
     names = tuple(dense.names)
+    key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(path.encode()) & 0x7FFFFFFF)
     layer = cls(dense.in_features, dense.out_features, use_bias=dense.bias is not None,
                 kernel_init=lambda *_: dense.kernel[...], alpha_init=alpha_init,
                 kernel_axes=names if any(n is not None for n in names) else None,
-                dtype=dense.dtype, rngs=nnx.Rngs(params=0))
+                dtype=dense.dtype, rngs=nnx.Rngs(params=key))
     if dense.bias is not None:
       layer.bias[...] = dense.bias[...]
     return layer
