@@ -35,14 +35,18 @@ def model_class(model_cfg: ml_collections.ConfigDict):
 
 
 def build_model(model_cfg: ml_collections.ConfigDict, key: jax.Array,
-                numerics_rules: Sequence[Any] = ()) -> nnx.Module:
+                numerics_rules: Sequence[Any] = (), *, deployed: bool = False) -> nnx.Module:
   """Builds the network: `config.model.name(**other keys, rngs=nnx.Rngs(params=key))`, then gives
-  its linear layers the implementations `numerics_rules` (`config.numerics.rules`) choose."""
+  its linear layers the implementations `numerics_rules` (`config.numerics.rules`) choose, and
+  with `deployed` their inference forms (`common.deployment.deploy`)."""
   cls = model_class(model_cfg)
   kwargs = registry.config_kwargs(model_cfg)
   registry.check_kwargs(cls.__init__, kwargs, "config.model")
   model = cls(**kwargs, rngs=nnx.Rngs(params=key))
   numerics.apply_rules(model, numerics_rules)
+  if deployed:
+    from common.deployment import deploy  # pylint: disable=import-outside-toplevel
+    deploy(model)
   return model
 
 
@@ -57,8 +61,17 @@ SAMPLE_KEYS = ("sampler", "num_steps", "guidance_scale", "guidance_interval", "c
 class Experiment:
   """Jitted init / train-step / generation functions for one config on one mesh."""
 
-  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-    self.config, self.mesh = config, mesh
+  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
+               deployed: bool = False):
+    """Args:
+      config: the experiment config.
+      mesh: the device mesh.
+      deployed: use the network's inference form (`common.deployment.deploy`: each layer with a
+        `deployed()` method swapped, e.g. packed ternary weights). Such an Experiment only
+        generates: its `params` hold every variable of the deployed network and it has no train
+        state (`abstract_state` is None).
+    """
+    self.config, self.mesh, self.deployed = config, mesh, deployed
     self.rules = tuple(tuple(r) for r in config.mesh.rules)
     self.recipe = make_diffusion(config.diffusion)
     self.total_steps = int(config.train.steps)
@@ -70,9 +83,14 @@ class Experiment:
     self.lr_schedule = learning_rate_schedule(config.optim, self.total_steps)
 
     abstract_model = nnx.eval_shape(
-        lambda: build_model(config.model, jax.random.key(0), numerics_rules(config)))
-    self.graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
-    if jax.tree.leaves(abstract_rest):
+        lambda: build_model(config.model, jax.random.key(0), numerics_rules(config),
+                            deployed=deployed))
+    if deployed:
+      self.graphdef, abstract_params = nnx.split(abstract_model)
+      abstract_rest = None
+    else:
+      self.graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
+    if abstract_rest is not None and jax.tree.leaves(abstract_rest):
       raise ConfigError(f"{config.model.name} holds non-parameter state "
                         f"({list(nnx.to_pure_dict(abstract_rest))}); networks must keep only "
                         "nnx.Param variables (dropout takes a key argument instead of stored rngs).")
@@ -81,13 +99,16 @@ class Experiment:
     self.abstract_params = nnx.to_pure_dict(abstract_params)
     self.param_shardings = sharding.tree_shardings(self.abstract_params, logical, mesh, self.rules)
     self.num_params = sum(x.size for x in jax.tree.leaves(self.abstract_params))
+    self._generators = {}
+    if deployed:
+      self.abstract_state = self.state_shardings = None
+      return
 
     abstract_state = jax.eval_shape(self._init, jax.random.key(0))
     self.state_shardings = self._state_shardings(abstract_state)
     self.abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         abstract_state, self.state_shardings)
-    self._generators = {}
 
   # ---- state ------------------------------------------------------------------------------------
   def _init(self, key):

@@ -222,21 +222,42 @@ def _read_prompts(path: str | None) -> list[str] | None:
   return prompts
 
 
-def sample(config: ml_collections.ConfigDict, workdir: str, *, num_samples: int | None = None,
-           sampler: str | None = None, num_steps: int | None = None,
-           guidance_scale: float | None = None, guidance_interval=None, seed: int | None = None,
-           prompts_file: str | None = None) -> str:
+def sample(config: ml_collections.ConfigDict, workdir: str | None, *,
+           num_samples: int | None = None, sampler: str | None = None,
+           num_steps: int | None = None, guidance_scale: float | None = None,
+           guidance_interval=None, seed: int | None = None, prompts_file: str | None = None,
+           checkpoint: str | None = None) -> str:
   """Samples from the newest checkpoint's EMA weights into `WORKDIR/samples/samples.npz` and a grid.
+
+  With `checkpoint` = an export folder (`export`), samples from the deployed network it holds
+  (e.g. packed ternary weights run through the packed matmul) instead; the files then go to
+  `checkpoint/samples/` unless `workdir` is given.
 
   Arguments left as None come from `config.sample`. Returns the path of the npz file, which holds
   `images` (uint8 [N, H, W, C], decoded through `config.autoencoder` for latent models) and
   `labels` (int32 [N], class-conditional models) or `prompts` ([N] str, text-conditional ones).
   """
-  wd = as_path(workdir)
-  exp = Experiment(config, sharding.make_mesh(config.mesh))
-  step, state = _restore_newest(exp, wd, config.train.keep_checkpoints)
-  params = state["ema"]
-  del state
+  mesh = sharding.make_mesh(config.mesh)
+  if checkpoint:
+    from common import deployment  # pylint: disable=import-outside-toplevel
+    if not deployment.is_export(checkpoint):
+      raise CheckpointError(f"--checkpoint={checkpoint} is not an export folder (config.json "
+                            f"and {deployment.PARAMS_FILE} written by --mode=export).")
+    exp = Experiment(config, mesh, deployed=True)
+    params = jax.device_put(deployment.load_export_state(checkpoint, exp.abstract_params),
+                            exp.param_shardings)
+    step = deployment.export_step(checkpoint)
+    wd = as_path(workdir or checkpoint)
+    what = f"the deployed network in {checkpoint} (step {step})"
+  else:
+    if not workdir:
+      raise ConfigError("sampling needs --workdir (a training run) or --checkpoint (an export).")
+    wd = as_path(workdir)
+    exp = Experiment(config, mesh)
+    step, state = _restore_newest(exp, wd, config.train.keep_checkpoints)
+    params = state["ema"]
+    del state
+    what = f"the step-{step} EMA weights"
   n = int(num_samples or config.sample.num_samples)
   images, meaning = generate(
       exp, params, n, seed=config.seed if seed is None else seed,
@@ -255,8 +276,45 @@ def sample(config: ml_collections.ConfigDict, workdir: str, *, num_samples: int 
       np.savez_compressed(f, **arrays)
     ncols = exp.grid_columns(len(set(meaning["prompts"])) if "prompts" in meaning else None)
     grid = save_grid(images[:max(ncols * 10, 64)], str(out_dir / "samples.png"), ncols)
-    _log(f"wrote {n} samples from the step-{step} EMA weights to {path} and {grid}")
+    _log(f"wrote {n} samples from {what} to {path} and {grid}")
   return str(path)
+
+
+# ---- export --------------------------------------------------------------------------------------
+
+
+def export(config: ml_collections.ConfigDict, workdir: str, *, out: str | None = None) -> dict:
+  """`--mode=export`: the newest checkpoint's EMA weights in their deployed form.
+
+  Every layer with an inference form (`deployed()`, e.g. ternary layers as 2-bit packed codes) is
+  swapped (`common.deployment.deploy`); the whole network is written to `out` (default
+  WORKDIR/export) as params.safetensors + config.json, which `sample(..., checkpoint=out)` reads
+  without the workdir. Prints the export's size next to the fp32 and bf16 sizes of the network.
+
+  Returns:
+    {"path": the folder, "step", "deployed": {module path: class}, "bytes": {"export", "fp32",
+    "bf16", "params"}}.
+  """
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from common import deployment  # pylint: disable=import-outside-toplevel
+  wd = as_path(workdir)
+  exp = Experiment(config, sharding.make_mesh(config.mesh))
+  step, state = _restore_newest(exp, wd, config.train.keep_checkpoints)
+  ema = jax.device_get(state["ema"])
+  del state
+  model = nnx.merge(exp.graphdef, ema)
+  swapped = deployment.deploy(model)
+  sizes = deployment.model_sizes(ema, nnx.to_pure_dict(nnx.state(model)))
+  folder = as_path(out) if out else wd / "export"
+  extra = {"source": {"workdir": str(wd), "step": int(step)}, "bytes": sizes,
+           "deployed": swapped}
+  if jax.process_index() == 0:
+    sizes["export"] = deployment.save_export(folder, config, model, extra=extra)
+  kinds = sorted(set(swapped.values()))
+  _log(f"exported the step-{step} EMA weights to {folder}: {len(swapped)} layers deployed "
+       f"({', '.join(kinds) or 'none: the network has no layer with a deployed form'})")
+  _log(deployment.format_sizes(sizes))
+  return {"path": str(folder), "step": int(step), "deployed": swapped, "bytes": sizes}
 
 
 # ---- evaluation ----------------------------------------------------------------------------------

@@ -1,4 +1,8 @@
-"""The one entry point: `python launch/main.py --config=configs/X.py --workdir=DIR --mode=train|sample|eval|summary`.
+"""The one entry point: `python launch/main.py --config=configs/X.py --workdir=DIR --mode=train|sample|eval|summary|export`.
+
+`--mode=export` writes the newest EMA weights in their deployed form (e.g. 2-bit packed ternary
+layers) to WORKDIR/export; `--mode=sample --checkpoint=WORKDIR/export` samples from it (the
+config is read from the export when --config is not given).
 
 Config overrides: `--config.train.steps=100`; config arguments: `--config=configs/sid2_in512.py:p4,runlocal`.
 Errors a user can fix are printed on one line, without a traceback, and exit with status 1.
@@ -17,7 +21,11 @@ from ml_collections import config_flags  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/sid2_digits.py.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "summary"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "summary", "export"],
+                          "What to run.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "sample: an export folder (written by --mode=export) to sample from "
+    "instead of WORKDIR's newest checkpoint; samples go to DIR/samples unless --workdir is given.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "sample/eval: number of images (default "
                                     "config.sample.num_samples / config.eval.num_samples).")
 _SAMPLER = flags.DEFINE_string("sampler", None, "sample: ddpm | ddim | heun (default config.sample.sampler).")
@@ -45,6 +53,16 @@ def _run(argv) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   config = _CONFIG.value
+  from common.errors import UserError  # pylint: disable=import-outside-toplevel
+  if _CHECKPOINT.value and _MODE.value != "sample":
+    raise app.UsageError("--checkpoint is for --mode=sample")
+  if config is None and _CHECKPOINT.value:
+    from common.deployment import load_export_config  # pylint: disable=import-outside-toplevel
+    try:
+      config = load_export_config(_CHECKPOINT.value)
+    except UserError as e:
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      sys.exit(1)
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/sid2_digits.py")
   try:
@@ -53,7 +71,6 @@ def _run(argv) -> None:
     print(f"error: {str(e).splitlines()[-1].strip()} (--config={flags.FLAGS['config'].config_filename})",
           file=sys.stderr, flush=True)
     sys.exit(1)
-  from common.errors import UserError  # pylint: disable=import-outside-toplevel
   try:
     if _DISTRIBUTED.value:
       from launch import distributed  # pylint: disable=import-outside-toplevel
@@ -64,17 +81,20 @@ def _run(argv) -> None:
     if _MODE.value == "summary":
       trainer.summary(config)
       return
-    if not _WORKDIR.value:
+    if not _WORKDIR.value and not (_MODE.value == "sample" and _CHECKPOINT.value):
       raise app.UsageError(f"--workdir is required for --mode={_MODE.value}")
     if _MODE.value == "train":
       trainer.train(config, _WORKDIR.value)
     elif _MODE.value == "eval":
       trainer.evaluate(config, _WORKDIR.value, num_samples=_NUM_SAMPLES.value)
+    elif _MODE.value == "export":
+      trainer.export(config, _WORKDIR.value)
     else:
       interval = tuple(float(v) for v in _INTERVAL.value) if _INTERVAL.value else None
       trainer.sample(config, _WORKDIR.value, num_samples=_NUM_SAMPLES.value, sampler=_SAMPLER.value,
                      num_steps=_STEPS.value, guidance_scale=_GUIDANCE.value,
-                     guidance_interval=interval, seed=_SEED.value, prompts_file=_PROMPTS.value)
+                     guidance_interval=interval, seed=_SEED.value, prompts_file=_PROMPTS.value,
+                     checkpoint=_CHECKPOINT.value)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)

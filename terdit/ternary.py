@@ -208,6 +208,12 @@ class TernaryDense(nnx.Module):
       out["bias"] = self.bias[...]
     return out
 
+  def deployed(self) -> nnx.Module:
+    """The inference form (`common.deployment.deploy`): a `terdit.deploy.PackedTernaryDense`
+    holding only the packed codes, alpha and the bias; same outputs up to float rounding."""
+    from terdit.deploy import PackedTernaryDense  # pylint: disable=import-outside-toplevel
+    return PackedTernaryDense.from_ternary(self)
+
   def packed_call(self, x: jax.Array, **matmul_kwargs) -> jax.Array:
     """Packs this layer's weights and runs the deployed path (for checks; deployments
     keep `export()` once and call `packed_dense`)."""
