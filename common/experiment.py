@@ -51,8 +51,9 @@ def build_model(model_cfg: ml_collections.ConfigDict, key: jax.Array,
 
 
 def numerics_rules(config: ml_collections.ConfigDict) -> tuple:
-  """`config.numerics.rules` (empty when the config has no numerics section)."""
-  return tuple(config.get("numerics", {}).get("rules", ()) or ())
+  """`config.numerics.rules` followed by the rules of the precision mode `config.precision`
+  (`common.numerics.config_rules`); empty for a bf16 config without rules."""
+  return numerics.config_rules(config)
 
 
 SAMPLE_KEYS = ("sampler", "num_steps", "guidance_scale", "guidance_interval", "churn")
@@ -79,7 +80,7 @@ class Experiment:
     if self.grad_accum < 1 or config.train.batch_size % self.grad_accum:
       raise ConfigError(f"train.grad_accum_steps={self.grad_accum} must be >= 1 and divide "
                         f"train.batch_size={config.train.batch_size}.")
-    self.tx = make_optimizer(config.optim, self.total_steps)
+    self.tx = make_optimizer(numerics.optim_config(config), self.total_steps)
     self.lr_schedule = learning_rate_schedule(config.optim, self.total_steps)
 
     abstract_model = nnx.eval_shape(
@@ -169,17 +170,22 @@ class Experiment:
   def _merge(self, params):
     return nnx.merge(self.graphdef, params)
 
-  def _loss(self, params, batch, key):
-    per_example, metrics = self.recipe.loss(self._merge(params), batch, key)
+  def _loss(self, params, batch, key, caches=None):
+    model = self._merge(params)
+    numerics.use_step_caches(model, caches)
+    per_example, metrics = self.recipe.loss(model, batch, key)
     return per_example.mean(), metrics
 
   def _grads(self, params, batch, key):
     """(loss, metrics, grads), averaged over `train.grad_accum_steps` micro-batches.
 
     Micro-batch i holds rows i, i + k, i + 2k, ... of the batch, so each one keeps its share of
-    every device's rows (no data moves between devices); its key is fold_in(key, i).
+    every device's rows (no data moves between devices); its key is fold_in(key, i). Per-step
+    caches of the layers (`common.numerics.step_caches`, e.g. COAT's FP8 weights) are computed
+    once, here, outside the micro-batch loop and without gradient.
     """
-    grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+    caches = jax.lax.stop_gradient(numerics.step_caches(self._merge(params)))
+    grad_fn = jax.value_and_grad(functools.partial(self._loss, caches=caches), has_aux=True)
     k = self.grad_accum
     if k == 1:
       (loss, metrics), grads = grad_fn(params, batch, key)

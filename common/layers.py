@@ -9,9 +9,20 @@ Conventions:
     softmax statistics are computed in float32 and cast back.
   * Images and feature maps are `[B, H, W, C]` (NHWC); token sequences are `[B, T, C]`.
   * Dropout is a pure function of an explicit PRNG key: it is active iff a key is given.
+
+Numerics hooks (`common/numerics.py` rules choose them by module path):
+  * Every linear layer a numerics choice may apply to is a `Dense`; a rule replaces it by another
+    implementation (TerDiT's ternary QAT, COAT's FP8 GEMM).
+  * The non-linear layers (`NONLINEAR_LAYERS`: `RMSNorm`, `GroupNorm`, `FiLM`, `Activation`) compute
+    their output as a pure function of their inputs and parameters, `fn(x, *others)`, through
+    their `residuals` attribute: `None` (plain autodiff, the default) or a *residual policy*, a
+    hashable callable `policy(fn, *args) -> fn(*args)` that may change what is saved for the
+    backward pass (COAT's `coat.activations.FP8Residuals` saves the inputs as FP8). A rule sets it;
+    the parameters and their paths stay as they are.
 """
 
 from collections.abc import Sequence
+import functools
 import math
 from typing import Any
 
@@ -41,6 +52,11 @@ def param(rngs: nnx.Rngs, init: Any, shape: Sequence[int], names: Names) -> nnx.
     raise ValueError(f"{len(names)} axis names {names} for a parameter of shape {tuple(shape)}")
   init = nnx.with_partitioning(init, names, eager_sharding=False)
   return nnx.Param(init(rngs.params(), tuple(shape), _F32))
+
+
+def with_residuals(policy: Any, fn: Any, *args: Any) -> Any:
+  """`fn(*args)`, through the residual policy `policy` when there is one (module docstring)."""
+  return fn(*args) if policy is None else policy(fn, *args)
 
 
 def dropout(x: Array, rate: float, key: Array | None) -> Array:
@@ -127,11 +143,28 @@ class Conv(nnx.Module):
 # Norms (statistics in float32).
 
 
+def group_norm(x: Array, scale: Array | None, bias: Array | None, *, num_groups: int,
+               epsilon: float) -> Array:
+  """Group normalisation of a [B, H, W, C] map over (H, W, C/G), statistics in float32.
+
+  scale, bias: [C] float32 or None. Returns x's shape and dtype.
+  """
+  b, h, w, c = x.shape
+  g = num_groups
+  x32 = x.astype(_F32).reshape(b, h, w, g, c // g)
+  mean = jnp.mean(x32, axis=(1, 2, 4), keepdims=True)
+  var = jnp.mean(jnp.square(x32 - mean), axis=(1, 2, 4), keepdims=True)
+  y = ((x32 - mean) * jax.lax.rsqrt(var + epsilon)).reshape(b, h, w, c)
+  if scale is not None:
+    y = y * scale + bias
+  return y.astype(x.dtype)
+
+
 class GroupNorm(nnx.Module):
   """Group normalisation over (H, W, C/G) of a [B, H, W, C] map, statistics in float32.
 
   `num_groups` is reduced to gcd(num_groups, C) so any width works. Without `affine` the layer has
-  no parameters (its scale and shift come from FiLM).
+  no parameters (its scale and shift come from FiLM). `residuals`: see the module docstring.
   """
 
   def __init__(self, num_features: int, num_groups: int = 32, *, affine: bool = True,
@@ -142,36 +175,48 @@ class GroupNorm(nnx.Module):
                   if affine else None)
     self.bias = (param(rngs, nnx.initializers.zeros_init(), (num_features,), (None,))
                  if affine else None)
+    self.residuals = None
 
   def __call__(self, x: Array) -> Array:
     """x: [B, H, W, C] -> same shape and dtype."""
-    b, h, w, c = x.shape
-    g = self.num_groups
-    x32 = x.astype(_F32).reshape(b, h, w, g, c // g)
-    mean = jnp.mean(x32, axis=(1, 2, 4), keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=(1, 2, 4), keepdims=True)
-    y = ((x32 - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(b, h, w, c)
-    if self.scale is not None:
-      y = y * self.scale[...] + self.bias[...]
-    return y.astype(x.dtype)
+    fn = functools.partial(group_norm, num_groups=self.num_groups, epsilon=self.epsilon)
+    scale = self.scale[...] if self.scale is not None else None
+    bias = self.bias[...] if self.bias is not None else None
+    return with_residuals(self.residuals, fn, x, scale, bias)
+
+
+def rms_norm(x: Array, scale: Array | None, *, epsilon: float) -> Array:
+  """x / sqrt(mean(x^2) + eps) over the last axis (times `scale` [C]), statistics in float32."""
+  x32 = x.astype(_F32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + epsilon)
+  if scale is not None:
+    y = y * scale
+  return y.astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
-  """RMS normalisation over the last axis, statistics in float32; optional learned scale."""
+  """RMS normalisation over the last axis, statistics in float32; optional learned scale.
+
+  `residuals`: see the module docstring.
+  """
 
   def __init__(self, num_features: int, *, use_scale: bool = True, epsilon: float = 1e-6,
                rngs: nnx.Rngs):
     self.epsilon = epsilon
     self.scale = (param(rngs, nnx.initializers.ones_init(), (num_features,), (None,))
                   if use_scale else None)
+    self.residuals = None
 
   def __call__(self, x: Array) -> Array:
     """x: [..., C] -> same shape and dtype."""
-    x32 = x.astype(_F32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
-    if self.scale is not None:
-      y = y * self.scale[...]
-    return y.astype(x.dtype)
+    fn = functools.partial(rms_norm, epsilon=self.epsilon)
+    scale = self.scale[...] if self.scale is not None else None
+    return with_residuals(self.residuals, fn, x, scale)
+
+
+def film(x: Array, scale: Array, shift: Array) -> Array:
+  """x * (1 + scale) + shift (scale, shift broadcast against x)."""
+  return x * (1 + scale) + shift
 
 
 class FiLM(nnx.Module):
@@ -179,11 +224,13 @@ class FiLM(nnx.Module):
 
   (scale, shift) = Dense(c), zero-initialised so the layer starts as the identity. `c` is the
   already activated conditioning vector [B, cond_dim] (float32); the map is computed in float32.
+  `residuals` (module docstring) applies to the modulation `film(x, scale, shift)`.
   """
 
   def __init__(self, cond_dim: int, num_features: int, *, rngs: nnx.Rngs):
     self.proj = Dense(cond_dim, 2 * num_features, names=(None, "embed"), zero_init=True,
                       dtype=_F32, rngs=rngs)
+    self.residuals = None
 
   def __call__(self, x: Array, c: Array) -> Array:
     """x: [B, ..., C]; c: [B, cond_dim] -> [B, ..., C] in x.dtype."""
@@ -191,7 +238,7 @@ class FiLM(nnx.Module):
     bshape = (x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],)
     scale = scale.reshape(bshape).astype(x.dtype)
     shift = shift.reshape(bshape).astype(x.dtype)
-    return x * (1 + scale) + shift
+    return with_residuals(self.residuals, film, x, scale, shift)
 
 
 class AdaRMSNorm(nnx.Module):
@@ -384,19 +431,53 @@ class CrossAttention(nnx.Module):
     return self.out(o.reshape(b, t, -1))
 
 
+ACTIVATIONS = {
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "silu": jax.nn.silu,
+}
+
+
+def activate(x: Array, gate: Array | None = None, *, name: str) -> Array:
+  """ACTIVATIONS[name](x), times `gate` when given (the gated product of GLU MLPs)."""
+  y = ACTIVATIONS[name](x)
+  return y if gate is None else y * gate
+
+
+class Activation(nnx.Module):
+  """An element-wise non-linearity as a module (so numerics rules can reach it), optionally gated:
+  y = act(x), or act(x) * gate (SwiGLU: `Activation("silu")(x W1, gate=x W3)`).
+
+  Args:
+    name: a key of `ACTIVATIONS` ("gelu_tanh", "gelu", "silu").
+  `residuals`: see the module docstring.
+  """
+
+  def __init__(self, name: str = "gelu_tanh"):
+    if name not in ACTIVATIONS:
+      raise ConfigError(f"Unknown activation {name!r}: expected one of {sorted(ACTIVATIONS)}.")
+    self.name = name
+    self.residuals = None
+
+  def __call__(self, x: Array, gate: Array | None = None) -> Array:
+    """x: any shape; gate: None or x's shape -> x's shape."""
+    return with_residuals(self.residuals, functools.partial(activate, name=self.name), x, gate)
+
+
 class MLP(nnx.Module):
   """Dense(dim -> hidden) -> GELU(tanh) -> dropout -> Dense(hidden -> dim), output zero-init."""
 
   def __init__(self, dim: int, hidden: int, *, zero_init_out: bool = True, dtype: Any = _F32,
                rngs: nnx.Rngs):
     self.fc1 = Dense(dim, hidden, names=("embed", "mlp"), dtype=dtype, rngs=rngs)
+    self.act = Activation("gelu_tanh")
     self.fc2 = Dense(hidden, dim, names=("mlp", "embed"), zero_init=zero_init_out, dtype=dtype,
                      rngs=rngs)
 
   def __call__(self, x: Array, *, dropout_rate: float = 0.0,
                dropout_key: Array | None = None) -> Array:
     """x: [..., dim] -> [..., dim]."""
-    h = jax.nn.gelu(self.fc1(x), approximate=True)
+    h = self.act(self.fc1(x))
     return self.fc2(dropout(h, dropout_rate, dropout_key))
 
 
@@ -421,14 +502,15 @@ class ResBlock(nnx.Module):
     self.norm2 = GroupNorm(channels, num_groups, affine=False, rngs=rngs)
     self.film = FiLM(cond_dim, channels, rngs=rngs)
     self.conv2 = Conv(channels, channels, 3, zero_init=True, dtype=dtype, rngs=rngs)
+    self.act1, self.act2 = Activation("silu"), Activation("silu")
     self.dropout_rate = dropout
     self.dtype = as_dtype(dtype)
 
   def __call__(self, x: Array, c: Array, dropout_key: Array | None = None) -> Array:
     """x: [B, H, W, C]; c: [B, cond_dim] (activated) -> [B, H, W, C]."""
     x = x.astype(self.dtype)
-    h = self.conv1(jax.nn.silu(self.norm1(x)))
-    h = jax.nn.silu(self.film(self.norm2(h), c))
+    h = self.conv1(self.act1(self.norm1(x)))
+    h = self.act2(self.film(self.norm2(h), c))
     h = dropout(h, self.dropout_rate, dropout_key)
     return x + self.conv2(h)
 
@@ -522,3 +604,7 @@ class Unpatchify(nnx.Module):
   def __call__(self, x: Array) -> Array:
     """x: [B, h, w, in] -> [B, h*p, w*p, out_channels]."""
     return unpatchify(self.proj(x), self.patch_size, self.out_channels)
+
+
+# The layer classes a numerics rule may give a residual policy (module docstring).
+NONLINEAR_LAYERS = (RMSNorm, GroupNorm, FiLM, Activation)

@@ -42,8 +42,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.final_lr_fraction = 0.0      # cosine decays to learning_rate * this
   c.optim.clip_norm = 1.0              # 0 disables global-norm clipping
 
-  # Which implementation each linear layer uses (common/numerics.py): (module-path regex,
-  # "package.module.Class", kwargs) rules, first match wins; empty: every layer full precision.
+  # Precision mode (common/numerics.py): "bf16" (the network's own dtypes, config.optim as
+  # written) or "coat" (coat/precision.py: FP8 linear layers in attention/MLP branches, FP8-saved
+  # activations, FP8 AdamW unless optim.name is set to something other than "adamw"), or the
+  # dotted path of a common.numerics.Precision.
+  c.precision = "bf16"
+  # Which implementation each layer uses (common/numerics.py): (module-path regex,
+  # "package.module.Class", kwargs[, required]) rules, first match wins; they come before the
+  # precision mode's rules, so they refine it. Empty: the precision mode decides.
   c.numerics = ml_collections.ConfigDict()
   c.numerics.rules = ()
 

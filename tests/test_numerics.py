@@ -73,7 +73,7 @@ def test_first_matching_rule_wins_and_keeps_the_initialised_weights():
 
 
 @pytest.mark.parametrize("rule, message", [
-    ((r"nothing", "common.numerics.FullPrecision"), "match no linear layer"),
+    ((r"nothing", "common.numerics.FullPrecision"), "match no layer"),
     ((r".*", "common.layers.RMSNorm"), "from_dense"),
     ((r".*", f"{__name__}.Scaled", {"scale": 1.0}), "scale"),
     ((r"(", "common.numerics.FullPrecision"), "bad regex"),
