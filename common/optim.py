@@ -12,7 +12,9 @@ Choosing the optimizer (`config.optim.name`):
 
   (`config.optim.options`, optional, holds factory-specific keyword arguments, e.g.
   `{"impl": "jnp"}` for COAT's FP8 AdamW). `common` imports no family package: the name is the only
-  link.
+  link. A factory whose signature has a `placement` argument also gets the parameters'
+  `common.sharding.ParamPlacement` (mesh and spec by parameter path), to lay its state out per
+  device shard.
 
 Fused in-place steps: a factory may return a `FusedGradientTransformation`, an
 `optax.GradientTransformation` (init and update work as usual, so optax utilities keep working) that
