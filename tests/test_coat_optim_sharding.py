@@ -89,34 +89,37 @@ SCRIPT = r"""
 import json, sys
 sys.path.insert(0, {root!r})
 import jax, numpy as np
-from common import sharding, trainer
+from common import sharding
 from common.experiment import Experiment
 from configs import sid2_digits
 c = sid2_digits.get_config("runlocal")
-c.train.steps = 3
-c.train.log_every = 1
-c.train.tensorboard = False
-c.train.sample_every = 0
-c.train.num_grid_samples = 4
-c.sample.num_steps = 2
+c.model.channels, c.model.level_types, c.model.blocks_per_level = (32,), ("transformer",), ()
+c.model.mid_blocks, c.model.num_heads, c.model.cond_dim, c.model.dropout = 1, 2, 32, (0.0,)
+c.train.batch_size = 16
 c.optim.name = "coat.optim.fp8_adamw"
 c.optim.options = {{"impl": "jnp"}}
 c.mesh.data, c.mesh.fsdp = {data}, {fsdp}
-trainer.train(c, {workdir!r})
-exp = Experiment(c, sharding.make_mesh(c.mesh))
+mesh = sharding.make_mesh(c.mesh)
+exp = Experiment(c, mesh)
 state = exp.init_state(0)
-out = {{"devices": jax.device_count(), "fsdp_groups": 0, "groups": 0, "bad": []}}
-mu = state["opt_state"][1].mu
+rng = np.random.default_rng(0)
+losses = []
+for step in range(3):
+  batch = {{"x": rng.standard_normal((16, 8, 8, 1)).astype(np.float32),
+           "cond": {{"label": rng.integers(0, 10, 16).astype(np.int32)}}}}
+  state, metrics = exp.train_step(state, sharding.global_batch(batch, mesh, exp.rules),
+                                  exp.step_key(step))
+  losses.append(float(metrics["loss"]))
+out = {{"devices": jax.device_count(), "losses": losses, "fsdp_groups": 0, "bad": []}}
 specs = jax.tree.map(lambda s: s.spec, exp.param_shardings)
+mu = state["opt_state"][1].mu
 for path, q in jax.tree_util.tree_flatten_with_path(mu, is_leaf=lambda x: hasattr(x, "codes"))[0]:
   pspec = specs
   for k in path:
     pspec = pspec[k.key]
-  out["groups"] += 1
-  cs = q.codes.sharding.spec
   if "fsdp" in str(pspec):
     out["fsdp_groups"] += 1
-    if cs[0] != "fsdp" and "fsdp" not in (cs[0] or ()):
+    if q.codes.sharding.spec[0] != "fsdp":
       out["bad"].append(sharding.path_str(path))
 opt = state["opt_state"]
 out["opt_total"] = sum(x.nbytes for x in jax.tree.leaves(opt))
@@ -128,35 +131,32 @@ print("RESULT", json.dumps(out))
 """
 
 
-def _run(workdir, ndev, data, fsdp):
+def _run(ndev, data, fsdp):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={ndev}",
              JAX_PLATFORMS="cpu")
   r = subprocess.run(
-      [sys.executable, "-c", SCRIPT.format(root=ROOT, data=data, fsdp=fsdp, workdir=workdir)],
-      capture_output=True, text=True, env=env, timeout=900)
+      [sys.executable, "-c", SCRIPT.format(root=ROOT, data=data, fsdp=fsdp)],
+      capture_output=True, text=True, env=env, timeout=1200)
   assert r.returncode == 0, r.stderr[-3000:]
-  out = json.loads(r.stdout.split("RESULT ")[1].splitlines()[0])
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(l)["loss"] for l in f], out
+  return json.loads(r.stdout.split("RESULT ")[1].splitlines()[0])
 
 
-@pytest.mark.slow  # two trainer runs in subprocesses: about 2 minutes on 2 shared CPU cores
-def test_fp8_adamw_states_sharded_over_fsdp_with_the_one_device_loss(tmp_path):
-  one, _ = _run(str(tmp_path / "one"), 1, -1, 1)
-  eight, info = _run(str(tmp_path / "eight"), 8, 2, 4)
+@pytest.mark.slow  # two train-step compilations in subprocesses
+def test_fp8_adamw_states_sharded_over_fsdp_with_the_one_device_loss():
+  one = _run(1, -1, 1)
+  info = _run(8, 2, 4)
   assert info["devices"] == 8
-  assert info["fsdp_groups"] >= 10 and not info["bad"], info
+  assert info["fsdp_groups"] >= 8 and not info["bad"], info
   # Per device: the FP8 state of the fsdp-sharded parameters is a quarter of the total (the
-  # replicated biases and the output layer keep whole copies), as the parameters are.
+  # replicated biases and the output layer keep whole copies), as for the parameters.
   opt_ratio = info["opt_per_device"] / info["opt_total"]
   param_ratio = info["params_per_device"] / info["params_total"]
   assert opt_ratio < 0.4, info
-  assert abs(opt_ratio - param_ratio) < 0.05, info
-  assert len(one) == len(eight) == 3
+  assert abs(opt_ratio - param_ratio) < 0.1, info
   # The first loss is before any update; then the 8-device groups (cut per shard) quantize the
   # moments slightly differently from the one-device layout.
-  np.testing.assert_allclose(eight[0], one[0], rtol=2e-4)
-  np.testing.assert_allclose(eight, one, rtol=2e-3)
+  np.testing.assert_allclose(info["losses"][0], one["losses"][0], rtol=2e-4)
+  np.testing.assert_allclose(info["losses"], one["losses"], rtol=2e-3)
 
 
 KERNEL_SCRIPT = r"""
