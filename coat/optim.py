@@ -18,11 +18,20 @@ unchanged, like `optax.apply_if_finite`. Independently of that flag, a group who
 update would not be finite (e.g. a finite gradient whose square overflows fp32) keeps its old state
 and gets a zero update, so the state never holds NaN or inf.
 
-Sharding: groups never straddle shards. `num_shards` (an int, or a function of a parameter's shape
-returning an int) splits each parameter along its leading axis into that many blocks and cuts the
-groups per block (`coat.fp8` module docstring); a parameter whose leading axis is not divisible, or
-a scalar, uses one block (it is replicated under the project's sharding rule). Use the FSDP axis
-size for parameters sharded on their leading axis.
+Sharding: groups never straddle shards. Under the trainer, `placement` (the parameters'
+`common.sharding.ParamPlacement`, which `common.optim.make_optimizer` passes to factories that take
+it) cuts each parameter's groups per device shard (`coat.fp8.shard_grid`) and the groups declare
+their placement (`QuantizedGroups.partition_specs`): the group axis sharded over the parameter's
+mesh axes, so each device holds 2.1875 bytes per parameter of its own shard. Without a placement,
+`num_shards` (an int, or a function of a parameter's shape returning an int) splits each parameter
+along its leading axis into that many blocks; a parameter whose leading axis is not divisible, or a
+scalar, uses one block.
+
+Fused kernel: `impl="auto"` runs the Pallas kernel on TPU and on CUDA GPUs of compute capability
+>= 8.9 (the jnp path on CPU and older GPUs); on a mesh of several devices each device runs it on
+its own groups (`jax.shard_map` over the placement's mesh; without a placement the jnp path is used
+there). With `apply` under a jit that donates the parameters and the state, the kernel writes the
+new parameters and moments into their buffers (`input_output_aliases`).
 """
 
 from __future__ import annotations
@@ -36,8 +45,11 @@ import jax.numpy as jnp
 import optax
 
 from coat import fp8
+from jax.sharding import PartitionSpec as P
+
 from common.errors import ConfigError
 from common.optim import FusedGradientTransformation
+from common.sharding import ParamPlacement, path_str
 from kernels import fp8_adamw as fused
 
 
@@ -64,14 +76,14 @@ def _num_shards_for(num_shards: int | Callable[[tuple[int, ...]], int], shape) -
   return n
 
 
-def resolve_impl(impl: str, interpret: bool = False) -> str:
-  """"auto" -> "pallas" on a single TPU or CUDA GPU of compute capability >= 8.9, "jnp" elsewhere
-  (CPU; older GPUs, with a warning; several devices, where the kernel is not yet wrapped in a
-  shard_map and XLA would gather sharded parameters around it). "pallas" on a device the kernel
-  does not support raises ConfigError (an explicit request is not silently replaced)."""
+def resolve_impl(impl: str, interpret: bool = False, sharded: bool = False) -> str:
+  """"auto" -> "pallas" on TPU or on CUDA GPUs of compute capability >= 8.9, "jnp" elsewhere (CPU;
+  older GPUs, with a warning; several devices without a placement (`sharded=False`), where XLA
+  would gather sharded parameters around the kernel). "pallas" on a device the kernel does not
+  support raises ConfigError (an explicit request is not silently replaced)."""
   if impl == "jnp" or interpret:
     return impl if impl != "auto" else "jnp"
-  if impl == "auto" and jax.device_count() > 1:
+  if impl == "auto" and jax.device_count() > 1 and not sharded:
     return "jnp"
   try:
     fused.check_supported()
@@ -89,7 +101,8 @@ def fp8_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float 
               interpret: bool = False, expand: bool = True,
               num_shards: int | Callable[[tuple[int, ...]], int] = 1,
               skip_nonfinite: bool = True, group_size: int = fp8.OPTIM_GROUP_SIZE,
-              block_rows: int | None = None) -> FusedGradientTransformation:
+              block_rows: int | None = None,
+              placement: ParamPlacement | None = None) -> FusedGradientTransformation:
   """AdamW with float8_e4m3fn moments in groups of 128 (COAT).
 
   Also the optimizer factory of `config.optim.name = "coat.optim.fp8_adamw"` (common/optim.py calls
@@ -99,16 +112,20 @@ def fp8_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float 
     learning_rate: a float or an optax schedule (called with the step count from 0).
     b1, b2, eps: Adam hyper-parameters.
     weight_decay: decoupled weight decay (times the learning rate, as AdamW).
-    impl: "auto" (the fused kernel on one TPU or one CUDA GPU of compute capability >= 8.9; the
-      jnp path elsewhere, including multi-device meshes: see `resolve_impl`), "pallas" (the fused
-      kernel of kernels/fp8_adamw.py; a ConfigError where it does not compile) or "jnp" (XLA).
-      Resolved when the step is traced.
+    impl: "auto" (the fused kernel on TPU or on CUDA GPUs of compute capability >= 8.9, per
+      device shard on a mesh; the jnp path elsewhere: see `resolve_impl`), "pallas" (the fused
+      kernel of kernels/fp8_adamw.py; a ConfigError where it does not compile, e.g. GPUs below
+      compute capability 8.9) or "jnp" (XLA). Resolved when the step is traced.
     interpret: run the Pallas kernel in interpret mode (CPU).
     expand: Dynamic Range Expansion of the moments (False: plain per-group absmax scaling).
-    num_shards: leading-axis shards per parameter (int or shape -> int); see the module docstring.
+    num_shards: leading-axis shards per parameter (int or shape -> int) when there is no
+      placement; see the module docstring.
     skip_nonfinite: skip the whole step when a gradient holds NaN or inf.
     group_size: elements per group (COAT: 128).
     block_rows: groups per Pallas program (None: the backend's default).
+    placement: the parameters' placement on the mesh (the trainer passes it): the groups are cut
+      per device shard and sharded like the parameter; parameters are then matched by path
+      ("blocks/0/mlp/fc1/kernel"), so `init` must get the trainer's parameter tree.
 
   Returns:
     A `common.optim.FusedGradientTransformation` (an optax.GradientTransformation whose state is
@@ -119,13 +136,36 @@ def fp8_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float 
   hyper = dict(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, expand=expand,
                interpret=interpret, block_rows=block_rows)
 
+  def shards_of(path, shape):
+    if placement is not None:
+      return placement.shards_per_dim(path_str(path), len(shape))
+    return _num_shards_for(num_shards, shape)
+
   def init_fn(params):
-    def empty(p):
-      p = jnp.asarray(p)
-      return fp8.empty_groups(p.shape, group_size, _num_shards_for(num_shards, p.shape))
-    mu = jax.tree.map(empty, params)
-    nu = jax.tree.map(empty, params)
+    def empty(path, p):
+      shape = tuple(jnp.shape(p))
+      return fp8.empty_groups(shape, group_size, shards_of(path, shape))
+    mu = jax.tree_util.tree_map_with_path(empty, params)
+    nu = jax.tree_util.tree_map_with_path(empty, params)
     return Fp8AdamWState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
+
+  mesh = placement.mesh if placement is not None else None
+  on_mesh = mesh is not None and mesh.size > 1
+
+  def leaf_rows(g_rows, p_rows, m_rows, v_rows, scalars, kernel_impl, group_axis, out):
+    """fused.fp8_adamw_rows, per device shard (shard_map) when the groups live on a mesh."""
+    def run(g_rows, m_rows, v_rows, scalars, *p_rows):
+      return fused.fp8_adamw_rows(g_rows, p_rows[0] if p_rows else None, m_rows, v_rows,
+                                  *scalars, out=out, impl=kernel_impl, **hyper)
+    extra = () if p_rows is None else (p_rows,)
+    if not (on_mesh and kernel_impl == "pallas"):
+      return run(g_rows, m_rows, v_rows, scalars, *extra)
+    rows = P(group_axis, None)
+    moment = (rows, rows, rows, rows)
+    scalar_specs = tuple(P() for _ in scalars)
+    return jax.shard_map(
+        run, mesh=mesh, in_specs=(rows, moment, moment, scalar_specs) + (rows,) * len(extra),
+        out_specs=(rows, moment, moment), check_vma=False)(g_rows, m_rows, v_rows, scalars, *extra)
 
   def step(grads, state, params, grad_scale, out):
     """out="update": (updates, state); out="params": (new params, state)."""
@@ -137,16 +177,18 @@ def fp8_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float 
     t = (count + 1).astype(jnp.float32)
     bc1 = 1.0 - jnp.power(jnp.float32(b1), t)
     sqrt_bc2 = jnp.sqrt(1.0 - jnp.power(jnp.float32(b2), t))
-    leaves, treedef = jax.tree.flatten(grads)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(grads)
+    paths = [kp for kp, _ in flat]
+    leaves = [g for _, g in flat]
     mus = treedef.flatten_up_to(state.mu)
     nus = treedef.flatten_up_to(state.nu)
     ps = treedef.flatten_up_to(params) if params is not None else [None] * len(leaves)
     skip = jnp.bool_(False)
     if skip_nonfinite and leaves:
       skip = jnp.logical_not(jnp.stack([jnp.all(jnp.isfinite(g)) for g in leaves]).all())
-    kernel_impl = resolve_impl(impl, interpret)
+    kernel_impl = resolve_impl(impl, interpret, sharded=on_mesh)
     outs, new_mu, new_nu = [], [], []
-    for g, m, v, p in zip(leaves, mus, nus, ps):
+    for path, g, m, v, p in zip(paths, leaves, mus, nus, ps):
       g = jnp.asarray(g)
       n = m.num_shards
       g_rows = fp8.to_groups(g, group_size, n)
@@ -155,10 +197,13 @@ def fp8_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float 
         p_rows = fp8.to_groups(jnp.asarray(p), group_size, n)
       m_rows = (m.codes, m.scale[:, None], m.k[:, None], m.c[:, None])
       v_rows = (v.codes, v.scale[:, None], v.k[:, None], v.c[:, None])
+      group_axis = (m.partition_specs(placement.spec(path_str(path))).codes[0] if on_mesh
+                    else None)
       try:
-        res, m_rows, v_rows = fused.fp8_adamw_rows(
-            g_rows, p_rows, m_rows, v_rows, lr, bc1, sqrt_bc2, grad_scale, skip, out=out,
-            impl=kernel_impl, **hyper)
+        res, m_rows, v_rows = leaf_rows(
+            g_rows, p_rows, m_rows, v_rows,
+            (lr, bc1, sqrt_bc2, jnp.float32(1.0) if grad_scale is None else grad_scale, skip),
+            kernel_impl, group_axis, out)
       except fused.KernelUnsupported as e:
         raise ConfigError(str(e)) from e
       out_dtype = p.dtype if p is not None else g.dtype

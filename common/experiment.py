@@ -80,7 +80,6 @@ class Experiment:
     if self.grad_accum < 1 or config.train.batch_size % self.grad_accum:
       raise ConfigError(f"train.grad_accum_steps={self.grad_accum} must be >= 1 and divide "
                         f"train.batch_size={config.train.batch_size}.")
-    self.tx = make_optimizer(numerics.optim_config(config), self.total_steps)
     self.lr_schedule = learning_rate_schedule(config.optim, self.total_steps)
 
     abstract_model = nnx.eval_shape(
@@ -98,12 +97,17 @@ class Experiment:
     self.abstract_model = abstract_model
     logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
     self.abstract_params = nnx.to_pure_dict(abstract_params)
-    self.param_shardings = sharding.tree_shardings(self.abstract_params, logical, mesh, self.rules)
+    self.param_shardings = sharding.tree_shardings(
+        self.abstract_params, logical, mesh, self.rules,
+        replicated=tuple(config.mesh.get("replicated", ()) or ()))
+    self.placement = sharding.ParamPlacement.from_shardings(mesh, self.param_shardings)
     self.num_params = sum(x.size for x in jax.tree.leaves(self.abstract_params))
     self._generators = {}
-    if deployed:
-      self.abstract_state = self.state_shardings = None
+    if deployed:  # an inference graph: no optimizer, no train state
+      self.tx = self.abstract_state = self.state_shardings = None
       return
+    self.tx = make_optimizer(numerics.optim_config(config), self.total_steps,
+                             placement=self.placement)
 
     abstract_state = jax.eval_shape(self._init, jax.random.key(0))
     self.state_shardings = self._state_shardings(abstract_state)
@@ -119,19 +123,15 @@ class Experiment:
             "opt_state": self.tx.init(params), "ema": params}
 
   def _state_shardings(self, abstract_state):
+    """NamedShardings of the train state, declared by path (`common.sharding.state_partition`):
+    params and EMA by their logical names, optimizer-state copies of a parameter like it,
+    optimizer-state objects by their own `partition_specs`, everything else replicated."""
+    param_specs = jax.tree.map(lambda s: s.spec, self.param_shardings)
+    opt_specs = sharding.state_partition(self.tx, abstract_state["opt_state"],
+                                         self.abstract_params, param_specs)
+    opt = jax.tree.map(lambda spec: jax.sharding.NamedSharding(self.mesh, spec), opt_specs,
+                       is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     rep = sharding.replicated(self.mesh)
-
-    def like_param(value, param_sharding, param):
-      # A copy of the parameter (AdamW's m, v) is sharded like it; anything else at a parameter's
-      # place in the optimizer state (e.g. COAT's FP8 groups [n_groups, 128]) is replicated.
-      if isinstance(value, (jax.ShapeDtypeStruct, jax.Array)) and value.shape == param.shape:
-        return param_sharding
-      return jax.tree.map(lambda _: rep, value)
-
-    opt = optax.tree_map_params(
-        self.tx, like_param, abstract_state["opt_state"], self.param_shardings,
-        self.abstract_params, transform_non_params=lambda v: jax.tree.map(lambda _: rep, v),
-        is_leaf=lambda x: not isinstance(x, (dict, list, tuple)))
     return {"step": rep, "params": self.param_shardings, "opt_state": opt,
             "ema": self.param_shardings}
 

@@ -12,7 +12,9 @@ Choosing the optimizer (`config.optim.name`):
 
   (`config.optim.options`, optional, holds factory-specific keyword arguments, e.g.
   `{"impl": "jnp"}` for COAT's FP8 AdamW). `common` imports no family package: the name is the only
-  link.
+  link. A factory whose signature has a `placement` argument also gets the parameters'
+  `common.sharding.ParamPlacement` (mesh and spec by parameter path), to lay its state out per
+  device shard.
 
 Fused in-place steps: a factory may return a `FusedGradientTransformation`, an
 `optax.GradientTransformation` (init and update work as usual, so optax utilities keep working) that
@@ -23,6 +25,7 @@ global-norm clipping passes its scale into the fused step instead of materialisi
 """
 
 from collections.abc import Callable
+import inspect
 from typing import Any
 
 import jax
@@ -135,19 +138,32 @@ def optimizer_factory(name: str) -> Callable[..., optax.GradientTransformation]:
   return factory
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+def _takes(fn: Callable, name: str) -> bool:
+  """Whether `fn`'s signature has a parameter called `name`."""
+  try:
+    return name in inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return False
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int,
+                   placement: Any = None) -> optax.GradientTransformation:
   """Builds the optimizer named by `cfg.name` (module docstring), with global-norm clipping.
 
   Args:
     cfg: `config.optim`: name, learning-rate keys, b1, b2, eps, weight_decay, clip_norm (0: off),
       optional options (extra keyword arguments of the factory).
     total_steps: the run's length (for the cosine schedule).
+    placement: the parameters' `common.sharding.ParamPlacement`, passed to factories whose
+      signature has a `placement` argument (to lay their state out per shard); None: not passed.
   """
   lr = learning_rate_schedule(cfg, total_steps)
   factory = optimizer_factory(cfg.name)
   options = cfg.get("options", None) or {}
   if isinstance(options, ml_collections.ConfigDict):
     options = options.to_dict()
+  if placement is not None and "placement" not in options and _takes(factory, "placement"):
+    options = {**options, "placement": placement}
   try:
     opt = factory(lr, b1=float(cfg.b1), b2=float(cfg.b2), eps=float(cfg.eps),
                   weight_decay=float(cfg.weight_decay), **options)

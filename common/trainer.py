@@ -414,6 +414,19 @@ def summary(config: ml_collections.ConfigDict) -> str:
   else:
     inputs = (x,)
   shape = "x".join(str(d) for d in x.shape[1:])
-  text = "\n".join([f"{m.name} ({shape})"] + summary_lines(model, inputs, per_example=1))
+  lines = [f"{m.name} ({shape})"] + summary_lines(model, inputs, per_example=1)
+  lines += _memory_lines(config)
+  text = "\n".join(lines)
   _log(text)
   return text
+
+
+def _memory_lines(config: ml_collections.ConfigDict) -> list[str]:
+  """The train step's memory per device for the config's batch and mesh (common/memory.py), on a
+  mesh of the available devices; a mesh those devices cannot form is said in one line."""
+  from common.memory import memory_lines, train_step_memory  # pylint: disable=import-outside-toplevel
+  try:
+    mesh = sharding.make_mesh(config.mesh)
+  except ConfigError as e:
+    return [f"train-step memory: not computed on {jax.device_count()} device(s): {e}"]
+  return memory_lines(train_step_memory(Experiment(config, mesh)))

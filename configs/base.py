@@ -101,4 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
       ("vocab", None),
       ("expert", "expert"),
   )
+  # Parameter paths (regexes, re.fullmatch) replicated on purpose: a dimension not divisible by
+  # its mesh axes is otherwise a ConfigError (e.g. an output layer to 1 or 3 image channels).
+  c.mesh.replicated = ()
   return c

@@ -21,6 +21,8 @@ import ml_collections
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = parse_arg(arg)
   c = base_config()
+  # The output layer maps to the image/latent channels (1 to 16 features): replicated.
+  c.mesh.replicated = ("out_proj/.*",)
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()

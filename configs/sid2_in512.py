@@ -70,6 +70,8 @@ def guidance_interval(image_size: int) -> tuple[float, float]:
 def make_config(image_size: int, patch_size: int, flags: set[str]) -> ml_collections.ConfigDict:
   """The SiD2 config for ImageNet at `image_size` with UViT/`patch_size`."""
   c = base_config()
+  # The output layer maps to the image/latent channels (1 to 16 features): replicated.
+  c.mesh.replicated = ("out_proj/.*",)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "sid2.model.ResidualUViT"

@@ -19,11 +19,16 @@ RULES = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("he
          ("conv_out", "fsdp"), ("vocab", None))
 
 
-def test_logical_to_mesh_maps_and_replicates_indivisible():
+def test_logical_to_mesh_maps_and_rejects_indivisible():
   mesh = FakeMesh(data=2, fsdp=4, tensor=1)
   assert sharding.logical_to_mesh_spec(P("embed", "mlp"), (8, 6), mesh, RULES) == P("fsdp", None)
-  # 6 is not divisible by fsdp=4: replicated rather than failing.
-  assert sharding.logical_to_mesh_spec(P("embed", "mlp"), (6, 8), mesh, RULES) == P(None, None)
+  # 6 is not divisible by fsdp=4: an error naming the parameter, the dimension and the axis.
+  with pytest.raises(ConfigError, match=r"blocks/0/w \(6, 8\): dimension 0 \('embed', size 6\).*"
+                     r"\('fsdp',\) of size 4.*config.mesh.replicated"):
+    sharding.logical_to_mesh_spec(P("embed", "mlp"), (6, 8), mesh, RULES, path="blocks/0/w")
+  # ... unless the parameter is replicated on purpose
+  assert sharding.logical_to_mesh_spec(P("embed", "mlp"), (6, 8), mesh, RULES,
+                                       replicate=True) == P(None, None)
   assert sharding.logical_to_mesh_spec(P("vocab", "embed"), (11, 16), mesh, RULES) == P(None, "fsdp")
   # a mesh axis is used once per array
   assert sharding.logical_to_mesh_spec(P("embed", "conv_out"), (8, 8), mesh, RULES) == P("fsdp", None)
