@@ -171,9 +171,12 @@ class Experiment:
     return nnx.merge(self.graphdef, params)
 
   def _loss(self, params, batch, key, caches=None):
-    model = self._merge(params)
-    numerics.use_step_caches(model, caches)
-    per_example, metrics = self.recipe.loss(model, batch, key)
+    # The mesh is visible while tracing, so networks may pin activation shardings
+    # (`jax.lax.with_sharding_constraint` with a bare PartitionSpec, e.g. MicroDiT's blocks).
+    with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+      model = self._merge(params)
+      numerics.use_step_caches(model, caches)
+      per_example, metrics = self.recipe.loss(model, batch, key)
     return per_example.mean(), metrics
 
   def _grads(self, params, batch, key):
@@ -230,7 +233,8 @@ class Experiment:
 
   # ---- generation -----------------------------------------------------------------------------------
   def _generate(self, params, key, batch, *, settings):
-    return self.recipe.preview(self._merge(params), batch, key, settings)
+    with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+      return self.recipe.preview(self._merge(params), batch, key, settings)
 
   def generator(self, **settings):
     """A jitted `(params, key, batch) -> samples [B, *sample_shape] float32` with batch =
