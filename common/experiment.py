@@ -66,9 +66,6 @@ class Experiment:
     if self.grad_accum < 1 or config.train.batch_size % self.grad_accum:
       raise ConfigError(f"train.grad_accum_steps={self.grad_accum} must be >= 1 and divide "
                         f"train.batch_size={config.train.batch_size}.")
-    self.tx = make_optimizer(config.optim, self.total_steps)
-    self.lr_schedule = learning_rate_schedule(config.optim, self.total_steps)
-
     abstract_model = nnx.eval_shape(
         lambda: build_model(config.model, jax.random.key(0), numerics_rules(config)))
     self.graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
@@ -81,6 +78,8 @@ class Experiment:
     self.abstract_params = nnx.to_pure_dict(abstract_params)
     self.param_shardings = sharding.tree_shardings(self.abstract_params, logical, mesh, self.rules)
     self.num_params = sum(x.size for x in jax.tree.leaves(self.abstract_params))
+    self.tx = make_optimizer(config.optim, self.total_steps, self.abstract_params)
+    self.lr_schedule = learning_rate_schedule(config.optim, self.total_steps)
 
     abstract_state = jax.eval_shape(self._init, jax.random.key(0))
     self.state_shardings = self._state_shardings(abstract_state)
