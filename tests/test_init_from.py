@@ -1,12 +1,15 @@
 """config.init_from (weights or whole state from another run or a weights file), and the EMA: updated
 every step and the weights that grids and --mode=sample draw from.
 
-One short run (SiD2 runlocal on digits, 8x8), itself started by init_from from a made-up checkpoint,
-is trained once for the module; the sampler is replaced by a spy that records which weights it gets
-(no sampler compilation)."""
+One short run (SiD2 runlocal on digits, 8x8), itself started by init_from from a made-up checkpoint
+and with one parameter group frozen by optim.lr_multipliers, is trained once for the module; the
+sampler is replaced by a spy that records which weights it gets (no sampler compilation)."""
 
 import contextlib
 import io
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -25,10 +28,14 @@ from common.optim import param_path
 from configs import sid2_digits
 
 EMA_DECAY = 0.5
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def source_config():
   c = sid2_digits.get_config("runlocal")
+  # one transformer level (compiles faster than the conv levels)
+  c.model.channels, c.model.level_types = (16,), ("transformer",)
+  c.model.blocks_per_level, c.model.dropout, c.model.patch_size = (), (0.0,), 2
   c.train.steps = 4
   c.train.log_every = 1
   c.train.checkpoint_every = 1
@@ -40,6 +47,9 @@ def source_config():
   c.train.ema_warmup = False
   c.optim.warmup_steps = 0
   return c
+
+
+FROZEN = ((r"noise_embed/.*", 0.0),)  # optim.lr_multipliers of the trained run
 
 
 class SpyGenerate:
@@ -82,6 +92,7 @@ def fixture_source(tmp_path_factory):
   ckpt.close()
   wd = root / "run"
   c.init_from = init_cfg(root / "seed")
+  c.optim.lr_multipliers = FROZEN
   spy = SpyGenerate()
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(trainer, "generate", spy)
@@ -132,6 +143,16 @@ def test_ema_updates_every_step_and_grids_and_sampling_use_it(source, monkeypatc
   trainer.sample(source["config"], str(source["wd"]), num_samples=4)
   assert len(spy.calls) == 1
   assert_trees_equal(spy.calls[0], states[4]["ema"])
+
+
+def test_lr_multiplier_zero_freezes_its_parameters_in_training(source):
+  """The run trains with optim.lr_multipliers = FROZEN: noise_embed keeps the seed's values."""
+  seed, last = source["seed"]["params"], source["states"][4]["params"]
+  assert_trees_equal(last["noise_embed"], seed["noise_embed"])
+  for name in ("patch_embed", "out_proj", "mid"):
+    moved = [not np.array_equal(a, b) for a, b in
+             zip(jax.tree.leaves(last[name]), jax.tree.leaves(seed[name]))]
+    assert all(moved), name
 
 
 # ---- init_from: checkpoints ----------------------------------------------------------------------
@@ -195,10 +216,10 @@ def test_whole_state_with_and_without_keep_step(source):
 def test_mismatches_name_the_parameters(source):
   wd = source["wd"]
   c = source_config()
-  c.model.channels = (16, 24)
+  c.model.channels = (24,)
   exp = Experiment(c, sharding.make_mesh(c.mesh))
   with pytest.raises(CheckpointError,
-                     match=r"shape differs params/downs/0/conv/bias \(32,\) \(ours \(24,\)\)"):
+                     match=r"shape differs params/.*params/mid/0/attn/out/bias \(16,\) \(ours \(24,\)\)"):
     init_from.initial_state(exp, init_cfg(wd))
   c = source_config()
   c.model.mid_blocks = 2
@@ -253,4 +274,53 @@ def test_weights_file_through_a_converter(source, tmp_path):
     init_from.initial_state(exp, init_cfg(tmp_path / "bad.safetensors", converter=cfg.converter))
   msg = str(e.value)
   assert "missing patch_embed/proj/bias" in msg and "unexpected extra/w" in msg
-  assert "out_proj/proj/kernel (16, 2) (ours (16, 1))" in msg
+  assert "out_proj/proj/kernel (16, 2) (ours (16, 4))" in msg
+
+
+# ---- placement on a multi-device mesh ----------------------------------------------------------------
+
+MULTI_DEVICE_SCRIPT = r"""
+import sys
+sys.path.insert(0, {root!r})
+import jax, numpy as np
+from safetensors.numpy import save_file
+from common import init_from, sharding
+from common.checkpoint import Checkpointer
+from common.experiment import Experiment
+from common.optim import param_path
+from tests.test_init_from import init_cfg, source_config
+c = source_config()
+c.mesh.data, c.mesh.fsdp = 2, 2
+exp = Experiment(c, sharding.make_mesh(c.mesh))
+src = exp.init_state(5)
+ckpt = Checkpointer({workdir!r} + "/checkpoints")
+ckpt.save(3, src)
+ckpt.close()
+want = jax.tree.map(np.asarray, src["params"])
+flat = {{param_path(k): v for k, v in jax.tree_util.tree_flatten_with_path(want)[0]}}
+save_file(flat, {workdir!r} + "/w.safetensors")
+c.mesh.data, c.mesh.fsdp = 1, 4   # restore onto another mesh
+exp = Experiment(c, sharding.make_mesh(c.mesh))
+for cfg in (init_cfg({workdir!r}), init_cfg({workdir!r}, load="state"),
+            init_cfg({workdir!r} + "/w.safetensors", converter="common.init_from.from_param_paths")):
+  state, _ = init_from.initial_state(exp, cfg)
+  for leaf, sh in zip(jax.tree.leaves(state), jax.tree.leaves(exp.state_shardings)):
+    assert leaf.sharding.is_equivalent_to(sh, leaf.ndim), (cfg.path, leaf.sharding, sh)
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state["params"]), want)
+specs = [str(s.spec) for s in jax.tree.leaves(exp.param_shardings)]
+print("FSDP_SHARDED", sum("fsdp" in s for s in specs), "DEVICES", jax.device_count())
+"""
+
+
+@pytest.mark.slow
+def test_restores_onto_the_shardings_of_another_mesh(tmp_path):
+  """Saved on a data 2 x fsdp 2 mesh, read onto fsdp 4 (4 simulated devices): every leaf of the
+  state has the new experiment's sharding, from a checkpoint (params or whole state) or a file."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT.format(root=ROOT,
+                                                                      workdir=str(tmp_path))],
+                     capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+  assert r.returncode == 0, r.stderr[-3000:]
+  sharded = int(r.stdout.split("FSDP_SHARDED ")[1].split()[0])
+  assert sharded >= 5 and "DEVICES 4" in r.stdout, r.stdout[-500:]
