@@ -45,11 +45,23 @@ def source_config():
   c.train.tensorboard = False
   c.train.ema_decay = EMA_DECAY
   c.train.ema_warmup = False
+  c.eval.every = 4
   c.optim.warmup_steps = 0
   return c
 
 
 FROZEN = ((r"noise_embed/.*", 0.0),)  # optim.lr_multipliers of the trained run
+
+
+class SpyEvaluate:
+  """Stands in for `trainer.evaluate_params`: records the weights it would score."""
+
+  def __init__(self):
+    self.calls = []
+
+  def __call__(self, exp, params, step, wd, **kw):
+    self.calls.append((int(step), jax.tree.map(np.asarray, params)))
+    return {"eval/fid": 1.0}
 
 
 class SpyGenerate:
@@ -78,7 +90,8 @@ def fixture_source(tmp_path_factory):
   optimizer state differ from its params).
 
   Returns {"seed_dir", "seed": seed state, "wd": the run's workdir, "config", "states": {step:
-  state of the run}, "grid_calls": weights the grids sampled from, "log": the run's output}.
+  state of the run}, "grid_calls": weights the grids sampled from, "eval_calls": (step, weights)
+  of the periodic evaluation, "log": the run's output}.
   """
   root = tmp_path_factory.mktemp("source")
   c = source_config()
@@ -93,9 +106,10 @@ def fixture_source(tmp_path_factory):
   wd = root / "run"
   c.init_from = init_cfg(root / "seed")
   c.optim.lr_multipliers = FROZEN
-  spy = SpyGenerate()
+  spy, spy_eval = SpyGenerate(), SpyEvaluate()
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(trainer, "generate", spy)
+    mp.setattr(trainer, "evaluate_params", spy_eval)
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
       trainer.train(c, str(wd))
@@ -104,7 +118,8 @@ def fixture_source(tmp_path_factory):
             for s in ckpt.all_steps()}
   ckpt.close()
   return {"seed_dir": root / "seed", "seed": jax.tree.map(np.asarray, seed), "wd": wd,
-          "config": c, "states": states, "grid_calls": spy.calls, "log": log.getvalue()}
+          "config": c, "states": states, "grid_calls": spy.calls, "eval_calls": spy_eval.calls,
+          "log": log.getvalue()}
 
 
 def assert_trees_equal(a, b):
@@ -125,7 +140,7 @@ def ema_step(ema, previous, params):
       e, EMA_DECAY * e0 + (1 - EMA_DECAY) * p, rtol=1e-6, atol=1e-7), ema, previous, params)
 
 
-def test_ema_updates_every_step_and_grids_and_sampling_use_it(source, monkeypatch):
+def test_ema_updates_every_step_and_grids_sampling_and_eval_use_it(source, monkeypatch):
   states, grid_calls = source["states"], source["grid_calls"]
   assert sorted(states) == [1, 2, 3, 4]
   ema_step(states[1]["ema"], source["seed"]["ema"], states[1]["params"])  # from init_from's EMA
@@ -143,6 +158,14 @@ def test_ema_updates_every_step_and_grids_and_sampling_use_it(source, monkeypatc
   trainer.sample(source["config"], str(source["wd"]), num_samples=4)
   assert len(spy.calls) == 1
   assert_trees_equal(spy.calls[0], states[4]["ema"])
+  # periodic evaluation (eval.every = 4) and --mode=eval score the EMA weights
+  spy_eval = SpyEvaluate()
+  monkeypatch.setattr(trainer, "evaluate_params", spy_eval)
+  trainer.evaluate(source["config"], str(source["wd"]))
+  for step, params in source["eval_calls"] + spy_eval.calls:
+    assert step == 4
+    assert_trees_equal(params, states[4]["ema"])
+  assert len(source["eval_calls"]) == len(spy_eval.calls) == 1
 
 
 def test_lr_multiplier_zero_freezes_its_parameters_in_training(source):
