@@ -142,9 +142,9 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> 
     if switch < max(warmup, 1):
       raise ConfigError(f"optim.schedule='step' needs optim.lr_switch_step >= max(1, "
                         f"optim.warmup_steps={warmup}), got {switch}.")
-    if cfg.get("lr_after_switch", None) is None:
-      raise ConfigError("optim.schedule='step' needs optim.lr_after_switch (the learning rate "
-                        "from optim.lr_switch_step on).")
+    if not float(cfg.get("lr_after_switch", 0.0) or 0.0) > 0.0:
+      raise ConfigError("optim.schedule='step' needs optim.lr_after_switch > 0 (the learning "
+                        "rate from optim.lr_switch_step on).")
     after = optax.join_schedules(
         [optax.constant_schedule(lr), optax.constant_schedule(float(cfg.lr_after_switch))],
         [switch - warmup])

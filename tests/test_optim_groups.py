@@ -152,7 +152,7 @@ def test_step_schedule_after_warmup():
                                         lr_after_switch=1e-4), 100)
   np.testing.assert_allclose([float(lr(s)) for s in (0, 2, 3)], [5e-4, 5e-4, 1e-4], rtol=1e-6)
   for bad in (dict(lr_switch_step=0), dict(lr_switch_step=2, warmup_steps=5),
-              dict(lr_switch_step=5, lr_after_switch=None)):
+              dict(lr_switch_step=5, lr_after_switch=0.0)):
     with pytest.raises(ConfigError, match="lr_switch_step|lr_after_switch"):
       learning_rate_schedule(optim_cfg(schedule="step", **bad), 100)
 
