@@ -25,14 +25,15 @@ Per-parameter learning rates (`config.optim.lr_multipliers`): ((parameter-path r
 ...) pairs. A parameter's path is the "/"-join of its keys in the nested params dict (e.g.
 "blocks/3/mlp/experts/w1/kernel"); the first rule whose regex `re.fullmatch`es it sets its learning
 rate to multiplier x the schedule's, unmatched parameters keep x1. As a torch param group with its
-own lr, the multiplier m scales the parameter's whole step, the decoupled weight decay included
-(AdamW, Loshchilov & Hutter, arXiv 1711.05101, Alg. 2 line 12, with m inside the schedule
-multiplier: p <- p - m lr_t (m_hat / (sqrt(v_hat) + eps) + wd p)); the moments are untouched. For an optax optimizer the update is
-multiplied per leaf (every optax optimizer built from a `learning_rate` is linear in it); a
-`FusedGradientTransformation` built with `accepts_lr_scale=True` receives the per-leaf scales in
-`apply(..., lr_scale=tree)` and multiplies its learning rate itself (one fused in-place step as
-before); one without it falls back to `update` + `optax.apply_updates`. The optimizer state keeps
-the structure it has without multipliers, so checkpoints do not depend on them.
+own lr, the multiplier k scales the parameter's whole step, the decoupled weight decay included
+(AdamW, Loshchilov & Hutter, arXiv 1711.05101, Alg. 2 line 12, k joining the schedule multiplier:
+p <- p - k lr_t (m_hat / (sqrt(v_hat) + eps) + wd p)); the moments are untouched. For an optax
+optimizer the update is multiplied per leaf (every optax optimizer built from a `learning_rate` is
+linear in it); a `FusedGradientTransformation` built with `accepts_lr_scale=True` receives the
+per-leaf scales in `apply(..., lr_scale=tree)` and multiplies its learning rate itself (one fused
+in-place step as before); one without it falls back to `update` + `optax.apply_updates`. The
+optimizer state keeps the structure it has without multipliers, so checkpoints do not depend on
+them.
 """
 
 from collections.abc import Callable, Sequence

@@ -1,5 +1,5 @@
-"""config.init_from (weights or whole state from another run or a weights file), and the EMA: updated
-every step and the weights that grids and --mode=sample draw from.
+"""config.init_from (weights or whole state from another run or a weights file), and the EMA:
+updated every step and the weights that grids, --mode=sample and evaluation draw from.
 
 One short run (SiD2 runlocal on digits, 8x8), itself started by init_from from a made-up checkpoint
 and with one parameter group frozen by optim.lr_multipliers, is trained once for the module; the
@@ -242,7 +242,8 @@ def test_mismatches_name_the_parameters(source):
   c.model.channels = (24,)
   exp = Experiment(c, sharding.make_mesh(c.mesh))
   with pytest.raises(CheckpointError,
-                     match=r"shape differs params/.*params/mid/0/attn/out/bias \(16,\) \(ours \(24,\)\)"):
+                     match=r"shape differs params/.*"
+                     r"params/mid/0/attn/out/bias \(16,\) \(ours \(24,\)\)"):
     init_from.initial_state(exp, init_cfg(wd))
   c = source_config()
   c.model.mid_blocks = 2
@@ -264,7 +265,7 @@ def test_mismatches_name_the_parameters(source):
   assert init_from.initial_state(exp, init_cfg("")) is None
 
 
-# ---- init_from: weights files ----------------------------------------------------------------------
+# ---- init_from: weights files -------------------------------------------------------------------
 
 
 def test_weights_file_through_a_converter(source, tmp_path):
@@ -300,7 +301,7 @@ def test_weights_file_through_a_converter(source, tmp_path):
   assert "out_proj/proj/kernel (16, 2) (ours (16, 4))" in msg
 
 
-# ---- placement on a multi-device mesh ----------------------------------------------------------------
+# ---- placement on a multi-device mesh ------------------------------------------------------------
 
 MULTI_DEVICE_SCRIPT = r"""
 import sys
@@ -325,7 +326,8 @@ save_file(flat, {workdir!r} + "/w.safetensors")
 c.mesh.data, c.mesh.fsdp = 1, 4   # restore onto another mesh
 exp = Experiment(c, sharding.make_mesh(c.mesh))
 for cfg in (init_cfg({workdir!r}), init_cfg({workdir!r}, load="state"),
-            init_cfg({workdir!r} + "/w.safetensors", converter="common.init_from.from_param_paths")):
+            init_cfg({workdir!r} + "/w.safetensors",
+                     converter="common.init_from.from_param_paths")):
   state, _ = init_from.initial_state(exp, cfg)
   for leaf, sh in zip(jax.tree.leaves(state), jax.tree.leaves(exp.state_shardings)):
     assert leaf.sharding.is_equivalent_to(sh, leaf.ndim), (cfg.path, leaf.sharding, sh)

@@ -79,7 +79,8 @@ def test_adamw_multiplier_scales_the_whole_step_weight_decay_included():
   # (weight_decay 0.1 makes it a visible part of the step).
   ref = first_step(optax.adamw(1e-3, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1), params, grads)
   np.testing.assert_allclose(scaled["blocks"][0]["mlp"]["experts"]["w1"]["kernel"],
-                             ref["blocks"][0]["mlp"]["experts"]["w1"]["kernel"], rtol=1e-5, atol=3e-7)
+                             ref["blocks"][0]["mlp"]["experts"]["w1"]["kernel"],
+                             rtol=1e-5, atol=3e-7)
   # With the update path the scale is an exact multiply of the update.
   s0 = tx.init(params)
   u_scaled, _ = tx.update(grads, s0, params)
