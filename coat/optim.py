@@ -129,7 +129,8 @@ def fp8_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float 
 
   Returns:
     A `common.optim.FusedGradientTransformation` (an optax.GradientTransformation whose state is
-    `Fp8AdamWState`); its `apply` writes the new parameters and moments in place (donate them).
+    `Fp8AdamWState`); its `apply` writes the new parameters and moments in place (donate them)
+    and takes `lr_scale` (per-parameter learning-rate multipliers, `optim.lr_multipliers`).
   """
   if impl not in ("auto", "jnp", "pallas"):
     raise ConfigError(f"fp8_adamw impl must be 'auto', 'jnp' or 'pallas', got {impl!r}")
@@ -167,8 +168,9 @@ def fp8_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float 
         run, mesh=mesh, in_specs=(rows, moment, moment, scalar_specs) + (rows,) * len(extra),
         out_specs=(rows, moment, moment), check_vma=False)(g_rows, m_rows, v_rows, scalars, *extra)
 
-  def step(grads, state, params, grad_scale, out):
-    """out="update": (updates, state); out="params": (new params, state)."""
+  def step(grads, state, params, grad_scale, out, lr_scale=None):
+    """out="update": (updates, state); out="params": (new params, state). lr_scale: None or a
+    pytree like params of floats multiplying each parameter's learning rate."""
     if (weight_decay or out == "params") and params is None:
       raise ValueError("fp8_adamw with weight_decay != 0 needs `params` in update()")
     count = state.count
@@ -183,12 +185,13 @@ def fp8_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float 
     mus = treedef.flatten_up_to(state.mu)
     nus = treedef.flatten_up_to(state.nu)
     ps = treedef.flatten_up_to(params) if params is not None else [None] * len(leaves)
+    scales = treedef.flatten_up_to(lr_scale) if lr_scale is not None else [1.0] * len(leaves)
     skip = jnp.bool_(False)
     if skip_nonfinite and leaves:
       skip = jnp.logical_not(jnp.stack([jnp.all(jnp.isfinite(g)) for g in leaves]).all())
     kernel_impl = resolve_impl(impl, interpret, sharded=on_mesh)
     outs, new_mu, new_nu = [], [], []
-    for path, g, m, v, p in zip(paths, leaves, mus, nus, ps):
+    for path, g, m, v, p, s in zip(paths, leaves, mus, nus, ps, scales):
       g = jnp.asarray(g)
       n = m.num_shards
       g_rows = fp8.to_groups(g, group_size, n)
@@ -199,10 +202,11 @@ def fp8_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float 
       v_rows = (v.codes, v.scale[:, None], v.k[:, None], v.c[:, None])
       group_axis = (m.partition_specs(placement.spec(path_str(path))).codes[0] if on_mesh
                     else None)
+      lr_p = lr if isinstance(s, float) and s == 1.0 else lr * jnp.asarray(s, jnp.float32)
       try:
         res, m_rows, v_rows = leaf_rows(
             g_rows, p_rows, m_rows, v_rows,
-            (lr, bc1, sqrt_bc2, jnp.float32(1.0) if grad_scale is None else grad_scale, skip),
+            (lr_p, bc1, sqrt_bc2, jnp.float32(1.0) if grad_scale is None else grad_scale, skip),
             kernel_impl, group_axis, out)
       except fused.KernelUnsupported as e:
         raise ConfigError(str(e)) from e
@@ -218,10 +222,10 @@ def fp8_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float 
   def update_fn(updates, state, params=None):
     return step(updates, state, params, None, "update")
 
-  def apply_fn(grads, state, params, grad_scale=None):
-    return step(grads, state, params, grad_scale, "params")
+  def apply_fn(grads, state, params, grad_scale=None, lr_scale=None):
+    return step(grads, state, params, grad_scale, "params", lr_scale)
 
-  return FusedGradientTransformation(init_fn, update_fn, apply_fn)
+  return FusedGradientTransformation(init_fn, update_fn, apply_fn, accepts_lr_scale=True)
 
 
 def _rows_to_groups(rows, like: fp8.QuantizedGroups) -> fp8.QuantizedGroups:

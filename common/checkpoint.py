@@ -2,9 +2,13 @@
 
 Saves are asynchronous; the newest `keep` checkpoints are preserved. A checkpoint that cannot be read
 raises `CheckpointError` and is never deleted.
+
+Another run's checkpoint is read without a `Checkpointer` (and without writing to it) by
+`find_checkpoint`, `state_metadata` and `restore_state` (`config.init_from`, common/init_from.py).
 """
 
 import os
+from typing import Any
 
 import grain
 import jax
@@ -74,3 +78,66 @@ def abstract_like(tree, shardings=None):
   if shardings is None:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def find_checkpoint(path: str | os.PathLike) -> tuple[Any, int]:
+  """(checkpoints directory, step) of another run's checkpoint, for reading it.
+
+  Args:
+    path: a run's workdir (its `checkpoints/` is used), a checkpoints directory (its newest
+      step), or one step directory (`.../checkpoints/500`).
+  Raises:
+    CheckpointError: nothing is there, or no finished checkpoint.
+  """
+  p = as_path(path)
+  if not p.exists():
+    raise CheckpointError(f"{path}: no such checkpoint directory.")
+  if (p / "checkpoints").is_dir():
+    p = p / "checkpoints"
+  if p.name.isdigit() and (p / "state").is_dir():
+    return p.parent, int(p.name)
+  manager = ocp.CheckpointManager(p, options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step()
+  manager.close()
+  if step is None:
+    raise CheckpointError(f"{path}: holds no finished checkpoint (expected a run's workdir, its "
+                          "checkpoints/ directory or a step directory such as checkpoints/500).")
+  return p, int(step)
+
+
+def state_metadata(directory: str | os.PathLike, step: int) -> Any:
+  """The saved train state's tree at `step`, with orbax metadata leaves (`.shape`, `.dtype`);
+  dict keys are strings and tuples are lists, as orbax stores them."""
+  path = as_path(directory) / str(int(step)) / "state"
+  try:
+    meta = ocp.PyTreeCheckpointer().metadata(path)
+  except Exception as e:  # orbax raises many types for unreadable checkpoints
+    raise CheckpointError(f"cannot read the checkpoint metadata in {path}: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
+  meta = getattr(meta, "item_metadata", meta)
+  return getattr(meta, "tree", meta)
+
+
+def restore_state(directory: str | os.PathLike, step: int, abstract: Any, *,
+                  partial: bool = False) -> Any:
+  """Reads the train state saved at `step` in `directory` onto `abstract`'s shardings.
+
+  Each process reads only the shards its devices hold (orbax restores straight onto the
+  `jax.ShapeDtypeStruct(..., sharding=...)` leaves of `abstract`), casting to their dtypes.
+
+  Args:
+    directory: a checkpoints directory (`find_checkpoint`).
+    step: the step to read.
+    abstract: ShapeDtypeStructs with shardings: the whole state, or (with `partial`) a subset of
+      its top-level entries, e.g. {"params": ..., "ema": ...}.
+    partial: read only the entries of `abstract`.
+  """
+  path = as_path(directory) / str(int(step)) / "state"
+  args = ocp.args.PyTreeRestore(
+      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+      partial_restore=partial)
+  try:
+    return ocp.PyTreeCheckpointer().restore(path, args=args)
+  except Exception as e:  # orbax raises many types for unreadable or mismatched checkpoints
+    raise CheckpointError(f"cannot restore the checkpoint in {path}: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}") from e

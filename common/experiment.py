@@ -106,7 +106,7 @@ class Experiment:
     if deployed:  # an inference graph: no optimizer, no train state
       self.tx = self.abstract_state = self.state_shardings = None
       return
-    self.tx = make_optimizer(numerics.optim_config(config), self.total_steps,
+    self.tx = make_optimizer(numerics.optim_config(config), self.total_steps, self.abstract_params,
                              placement=self.placement)
 
     abstract_state = jax.eval_shape(self._init, jax.random.key(0))

@@ -1,6 +1,7 @@
 """The training loop, the sampling and evaluation jobs and the model summary; family-agnostic.
 
-`train` resumes from the newest checkpoint in the workdir by itself, saves on SIGTERM/SIGINT and exits
+`train` resumes from the newest checkpoint in the workdir by itself (a fresh run may start from
+another run's weights, `config.init_from`: common/init_from.py), saves on SIGTERM/SIGINT and exits
 cleanly, writes PNG sample grids to `WORKDIR/samples/`, evaluates every `config.eval.every` steps
 when asked, and stops on a NaN/inf loss keeping the last good checkpoint.
 
@@ -19,6 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from common import init_from
 from common import sharding
 from common.paths import as_path
 from common.checkpoint import Checkpointer
@@ -144,8 +146,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     state = ckpt.restore(start, exp.abstract_state, data)
     _log(f"resumed from the checkpoint at step {start} in {ckpt.directory}")
   else:
-    state = exp.init_state(config.seed)
-    start = 0
+    loaded = init_from.initial_state(exp, config.get("init_from", None))
+    if loaded is None:
+      state, start = exp.init_state(config.seed), 0
+    else:
+      state, what = loaded
+      start = int(state["step"])
+      _log(what)
   step = int(start)
   total = exp.total_steps
   writer = MetricWriter(str(wd), tensorboard=tc.get("tensorboard", True))

@@ -38,9 +38,29 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.eps = 1e-8
   c.optim.weight_decay = 0.0
   c.optim.warmup_steps = 0
-  c.optim.schedule = "constant"        # "constant" or "cosine" (after the warmup)
+  c.optim.schedule = "constant"        # "constant", "cosine" or "step" (after the warmup)
   c.optim.final_lr_fraction = 0.0      # cosine decays to learning_rate * this
+  c.optim.lr_switch_step = 0           # "step": learning_rate until this optimizer step (warmup
+  c.optim.lr_after_switch = 0.0        # included), lr_after_switch (> 0) from then on (TerDiT)
   c.optim.clip_norm = 1.0              # 0 disables global-norm clipping
+  # Per-parameter learning rates: ((parameter-path regex, multiplier), ...). A path is the "/"-join
+  # of the nested params keys ("blocks/3/mlp/experts/w1/kernel"); re.fullmatch, the first matching
+  # rule wins, other parameters x1. Scales the whole step (AdamW's decoupled weight decay too), as
+  # a torch param group with its own lr. A regex that matches no parameter is a ConfigError.
+  c.optim.lr_multipliers = ()
+
+  # Start a fresh run from another run's weights (common/init_from.py). Ignored once the run has
+  # checkpoints of its own (it resumes from them). path: "" (off), a run's workdir or its
+  # checkpoints/ directory (the newest step), one step directory (checkpoints/500), or a weights
+  # file (.pt/.pth/.bin/.safetensors, read without torch) converted by `converter`. load: "params"
+  # (params <- the source's params, ema <- the source's EMA, fresh optimizer state, step 0) or
+  # "state" (params, ema and optimizer state; step 0 unless keep_step). converter: dotted name of
+  # convert(flat {name: np.ndarray}, abstract params) -> nested params dict; required for files.
+  c.init_from = ml_collections.ConfigDict()
+  c.init_from.path = ""
+  c.init_from.load = "params"
+  c.init_from.converter = ""
+  c.init_from.keep_step = False
 
   # Precision mode (common/numerics.py): "bf16" (the network's own dtypes, config.optim as
   # written) or "coat" (coat/precision.py: FP8 linear layers in attention/MLP branches, FP8-saved
