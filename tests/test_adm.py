@@ -283,6 +283,7 @@ def test_tiny_network_trains_with_the_recipe_through_experiment():
   c = sid2_digits.get_config("runlocal")
   c.model = ml_collections.ConfigDict({"name": f"{__name__}.TinyADMNet", "image_size": 8,
                                        "in_channels": 1, "num_classes": 10})
+  c.mesh.replicated = ()               # sid2_digits' rule names its own output layer
   c.diffusion = ml_collections.ConfigDict({"name": "common.adm.ADMDiffusion",
                                            "cond_drop_prob": 0.1, "clip_denoised": True})
   c.optim.learning_rate = 3e-3
