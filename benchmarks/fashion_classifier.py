@@ -5,7 +5,9 @@ hidden layer and 10 logits; AdamW, 4 epochs over the 60000 training images, batc
 about 91% on the real test images (printed by the benchmarks that use it, beside their figures).
 
 Trained parameters are cached in an .npz (the benchmarks keep one per workdir), so scoring a second
-set of samples does not train again.
+set of samples does not train again. `score_samples` is what every Fashion-MNIST benchmark reports:
+the judge's class accuracy of a set of samples, per class, the confusion matrix, and FID against real
+test images.
 """
 
 import os
@@ -88,3 +90,57 @@ def load_or_train(cache: str, fmnist_dir: str = sources.FASHION_MNIST_DEFAULT_DI
     os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
     np.savez(cache, **{k: np.asarray(v) for k, v in params.items()})
   return params, float((predict(params, te_x) == te_y).mean())
+
+
+def fid_vs_test(images: np.ndarray, eval_dir: str, n: int,
+                fmnist_dir: str = sources.FASHION_MNIST_DEFAULT_DIR) -> dict[str, float]:
+  """FID (common.eval, the FID Inception network) of the first `n` of `images` (uint8
+  [N, 28, 28(, 1)]) against `n` real test images, beside the FID of `n` real training images
+  against the same reference (the floor at this N). The reference statistics are cached in
+  `eval_dir`. Returns {"fid", "fid_floor", "fid_n"}."""
+  from common.eval.features import evaluate_images  # pylint: disable=import-outside-toplevel
+  from common.eval.reference import make_reference  # pylint: disable=import-outside-toplevel
+  n = min(n, len(images))
+  te_x, _ = sources.load_fashion_mnist(fmnist_dir, "test")
+  ref = os.path.join(eval_dir, f"fashion_test_reference_n{n}.npz")
+  if not os.path.exists(ref):
+    os.makedirs(eval_dir, exist_ok=True)
+    make_reference(ref, te_x[:n], store_images=False, progress=False)
+  floor = os.path.join(eval_dir, f"fashion_train_fid_n{n}.npy")
+  if os.path.exists(floor):
+    fid_floor = float(np.load(floor))
+  else:
+    tr_x, _ = sources.load_fashion_mnist(fmnist_dir, "train")
+    fid_floor = float(evaluate_images(tr_x[:n], ref)["fid"])
+    np.save(floor, fid_floor)
+  return {"fid": float(evaluate_images(images[:n], ref)["fid"]), "fid_floor": fid_floor,
+          "fid_n": n}
+
+
+def score_samples(images: np.ndarray, labels: np.ndarray, eval_dir: str, *, fid_n: int = 500,
+                  fmnist_dir: str = sources.FASHION_MNIST_DEFAULT_DIR) -> dict:
+  """The judge's verdict on generated Fashion-MNIST images.
+
+  Args:
+    images: uint8 [N, 28, 28(, 1)] samples.
+    labels: int [N], the class each sample was asked for (its prompt's or its class label).
+    eval_dir: where the judge's parameters and the FID reference are cached.
+    fid_n: images per FID set (0: no FID).
+
+  Returns:
+    {"n", "accuracy", "judge_real_accuracy", "per_class": [10] accuracies (nan where a class was
+    not asked for), "confusion": int [10, 10] (rows: asked, columns: judged)} plus `fid_vs_test`'s
+    keys when fid_n > 0.
+  """
+  labels = np.asarray(labels, np.int64)
+  params, real = load_or_train(os.path.join(eval_dir, "fashion_cnn.npz"), fmnist_dir)
+  pred = predict(params, images)
+  confusion = np.zeros((10, 10), np.int64)
+  np.add.at(confusion, (labels, pred), 1)
+  asked = confusion.sum(1)
+  per_class = np.where(asked > 0, np.diag(confusion) / np.maximum(asked, 1), np.nan)
+  out = {"n": int(len(images)), "accuracy": float((pred == labels).mean()),
+         "judge_real_accuracy": real, "per_class": per_class.tolist(), "confusion": confusion}
+  if fid_n:
+    out.update(fid_vs_test(images, eval_dir, fid_n, fmnist_dir))
+  return out

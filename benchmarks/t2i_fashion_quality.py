@@ -61,35 +61,23 @@ def main():
   te_x, te_y = sources.load_fashion_mnist(args.fmnist, "test")
   flat = lambda x: x.reshape(len(x), -1).astype(np.float32) / 255.0
   mlp = classifier(flat(tr_x), tr_y)
-  cnn, cnn_real = fashion_classifier.load_or_train(
-      os.path.join(args.workdir, "eval", "fashion_cnn.npz"), args.fmnist)
-  pred = fashion_classifier.predict(cnn, images)
+  r = fashion_classifier.score_samples(images, labels, os.path.join(args.workdir, "eval"),
+                                       fid_n=args.fid_n, fmnist_dir=args.fmnist)
   print("| metric | value |\n|---|---|")
   print(f"| samples (held-out prompt phrasings) | {len(images)} |")
-  print(f"| prompt-class accuracy, CNN judge | {100 * float((pred == labels).mean()):.1f}% |")
-  print(f"| CNN judge's accuracy on real test images | {100 * cnn_real:.1f}% |")
+  print(f"| prompt-class accuracy, CNN judge | {100 * r['accuracy']:.1f}% |")
+  print(f"| CNN judge's accuracy on real test images | {100 * r['judge_real_accuracy']:.1f}% |")
   mlp_acc = float((mlp.predict(flat(images)) == labels).mean())
   mlp_real = float((mlp.predict(flat(te_x)) == te_y).mean())
   print(f"| prompt-class accuracy, MLP | {100 * mlp_acc:.1f}% (real test images: "
         f"{100 * mlp_real:.1f}%) |")
-  per_class = {int(c): float((pred[labels == c] == c).mean()) for c in np.unique(labels)}
   print("| per-class accuracy (CNN) | " + ", ".join(
-      f"{captions.FASHION_CLASS_NAMES[c]}: {100 * a:.0f}%" for c, a in per_class.items()) + " |")
-  confusion = np.zeros((10, 10), np.int64)
-  np.add.at(confusion, (labels, pred), 1)
-  print("confusion (rows: prompt class, columns: CNN label):\n" + str(confusion))
+      f"{name}: {100 * a:.0f}%" for name, a in zip(captions.FASHION_CLASS_NAMES, r["per_class"])
+      if a == a) + " |")
+  print("confusion (rows: prompt class, columns: CNN label):\n" + str(r["confusion"]))
   if args.fid_n:
-    from common.eval.features import evaluate_images  # pylint: disable=import-outside-toplevel
-    from common.eval.reference import make_reference  # pylint: disable=import-outside-toplevel
-    n = min(args.fid_n, len(images))
-    ref = os.path.join(args.workdir, "eval", f"fashion_test_reference_n{n}.npz")
-    if not os.path.exists(ref):
-      make_reference(ref, te_x[:n], store_images=False, progress=False)
-    fid = evaluate_images(images[:n], ref)["fid"]
-    floor = evaluate_images(tr_x[:n], ref)["fid"]
-    print(f"| FID vs {n} real test images: {n} samples / {n} real training images (floor) | "
-          f"{fid:.2f} / {floor:.2f} |")
-
+    print(f"| FID vs {r['fid_n']} real test images: {r['fid_n']} samples / {r['fid_n']} real "
+          f"training images (floor) | {r['fid']:.2f} / {r['fid_floor']:.2f} |")
 
 if __name__ == "__main__":
   main()

@@ -42,6 +42,25 @@ def load(spec: str):
   return c
 
 
+def random_batch(exp: Experiment, batch_size: int, seed: int = 0) -> dict:
+  """A global batch of random inputs of the network's declared shapes (`exp.example_inputs`),
+  sharded as the trainer shards its batches. Integer conditions are class labels in range for a
+  network with `num_classes`, else token masks (all ones)."""
+  rng = np.random.default_rng(seed)
+  x, cond = exp.example_inputs(batch_size)
+
+  def fill(s):
+    if jnp.issubdtype(s.dtype, jnp.integer):
+      classes = getattr(exp.abstract_model, "num_classes", 0) or 0
+      if classes:
+        return rng.integers(0, classes, s.shape).astype(s.dtype)
+      return np.ones(s.shape, s.dtype)
+    return rng.uniform(-1, 1, s.shape).astype(s.dtype)
+
+  return sharding.global_batch({"x": fill(x), "cond": jax.tree.map(fill, cond)}, exp.mesh,
+                               exp.rules)
+
+
 def bench(spec: str, warmup: int, iters: int) -> dict:
   c = load(spec)
   exp = Experiment(c, sharding.make_mesh(c.mesh))
@@ -49,16 +68,7 @@ def bench(spec: str, warmup: int, iters: int) -> dict:
   x1, cond1 = exp.example_inputs(1)
   fwd = forward_flops(exp.abstract_model, (x1, jax.ShapeDtypeStruct((1,), jnp.float32), cond1))
   state = exp.init_state(0)
-  rng = np.random.default_rng(0)
-  x, cond = exp.example_inputs(b)
-
-  def fill(s):  # random inputs of the network's declared shapes (labels in range for embeddings)
-    if jnp.issubdtype(s.dtype, jnp.integer):
-      return rng.integers(0, max(getattr(exp.abstract_model, "num_classes", 1), 1), s.shape).astype(s.dtype)
-    return rng.uniform(-1, 1, s.shape).astype(s.dtype)
-
-  batch = sharding.global_batch({"x": fill(x), "cond": jax.tree.map(fill, cond)}, exp.mesh,
-                                exp.rules)
+  batch = random_batch(exp, b)
   step = exp.train_step
   for i in range(warmup):
     state, met = step(state, batch, exp.step_key(i))

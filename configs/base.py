@@ -4,6 +4,8 @@ A family config calls `base_config()`, fills in `model`, `diffusion` and `data`,
 needs. Hyperparameters live only in configs; the trainer reads them from here.
 """
 
+import ast
+
 import ml_collections
 
 
@@ -125,3 +127,23 @@ def base_config() -> ml_collections.ConfigDict:
   # its mesh axes is otherwise a ConfigError (e.g. an output layer to 1 or 3 image channels).
   c.mesh.replicated = ()
   return c
+
+
+def override(config: ml_collections.ConfigDict, items: list[str]) -> ml_collections.ConfigDict:
+  """Applies "dotted.key=value" overrides in place (values are Python literals, else strings), as
+  `--config.dotted.key=value` does for launch/main.py; for benchmark scripts that build configs
+  themselves. Returns `config`."""
+  for item in items:
+    key, sep, text = item.partition("=")
+    if not sep:
+      raise ValueError(f"config override {item!r} is not key=value")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    *parents, leaf = key.strip().split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
