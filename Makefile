@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= workdirs/sid2_digits
 PYTEST_ARGS ?=
 
-.PHONY: demo t2i-demo test test-all venv clean
+.PHONY: demo t2i-demo microdit-demo microdit-masking fashion-latents test test-all venv clean
 
 venv: $(STAMP)
 
@@ -27,21 +27,42 @@ demo: $(STAMP)
 	$(PY) benchmarks/digits_sample_quality.py --workdir=$(DEMO_DIR)
 	@echo "samples: $(DEMO_DIR)/samples/ (grid: samples.png, arrays: samples.npz)"
 
-# make t2i-demo: the latent text-to-image pipeline on captioned Fashion-MNIST (CPU): train our KL
-# autoencoder, export it, precompute latents + MiniLM caption embeddings, train SiD2 text-to-image,
-# sample from held-out prompts and check them with a Fashion-MNIST classifier and FID.
+# The captioned Fashion-MNIST latents of the text-to-image demos (CPU): train our KL autoencoder,
+# export it, precompute latents + MiniLM caption embeddings of 20000 training images. Made once.
 T2I_AE ?= workdirs/ae_fashion
 T2I_LATENTS ?= workdirs/fashion_latents
 T2I_DIR ?= workdirs/sid2_t2i_fashion
-T2I_CFG = configs/sid2_t2i_fashion.py --config.autoencoder=$(T2I_AE)/export --config.data.path=$(T2I_LATENTS)
+LATENT_ARGS = --config.autoencoder=$(T2I_AE)/export --config.data.path=$(T2I_LATENTS)
+T2I_CFG = configs/sid2_t2i_fashion.py $(LATENT_ARGS)
 
-t2i-demo: $(STAMP)
+$(T2I_AE)/export/config.json: | $(STAMP)
 	$(PY) launch/main.py --config=configs/autoencoder_fashion.py --workdir=$(T2I_AE) --mode=train
 	$(PY) launch/export_autoencoder.py --config=configs/autoencoder_fashion.py --workdir=$(T2I_AE) --out=$(T2I_AE)/export
+
+$(T2I_LATENTS)/meta.json: | $(T2I_AE)/export/config.json
 	$(PY) launch/precompute.py --source=fashion_mnist --autoencoder=$(T2I_AE)/export --text_encoder=minilm --output=$(T2I_LATENTS) --limit=20000
+
+fashion-latents: $(STAMP) $(T2I_LATENTS)/meta.json
+
+# make t2i-demo: SiD2 text-to-image on those latents; samples from held-out prompts, checked with a
+# Fashion-MNIST classifier and FID.
+t2i-demo: fashion-latents
 	$(PY) launch/main.py --config=$(T2I_CFG) --workdir=$(T2I_DIR) --mode=train
 	$(PY) launch/main.py --config=$(T2I_CFG) --workdir=$(T2I_DIR) --mode=sample
 	$(PY) benchmarks/t2i_fashion_quality.py --workdir=$(T2I_DIR)
+
+# make microdit-demo: a tiny MicroDiT (75% deferred masking) on the same latents, judged the same way.
+# make microdit-masking: its masking study (unmasked / deferred / naive: FID, accuracy, step cost).
+MICRODIT_CFG = configs/microdit.py:fashion $(LATENT_ARGS)
+MICRODIT_DIR ?= workdirs/microdit_fashion
+
+microdit-demo: fashion-latents
+	$(PY) launch/main.py --config=$(MICRODIT_CFG) --workdir=$(MICRODIT_DIR) --mode=train
+	$(PY) launch/main.py --config=$(MICRODIT_CFG) --workdir=$(MICRODIT_DIR) --mode=sample
+	$(PY) benchmarks/t2i_fashion_quality.py --workdir=$(MICRODIT_DIR)
+
+microdit-masking: fashion-latents
+	$(PY) benchmarks/microdit_masking.py --workdir=workdirs/microdit_masking --set autoencoder=$(T2I_AE)/export --set data.path=$(T2I_LATENTS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not accelerator" $(PYTEST_ARGS)

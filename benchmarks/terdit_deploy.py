@@ -45,7 +45,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
-from common import deployment, layers, numerics  # noqa: E402
+from common import deployment, layers, numerics, tree_names  # noqa: E402
 from common.diffusion import make_diffusion  # noqa: E402
 from terdit.deploy import PackedTernaryDense  # noqa: E402
 
@@ -163,7 +163,7 @@ def check_formula_on_a_real_export() -> tuple[int, int]:
     nbytes = deployment.save_export(d, ml_collections.ConfigDict({"model": small}), m)
     on_disk = os.path.getsize(os.path.join(d, deployment.PARAMS_FILE))
   assert on_disk == nbytes
-  formula = deployment.safetensors_nbytes(deployment.flatten(nnx.to_pure_dict(nnx.state(m))))
+  formula = deployment.safetensors_nbytes(tree_names.flatten(nnx.to_pure_dict(nnx.state(m))))
   return on_disk, formula
 
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from common import numerics
+from common import numerics, tree_names
 from common.errors import CheckpointError, DataNotFoundError, ShapeError
 from common.paths import as_path
 
@@ -63,18 +63,6 @@ def deploy(model: nnx.Module) -> dict[str, str]:
 
 
 # ---- the file format -----------------------------------------------------------------------------
-
-
-def flatten(tree: Mapping[Any, Any], prefix: str = "") -> dict[str, Any]:
-  """A nested pure dict (int keys for list indices) -> {"a.0.b": leaf}."""
-  out = {}
-  for k, v in tree.items():
-    name = f"{prefix}{k}"
-    if isinstance(v, Mapping):
-      out.update(flatten(v, name + "."))
-    else:
-      out[name] = v
-  return out
 
 
 # Order of safetensors' Dtype enum (huggingface/safetensors, safetensors/src/tensor.rs), used to sort
@@ -125,9 +113,9 @@ def model_sizes(qat_params: Mapping[Any, Any], deployed_state: Mapping[Any, Any]
   Returns:
     {"export": bytes, "fp32": bytes, "bf16": bytes, "params": parameter count}.
   """
-  flat = flatten(qat_params)
+  flat = tree_names.flatten(qat_params)
   as_dtype = lambda d: {k: jax.ShapeDtypeStruct(v.shape, d) for k, v in flat.items()}
-  return {"export": safetensors_nbytes(flatten(deployed_state)),
+  return {"export": safetensors_nbytes(tree_names.flatten(deployed_state)),
           "fp32": safetensors_nbytes(as_dtype(jnp.float32)),
           "bf16": safetensors_nbytes(as_dtype(jnp.bfloat16)),
           "params": int(sum(int(np.prod(v.shape)) for v in flat.values()))}
@@ -153,7 +141,7 @@ def save_export(directory: str | os.PathLike, config: ml_collections.ConfigDict,
   folder = as_path(directory)
   folder.mkdir(parents=True, exist_ok=True)
   flat = {k: np.array(jax.device_get(v), order="C")  # keeps 0-d arrays 0-d
-          for k, v in flatten(nnx.to_pure_dict(nnx.state(model))).items()}
+          for k, v in tree_names.flatten(nnx.to_pure_dict(nnx.state(model))).items()}
   data = st_numpy.save(flat)
   (folder / PARAMS_FILE).write_bytes(data)
   meta = {"format": EXPORT_FORMAT, "config": json.loads(config.to_json_best_effort()),

@@ -227,6 +227,12 @@ class Experiment:
                    in_shardings=(self.state_shardings, None, None),
                    out_shardings=(self.state_shardings, None))
 
+  @functools.cached_property
+  def eval_loss(self):
+    """Jitted `(params, batch, key) -> mean loss` of the recipe, without gradients: the loss of
+    given weights on given draws (e.g. to compare runs on identical batches, noise and times)."""
+    return jax.jit(lambda params, batch, key: self._loss(params, batch, key)[0])
+
   def step_key(self, step: int) -> jax.Array:
     """The PRNG key of a train step: a function of (seed, step) only, so resumed runs match."""
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), 1), step)

@@ -260,9 +260,10 @@ class AdaRMSNorm(nnx.Module):
 def fourier_features(x: Array, num_features: int, min_period: float, max_period: float) -> Array:
   """Sinusoidal features of a scalar per example, in float32.
 
-  Periods are geometric from `max_period` down to `min_period` (num_features/2 of them); the
-  output is [cos(2 pi x / P_i), sin(2 pi x / P_i)]. The DiT / ADM timestep embedding
-  (freqs exp(-ln(1e4) i / half)) is min_period = 2 pi, max_period = 2 pi 1e4.
+  Periods are geometric from `max_period` down to `min_period`, both included (num_features/2 of
+  them); the output is [cos(2 pi x / P_i), sin(2 pi x / P_i)]. This is not the DiT / ADM timestep
+  embedding: its freqs exp(-ln(1e4) i / half), i < half, are periods 2 pi 1e4^(i / half), from 2 pi
+  up to 2 pi 1e4^(1 - 1/half), in the reverse order (the families that need it exactly build it).
 
   Args:
     x: [B] float.

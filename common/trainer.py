@@ -97,8 +97,10 @@ def write_sample_grid(exp: Experiment, params, path, *, num: int, seed: int,
   return save_grid(images, str(path), ncols)
 
 
-def _restore_newest(exp: Experiment, workdir: epath.Path, keep: int):
-  ckpt = Checkpointer(str(workdir / "checkpoints"), keep=keep)
+def restore_newest(exp: Experiment, workdir: str | epath.Path, keep: int = 3):
+  """(step, state) of the newest checkpoint in WORKDIR/checkpoints, restored into `exp`'s abstract
+  state (its shardings); CheckpointError if there is none."""
+  ckpt = Checkpointer(str(as_path(workdir) / "checkpoints"), keep=keep)
   step = ckpt.latest_step()
   if step is None:
     ckpt.close()
@@ -261,7 +263,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str | None, *,
       raise ConfigError("sampling needs --workdir (a training run) or --checkpoint (an export).")
     wd = as_path(workdir)
     exp = Experiment(config, mesh)
-    step, state = _restore_newest(exp, wd, config.train.keep_checkpoints)
+    step, state = restore_newest(exp, wd, config.train.keep_checkpoints)
     params = state["ema"]
     del state
     what = f"the step-{step} EMA weights"
@@ -306,7 +308,7 @@ def export(config: ml_collections.ConfigDict, workdir: str, *, out: str | None =
   from common import deployment  # pylint: disable=import-outside-toplevel
   wd = as_path(workdir)
   exp = Experiment(config, sharding.make_mesh(config.mesh))
-  step, state = _restore_newest(exp, wd, config.train.keep_checkpoints)
+  step, state = restore_newest(exp, wd, config.train.keep_checkpoints)
   ema = jax.device_get(state["ema"])
   del state
   model = nnx.merge(exp.graphdef, ema)
@@ -391,7 +393,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   the scores to WORKDIR/metrics.jsonl."""
   wd = as_path(workdir)
   exp = Experiment(config, sharding.make_mesh(config.mesh))
-  step, state = _restore_newest(exp, wd, config.train.keep_checkpoints)
+  step, state = restore_newest(exp, wd, config.train.keep_checkpoints)
   scores = evaluate_params(exp, state["ema"], step, wd, num_samples=num_samples)
   writer = MetricWriter(str(wd), tensorboard=False)
   writer.write(step, scores)

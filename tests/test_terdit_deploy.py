@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from common import deployment, numerics, sharding, trainer
+from common import deployment, numerics, sharding, trainer, tree_names
 from common.errors import CheckpointError, ShapeError
 from common.experiment import Experiment, build_model, numerics_rules
 from configs import sid2_digits
@@ -70,7 +70,7 @@ def test_packed_samples_equal_the_qat_samples(trained):
   c, wd, result = trained
   mesh = sharding.make_mesh(c.mesh)
   qat = Experiment(c, mesh)
-  _, state = trainer._restore_newest(qat, trainer.as_path(wd), 3)  # pylint: disable=protected-access
+  _, state = trainer.restore_newest(qat, wd)
   want = _float_samples(qat, state["ema"], seed=7, n=6)
 
   export_dir = result["path"]
@@ -94,8 +94,8 @@ def test_export_holds_packed_codes_and_its_size_is_the_formula(trained):
 
   dep = nnx.eval_shape(lambda: build_model(c.model, jax.random.key(0), numerics_rules(c),
                                            deployed=True))
-  flat = deployment.flatten(nnx.to_pure_dict(nnx.state(dep)))
-  qat = deployment.flatten(nnx.to_pure_dict(nnx.state(nnx.eval_shape(
+  flat = tree_names.flatten(nnx.to_pure_dict(nnx.state(dep)))
+  qat = tree_names.flatten(nnx.to_pure_dict(nnx.state(nnx.eval_shape(
       lambda: build_model(c.model, jax.random.key(0), numerics_rules(c))))))
   for path in ternary_paths:
     p = path.replace("/", ".")

@@ -77,3 +77,12 @@ def test_grid_layout_and_upscaling():
   g = make_grid(imgs, ncols=3, pad=1, min_tile=32)
   assert g.shape == (2 * 33 + 1, 3 * 33 + 1, 1)
   np.testing.assert_array_equal(g[1:33:4, 1:33:4, 0], imgs[0, :, :, 0])
+
+
+def test_tree_names_round_trip_with_list_indices():
+  from common import tree_names
+  tree = {"blocks": {0: {"w": 1}, 1: {"w": 2}}, "out": {"b": 3}}
+  flat = tree_names.flatten(tree)
+  assert flat == {"blocks.0.w": 1, "blocks.1.w": 2, "out.b": 3}
+  assert tree_names.unflatten(flat) == tree
+  assert tree_names.flatten(tree, sep="/")["blocks/1/w"] == 2

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from common import tree_names
 from common.autoencoders import kl_vae
 from common.errors import CheckpointError, ConfigError, DataNotFoundError, ShapeError
 from common.paths import as_path
@@ -202,7 +203,7 @@ def save_autoencoder(directory: str, model_config: ml_collections.ConfigDict | d
          "scaling_factor": np.asarray(scale, np.float32).reshape(-1).tolist(),
          "image_shape": [int(s) for s in image_shape], **(extra or {})}
   flat = {k: np.ascontiguousarray(np.asarray(v, np.float32))
-          for k, v in kl_vae.flatten(params).items()}
+          for k, v in tree_names.flatten(params).items()}
   (folder / "params.safetensors").write_bytes(st_numpy.save(flat))
   with (folder / "config.json").open("w") as f:
     json.dump(cfg, f, indent=2)
@@ -223,7 +224,7 @@ def _load_export(directory: str, config: dict) -> Autoencoder:
     raise DataNotFoundError(f"{path} is missing: export the autoencoder again with "
                             f"launch/export_autoencoder.py --out={directory}")
   flat = _read_safetensors(path)
-  want = kl_vae.flatten(abstract)
+  want = tree_names.flatten(abstract)
   if set(flat) != set(want):
     diff = sorted(set(flat) ^ set(want))
     raise ShapeError(f"{path}: parameter names do not match {model_cfg.name} built from "
@@ -232,7 +233,7 @@ def _load_export(directory: str, config: dict) -> Autoencoder:
     if tuple(flat[k].shape) != tuple(v.shape):
       raise ShapeError(f"{path}: parameter {k} has shape {flat[k].shape}, config.json implies "
                        f"{tuple(v.shape)}")
-  net = _merge(graphdef, kl_vae.unflatten(flat))
+  net = _merge(graphdef, tree_names.unflatten(flat))
   return Autoencoder(net, shift=np.asarray(config["shift_factor"], np.float32),
                      scale=np.asarray(config["scaling_factor"], np.float32), name=directory)
 

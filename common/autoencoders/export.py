@@ -17,8 +17,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from common import tree_names
 from common.autoencoders import autoencoder as ae_lib
-from common.autoencoders import kl_vae
 from common.errors import CheckpointError, ShapeError
 from common.paths import as_path
 
@@ -49,12 +49,12 @@ def restore_ema_params(config: ml_collections.ConfigDict, workdir: str) -> tuple
     raise CheckpointError(f"the checkpoint at step {step} in {directory} holds no 'ema' params")
   abstract = nnx.to_pure_dict(nnx.state(
       nnx.eval_shape(lambda: build_model(config.model, jax.random.key(0))), nnx.Param))
-  want = kl_vae.flatten(abstract)
-  got = {k: np.asarray(v, np.float32) for k, v in kl_vae.flatten(dict(state["ema"])).items()}
+  want = tree_names.flatten(abstract)
+  got = {k: np.asarray(v, np.float32) for k, v in tree_names.flatten(dict(state["ema"])).items()}
   if set(got) != set(want) or any(got[k].shape != tuple(want[k].shape) for k in want):
     raise CheckpointError(f"the checkpoint at step {step} in {directory} does not match "
                           f"config.model ({config.model.name}); use the config it was trained with")
-  return kl_vae.unflatten(got), int(step)
+  return tree_names.unflatten(got), int(step)
 
 
 def latent_statistics(autoencoder: ae_lib.Autoencoder, images: np.ndarray,

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import layers
+from common import layers, tree_names
 from common.errors import ConfigError, ShapeError
 
 Array = jax.Array
@@ -376,7 +376,7 @@ def torch_to_params(state_dict: dict[str, np.ndarray], abstract_params: dict,
     if len(parts) >= 2 and parts[-2] in _LEGACY_ATTENTION:
       parts[-2:-1] = _LEGACY_ATTENTION[parts[-2]].split(".")
     sd[".".join(parts)] = value
-  flat = _flatten(abstract_params)
+  flat = tree_names.flatten(abstract_params)
   out, missing = {}, []
   for path, leaf in flat.items():
     base, last = path.rsplit(".", 1)
@@ -399,32 +399,4 @@ def torch_to_params(state_dict: dict[str, np.ndarray], abstract_params: dict,
   if sd:
     raise ShapeError(f"{source}: {len(sd)} unexpected parameter(s), e.g. {sorted(sd)[:3]}; is the "
                      "config.json the one saved with these weights?")
-  return unflatten(out)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in tree.items():
-    path = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(_flatten(v, path + "."))
-    else:
-      out[path] = v
-  return out
-
-
-def flatten(tree: dict) -> dict:
-  """A nested pure param dict -> {"a.b.0.kernel": leaf}."""
-  return _flatten(tree)
-
-
-def unflatten(flat: dict) -> dict:
-  """{"a.b.0.kernel": leaf} -> nested dict; all-digit keys become ints (as `nnx.List` paths)."""
-  tree: dict = {}
-  for path, value in flat.items():
-    node = tree
-    parts = [int(p) if p.isdigit() else p for p in path.split(".")]
-    for p in parts[:-1]:
-      node = node.setdefault(p, {})
-    node[parts[-1]] = value
-  return tree
+  return tree_names.unflatten(out)

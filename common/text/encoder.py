@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import tree_names
 from common.errors import CheckpointError, ShapeError
 from common.layers import Dense
 
@@ -71,7 +72,7 @@ def load_state(abstract_model: nnx.Module, params: dict[str, Any], source: str) 
   """
   graphdef, state = nnx.split(abstract_model)
   expected = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
-  given = {"/".join(map(str, p)): v for p, v in _flatten(params)}
+  given = tree_names.flatten(params, sep="/")
   for name, var in expected.items():
     if name not in given:
       raise CheckpointError(f"{source}: no weights for parameter {name}.")
@@ -83,16 +84,6 @@ def load_state(abstract_model: nnx.Module, params: dict[str, Any], source: str) 
     raise CheckpointError(f"{source}: unexpected weights {extra[:3]}.")
   nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, _F32), params))
   return nnx.merge(graphdef, state)
-
-
-def _flatten(tree: dict[str, Any], prefix: tuple = ()) -> list[tuple[tuple, Any]]:
-  out = []
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out += _flatten(v, prefix + (k,))
-    else:
-      out.append((prefix + (k,), v))
-  return out
 
 
 class Tokenizer(Protocol):
