@@ -10,7 +10,7 @@ FP8 AdamW (`coat.optim.fp8_adamw`), bf16 compute:
 
   python benchmarks/coat_memory.py                       # the default table
   python benchmarks/coat_memory.py --width=1152 --depth=28 --batch=32   # DiT-XL/2-sized
-  python benchmarks/coat_memory.py --config=configs/microdit_xl2.py \
+  python benchmarks/coat_memory.py --config=configs/microdit.py:XL_2 \
       --mode="bf16:precision=bf16" --mode="coat:precision=coat"        # any config, any modes
 
 A mode is "label:key=value;key=value" (values are Python literals, else strings); the first mode is
@@ -20,9 +20,7 @@ the reference of the ratio column. `--no-dit` keeps the config's own network.
 from __future__ import annotations
 
 import argparse
-import ast
 import datetime
-import importlib
 import json
 import os
 import subprocess
@@ -36,40 +34,16 @@ import jax  # noqa: E402
 from common import sharding  # noqa: E402
 from common.experiment import Experiment  # noqa: E402
 from common.memory import KEYS, train_step_memory  # noqa: E402
+from configs.base import load_config, override  # noqa: E402
 
 DEFAULT_MODES = ("adamw:optim.name=adamw",
                  "fp8_adamw:optim.name=coat.optim.fp8_adamw")
 
 
-def load_config(spec: str):
-  """"configs/x.py:arg" or "configs.x:arg" -> the config."""
-  path, _, arg = spec.partition(":")
-  module = path[:-3].replace("/", ".") if path.endswith(".py") else path
-  return importlib.import_module(module).get_config(arg or None)
-
-
-def _value(text: str):
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
-
-
-def set_key(config, dotted: str, value) -> None:
-  *parents, leaf = dotted.split(".")
-  node = config
-  for p in parents:
-    node = node[p]
-  node[leaf] = value
-
-
-def parse_mode(text: str) -> tuple[str, dict]:
+def parse_mode(text: str) -> tuple[str, list[str]]:
+  """"label:key=value;key=value" -> (label, ["key=value", ...])."""
   label, _, rest = text.partition(":")
-  overrides = {}
-  for item in filter(None, (s.strip() for s in rest.split(";"))):
-    key, _, val = item.partition("=")
-    overrides[key.strip()] = _value(val.strip())
-  return label, overrides
+  return label, [item.strip() for item in rest.split(";") if item.strip()]
 
 
 def dit_class(config, width: int, depth: int, heads: int, image_size: int, channels: int,
@@ -121,11 +95,7 @@ def main(argv=None) -> list[dict]:
     if not args.no_dit:
       dit_class(config, args.width, args.depth, args.heads, args.image_size, args.channels,
                 args.patch, args.num_classes, args.dtype)
-    for item in args.set:
-      key, _, val = item.partition("=")
-      set_key(config, key, _value(val))
-    for key, val in overrides.items():
-      set_key(config, key, val)
+    override(config, args.set + overrides)
     config.train.batch_size = args.batch
     exp = Experiment(config, sharding.make_mesh(config.mesh))
     t0 = time.perf_counter()

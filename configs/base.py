@@ -5,6 +5,7 @@ needs. Hyperparameters live only in configs; the trainer reads them from here.
 """
 
 import ast
+import importlib
 
 import ml_collections
 
@@ -147,3 +148,11 @@ def override(config: ml_collections.ConfigDict, items: list[str]) -> ml_collecti
       node = node[p]
     node[leaf] = value
   return config
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """"configs/x.py[:arg]" or "configs.x[:arg]" -> that module's `get_config(arg)`; for scripts that
+  take a config by name as `launch/main.py --config=...` does."""
+  path, _, arg = spec.partition(":")
+  module = path[:-3].replace("/", ".") if path.endswith(".py") else path
+  return importlib.import_module(module).get_config(arg or None)
