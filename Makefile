@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= workdirs/sid2_digits
 PYTEST_ARGS ?=
 
-.PHONY: demo t2i-demo microdit-demo microdit-masking fashion-latents test test-all venv clean
+.PHONY: demo t2i-demo microdit-demo microdit-masking terdit-demo terdit-study fashion-latents test test-all venv clean
 
 venv: $(STAMP)
 
@@ -63,6 +63,20 @@ microdit-demo: fashion-latents
 
 microdit-masking: fashion-latents
 	$(PY) benchmarks/microdit_masking.py --workdir=workdirs/microdit_masking --set autoencoder=$(T2I_AE)/export --set data.path=$(T2I_LATENTS)
+
+# make terdit-demo: a small ternary TerDiT on the digits, trained with QAT, exported with 2-bit packed
+# weights, sampled from the packed export (every ternary layer through kernels.ternary_matmul) and
+# judged like `make demo`. make terdit-study: adaLN RMSNorm vs none vs full precision (TerDiT Fig. 7).
+TERDIT_DIR ?= workdirs/terdit_digits
+
+terdit-demo: $(STAMP)
+	$(PY) launch/main.py --config=configs/terdit.py:digits --workdir=$(TERDIT_DIR) --mode=train
+	$(PY) launch/main.py --config=configs/terdit.py:digits --workdir=$(TERDIT_DIR) --mode=export
+	$(PY) launch/main.py --checkpoint=$(TERDIT_DIR)/export --workdir=$(TERDIT_DIR)/packed --mode=sample
+	$(PY) benchmarks/digits_sample_quality.py --workdir=$(TERDIT_DIR)/packed
+
+terdit-study: $(STAMP)
+	$(PY) benchmarks/terdit_study.py --workdir=workdirs/terdit_study
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not accelerator" $(PYTEST_ARGS)

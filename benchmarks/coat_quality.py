@@ -27,81 +27,26 @@ import argparse
 import json
 import os
 import sys
-import time
-
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import jax  # noqa: E402
-
-from common import sharding, trainer  # noqa: E402
-from common.data import make_train_iterator  # noqa: E402
-from common.experiment import Experiment  # noqa: E402
-from configs.base import override  # noqa: E402
-import coat_memory  # noqa: E402  (benchmarks/coat_memory.py: load_config)
-import digits_sample_quality  # noqa: E402
-import fashion_classifier  # noqa: E402
-from t2i_fashion_quality import prompt_labels  # noqa: E402
-
-
-def final_loss(workdir: str, tail: int) -> float:
-  """Mean of the last `tail` losses logged in WORKDIR/metrics.jsonl."""
-  losses = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      rec = json.loads(line)
-      if "loss" in rec:
-        losses[rec["step"]] = rec["loss"]
-  steps = sorted(losses)[-tail:]
-  return float(np.mean([losses[s] for s in steps]))
-
-
-def fixed_batch_loss(config, workdir: str, num_batches: int) -> float:
-  """Mean loss of the run's newest weights on `num_batches` batches drawn with a fixed seed (not
-  the training seed) and fixed diffusion keys: the same draws for every precision."""
-  exp = Experiment(config, sharding.make_mesh(config.mesh))
-  _, state = trainer.restore_newest(exp, workdir)
-  data = make_train_iterator(config.data, global_batch_size=int(config.train.batch_size),
-                             seed=12345, process_index=jax.process_index(),
-                             process_count=jax.process_count())
-  losses = []
-  for i in range(num_batches):
-    batch = sharding.global_batch(exp.model_batch(next(data)), exp.mesh, exp.rules)
-    losses.append(float(exp.eval_loss(state["params"], batch, jax.random.key(1000 + i))))
-  return float(np.mean(losses))
-
-
-def sample_quality(config, samples_path: str, eval_dir: str, fid_n: int) -> dict:
-  """The judge of the config's data: digits or Fashion-MNIST (prompts or class labels)."""
-  data = np.load(samples_path)
-  if config.data.name == "digits":
-    r = digits_sample_quality.evaluate(samples_path, fid_n)
-    return {"accuracy": r["accuracy"], "fid": r.get("fid_samples"), "fid_floor": r.get("fid_heldout_real")}
-  if config.eval.get("reference_data", {}).get("name") == "fashion_mnist":
-    labels = prompt_labels(data["prompts"]) if "prompts" in data else data["labels"]
-    r = fashion_classifier.score_samples(data["images"], labels, eval_dir, fid_n=fid_n)
-    return {"accuracy": r["accuracy"], "fid": r.get("fid"), "fid_floor": r.get("fid_floor")}
-  raise SystemExit(f"no judge for data {config.data.name!r}: digits and Fashion-MNIST configs only")
+from configs.base import load_config, override  # noqa: E402
+import study  # noqa: E402  (benchmarks/study.py)
 
 
 def run(precision: str, args) -> dict:
-  c = override(coat_memory.load_config(args.config), args.set)
+  c = override(load_config(args.config), args.set)
   c.precision = precision
   if args.steps:
     c.train.steps = args.steps
   c.train.tensorboard = False
   workdir = os.path.join(args.workdir, precision)
-  t0 = time.perf_counter()
-  trainer.train(c, workdir)
-  train_s = time.perf_counter() - t0
-  path = trainer.sample(c, workdir)
-  quality = sample_quality(c, path, os.path.join(args.workdir, "eval"), args.fid_n)
-  return {"precision": precision, "steps": int(c.train.steps), "train_s": train_s,
-          "final_loss": final_loss(workdir, args.tail),
-          "fixed_batch_loss": fixed_batch_loss(c, workdir, args.loss_batches), **quality}
+  run_ = study.train_and_sample(c, workdir)
+  quality = study.sample_quality(c, run_["samples"], os.path.join(args.workdir, "eval"), args.fid_n)
+  return {"precision": precision, "steps": int(c.train.steps), "train_s": run_["train_call_s"],
+          "final_loss": study.final_loss(workdir, args.tail),
+          "fixed_batch_loss": study.fixed_batch_loss(c, workdir, args.loss_batches), **quality}
 
 
 def main():

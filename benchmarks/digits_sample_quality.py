@@ -86,11 +86,11 @@ def main():
   if not os.path.exists(path):
     raise SystemExit(f"no samples at {path}: run `make demo` (or --mode=sample) first.")
   r = evaluate(path, args.fid_n)
-  print(f"| metric | value |\n|---|---|")
+  print("| metric | value |\n|---|---|")
   print(f"| samples | {r['n']} |")
   print(f"| conditioning-class accuracy | {100 * r['accuracy']:.1f}% |")
   print(f"| classifier accuracy on held-out real digits | {100 * r['classifier_heldout_accuracy']:.1f}% |")
-  print(f"| per-class accuracy | " + ", ".join(f"{c}: {100 * a:.0f}%" for c, a in r["per_class"].items()) + " |")
+  print("| per-class accuracy | " + ", ".join(f"{c}: {100 * a:.0f}%" for c, a in r["per_class"].items()) + " |")
   print(f"| median NN distance to train, samples / real held-out | "
         f"{r['nn_dist_samples_median']:.3f} / {r['nn_dist_real_median']:.3f} |")
   print(f"| copies (NN distance < 10% of real median) | {100 * r['copy_fraction']:.1f}% |")

@@ -37,13 +37,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import sharding, trainer  # noqa: E402
+from common import sharding  # noqa: E402
 from common.experiment import Experiment  # noqa: E402
 from common.memory import abstract_batch  # noqa: E402
 from configs import microdit  # noqa: E402
 from configs.base import override  # noqa: E402
-import fashion_classifier  # noqa: E402  (benchmarks/fashion_classifier.py)
-from t2i_fashion_quality import prompt_labels  # noqa: E402
+import study  # noqa: E402  (benchmarks/study.py)
 from train_step import random_batch  # noqa: E402
 
 ARMS = {"unmasked": "fashion,unmasked", "deferred": "fashion", "naive": "fashion,naive"}
@@ -57,36 +56,15 @@ def arm_config(arm: str, args):
   return c
 
 
-def training_rate(workdir: str) -> float:
-  """Steps/s of the run's last log line (the trainer's rate since its first step: no compile)."""
-  rate = float("nan")
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      rec = json.loads(line)
-      if "steps_per_s" in rec:
-        rate = float(rec["steps_per_s"])
-  return rate
-
-
 def train_and_score(arm: str, args) -> dict:
   c = arm_config(arm, args)
   wd = os.path.join(args.workdir, arm)
-  t0 = time.perf_counter()
-  result = trainer.train(c, wd)
-  train_s = time.perf_counter() - t0
-  if result["stopped_by"] is not None:
-    raise SystemExit(f"{arm}: training stopped at step {result['step']} ({result['stopped_by']})")
-  path = os.path.join(wd, "samples", "samples.npz")
-  if not os.path.exists(path) or os.path.getmtime(path) < os.path.getmtime(
-      os.path.join(wd, "metrics.jsonl")):
-    trainer.sample(c, wd)
-  data = np.load(path)
-  score = fashion_classifier.score_samples(
-      data["images"], prompt_labels(data["prompts"]), os.path.join(args.workdir, "eval"),
-      fid_n=args.fid_n)
+  run = study.train_and_sample(c, wd)
+  score = study.sample_quality(c, run["samples"], os.path.join(args.workdir, "eval"), args.fid_n)
   return {"arm": arm, "config": f"configs/microdit.py:{ARMS[arm]}", "steps": int(c.train.steps),
           "mask_ratio": float(c.model.mask_ratio), "patch_mixer": bool(c.model.use_patch_mixer),
-          "train_steps_per_s": training_rate(wd), "train_call_s": train_s, **score}
+          "train_steps_per_s": study.training_rate(wd), "train_call_s": run["train_call_s"],
+          **score}
 
 
 def step_costs(arms: list[str], args) -> dict[str, dict]:
@@ -157,8 +135,6 @@ def main():
       print(f"| {r['arm']} | {r['steps']} | {r['fid']:.2f} ({r['fid_floor']:.2f}, n={r['fid_n']}) | "
             f"{100 * r['accuracy']:.1f}% | {r['train_steps_per_s']:.2f} |")
   os.makedirs(args.workdir, exist_ok=True)
-  for r in rows:
-    r["confusion"] = np.asarray(r["confusion"]).tolist()
   with open(os.path.join(args.workdir, "microdit_masking.json"), "w") as f:
     json.dump({"rows": rows, "step_costs": costs}, f, indent=1)
 

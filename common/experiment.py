@@ -153,7 +153,8 @@ class Experiment:
   def model_batch(self, batch: dict) -> dict:
     """`batch` with only the conditioning the network declares (`example_inputs`): a data set may
     carry more (class labels beside captions; labels an autoencoder ignores), which stays on the
-    host. Raises ShapeError unless x and every declared condition have the declared shapes."""
+    host. Raises ShapeError unless x and every declared condition have the declared shapes, and
+    ConfigError if a declared class label is missing (-1) from the data."""
     b = int(np.shape(batch.get("x"))[0]) if "x" in batch else 0
     x_spec, cond_spec = self.example_inputs(max(b, 1))
     cond = batch.get("cond", {})
@@ -164,6 +165,10 @@ class Experiment:
       raise ShapeError(f"the data batch has shapes {got} (of cond keys {sorted(cond)}) but "
                        f"{self.config.model.name} (config.model) expects {want}: check config.data "
                        "against config.model.")
+    if "label" in kept and np.size(kept["label"]) and int(np.min(kept["label"])) < 0:
+      raise ConfigError(f"{self.config.model.name} is class-conditional but the data has no class "
+                        f"label for some examples (label -1, e.g. a captioned image folder or COCO "
+                        "latents): train it on labelled data (Fashion-MNIST, ImageNet latents).")
     return {"x": batch["x"], "cond": kept}
 
   # ---- training -----------------------------------------------------------------------------------

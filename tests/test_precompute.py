@@ -305,7 +305,9 @@ def test_iterator_batches_shapes_and_dtypes(fashion_latents):
                                   process_index=0, process_count=1)
   batches = [next(it) for _ in range(25)]  # more than an epoch (300 / 16 = 18 batches)
   for b in batches:
-    assert set(b) == {"x", "cond"} and set(b["cond"]) == {"tokens", "mask", "pooled"}
+    assert set(b) == {"x", "cond"} and set(b["cond"]) == {"tokens", "mask", "pooled", "label"}
+    assert b["cond"]["label"].shape == (16,) and b["cond"]["label"].dtype == np.int32
+    assert b["cond"]["label"].min() >= 0 and b["cond"]["label"].max() < 10
     assert b["x"].shape == (16, 7, 7, 4) and b["x"].dtype == np.float32
     assert b["cond"]["tokens"].shape == (16, 8, 16) and b["cond"]["tokens"].dtype == np.float32
     assert b["cond"]["mask"].shape == (16, 8) and b["cond"]["mask"].dtype == np.int32
@@ -345,7 +347,7 @@ def test_checkpoint_restore_resumes_the_stream(fashion_latents):
   restored.set_state(state)
   for want, got in zip(expected, [next(restored) for _ in range(4)]):
     np.testing.assert_array_equal(want["x"], got["x"])
-    for k in ("tokens", "mask", "pooled"):
+    for k in ("tokens", "mask", "pooled", "label"):
       np.testing.assert_array_equal(want["cond"][k], got["cond"][k])
 
 
@@ -440,6 +442,7 @@ def test_coco_captions_and_caption_draws(tmp_path):
     b = next(it)
     assert b["cond"]["tokens"].shape == (3, 8, 16)
     assert {p.tobytes() for p in b["cond"]["pooled"]} - pooled  # other images' captions too
+    assert (b["cond"]["label"] == -1).all()  # COCO captions carry no class label
   json_path.write_text('{"images": []}')
   with pytest.raises(ShapeError, match="not a COCO caption file"):
     cap.CocoCaptions(str(json_path), str(image_dir), image_size=16)

@@ -5,14 +5,18 @@ latents and sampled from prompts, decoded to pixels (configs/sid2_t2i_fashion.py
 import os
 
 import numpy as np
+import pytest
 
-from common import trainer
+from common import sharding, trainer
+from common.errors import ConfigError
+from common.experiment import Experiment
 from common.autoencoders import load_autoencoder
 from common.data import captions
 from common.data import latents
 from common.text import load_text_encoder
 from configs import autoencoder_fashion
 from configs import sid2_t2i_fashion
+from configs import terdit
 from tests.test_precompute import _write_fmnist
 
 
@@ -53,3 +57,21 @@ def test_latent_text_to_image_end_to_end(tmp_path):
   train_phrasings = set(captions.fashion_caption_templates("train"))
   assert not any(p in {captions.fashion_caption(l, t) for l in range(10) for t in train_phrasings}
                  for p in c.sample.prompts)
+
+  # The same latents carry class labels: a class-conditional network (TerDiT) trains on them and
+  # samples by class, decoded through the same autoencoder.
+  k = terdit.get_config("runlocal")
+  k.data = c.data
+  k.autoencoder = c.autoencoder
+  k.model.image_size, k.model.in_channels, k.model.patch_size = 7, 4, 1
+  k.train.steps = 2
+  k.train.tensorboard = False
+  res = trainer.train(k, str(tmp_path / "terdit"))
+  assert res["step"] == 2 and np.isfinite(res["loss"])
+  out = np.load(trainer.sample(k, str(tmp_path / "terdit"), num_samples=4))
+  assert out["images"].shape == (4, 28, 28, 1) and list(out["labels"]) == [0, 1, 2, 3]
+  # Data without labels (-1: captioned folders, COCO) is refused for it, in one clear line.
+  exp = Experiment(k, sharding.make_mesh(k.mesh))
+  unlabelled = {"x": np.zeros((2, 7, 7, 4), np.float32), "cond": {"label": np.array([3, -1])}}
+  with pytest.raises(ConfigError, match="class-conditional"):
+    exp.model_batch(unlabelled)

@@ -32,7 +32,9 @@ per sample.
 
 The training pipeline (`latents_train_iterator`) yields the text-conditional batches of the trainer
 contract: `{"x": float32 [B, h, w, c], "cond": {"tokens": float32 [B, T, D], "mask": int32 [B, T],
-"pooled": float32 [B, D]}}`.
+"pooled": float32 [B, D], "label": int32 [B]}}`; the label is -1 where the source has none. The
+network takes the conditions it declares (`Experiment.model_batch`): captions for a text-conditional
+one, the label for a class-conditional one (e.g. TerDiT on ImageNet latents).
 
 Config keys (`config.data`) for `name = "latents"`: `path` (the dataset directory), and grain's
 `worker_count`, `worker_buffer_size`, `read_threads` (default 8), `read_buffer_size` (default 4
@@ -572,7 +574,8 @@ class PickCaption(grain.transforms.RandomMap):
   The caption is drawn with the per-record generator grain derives from (seed, stream position),
   so the choice is part of the checkpointed stream. Trimmed token embeddings [L, D] are padded
   with zeros to the mask's length T. Output: {"x": float32 [h, w, c], "cond":
-  {"tokens": float32 [T, D], "mask": int32 [T], "pooled": float32 [D]}}.
+  {"tokens": float32 [T, D], "mask": int32 [T], "pooled": float32 [D], "label": int32 []}}
+  (label -1: the source has none).
   """
 
   def random_map(self, record: dict, rng: np.random.Generator) -> dict:
@@ -584,7 +587,8 @@ class PickCaption(grain.transforms.RandomMap):
     return {"x": record["x"].astype(np.float32),
             "cond": {"tokens": tokens,
                      "mask": record["mask"][k].astype(np.int32),
-                     "pooled": record["pooled"][k].astype(np.float32)}}
+                     "pooled": record["pooled"][k].astype(np.float32),
+                     "label": np.int32(record["label"])}}
 
 
 def _get(cfg, key, default):
@@ -606,7 +610,8 @@ def latents_train_iterator(cfg, *, global_batch_size: int, seed: int,
 
   Returns:
     a grain DataLoaderIterator of {"x": float32 [B_local, h, w, c], "cond": {"tokens": float32
-    [B_local, T, D], "mask": int32 [B_local, T], "pooled": float32 [B_local, D]}},
+    [B_local, T, D], "mask": int32 [B_local, T], "pooled": float32 [B_local, D], "label": int32
+    [B_local] (-1 where the source has no label)}},
     B_local = global_batch_size // process_count, with `get_state()`/`set_state()` that resume
     the stream exactly.
   """
