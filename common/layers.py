@@ -13,7 +13,8 @@ Conventions:
 Numerics hooks (`common/numerics.py` rules choose them by module path):
   * Every linear layer a numerics choice may apply to is a `Dense`; a rule replaces it by another
     implementation (TerDiT's ternary QAT, COAT's FP8 GEMM).
-  * The non-linear layers (`NONLINEAR_LAYERS`: `RMSNorm`, `GroupNorm`, `FiLM`, `Activation`) compute
+  * The non-linear layers (`NONLINEAR_LAYERS`: `RMSNorm`, `LayerNorm`, `GroupNorm`, `FiLM`,
+    `Activation`) compute
     their output as a pure function of their inputs and parameters, `fn(x, *others)`, through
     their `residuals` attribute: `None` (plain autodiff, the default) or a *residual policy*, a
     hashable callable `policy(fn, *args) -> fn(*args)` that may change what is saved for the
@@ -210,6 +211,39 @@ class RMSNorm(nnx.Module):
   def __call__(self, x: Array) -> Array:
     """x: [..., C] -> same shape and dtype."""
     fn = functools.partial(rms_norm, epsilon=self.epsilon)
+    scale = self.scale[...] if self.scale is not None else None
+    return with_residuals(self.residuals, fn, x, scale)
+
+
+def layer_norm(x: Array, scale: Array | None, *, epsilon: float) -> Array:
+  """(x - mean) / sqrt(var + eps) over the last axis (times `scale` [C]; no bias), statistics in
+  float32."""
+  x32 = x.astype(_F32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+  y = (x32 - mean) * jax.lax.rsqrt(var + epsilon)
+  if scale is not None:
+    y = y * scale
+  return y.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis without bias (torch `nn.LayerNorm(dim, eps, bias=False)`),
+  statistics in float32; `use_scale=False` is the parameter-free form (e.g. QK-norms).
+
+  `residuals`: see the module docstring.
+  """
+
+  def __init__(self, num_features: int, *, use_scale: bool = True, epsilon: float = 1e-6,
+               rngs: nnx.Rngs):
+    self.epsilon = epsilon
+    self.scale = (param(rngs, nnx.initializers.ones_init(), (num_features,), (None,))
+                  if use_scale else None)
+    self.residuals = None
+
+  def __call__(self, x: Array) -> Array:
+    """x: [..., C] -> same shape and dtype."""
+    fn = functools.partial(layer_norm, epsilon=self.epsilon)
     scale = self.scale[...] if self.scale is not None else None
     return with_residuals(self.residuals, fn, x, scale)
 
@@ -608,4 +642,4 @@ class Unpatchify(nnx.Module):
 
 
 # The layer classes a numerics rule may give a residual policy (module docstring).
-NONLINEAR_LAYERS = (RMSNorm, GroupNorm, FiLM, Activation)
+NONLINEAR_LAYERS = (RMSNorm, LayerNorm, GroupNorm, FiLM, Activation)

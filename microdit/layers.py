@@ -61,26 +61,6 @@ def constrain(x: Array, expert_dim: int | None = None) -> Array:
 # Norms and embeddings.
 
 
-class LayerNorm(nnx.Module):
-  """LayerNorm over the last axis without bias (`nn.LayerNorm(dim, eps, bias=False)`), statistics
-  in float32; `use_scale=False` is the parameter-free QK-norm (`np_layernorm`)."""
-
-  def __init__(self, dim: int, *, eps: float = 1e-6, use_scale: bool = True, rngs: nnx.Rngs):
-    self.eps = eps
-    self.scale = (layers.param(rngs, nnx.initializers.ones_init(), (dim,), (None,))
-                  if use_scale else None)
-
-  def __call__(self, x: Array) -> Array:
-    """x: [..., dim] -> same shape and dtype."""
-    x32 = x.astype(_F32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-    if self.scale is not None:
-      y = y * self.scale[...]
-    return y.astype(x.dtype)
-
-
 def modulate(x: Array, shift: Array, scale: Array) -> Array:
   """x [B, T, D] * (1 + scale [B, D]) + shift [B, D] (official `utils.modulate`)."""
   return x * (1 + scale[:, None, :].astype(x.dtype)) + shift[:, None, :].astype(x.dtype)
@@ -132,12 +112,13 @@ class Mlp(nnx.Module):
     init = nnx.initializers.normal(0.02)
     self.fc1 = Dense(in_dim, hidden, names=(None, "embed"), kernel_init=init, dtype=dtype,
                      rngs=rngs)
-    self.norm = LayerNorm(hidden, eps=eps, rngs=rngs)
+    self.norm = layers.LayerNorm(hidden, epsilon=eps, rngs=rngs)
     self.fc2 = Dense(hidden, out_dim, names=("embed", None), kernel_init=init, dtype=dtype,
                      rngs=rngs)
+    self.act = layers.Activation("gelu_tanh")
 
   def __call__(self, x: Array) -> Array:
-    return self.fc2(self.norm(gelu_tanh(self.fc1(x))))
+    return self.fc2(self.norm(self.act(self.fc1(x))))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -168,8 +149,8 @@ class SelfAttention(nnx.Module):
                       zero_init=zero_init_out,
                       kernel_init=nnx.initializers.truncated_normal(out_std), dtype=dtype,
                       rngs=rngs)
-    self.ln_q = LayerNorm(hidden, eps=eps, use_scale=False, rngs=rngs)
-    self.ln_k = LayerNorm(hidden, eps=eps, use_scale=False, rngs=rngs)
+    self.ln_q = layers.LayerNorm(hidden, epsilon=eps, use_scale=False, rngs=rngs)
+    self.ln_k = layers.LayerNorm(hidden, epsilon=eps, use_scale=False, rngs=rngs)
 
   def __call__(self, x: Array) -> Array:
     """x: [B, T, dim] -> [B, T, dim]."""
@@ -192,8 +173,8 @@ class CrossAttention(nnx.Module):
     self.proj = Dense(dim, dim, names=("heads", "embed"), use_bias=use_bias,
                       kernel_init=nnx.initializers.truncated_normal(out_std), dtype=dtype,
                       rngs=rngs)
-    self.ln_q = LayerNorm(dim, eps=eps, use_scale=False, rngs=rngs)
-    self.ln_k = LayerNorm(dim, eps=eps, use_scale=False, rngs=rngs)
+    self.ln_q = layers.LayerNorm(dim, epsilon=eps, use_scale=False, rngs=rngs)
+    self.ln_k = layers.LayerNorm(dim, epsilon=eps, use_scale=False, rngs=rngs)
 
   def __call__(self, x: Array, context: Array) -> Array:
     """x: [B, T, dim]; context: [B, S, dim] -> [B, T, dim]."""
@@ -225,10 +206,11 @@ class SwiGLU(nnx.Module):
     self.w3 = Dense(self.hidden, dim, names=("mlp", "embed"), use_bias=use_bias,
                     zero_init=zero_init_out,
                     kernel_init=nnx.initializers.truncated_normal(out_std), dtype=dtype, rngs=rngs)
+    self.act = layers.Activation("silu")  # the gated product SiLU(w1 x) * w2 x
 
   def __call__(self, x: Array) -> Array:
     """x: [B, T, dim] -> [B, T, dim]."""
-    return self.w3(jax.nn.silu(self.w1(x)) * self.w2(x))
+    return self.w3(self.act(self.w1(x), gate=self.w2(x)))
 
 
 class ExpertChoiceMoE(nnx.Module):
@@ -251,6 +233,7 @@ class ExpertChoiceMoE(nnx.Module):
     self.w2 = layers.param(rngs, nnx.initializers.truncated_normal(out_std),
                            (num_experts, self.hidden, dim), ("expert", "mlp", "embed"))
     self.dtype = layers.as_dtype(dtype)
+    self.act = layers.Activation("gelu")
 
   def tokens_per_expert(self, t: int) -> int:
     return int(self.capacity * t / self.num_experts)
@@ -264,7 +247,7 @@ class ExpertChoiceMoE(nnx.Module):
     onehot = jax.nn.one_hot(idx, t, dtype=self.dtype)                        # [B, E, k, T]
     xin = constrain(jnp.einsum("bekt,btd->bekd", onehot, x.astype(self.dtype)), expert_dim=1)
     h = jnp.einsum("bekd,edf->bekf", xin, self.w1[...].astype(self.dtype))
-    h = constrain(jax.nn.gelu(h, approximate=False), expert_dim=1)
+    h = constrain(self.act(h), expert_dim=1)
     h = jnp.einsum("bekf,efd->bekd", h, self.w2[...].astype(self.dtype))
     h = h * g[..., None].astype(self.dtype)
     return constrain(jnp.einsum("bekt,bekd->btd", onehot, h))

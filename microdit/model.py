@@ -29,7 +29,7 @@ import numpy as np
 from common import layers
 from common.errors import ConfigError, ShapeError
 from common.layers import Dense
-from microdit.layers import (CrossAttention, ExpertChoiceMoE, LayerNorm, Mlp, SelfAttention,
+from microdit.layers import (CrossAttention, ExpertChoiceMoE, Mlp, SelfAttention,
                              SwiGLU, constrain, gelu_tanh, modulate, sincos_pos_embed,
                              timestep_embedding)
 
@@ -53,13 +53,13 @@ class DiTBlock(nnx.Module):
                multiple_of: int, cond_dim: int, eps: float, init_std: float, use_bias: bool,
                moe: bool, num_experts: int, capacity: float, dtype: Any, rngs: nnx.Rngs):
     hidden = qkv_width(dim, qkv_ratio, head_dim)
-    self.norm1 = LayerNorm(dim, eps=eps, rngs=rngs)
+    self.norm1 = layers.LayerNorm(dim, epsilon=eps, rngs=rngs)
     self.attn = SelfAttention(dim, hidden, head_dim, use_bias=use_bias, eps=eps, out_std=init_std,
                               dtype=dtype, rngs=rngs)
-    self.norm2 = LayerNorm(dim, eps=eps, rngs=rngs)
+    self.norm2 = layers.LayerNorm(dim, epsilon=eps, rngs=rngs)
     self.cross_attn = CrossAttention(dim, head_dim, use_bias=use_bias, eps=eps, out_std=init_std,
                                      dtype=dtype, rngs=rngs)
-    self.norm3 = LayerNorm(dim, eps=eps, rngs=rngs)
+    self.norm3 = layers.LayerNorm(dim, epsilon=eps, rngs=rngs)
     mlp_hidden = int(dim * mlp_ratio)
     self.mlp = (ExpertChoiceMoE(dim, mlp_hidden, multiple_of, num_experts=num_experts,
                                 capacity=capacity, out_std=init_std, dtype=dtype, rngs=rngs)
@@ -86,10 +86,10 @@ class PromptBlock(nnx.Module):
 
   def __init__(self, dim: int, *, head_dim: int, multiple_of: int, eps: float, use_bias: bool,
                dtype: Any, rngs: nnx.Rngs):
-    self.norm1 = LayerNorm(dim, eps=eps, rngs=rngs)
+    self.norm1 = layers.LayerNorm(dim, epsilon=eps, rngs=rngs)
     self.attn = SelfAttention(dim, dim, head_dim, use_bias=use_bias, eps=eps, zero_init_out=True,
                               dtype=dtype, rngs=rngs)
-    self.norm2 = LayerNorm(dim, eps=eps, rngs=rngs)
+    self.norm2 = layers.LayerNorm(dim, epsilon=eps, rngs=rngs)
     self.mlp = SwiGLU(dim, int(dim * 4.0), multiple_of, use_bias=use_bias, zero_init_out=True,
                       dtype=dtype, rngs=rngs)
 
@@ -103,7 +103,7 @@ class LNLinear(nnx.Module):
 
   def __init__(self, in_dim: int, out_dim: int, *, eps: float, use_bias: bool, dtype: Any,
                rngs: nnx.Rngs):
-    self.norm = LayerNorm(in_dim, eps=eps, rngs=rngs)
+    self.norm = layers.LayerNorm(in_dim, epsilon=eps, rngs=rngs)
     self.linear = Dense(in_dim, out_dim, names=("embed", None), use_bias=use_bias,
                         dtype=dtype, rngs=rngs)
 
@@ -116,7 +116,7 @@ class FinalLayer(nnx.Module):
   (official `utils.T2IFinalLayer`). Both linears start at zero."""
 
   def __init__(self, dim: int, out_dim: int, *, eps: float, dtype: Any, rngs: nnx.Rngs):
-    self.norm_final = LayerNorm(dim, eps=eps, rngs=rngs)
+    self.norm_final = layers.LayerNorm(dim, epsilon=eps, rngs=rngs)
     self.adaLN_modulation = Dense(dim, 2 * dim, names=(None, "embed"), zero_init=True,
                                   dtype=dtype, rngs=rngs)
     self.linear = Dense(dim, out_dim, names=("embed", None), zero_init=True, dtype=dtype,
@@ -209,7 +209,6 @@ class MicroDiT(nnx.Module):
 
     self.x_embedder = Dense(patch_size * patch_size * in_channels, dim,
                             names=("conv_in", "conv_out"), dtype=dt, rngs=rngs)
-    init = nnx.initializers.normal(0.02)
     self.t_embedder = TimestepEmbedder(dim, dtype=dt, rngs=rngs)
     self.y_embedder = Mlp(caption_channels, dim, dim, eps=eps, dtype=dt, rngs=rngs)
     self.y_emb_preprocess = PromptBlock(dim, head_dim=head_dim, multiple_of=multiple_of, eps=eps,

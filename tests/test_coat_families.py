@@ -1,0 +1,59 @@
+"""COAT mode (`config.precision = "coat"`) trains every family: the same preset of numerics rules
+and optimizer reaches MicroDiT's and TerDiT's full-precision networks, with no family code in
+the trainer (SiD2: tests/test_coat_activations.py)."""
+
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from common import numerics, sharding
+from common.experiment import Experiment
+from configs.base import load_config
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "benchmarks"))
+from train_step import random_batch  # noqa: E402
+
+FAMILIES = ("configs/microdit.py:runlocal", "configs/terdit.py:runlocal,fp")
+
+
+def _coat(spec: str):
+  c = load_config(spec)
+  c.precision = "coat"
+  c.optim.warmup_steps = 0
+  c.train.batch_size = 4
+  return c
+
+
+@pytest.mark.parametrize("spec", FAMILIES)
+def test_coat_rules_reach_the_family(spec):
+  from coat import activations, linear  # pylint: disable=import-outside-toplevel
+  exp = Experiment(_coat(spec), sharding.make_mesh(_coat(spec).mesh))
+  fp8 = [p for p, m in nnx.iter_graph(exp.abstract_model) if isinstance(m, linear.FP8Dense)]
+  saved = [p for p, m in nnx.iter_graph(exp.abstract_model)
+           if isinstance(getattr(m, "residuals", None), activations.FP8Residuals)]
+  assert fp8 and all(any(k in p for k in ("attn", "mlp", "ffn")) for p in fp8), fp8
+  assert saved
+  assert numerics.optim_config(exp.config).name == "coat.optim.fp8_adamw"
+
+
+@pytest.mark.slow  # the FP8 train step's CPU compile takes minutes
+@pytest.mark.parametrize("spec", FAMILIES)
+def test_coat_mode_trains_the_family(spec):
+  c = _coat(spec)
+  exp = Experiment(c, sharding.make_mesh(c.mesh))
+  state = exp.init_state(0)
+  before = jax.tree.map(np.asarray, state["params"])
+  batch = random_batch(exp, 4)
+  losses = []
+  for step in range(3):
+    state, metrics = exp.train_step(state, batch, exp.step_key(step))
+    losses.append(float(metrics["loss"]))
+  assert all(np.isfinite(losses)) and int(state["step"]) == 3
+  changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)),
+                                         state["params"], before))
+  assert sum(changed) > len(changed) // 2
