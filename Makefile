@@ -65,15 +65,16 @@ microdit-masking: fashion-latents
 	$(PY) benchmarks/microdit_masking.py --workdir=workdirs/microdit_masking --set autoencoder=$(T2I_AE)/export --set data.path=$(T2I_LATENTS)
 
 # make terdit-demo: a small ternary TerDiT on the digits, trained with QAT, exported with 2-bit packed
-# weights, sampled from the packed export (every ternary layer through kernels.ternary_matmul) and
+# weights, sampled from the packed export (every ternary layer through kernels.ternary_matmul; 200
+# samples: on a CPU the Pallas kernel runs in interpret mode, about 7x slower than a plain dot) and
 # judged like `make demo`. make terdit-study: adaLN RMSNorm vs none vs full precision (TerDiT Fig. 7).
 TERDIT_DIR ?= workdirs/terdit_digits
 
 terdit-demo: $(STAMP)
 	$(PY) launch/main.py --config=configs/terdit.py:digits --workdir=$(TERDIT_DIR) --mode=train
 	$(PY) launch/main.py --config=configs/terdit.py:digits --workdir=$(TERDIT_DIR) --mode=export
-	$(PY) launch/main.py --checkpoint=$(TERDIT_DIR)/export --workdir=$(TERDIT_DIR)/packed --mode=sample
-	$(PY) benchmarks/digits_sample_quality.py --workdir=$(TERDIT_DIR)/packed
+	$(PY) launch/main.py --checkpoint=$(TERDIT_DIR)/export --workdir=$(TERDIT_DIR)/packed --mode=sample --num_samples=200
+	$(PY) benchmarks/digits_sample_quality.py --workdir=$(TERDIT_DIR)/packed --fid_n=0
 
 terdit-study: $(STAMP)
 	$(PY) benchmarks/terdit_study.py --workdir=workdirs/terdit_study
