@@ -145,9 +145,11 @@ def test_cli_sigterm_saves_and_exits_zero(tmp_path):
   assert "SIGTERM" in out
 
 
-def test_fp8_adamw_trains_checkpoints_and_resumes(tmp_path):
-  c = tiny_config(steps=4)
-  c.optim.name = "coat.optim.fp8_adamw"
+@pytest.mark.parametrize("setting", ["optim.name=coat.optim.fp8_adamw", "precision=coat"])
+def test_fp8_training_checkpoints_and_resumes_exactly(tmp_path, setting):
+  """FP8 AdamW alone, and the whole COAT mode (FP8 linears, FP8-saved activations, FP8 AdamW)."""
+  from configs.base import override  # pylint: disable=import-outside-toplevel
+  c = override(tiny_config(steps=4), [setting])
   full, split = str(tmp_path / "full"), str(tmp_path / "split")
   trainer.train(c, full)
   trainer.train(c, split, stop_after=2)
