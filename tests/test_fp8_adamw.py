@@ -299,6 +299,23 @@ def test_groups_stay_within_leading_axis_shards(num_shards, impl):
   assert tx_fn.init(params).mu["w"].num_shards == 4
 
 
+def _step_temporaries(num_leaves: int) -> float:
+  """Compiled temporaries (MiB) of one apply step of fp8_adamw (wd 0.1) on `num_leaves` f32
+  [1024, 1024] parameters, params and state donated."""
+  params = {f"w{i}": jax.ShapeDtypeStruct((1024, 1024), jnp.float32) for i in range(num_leaves)}
+  tx = fp8_adamw(1e-3, weight_decay=0.1)
+  state = jax.eval_shape(tx.init, params)
+  step = jax.jit(tx.apply, donate_argnums=(1, 2))
+  return step.lower(params, state, params).compile().memory_analysis().temp_size_in_bytes / 2**20
+
+
+def test_step_memory_does_not_grow_with_the_number_of_leaves():
+  """Leaves are updated one at a time: without that XLA dequantized every leaf's moments to fp32
+  at once (224.8 MiB of temporaries for 8 leaves of 4 MiB; 28.1 MiB with it)."""
+  eight, sixteen = _step_temporaries(8), _step_temporaries(16)
+  assert sixteen < 1.1 * eight and eight < 8 * 4, (eight, sixteen)
+
+
 def test_bad_arguments():
   with pytest.raises(ConfigError, match="impl"):
     fp8_adamw(1e-3, impl="cuda")
