@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from common import numerics, sharding
+from common import layers, numerics, sharding
 from common.experiment import Experiment
 from configs.base import load_config
 
@@ -37,7 +37,9 @@ def test_coat_rules_reach_the_family(spec):
   saved = [p for p, m in nnx.iter_graph(exp.abstract_model)
            if isinstance(getattr(m, "residuals", None), activations.FP8Residuals)]
   assert fp8 and all(any(k in p for k in ("attn", "mlp", "ffn")) for p in fp8), fp8
-  assert saved
+  # every norm and activation outside attention, the MLP's gated product included
+  acts = [p for p, m in nnx.iter_graph(exp.abstract_model) if isinstance(m, layers.Activation)]
+  assert any("mlp" in p or "ffn" in p for p in acts) and set(acts) <= set(saved), (acts, saved)
   assert numerics.optim_config(exp.config).name == "coat.optim.fp8_adamw"
 
 
