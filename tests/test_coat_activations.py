@@ -2,7 +2,6 @@
 common/numerics.py): FP8-saved inputs of non-linear layers, FP8 residuals of a whole MLP, the
 COAT preset on a SiD2 network, and a few COAT-mode train steps."""
 
-import functools
 import os
 import re
 
