@@ -11,6 +11,7 @@ import pytest
 from common import trainer
 from common.errors import CheckpointError, ConfigError, NonFiniteLossError, ShapeError
 from configs import sid2_digits
+from configs.base import override
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -148,7 +149,6 @@ def test_cli_sigterm_saves_and_exits_zero(tmp_path):
 @pytest.mark.parametrize("setting", ["optim.name=coat.optim.fp8_adamw", "precision=coat"])
 def test_fp8_training_checkpoints_and_resumes_exactly(tmp_path, setting):
   """FP8 AdamW alone, and the whole COAT mode (FP8 linears, FP8-saved activations, FP8 AdamW)."""
-  from configs.base import override  # pylint: disable=import-outside-toplevel
   c = override(tiny_config(steps=4), [setting])
   full, split = str(tmp_path / "full"), str(tmp_path / "split")
   trainer.train(c, full)
