@@ -199,7 +199,13 @@ def fp8_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float 
       # One leaf at a time: the barrier makes this leaf's inputs wait for the previous leaf's
       # results, so XLA cannot dequantize every leaf's moments to fp32 at once (on CPU that
       # held about 7x the fp32 parameter bytes in temporaries for a tree of 8 1024x1024 leaves).
-      (g, m, v, p), _ = jax.lax.optimization_barrier(((g, m, v, p if use_p else None), done))
+      # The parameter stays out of it (a donated input passed through a barrier is copied), and
+      # every result leaves through a barrier: otherwise XLA fuses the update into the EMA's
+      # fusion too, which then reads the old parameter after the new one has overwritten it,
+      # so every parameter got an fp32 copy, made early and alive through the backward pass.
+      (g, m, v), done = jax.lax.optimization_barrier(((g, m, v), done))
+      if done:  # the previous leaf's results as the barrier gives them (see below)
+        outs[-1], new_mu[-1], new_nu[-1] = done
       n = m.num_shards
       g_rows = fp8.to_groups(g, group_size, n)
       p_rows = fp8.to_groups(jnp.asarray(p), group_size, n) if use_p else None
@@ -219,6 +225,8 @@ def fp8_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float 
       new_mu.append(_rows_to_groups(m_rows, m))
       new_nu.append(_rows_to_groups(v_rows, v))
       done = (outs[-1], new_mu[-1], new_nu[-1])
+    if done:
+      outs[-1], new_mu[-1], new_nu[-1] = jax.lax.optimization_barrier(done)
     new_count = count + jnp.where(skip, 0, 1).astype(count.dtype)
     return (treedef.unflatten(outs),
             Fp8AdamWState(count=new_count, mu=treedef.unflatten(new_mu),

@@ -105,6 +105,29 @@ def test_saved_residuals_are_fp8_and_scalars():
                                 ((48, 24), jnp.dtype(jnp.float8_e4m3fn))]), saved
 
 
+def _chain_grad_temporaries(matmul) -> float:
+  """Compiled temporaries (MiB) of the gradient of 8 chained x <- matmul(x, W_i) (x [2048, 1024]
+  bf16, W_i [1024, 1024] f32) with respect to the weights and x."""
+  def loss(ws, x):
+    for w in ws:
+      x = matmul(x, w)
+    return jnp.sum(x.astype(jnp.float32))
+  ws = [jax.ShapeDtypeStruct((1024, 1024), jnp.float32)] * 8
+  x = jax.ShapeDtypeStruct((2048, 1024), jnp.bfloat16)
+  compiled = jax.jit(jax.grad(loss)).lower(ws, x).compile()
+  return compiled.memory_analysis().temp_size_in_bytes / 2**20
+
+
+def test_the_compiled_backward_keeps_the_fp8_operands():
+  """What a compiled backward keeps is the FP8 codes (1 byte per element), not a wider copy. On
+  CPU XLA computes FP8 dots on f32 conversions of the codes; without the barrier in the backward
+  it shared the forward's conversions with the backward, keeping every layer's input and weight
+  in f32 (88 MiB of temporaries, 1.05x the bf16 chain; 34 MiB with it)."""
+  plain = _chain_grad_temporaries(lambda x, w: x @ w.astype(jnp.bfloat16))
+  fp8 = _chain_grad_temporaries(linear.fp8_matmul)
+  assert fp8 < 0.6 * plain, (fp8, plain)
+
+
 def test_zero_input_and_zero_weight_stay_finite():
   dense = layers.Dense(16, 8, zero_init=True, rngs=nnx.Rngs(params=0))
   fp8 = linear.FP8Dense.from_module(dense)

@@ -14,6 +14,7 @@ from sklearn.preprocessing import StandardScaler
 
 from coat import fp8
 from coat.optim import Fp8AdamWState, fp8_adamw, state_bytes
+from common.ema import ema_update
 from common.errors import ConfigError
 from kernels.fp8_adamw import fp8_adamw_rows
 
@@ -314,6 +315,22 @@ def test_step_memory_does_not_grow_with_the_number_of_leaves():
   at once (224.8 MiB of temporaries for 8 leaves of 4 MiB; 28.1 MiB with it)."""
   eight, sixteen = _step_temporaries(8), _step_temporaries(16)
   assert sixteen < 1.1 * eight and eight < 8 * 4, (eight, sixteen)
+
+
+def test_the_step_and_the_ema_make_no_copy_of_the_parameters():
+  """The trainer's order: the in-place step, then the EMA of the new parameters, all donated.
+  Without the barrier on each leaf's results XLA fused the update into the EMA too, which then
+  read each old parameter after the step had overwritten it, so every parameter was copied
+  (40.0 MiB of temporaries for 32 MiB of parameters; 24.1 MiB without the copies)."""
+  params = {f"w{i}": jax.ShapeDtypeStruct((1024, 1024), jnp.float32) for i in range(8)}
+  tx = fp8_adamw(1e-3, weight_decay=0.1)
+  state = jax.eval_shape(tx.init, params)
+
+  def step(grads, state, params, ema):
+    new, state = tx.apply(grads, state, params)
+    return new, state, ema_update(ema, new, jnp.int32(5), decay=0.999)
+  compiled = jax.jit(step, donate_argnums=(1, 2, 3)).lower(params, state, params, params).compile()
+  assert compiled.memory_analysis().temp_size_in_bytes < 8 * 4 * 2**20
 
 
 def test_bad_arguments():
