@@ -378,11 +378,27 @@ def rope_2d(x: Array, grid: tuple[int, int], base: float = 100.0) -> Array:
   return y.astype(x.dtype)
 
 
+def attention(q: Array, k: Array, v: Array, mask: Array | None = None) -> Array:
+  """Softmax attention whose backward pass keeps only its inputs: q [B, T, N, D], k and v
+  [B, S, N, D], mask None or bool broadcastable to [B, N, T, S] (True = attend) -> [B, T, N, D].
+
+  XLA's attention (`jax.nn.dot_product_attention(implementation="xla")`, scale 1/sqrt(D), softmax
+  statistics in float32) under `jax.checkpoint`: the backward pass recomputes the logits and
+  probabilities from q and k instead of keeping them, as a fused flash attention does. Kept, they
+  are float32 [B, N, T, S] tensors per layer (at T = S = 256, 32 heads, batch 8: 64 MiB each, two
+  or more per layer), more than all the layer's other activations. The recomputation costs the
+  QK^T product and the softmax once more in the backward pass. (In jax 0.12,
+  `implementation=None` is XLA's attention on every platform, cuDNN's only when asked for.)
+  """
+  def attend(q, k, v, mask):
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+  return jax.checkpoint(attend)(q, k, v, mask)
+
+
 class Attention(nnx.Module):
   """Multi-head self-attention with QK-RMSNorm (per head, learned scale) and optional 2-D RoPE.
 
-  Uses `jax.nn.dot_product_attention(implementation=None)`: cuDNN flash attention on GPU when the
-  shapes and dtype allow, XLA otherwise; softmax statistics are float32 in both.
+  The attention itself is `attention` (XLA's, recomputed in the backward pass; float32 softmax).
 
   Args:
     dim: model width (= num_heads * head_dim).
@@ -419,7 +435,7 @@ class Attention(nnx.Module):
       if grid is None:
         raise ValueError("Attention with RoPE needs the token grid (h, w).")
       q, k = rope_2d(q, grid), rope_2d(k, grid)
-    o = jax.nn.dot_product_attention(q, k, v, implementation=None)            # [B, T, N, D]
+    o = attention(q, k, v)                                                     # [B, T, N, D]
     o = dropout(o.reshape(b, t, -1), dropout_rate, dropout_key)
     return self.out(o)
 
@@ -460,7 +476,7 @@ class CrossAttention(nnx.Module):
     attn_mask = None
     if mask is not None:
       attn_mask = jnp.broadcast_to(mask.astype(bool)[:, None, None, :], (b, self.num_heads, t, s))
-    o = jax.nn.dot_product_attention(q, k, v, mask=attn_mask, implementation=None)
+    o = attention(q, k, v, attn_mask)
     if mask is not None:  # fully masked rows: softmax over nothing -> 0, not a uniform average
       o = jnp.where(jnp.any(mask.astype(bool), axis=1)[:, None, None, None], o, 0).astype(o.dtype)
     return self.out(o.reshape(b, t, -1))

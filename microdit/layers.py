@@ -131,8 +131,8 @@ def _attend(q: Array, k: Array, v: Array, heads: int) -> Array:
   b, t, h = q.shape
   s = k.shape[1]
   hd = h // heads
-  o = jax.nn.dot_product_attention(q.reshape(b, t, heads, hd), k.reshape(b, s, heads, hd),
-                                   v.reshape(b, s, heads, hd), implementation=None)
+  o = layers.attention(q.reshape(b, t, heads, hd), k.reshape(b, s, heads, hd),
+                       v.reshape(b, s, heads, hd))
   return o.reshape(b, t, h)
 
 

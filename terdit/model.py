@@ -166,7 +166,7 @@ class Attention(nnx.Module):
     shape = (b, t, self.num_heads, self.head_dim)
     q = rope_1d(q.reshape(shape), self.rope_theta)
     k = rope_1d(k.reshape(shape), self.rope_theta)
-    o = jax.nn.dot_product_attention(q, k, v.reshape(shape), implementation=None)
+    o = layers.attention(q, k, v.reshape(shape))
     return self.wo(o.reshape(b, t, -1))
 
 
