@@ -199,11 +199,12 @@ def fp8_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float 
       # One leaf at a time: the barrier makes this leaf's inputs wait for the previous leaf's
       # results, so XLA cannot dequantize every leaf's moments to fp32 at once (on CPU that
       # held about 7x the fp32 parameter bytes in temporaries for a tree of 8 1024x1024 leaves).
-      # The parameter stays out of it (a donated input passed through a barrier is copied), and
-      # every result leaves through a barrier: otherwise XLA fuses the update into the EMA's
-      # fusion too, which then reads the old parameter after the new one has overwritten it,
-      # so every parameter got an fp32 copy, made early and alive through the backward pass.
-      (g, m, v), done = jax.lax.optimization_barrier(((g, m, v), done))
+      # Every result leaves through a barrier too: otherwise XLA fuses the update into the
+      # EMA's fusion as well, which then reads the old parameter after the new one has
+      # overwritten it, so every parameter got an fp32 copy, made early and alive through the
+      # backward pass.
+      (g, m, v, p), done = jax.lax.optimization_barrier(
+          ((g, m, v, p if use_p else None), done))
       if done:  # the previous leaf's results as the barrier gives them (see below)
         outs[-1], new_mu[-1], new_nu[-1] = done
       n = m.num_shards
