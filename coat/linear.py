@@ -155,6 +155,52 @@ class FP8Dense(nnx.Module):
     return y
 
 
+class FP8ExpertDense(nnx.Module):
+  """A `common.layers.ExpertDense` (one linear map per expert) computed with COAT's FP8 GEMMs: each
+  expert's GEMM is an `fp8_matmul` with its own just-in-time per-tensor scales (x[:, e] and W[e]),
+  as a grouped GEMM would run it. A numerics rule target: `("...", "coat.linear.FP8ExpertDense", {})`.
+
+  Attributes:
+    kernel: nnx.Param fp32 [E, in, out], the master weights (the ExpertDense's, same path).
+    out_dtype: dtype of the output (bf16 by default).
+  """
+
+  replaces = layers.ExpertDense
+
+  def __init__(self, kernel: nnx.Param, *, num_experts: int, in_features: int,
+               out_features: int, names: tuple, out_dtype: Any = "bfloat16"):
+    self.kernel = kernel
+    self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
+    self.names = tuple(names)
+    self.out_dtype = layers.as_dtype(out_dtype)
+    self.weight_fp8 = None
+
+  @classmethod
+  def from_module(cls, dense: layers.ExpertDense, *,
+                  out_dtype: Any = "bfloat16") -> FP8ExpertDense:
+    """Takes over `dense`'s parameters (its initialisation and parameter path)."""
+    return cls(dense.kernel, num_experts=dense.num_experts, in_features=dense.in_features,
+               out_features=dense.out_features, names=dense.names, out_dtype=out_dtype)
+
+  def step_cache(self) -> tuple[Array, Array]:
+    """Each expert's FP8 weight: (codes float8_e4m3fn [E, in, out], scales fp32 [E])."""
+    return jax.vmap(quantize_weight)(self.kernel[...])
+
+  def use_step_cache(self, cache: tuple[Array, Array]) -> None:
+    """Uses `cache` (from `step_cache` of the same parameters) instead of re-quantizing."""
+    self.weight_fp8 = nnx.data(WeightFP8(tuple(cache)))
+
+  def __call__(self, x: Array) -> Array:
+    """x: [B, E, k, in] -> [B, E, k, out] in `out_dtype`."""
+    w = self.kernel[...]
+    cached = self.weight_fp8.get_value() if self.weight_fp8 is not None else None
+    codes, scales = cached if cached is not None else self.step_cache()
+
+    def expert(xe, we, ce, se):
+      return fp8_matmul(xe, we, (ce, se), out_dtype=self.out_dtype)
+    return jax.vmap(expert, in_axes=(1, 0, 0, 0), out_axes=1)(x, w, codes, scales)
+
+
 class WeightFP8(nnx.Variable):
   """The per-step FP8 copy (codes, scale) of a kernel; set inside a train step only, never part
   of the parameters or checkpoints."""

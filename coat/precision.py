@@ -8,7 +8,9 @@ lack a layer kind) and the FP8 AdamW optimizer (`coat.optim.fp8_adamw`, used unl
 What is FP8, as COAT's precision flow (Sec. 5, Fig. 3) mapped onto diffusion networks:
   * the linear layers of attention and MLP branches (module paths with an `attn`, `attention`,
     `cross`, `mlp`, `ffn` or `ff` component): `coat.linear.FP8Dense`, E4M3 forward GEMMs with
-    just-in-time per-tensor scales, E5M2 gradient GEMMs, FP8 residuals;
+    just-in-time per-tensor scales, E5M2 gradient GEMMs, FP8 residuals; a mixture of experts'
+    per-expert maps (`common.layers.ExpertDense`) likewise, one FP8 GEMM per expert
+    (`coat.linear.FP8ExpertDense`);
   * the non-linear layers outside attention (norms, FiLM modulation, activation functions and the
     gated product): `coat.activations.FP8Residuals`, inputs saved as 1x16 E4M3 with bf16 scales;
   * optimizer moments: E4M3 groups of 128 with Dynamic Range Expansion (`coat.optim`).
@@ -28,6 +30,7 @@ OUTSIDE_ATTENTION = r"(?!(.*/)?(attn|attention|cross)/).*"
 COAT = Precision(
     rules=(
         (BRANCH_LINEARS, "coat.linear.FP8Dense", {}),
+        (BRANCH_LINEARS, "coat.linear.FP8ExpertDense", {}),
         (OUTSIDE_ATTENTION, "coat.activations.FP8Residuals", {}),
     ),
     optimizer="coat.optim.fp8_adamw",

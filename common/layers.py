@@ -111,6 +111,30 @@ class Dense(nnx.Module):
     return y
 
 
+class ExpertDense(nnx.Module):
+  """One linear map per expert, no bias: y[:, e] = x[:, e] W[e] (a mixture of experts' FFN layer).
+  W: [E, in, out] float32, computed in `dtype`. Like `Dense`, a numerics rule target (COAT's
+  `coat.linear.FP8ExpertDense`).
+
+  Args:
+    num_experts, in_features, out_features: E and the widths.
+    names: logical axis names of W, e.g. ("expert", "embed", "mlp").
+  """
+
+  def __init__(self, num_experts: int, in_features: int, out_features: int, *,
+               names: Names = ("expert", None, None), dtype: Any = _F32, kernel_init: Any = None,
+               rngs: nnx.Rngs):
+    self.kernel = param(rngs, kernel_init or nnx.initializers.xavier_uniform(),
+                        (num_experts, in_features, out_features), names)
+    self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
+    self.names = tuple(names)
+    self.dtype = as_dtype(dtype)
+
+  def __call__(self, x: Array) -> Array:
+    """x: [B, E, k, in] (k tokens per expert) -> [B, E, k, out] in `dtype`."""
+    return jnp.einsum("bekd,edf->bekf", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+
+
 class Conv(nnx.Module):
   """2-D convolution, NHWC input, HWIO kernel [k, k, in, out] (float32), "SAME" padding.
 

@@ -30,7 +30,7 @@ PHASES = ("p1_256_masked", "p2_256_unmasked", "p3_512_masked", "p4_512")
 
 # The MoE parameters (expert weights and router) of every MicroDiT block; dense SwiGLU kernels are
 # ".../mlp/w1/kernel" and do not match.
-MOE_PARAMS = r"(blocks|patch_mixer)/\d+/mlp/(w1|w2|gate/kernel)"
+MOE_PARAMS = r"(blocks|patch_mixer)/\d+/mlp/(expert_w1|expert_w2|gate)/kernel"
 
 
 def architecture(name: str) -> dict:

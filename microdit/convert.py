@@ -53,11 +53,12 @@ def _our_path(name: str) -> tuple[str, str]:
 
 def _convert_leaf(name: str, value: np.ndarray, leaf: str, target: tuple[int, ...]) -> np.ndarray:
   """Converts one tensor to our layout: Linear weight [out, in] -> kernel [in, out], conv patch
-  embed [D, C, p, p] -> [p * p * C, D] in (row, col, channel) order, the rest as is."""
+  embed [D, C, p, p] -> [p * p * C, D] in (row, col, channel) order, the rest (the experts'
+  [E, in, out] included) as is."""
   value = np.asarray(value, np.float32)
   if leaf == "kernel" and value.ndim == 4:
     value = value.transpose(2, 3, 1, 0).reshape(-1, value.shape[0])
-  elif leaf == "kernel":
+  elif leaf == "kernel" and value.ndim == 2:
     value = value.T
   if tuple(value.shape) != tuple(target):
     raise CheckpointError(f"official MicroDiT weight {name!r} has shape {tuple(value.shape)} "
@@ -87,8 +88,8 @@ def from_official(tree: dict[str, np.ndarray], abstract_params: dict) -> dict:
       candidates = (f"{module}.bias",)
     elif leaf == "weight":           # a Linear / conv weight, or a LayerNorm weight
       candidates = (f"{module}.kernel", f"{module}.scale")
-    else:                            # a bare nn.Parameter (the MoE experts' w1, w2)
-      candidates = (f"{module}.{leaf}",)
+    else:                            # a bare nn.Parameter: the MoE experts' w1, w2 [E, in, out]
+      candidates = (f"{module}.expert_{leaf}.kernel",)
     ours = next((c for c in candidates if c in by_name), None)
     if ours is None:
       unexpected.append(raw_name)

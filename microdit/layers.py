@@ -218,8 +218,9 @@ class ExpertChoiceMoE(nnx.Module):
   `dit.FeedForwardECMoe`): p = softmax(gate(x)) over experts per token; each expert takes its top
   k = int(capacity T / E) tokens of each sample by p, applies w2(GELU_exact(w1 x)), and its output,
   weighted by the token's p for that expert, is added back at the token. A token no expert picks
-  gets 0. No auxiliary loss. Expert weights w1 [E, dim, H], w2 [E, H, dim] (no bias),
-  H = round_up(hidden, multiple_of), logical axes ("expert", "embed", "mlp").
+  gets 0. No auxiliary loss. Expert weights `expert_w1` [E, dim, H] and `expert_w2` [E, H, dim]
+  (`common.layers.ExpertDense`, no bias; the official bare parameters w1, w2), H =
+  round_up(hidden, multiple_of), logical axes ("expert", "embed", "mlp").
   """
 
   def __init__(self, dim: int, hidden: int, multiple_of: int, *, num_experts: int,
@@ -228,10 +229,12 @@ class ExpertChoiceMoE(nnx.Module):
     self.hidden = round_up(hidden, multiple_of)
     self.gate = Dense(dim, num_experts, names=("embed", None), use_bias=False,
                       kernel_init=nnx.initializers.truncated_normal(0.02), dtype=dtype, rngs=rngs)
-    self.w1 = layers.param(rngs, nnx.initializers.truncated_normal(0.02),
-                           (num_experts, dim, self.hidden), ("expert", "embed", "mlp"))
-    self.w2 = layers.param(rngs, nnx.initializers.truncated_normal(out_std),
-                           (num_experts, self.hidden, dim), ("expert", "mlp", "embed"))
+    self.expert_w1 = layers.ExpertDense(
+        num_experts, dim, self.hidden, names=("expert", "embed", "mlp"),
+        kernel_init=nnx.initializers.truncated_normal(0.02), dtype=dtype, rngs=rngs)
+    self.expert_w2 = layers.ExpertDense(
+        num_experts, self.hidden, dim, names=("expert", "mlp", "embed"),
+        kernel_init=nnx.initializers.truncated_normal(out_std), dtype=dtype, rngs=rngs)
     self.dtype = layers.as_dtype(dtype)
     self.act = layers.Activation("gelu")
 
@@ -246,11 +249,10 @@ class ExpertChoiceMoE(nnx.Module):
     g, idx = jax.lax.top_k(jnp.swapaxes(probs, 1, 2), k)                     # [B, E, k]
     onehot = jax.nn.one_hot(idx, t, dtype=self.dtype)                        # [B, E, k, T]
     xin = constrain(jnp.einsum("bekt,btd->bekd", onehot, x.astype(self.dtype)), expert_dim=1)
-    h = jnp.einsum("bekd,edf->bekf", xin, self.w1[...].astype(self.dtype))
-    h = constrain(self.act(h), expert_dim=1)
-    h = jnp.einsum("bekf,efd->bekd", h, self.w2[...].astype(self.dtype))
+    h = constrain(self.act(self.expert_w1(xin)), expert_dim=1)
+    h = self.expert_w2(h)
     h = h * g[..., None].astype(self.dtype)
     return constrain(jnp.einsum("bekt,bekd->btd", onehot, h))
 
   def expert_params(self) -> int:
-    return int(self.w1.size + self.w2.size)
+    return int(self.expert_w1.kernel.size + self.expert_w2.kernel.size)

@@ -40,6 +40,12 @@ def test_coat_rules_reach_the_family(spec):
   # every norm and activation outside attention, the MLP's gated product included
   acts = [p for p, m in nnx.iter_graph(exp.abstract_model) if isinstance(m, layers.Activation)]
   assert any("mlp" in p or "ffn" in p for p in acts) and set(acts) <= set(saved), (acts, saved)
+  # a mixture of experts' per-expert maps too (MicroDiT): no high-precision ExpertDense is left
+  assert not [p for p, m in nnx.iter_graph(exp.abstract_model)
+              if isinstance(m, layers.ExpertDense)]
+  if spec.startswith("configs/microdit.py"):
+    assert [p for p, m in nnx.iter_graph(exp.abstract_model)
+            if isinstance(m, linear.FP8ExpertDense)]
   assert numerics.optim_config(exp.config).name == "coat.optim.fp8_adamw"
 
 

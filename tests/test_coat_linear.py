@@ -105,6 +105,28 @@ def test_saved_residuals_are_fp8_and_scalars():
                                 ((48, 24), jnp.dtype(jnp.float8_e4m3fn))]), saved
 
 
+def test_expert_dense_is_one_fp8_gemm_per_expert_with_its_own_scales():
+  dense = layers.ExpertDense(3, 48, 24, dtype=jnp.float32, rngs=nnx.Rngs(params=0))
+  fp8 = linear.FP8ExpertDense.from_module(dense, out_dtype="float32")
+  assert fp8.kernel is dense.kernel
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 3, 5, 48)).astype(np.float32) * np.array([1, 10, 100])[:, None, None]
+  g = rng.standard_normal((2, 3, 5, 24)).astype(np.float32)
+  w = np.asarray(dense.kernel[...])
+  fp8.use_step_cache(fp8.step_cache())
+  y, vjp = jax.vjp(lambda x: fp8(x), jnp.asarray(x))
+  (dx,) = vjp(jnp.asarray(g))
+  dw = np.asarray(nnx.grad(lambda m: jnp.sum(m(jnp.asarray(x)) * g))(fp8)["kernel"][...])
+  for e in range(3):  # each expert: the float64 simulation with its own per-tensor scales
+    ye, dxe, dwe, _ = sim_fp8_dense(x[:, e].reshape(-1, 48), w[e], 0.0, g[:, e].reshape(-1, 24))
+    np.testing.assert_allclose(np.asarray(y[:, e]).reshape(-1, 24), ye, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx[:, e]).reshape(-1, 48), dxe, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dw[e]), dwe, rtol=1e-4, atol=1e-4)
+  big = [(tuple(a.shape), jnp.dtype(a.dtype)) for a in jax.tree.leaves(vjp) if a.size > 3]
+  assert sorted(big) == sorted([((3, 10, 48), jnp.dtype(jnp.float8_e4m3fn)),
+                                ((3, 48, 24), jnp.dtype(jnp.float8_e4m3fn))]), big
+
+
 def _chain_grad_temporaries(matmul) -> float:
   """Compiled temporaries (MiB) of the gradient of 8 chained x <- matmul(x, W_i) (x [2048, 1024]
   bf16, W_i [1024, 1024] f32) with respect to the weights and x."""

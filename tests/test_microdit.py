@@ -160,5 +160,6 @@ def test_configs_load():
       "state")
   import re  # pylint: disable=import-outside-toplevel
   rx = p3.optim.lr_multipliers[0][0]
-  assert re.fullmatch(rx, "blocks/1/mlp/w1") and re.fullmatch(rx, "patch_mixer/3/mlp/gate/kernel")
+  assert re.fullmatch(rx, "blocks/1/mlp/expert_w1/kernel")
+  assert re.fullmatch(rx, "patch_mixer/3/mlp/gate/kernel")
   assert not re.fullmatch(rx, "blocks/0/mlp/w1/kernel")

@@ -44,7 +44,7 @@ eight = loss_and_grad_norm(sharding.make_mesh(c.mesh))
 print("DEVICES", jax.device_count())
 print("ONE", one[0], one[1])
 print("EIGHT", eight[0], eight[1])
-w1 = [s for k, s in eight[2].items() if "mlp" in k and k.endswith("['w1']")]
+w1 = [s for k, s in eight[2].items() if "mlp" in k and k.endswith("['expert_w1']['kernel']")]
 print("EXPERT_SHARDED", sum("expert" in str(s) for s in w1), "OF", len(w1))
 print("FSDP_SHARDED", sum("fsdp" in str(s) for s in eight[2].values()))
 """
