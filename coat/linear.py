@@ -113,7 +113,20 @@ def fp8_matmul(x: Array, w: Array, w_fp8: tuple[Array, Array] | None = None, *,
   return y.reshape(*lead, w.shape[-1])
 
 
-class FP8Dense(nnx.Module):
+class _StepCachedWeight:
+  """The per-step FP8 copy of a layer's kernel, handed in by the trainer (`use_step_cache`)."""
+
+  weight_fp8 = None
+
+  def use_step_cache(self, cache: tuple[Array, Array]) -> None:
+    """Uses `cache` (from `step_cache` of the same parameters) instead of re-quantizing."""
+    self.weight_fp8 = nnx.data(WeightFP8(tuple(cache)))
+
+  def cached_weight(self) -> tuple[Array, Array] | None:
+    return self.weight_fp8.get_value() if self.weight_fp8 is not None else None
+
+
+class FP8Dense(_StepCachedWeight, nnx.Module):
   """A `common.layers.Dense` computed with COAT's FP8 GEMMs (module docstring); a numerics rule
   target (`common/numerics.py`): `("...", "coat.linear.FP8Dense", {})`.
 
@@ -142,20 +155,15 @@ class FP8Dense(nnx.Module):
     """The kernel's FP8 copy (codes, scale), computed once per optimizer step by the trainer."""
     return quantize_weight(self.kernel[...])
 
-  def use_step_cache(self, cache: tuple[Array, Array]) -> None:
-    """Uses `cache` (from `step_cache` of the same parameters) instead of re-quantizing."""
-    self.weight_fp8 = nnx.data(WeightFP8(tuple(cache)))
-
   def __call__(self, x: Array) -> Array:
     """x: [..., in] -> [..., out] in `out_dtype`."""
-    cached = self.weight_fp8.get_value() if self.weight_fp8 is not None else None
-    y = fp8_matmul(x, self.kernel[...], cached, out_dtype=self.out_dtype)
+    y = fp8_matmul(x, self.kernel[...], self.cached_weight(), out_dtype=self.out_dtype)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.out_dtype)
     return y
 
 
-class FP8ExpertDense(nnx.Module):
+class FP8ExpertDense(_StepCachedWeight, nnx.Module):
   """A `common.layers.ExpertDense` (one linear map per expert) computed with COAT's FP8 GEMMs: each
   expert's GEMM is an `fp8_matmul` with its own just-in-time per-tensor scales (x[:, e] and W[e]),
   as a grouped GEMM would run it. A numerics rule target: `("...", "coat.linear.FP8ExpertDense", {})`.
@@ -186,15 +194,10 @@ class FP8ExpertDense(nnx.Module):
     """Each expert's FP8 weight: (codes float8_e4m3fn [E, in, out], scales fp32 [E])."""
     return jax.vmap(quantize_weight)(self.kernel[...])
 
-  def use_step_cache(self, cache: tuple[Array, Array]) -> None:
-    """Uses `cache` (from `step_cache` of the same parameters) instead of re-quantizing."""
-    self.weight_fp8 = nnx.data(WeightFP8(tuple(cache)))
-
   def __call__(self, x: Array) -> Array:
     """x: [B, E, k, in] -> [B, E, k, out] in `out_dtype`."""
     w = self.kernel[...]
-    cached = self.weight_fp8.get_value() if self.weight_fp8 is not None else None
-    codes, scales = cached if cached is not None else self.step_cache()
+    codes, scales = self.cached_weight() or self.step_cache()
 
     def expert(xe, we, ce, se):
       return fp8_matmul(xe, we, (ce, se), out_dtype=self.out_dtype)
