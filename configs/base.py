@@ -47,7 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.lr_after_switch = 0.0        # included), lr_after_switch (> 0) from then on (TerDiT)
   c.optim.clip_norm = 1.0              # 0 disables global-norm clipping
   # Per-parameter learning rates: ((parameter-path regex, multiplier), ...). A path is the "/"-join
-  # of the nested params keys ("blocks/3/mlp/experts/w1/kernel"); re.fullmatch, the first matching
+  # of the nested params keys ("blocks/3/mlp/expert_w1/kernel"); re.fullmatch, the first matching
   # rule wins, other parameters x1. Scales the whole step (AdamW's decoupled weight decay too), as
   # a torch param group with its own lr. A regex that matches no parameter is a ConfigError.
   c.optim.lr_multipliers = ()
