@@ -114,9 +114,8 @@ def fp8_matmul(x: Array, w: Array, w_fp8: tuple[Array, Array] | None = None, *,
 
 
 class _StepCachedWeight:
-  """The per-step FP8 copy of a layer's kernel, handed in by the trainer (`use_step_cache`)."""
-
-  weight_fp8 = None
+  """The per-step FP8 copy of a layer's kernel (`weight_fp8`, None until the trainer hands one in
+  through `use_step_cache`)."""
 
   def use_step_cache(self, cache: tuple[Array, Array]) -> None:
     """Uses `cache` (from `step_cache` of the same parameters) instead of re-quantizing."""

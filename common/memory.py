@@ -57,6 +57,21 @@ def abstract_batch(exp, batch_size: int) -> dict:
   return {"x": place(x), "cond": jax.tree.map(place, cond)}
 
 
+def compiled_memory(compiled: Any) -> Any:
+  """XLA's memory analysis of a compiled computation (`jax.stages.Compiled`)."""
+  ma = compiled.memory_analysis()
+  if isinstance(ma, (list, tuple)):  # one analysis per computation on some jax versions
+    ma = ma[0]
+  return ma
+
+
+def temporaries_mib(fn: Any, *args: Any, donate_argnums: Any = ()) -> float:
+  """MiB of XLA temporaries of `jax.jit(fn, donate_argnums=...)` compiled for `args` (arrays or
+  ShapeDtypeStructs); nothing runs."""
+  compiled = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
+  return compiled_memory(compiled).temp_size_in_bytes / 2**20
+
+
 def train_step_memory(exp, batch_size: int | None = None) -> dict[str, int]:
   """Per-device memory of one train step of `exp` (a `common.experiment.Experiment`).
 
@@ -71,10 +86,7 @@ def train_step_memory(exp, batch_size: int | None = None) -> dict[str, int]:
   b = int(batch_size or exp.config.train.batch_size)
   batch = abstract_batch(exp, b)
   key = jax.random.key(0)
-  compiled = exp.train_step.lower(exp.abstract_state, batch, key).compile()
-  ma = compiled.memory_analysis()
-  if isinstance(ma, (list, tuple)):  # one analysis per computation on some jax versions
-    ma = ma[0]
+  ma = compiled_memory(exp.train_step.lower(exp.abstract_state, batch, key).compile())
   st = exp.abstract_state
   out = {
       "params": tree_shard_bytes(st["params"]),
