@@ -161,12 +161,15 @@ _TRITON_INTERPRETER_SCRIPT = textwrap.dedent("""
 
     class Shim:
       # The bits of a torch tensor triton's interpreter uses, over a NumPy array.
-      names = {np.dtype(np.float32): "float32", np.dtype(np.uint8): "uint8",
-               np.dtype(ml_dtypes.bfloat16): "bfloat16"}
+      # One dtype object per dtype for the whole run: triton's native specialization appears to cache by
+      # the dtype object, so a per-tensor object whose address a later one of another dtype
+      # reuses made a bf16 tensor read as f32 (depending on PYTHONHASHSEED, about 1 run in 5).
+      dtypes = {np.dtype(dt): type("dtype", (), {"__str__": lambda s, n=name: "torch." + n})()
+                for dt, name in ((np.float32, "float32"), (np.uint8, "uint8"),
+                                 (ml_dtypes.bfloat16, "bfloat16"))}
       def __init__(self, arr):
         self.arr = np.ascontiguousarray(arr)
-        name = "torch." + self.names[self.arr.dtype]
-        self.dtype = type("dtype", (), {"__str__": lambda s: name})()
+        self.dtype = self.dtypes[self.arr.dtype]
       def data_ptr(self): return self.arr.ctypes.data
       def untyped_storage(self): return _Storage(self.arr)
       def new_empty(self, *a, **k): return self
