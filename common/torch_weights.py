@@ -193,6 +193,11 @@ def _short(x) -> str:
   return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _clip(error) -> str:
+  text = str(error)
+  return text if len(text) <= 200 else text[:197] + "..."
+
+
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
                        backward_hooks=None, metadata=None):
   del requires_grad, backward_hooks, metadata
@@ -594,7 +599,7 @@ def _unpickle(unpickler: _RestrictedUnpickler, path: str):
   except _BadPickle as e:
     raise CheckpointError(f"{path}: {e}") from None
   except _UNPICKLE_ERRORS as e:
-    raise CheckpointError(f"{path}: cannot unpickle ({type(e).__name__}: {_short(str(e))}): the file is "
+    raise CheckpointError(f"{path}: cannot unpickle ({type(e).__name__}: {_clip(e)}): the file is "
                           "corrupt or not a torch file") from None
 
 
@@ -609,9 +614,10 @@ class _Budget:
     self.used += nbytes
     if self.used > self.max_expansion * self.file_size:
       raise CheckpointError(
-          f"{self.path}: {what} would make {self.used} bytes from a file of {self.file_size} bytes, "
-          f"more than max_expansion={self.max_expansion:g} times its size: refusing a damaged or hostile "
-          "file (a trusted one may be read with load_torch_weights(path, max_expansion=...))")
+          f"{self.path}: {what} ({nbytes} bytes) would bring what the reader makes of this file of "
+          f"{self.file_size} bytes to {self.used} bytes, more than max_expansion={self.max_expansion:g} "
+          "times its size: refusing a damaged or hostile file (a trusted one may be read with "
+          "load_torch_weights(path, max_expansion=...))")
 
 
 def _view_nbytes(t: _Tensor, max_expansion: float, path: str) -> int:
@@ -660,8 +666,7 @@ def _materialize(tensors: dict[str, _Tensor], read_storage, *, budget: _Budget, 
   storages are read one at a time, in order of first use, and dropped when their tensors are made.
   """
   distinct = list({id(t): t for t in tensors.values()}.values())
-  for t in distinct:
-    budget.spend(_view_nbytes(t, max_expansion, path), "its tensors")
+  budget.spend(sum(_view_nbytes(t, max_expansion, path) for t in distinct), "its tensors")
   by_storage: dict[int, list[_Tensor]] = {}
   for t in distinct:
     by_storage.setdefault(id(t.storage), []).append(t)
@@ -793,7 +798,7 @@ class _ZipReader:
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, RuntimeError, NotImplementedError,
             zlib.error) as e:
       raise CheckpointError(f"{self.path}: record {info.filename} is damaged ({type(e).__name__}: "
-                            f"{_short(str(e))}): the file is corrupt") from None
+                            f"{_clip(e)}): the file is corrupt") from None
     if len(raw) != info.file_size:
       raise CheckpointError(f"{self.path}: record {info.filename} is truncated: the file is corrupt")
     return raw
@@ -818,7 +823,7 @@ def _load_zip(path: str, file_size: int, max_expansion: float) -> dict[str, np.n
       zf = zipfile.ZipFile(f)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, struct.error,
             NotImplementedError) as e:
-      raise CheckpointError(f"{path}: not a readable zip archive ({_short(str(e))})") from None
+      raise CheckpointError(f"{path}: not a readable zip archive ({_clip(e)})") from None
     with zf:
       reader = _ZipReader(zf, path=path, file_size=file_size,
                           budget=_Budget(path, file_size, max_expansion))

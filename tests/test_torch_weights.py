@@ -14,8 +14,10 @@ import zipfile
 import numpy as np
 import pytest
 
+from common import torch_weights
 from common.errors import CheckpointError, DataNotFoundError
 from common.torch_weights import load_torch_weights
+from tests.bad_inputs import torch_files as tf
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "torch_weights")
 with open(os.path.join(FIXTURES, "expected.json"), encoding="utf-8") as _f:
@@ -177,3 +179,169 @@ def test_cyclic_pickle_terminates(tmp_path):
   _zip(path, pickle.dumps({"a": cyclic}, protocol=2))
   with pytest.raises(CheckpointError, match="holds no tensors"):
     load_torch_weights(str(path))
+
+
+# ---- hostile and damaged files, assembled opcode by opcode (tests/bad_inputs/torch_files.py) -----
+
+NUMPY_F8_STATE = tf.tuple_(tf.integer(3), tf.string("<"), tf.NONE, tf.NONE, tf.NONE, tf.integer(-1),
+                           tf.integer(-1), tf.integer(0))
+
+
+def _object_array():
+  """numpy's own pickle of np.array([1, 2], dtype=object): _reconstruct, then BUILD with a list."""
+  state = tf.tuple_(tf.integer(3), tf.string("|"), tf.NONE, tf.NONE, tf.NONE, tf.integer(-1),
+                    tf.integer(-1), tf.integer(63))
+  return tf.build_on(
+      tf.call(tf.global_("numpy.core.multiarray", "_reconstruct"), tf.global_("numpy", "ndarray"),
+              tf.ints((0,)), tf.bytes_(b"b")),
+      tf.tuple_(tf.integer(1), tf.ints((2,)), tf.numpy_dtype("O8", state), tf.FALSE,
+                tf.list_(tf.integer(1), tf.integer(2))))
+
+
+@pytest.mark.parametrize("entry,refused", [
+    (_object_array(), r"'numpy\.core\.multiarray\._reconstruct'"),
+    # uninitialised memory handed back as weights
+    (tf.call(tf.global_("numpy", "ndarray"), tf.ints((64,)), tf.string("f8")), r"'numpy\.ndarray'"),
+    # a void dtype of 1 byte whose field is an 8-byte float: the scalar reads past its buffer
+    (tf.numpy_scalar(tf.numpy_dtype("V1", tf.tuple_(
+        tf.integer(3), tf.string("|"), tf.NONE, tf.tuple_(tf.string("a")),
+        tf.dict_({"a": tf.tuple_(tf.numpy_dtype("f8"), tf.integer(0))}), tf.integer(1), tf.integer(1),
+        tf.integer(0))), b"\x00"), r"numpy dtype 'V1'"),
+    # a plain descriptor whose state adds fields and flags
+    (tf.numpy_dtype("f8", tf.tuple_(tf.integer(3), tf.string("<"), tf.NONE, tf.tuple_(tf.string("a")),
+                                     tf.NONE, tf.integer(8), tf.integer(8), tf.integer(63))),
+     r"numpy dtype with the state"),
+], ids=["object-array", "ndarray", "field-past-itemsize", "dtype-state-with-fields"])
+def test_numpy_arrays_and_non_numeric_dtypes_are_refused(tmp_path, entry, refused):
+  path = tf.one_tensor_zip(tmp_path / "np.pt", {"meta": entry}, byteorder=None)
+  with pytest.raises(CheckpointError, match=refused):
+    load_torch_weights(path)
+
+
+def test_numpy_scalars_in_metadata_are_read_as_numbers(tmp_path):
+  meta = tf.dict_({"lr": tf.numpy_scalar(tf.numpy_dtype("f8"), np.float64(0.5).tobytes()),
+                   "step": tf.numpy_scalar(tf.numpy_dtype("i8"), np.int64(7).tobytes())})
+  w = load_torch_weights(tf.one_tensor_zip(tmp_path / "meta.pt", {"meta": meta}))
+  assert sorted(w) == ["w"]  # non-tensor leaves are dropped, as for plain Python numbers
+  np.testing.assert_array_equal(w["w"], np.arange(6, dtype=np.float32).reshape(2, 3))
+
+
+_DEFAULTS = torch_weights._rebuild_tensor_v2.__defaults__  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("target,named", [
+    (tf.global_("torch._utils", "_rebuild_tensor_v2"), "'torch._utils._rebuild_tensor_v2'"),
+    (tf.global_("argparse", "Namespace"), "'argparse.Namespace'"),
+    (tf.call(tf.global_("collections", "OrderedDict")), "OrderedDict"),
+], ids=["function", "class", "dict"])
+def test_build_on_a_function_or_class_is_refused(tmp_path, target, named):
+  # BUILD's (dict, slotstate) form sets attributes: on a function it would change the reader itself.
+  state = tf.tuple_(tf.NONE, tf.dict_({"__defaults__": tf.tuple_(tf.integer(7), tf.FALSE, tf.NONE,
+                                                                 tf.NONE)}))
+  path = tf.one_tensor_zip(tmp_path / "build.pt", {"x": tf.build_on(target, state)})
+  with pytest.raises(CheckpointError, match="BUILD") as info:
+    load_torch_weights(path)
+  assert named in str(info.value)
+  assert torch_weights._rebuild_tensor_v2.__defaults__ == _DEFAULTS  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("entry,refused", [
+    (pickle.MARK + pickle.INST + b"collections\nOrderedDict\n", "INST opcode"),
+    (pickle.MARK + tf.global_("collections", "OrderedDict") + pickle.OBJ, "OBJ opcode"),
+    (tf.global_("builtins", "set") + tf.tuple_() + pickle.NEWOBJ, "instantiates '.*set' with NEWOBJ"),
+    (tf.call(tf.global_("builtins", "bytearray"), tf.integer(2**40)), "bytearray"),
+    (tf.call(tf.global_("torch", "Size"), tf.string("x" * 100)), "torch.Size"),
+], ids=["INST", "OBJ", "NEWOBJ-set", "bytearray-2**40", "Size-of-str"])
+def test_opcodes_and_calls_a_weight_file_never_needs_are_refused(tmp_path, entry, refused):
+  path = tf.one_tensor_zip(tmp_path / "op.pt", {"x": entry})
+  with pytest.raises(CheckpointError, match=refused):
+    load_torch_weights(path)
+
+
+@pytest.mark.parametrize("pid", [
+    tf.tuple_(tf.string("storage"), tf.global_("torch", "FloatStorage"), tf.integer(0), tf.string("cpu"),
+              tf.integer(6)),  # an int key
+    tf.tuple_(tf.string("storage"), tf.global_("torch", "FloatStorage"), tf.string("0"), tf.string("cpu"),
+              tf.string("6")),  # a str numel
+    tf.tuple_(tf.string("storage"), tf.global_("torch", "FloatStorage"), tf.string("0"), tf.string("cpu"),
+              tf.integer(6), tf.NONE),  # a legacy view field in a zip archive
+], ids=["int-key", "str-numel", "six-fields"])
+def test_malformed_storage_references_are_refused(tmp_path, pid):
+  w = tf.call(tf.global_("torch._utils", "_rebuild_tensor_v2"), pid + pickle.BINPERSID, tf.integer(0),
+              tf.ints((6,)), tf.ints((1,)), tf.FALSE, tf.NONE)
+  path = tf.torch_zip(tmp_path / "pid.pt", tf.program(tf.dict_({"w": w})),
+                      {"0": np.zeros(6, np.float32).tobytes()})
+  with pytest.raises(CheckpointError, match="malformed storage reference"):
+    load_torch_weights(path)
+
+
+def test_views_may_not_expand_their_storage(tmp_path):
+  # one float viewed as 1024 x 1024 (stride 0): 4 MiB of tensor from a file of a few hundred bytes
+  path = tf.torch_zip(tmp_path / "stride0.pt", tf.program(tf.dict_(
+      {"w": tf.tensor("0", (1024, 1024), (0, 0), numel=1)})), {"0": np.ones(1, np.float32).tobytes()})
+  with pytest.raises(CheckpointError, match=r"addresses 1048576 elements of a storage of 1, more than "
+                                            r"max_expansion=4"):
+    load_torch_weights(path)
+  w = load_torch_weights(path, max_expansion=2**21)  # the caller trusts it
+  assert w["w"].shape == (1024, 1024) and w["w"].min() == 1
+
+
+def test_many_views_of_one_storage_are_bounded_by_the_file_size(tmp_path):
+  views = {f"v{i}": tf.tensor("0", (1024,)) for i in range(64)}  # 64 x 4 KiB from a ~9 KiB file
+  path = tf.torch_zip(tmp_path / "views.pt", tf.program(tf.dict_(views)),
+                      {"0": np.ones(1024, np.float32).tobytes()})
+  with pytest.raises(CheckpointError, match=r"its tensors \(262144 bytes\) would bring .* more than max_expansion=4"):
+    load_torch_weights(path)
+  assert len(load_torch_weights(path, max_expansion=64)) == 64
+
+
+def test_compressed_records(tmp_path):
+  data = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+  good = tf.torch_zip(tmp_path / "rezipped.pt", tf.program(tf.dict_({"w": tf.tensor("0", (1000,))})),
+                      {"0": data.tobytes()}, compression=zipfile.ZIP_DEFLATED)
+  np.testing.assert_array_equal(load_torch_weights(good)["w"], data)  # e.g. unzipped and zipped again
+  n = 16 * 2**20  # 64 MiB of zeros deflate to ~64 KiB: refused before inflating
+  bomb = tf.torch_zip(tmp_path / "bomb.pt", tf.program(tf.dict_({"w": tf.tensor("0", (1,), numel=n)})),
+                      {"0": bytes(4 * n)}, compression=zipfile.ZIP_DEFLATED)
+  with pytest.raises(CheckpointError, match=r"record archive/data/0 \(67108864 bytes\) would bring"):
+    load_torch_weights(bomb)
+  bz2 = tf.torch_zip(tmp_path / "bz2.pt", tf.program(tf.dict_({"w": tf.tensor("0", (1000,))})),
+                     {"0": data.tobytes()}, compression=zipfile.ZIP_BZIP2)
+  with pytest.raises(CheckpointError, match="compression method 12"):
+    load_torch_weights(bz2)
+
+
+def test_declared_sizes_are_checked_before_reading(tmp_path):
+  numel = 2**38  # 1 TiB of float32 declared, 16 bytes present
+  zipped = tf.torch_zip(tmp_path / "huge.pt", tf.program(tf.dict_({"w": tf.tensor("0", (numel,))})),
+                        {"0": bytes(16)})
+  with pytest.raises(CheckpointError, match=rf"holds 16 bytes, its pickle declares {4 * numel}"):
+    load_torch_weights(zipped)
+  legacy = tf.legacy_file(tmp_path / "huge_legacy.pt", tf.program(tf.dict_(
+      {"w": tf.tensor("0", (numel,), legacy=True)})), [("0", numel, bytes(16))])
+  with pytest.raises(CheckpointError, match=rf"declares {numel} elements, 16 bytes are left"):
+    load_torch_weights(legacy)
+
+
+def test_legacy_file_written_by_hand(tmp_path):
+  data = np.arange(6, dtype=np.float32)
+  path = tf.legacy_file(tmp_path / "legacy.pt", tf.program(tf.dict_(
+      {"w": tf.tensor("0", (3, 2), (1, 3), legacy=True)})), [("0", 6, data.tobytes())])
+  np.testing.assert_array_equal(load_torch_weights(path)["w"], data.reshape(2, 3).T)
+
+
+def test_flipped_crc_and_byteorder(tmp_path):
+  path = tf.one_tensor_zip(tmp_path / "crc.pt")
+  raw = bytearray(open(path, "rb").read())
+  at = raw.index(np.arange(6, dtype=np.float32).tobytes())
+  raw[at + 5] ^= 0x40
+  open(path, "wb").write(bytes(raw))
+  with pytest.raises(CheckpointError, match=r"record archive/data/0 is damaged \(BadZipFile: Bad CRC"):
+    load_torch_weights(path)
+  for byteorder in (b"LITTLE", b"little\n", "littl\u00e9".encode(), b"\xff\xfe"):
+    path = tf.one_tensor_zip(tmp_path / "order.pt", byteorder=byteorder)
+    with pytest.raises(CheckpointError, match="byteorder record is .*, not 'little' or 'big'"):
+      load_torch_weights(path)
+  big = tf.torch_zip(tmp_path / "big.pt", tf.program(tf.dict_({"w": tf.tensor("0", (6,))})),
+                     {"0": np.arange(6, dtype=">f4").tobytes()}, byteorder=b"big")
+  np.testing.assert_array_equal(load_torch_weights(big)["w"], np.arange(6, dtype=np.float32))
