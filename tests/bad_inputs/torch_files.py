@@ -15,6 +15,7 @@ int64 element count and its bytes), as torch/serialization.py (`_save`, `_legacy
 import pickle
 import struct
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -176,3 +177,40 @@ def one_tensor_zip(path, extra: dict[str, bytes] | None = None, **kwargs) -> str
   """A valid archive {"w": float32 [[0, 1, 2], [3, 4, 5]]} plus the pickled `extra` entries."""
   body = dict_({"w": tensor("0", (2, 3)), **(extra or {})})
   return torch_zip(path, program(body), {"0": np.arange(6, dtype=np.float32).tobytes()}, **kwargs)
+
+
+def raw_zip(path, members: list[tuple[str, int, bytes, int, int]]) -> str:
+  """Writes a zip archive from members given as (name, method, payload as stored in the archive,
+  declared uncompressed size, declared CRC-32): what zipfile cannot write, e.g. a payload deflated
+  beforehand or sizes that lie (APPNOTE.TXT 4.3.7 local header, 4.3.12 central directory, 4.3.16 end
+  record; no zip64, so every size is below 4 GiB)."""
+  local, central = bytearray(), bytearray()
+  for name, method, payload, size, crc in members:
+    n = name.encode()
+    fields = struct.pack("<HHHHHIIIHH", 20, 0, method, 0, 0x21, crc, len(payload), size, len(n), 0)
+    central += struct.pack("<IH", 0x02014B50, 20) + fields + struct.pack("<HHHII", 0, 0, 0, 0,
+                                                                         len(local)) + n
+    local += struct.pack("<I", 0x04034B50) + fields + n + payload
+  end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(members), len(members), len(central), len(local),
+                    0)
+  with open(path, "wb") as f:
+    f.write(bytes(local + central + end))
+  return str(path)
+
+
+def deflated_zeros(nbytes: int, chunk: int = 64 * 2**20) -> tuple[bytes, int]:
+  """(raw DEFLATE stream, CRC-32) of `nbytes` zero bytes (a multiple of `chunk`), made from one chunk:
+  after a full flush the compressor starts afresh, so each chunk compresses to the same bytes."""
+  assert nbytes % chunk == 0
+  c = zlib.compressobj(9, zlib.DEFLATED, -15)
+  zeros = bytes(chunk)
+  block = c.compress(zeros) + c.flush(zlib.Z_FULL_FLUSH)
+  crc = 0
+  for _ in range(nbytes // chunk):
+    crc = zlib.crc32(zeros, crc)
+  return block * (nbytes // chunk) + c.flush(), crc
+
+
+def stored(name: str, data: bytes) -> tuple[str, int, bytes, int, int]:
+  """A `raw_zip` member stored as is, with its true size and CRC."""
+  return (name, zipfile.ZIP_STORED, data, len(data), zlib.crc32(data))
