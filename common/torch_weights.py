@@ -310,9 +310,8 @@ class _NumpyDtype:
     self.dtype = np.dtype(_NUMPY_DESCRIPTORS[descr])
 
   def __setstate__(self, state):
-    if not (type(state) is tuple and len(state) == 8 and state[0] == 3 and state[1] in "<>|="
-            and type(state[1]) is str and len(state[1]) == 1
-            and state[2:] == (None, None, None, -1, -1, 0)):
+    if not (type(state) is tuple and len(state) == 8 and state[0] == 3 and type(state[1]) is str
+            and len(state[1]) == 1 and state[1] in "<>|=" and state[2:] == (None, None, None, -1, -1, 0)):
       raise _BadPickle(f"refusing a numpy dtype with the state {_short(state)}: only plain numeric "
                        "dtypes are read")
     if state[1] == ">":
@@ -629,10 +628,12 @@ def _view_nbytes(t: _Tensor, max_expansion: float, path: str) -> int:
                           f"number of {t.dtype} elements: the file is corrupt")
   elements = t.storage.nbytes // itemsize
   numel = math.prod(t.size)
+  where = f"tensor view (size {_short(t.size)}, stride {_short(t.stride)}, offset {t.offset})"
   if numel == 0:
+    if math.prod(n for n in t.size if n) * itemsize >= 2**62:  # numpy refuses such an empty shape too
+      raise CheckpointError(f"{path}: {where} has impossible dimensions: the file is corrupt")
     return 0
   last = t.offset + sum((n - 1) * s for n, s in zip(t.size, t.stride))
-  where = f"tensor view (size {_short(t.size)}, stride {_short(t.stride)}, offset {t.offset})"
   if last >= elements:
     raise CheckpointError(f"{path}: {where} reads past its storage of {elements} elements: the file is "
                           "corrupt")

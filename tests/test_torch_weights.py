@@ -286,6 +286,16 @@ def test_views_may_not_expand_their_storage(tmp_path):
   assert w["w"].shape == (1024, 1024) and w["w"].min() == 1
 
 
+def test_empty_views_with_impossible_dimensions(tmp_path):
+  ok = tf.torch_zip(tmp_path / "empty.pt", tf.program(tf.dict_({"w": tf.tensor("0", (0, 5), numel=0)})),
+                    {"0": b""})
+  assert load_torch_weights(ok)["w"].shape == (0, 5)
+  bad = tf.torch_zip(tmp_path / "huge_empty.pt", tf.program(tf.dict_(
+      {"w": tf.tensor("0", (0, 2**62), (1, 1), numel=0)})), {"0": b""})
+  with pytest.raises(CheckpointError, match="impossible dimensions"):
+    load_torch_weights(bad)
+
+
 def test_many_views_of_one_storage_are_bounded_by_the_file_size(tmp_path):
   views = {f"v{i}": tf.tensor("0", (1024,)) for i in range(64)}  # 64 x 4 KiB from a ~9 KiB file
   path = tf.torch_zip(tmp_path / "views.pt", tf.program(tf.dict_(views)),
