@@ -355,3 +355,38 @@ def test_flipped_crc_and_byteorder(tmp_path):
   big = tf.torch_zip(tmp_path / "big.pt", tf.program(tf.dict_({"w": tf.tensor("0", (6,))})),
                      {"0": np.arange(6, dtype=">f4").tobytes()}, byteorder=b"big")
   np.testing.assert_array_equal(load_torch_weights(big)["w"], np.arange(6, dtype=np.float32))
+
+
+def _mutate(rng: np.random.Generator, raw: bytes) -> bytes:
+  """1-4 random byte changes, deletions or insertions."""
+  b = bytearray(raw)
+  for _ in range(rng.integers(1, 5)):
+    i, op = int(rng.integers(len(b))), rng.random()
+    if op < 0.6:
+      b[i] = int(rng.integers(256))
+    elif op < 0.8:
+      del b[i]
+    else:
+      b.insert(i, int(rng.integers(256)))
+  return bytes(b)
+
+
+@pytest.mark.parametrize("filename", ["state_dict.pt", "legacy.pt", "script.pt"])
+def test_damaged_pickles_give_a_result_or_one_clear_error(tmp_path, filename):
+  # seeded damage to the pickle (the whole legacy file; data.pkl of a zip, re-zipped with valid CRCs)
+  rng = np.random.default_rng(1)
+  source = os.path.join(FIXTURES, filename)
+  path = tmp_path / filename
+  for _ in range(200):
+    if filename == "legacy.pt":
+      path.write_bytes(_mutate(rng, open(source, "rb").read()))
+    else:
+      with zipfile.ZipFile(source) as zin, zipfile.ZipFile(path, "w") as zout:
+        for info in zin.infolist():
+          raw = zin.read(info)
+          zout.writestr(info.filename, _mutate(rng, raw) if raw and info.filename.endswith(
+              "/data.pkl") else raw)
+    try:
+      load_torch_weights(str(path))
+    except CheckpointError:
+      pass
