@@ -282,10 +282,13 @@ def compute_metrics(sample_feats: dict[str, np.ndarray], ref: dict, *,
     raise ShapeError(f"compute_metrics: the reference lacks 'mu'/'sigma' (has {sorted(ref)})")
   notes = []
   mu, sigma = metrics.feature_statistics(sample_feats["pool"])
-  result = {"fid": metrics.frechet_distance(mu, sigma, ref["mu"], ref["sigma"])}
+  names = ("the samples' statistics (mu, sigma)", "the reference statistics (mu, sigma)")
+  result = {"fid": metrics.frechet_distance(mu, sigma, ref["mu"], ref["sigma"], names=names)}
   if "mu_s" in ref and "sigma_s" in ref:
     mu_s, sigma_s = metrics.feature_statistics(sample_feats["spatial"])
-    result["sfid"] = metrics.frechet_distance(mu_s, sigma_s, ref["mu_s"], ref["sigma_s"])
+    result["sfid"] = metrics.frechet_distance(
+        mu_s, sigma_s, ref["mu_s"], ref["sigma_s"],
+        names=tuple(n.replace("mu, sigma", "mu_s, sigma_s") for n in names))
   else:
     result["sfid"] = None
     notes.append("sfid: the reference has no spatial statistics (mu_s, sigma_s)")

@@ -159,7 +159,39 @@ def load_images(path: str, *, batch_size: int = 1000, limit: int | None = None) 
   raise ShapeError(f"images file {path!r} has no 'images' or 'arr_0' array (it has {keys})")
 
 
+def read_npz_arrays(path: str, keys: list[str], what: str) -> dict[str, np.ndarray]:
+  """The members `keys` of an .npz archive, each checked against the bytes it holds before loading.
+
+  A member's .npy header declares its shape; the array is read only when that shape's bytes equal
+  the member's size after the header, so a small file cannot make numpy allocate terabytes (a
+  MemoryError) and a truncated member is refused by name. Object arrays are refused (no pickle).
+
+  Raises:
+    ShapeError: a member is not a plain .npy array, its size disagrees with its header, or the
+      archive is corrupt (a bad CRC, truncated).
+  """
+  out = {}
+  try:
+    with as_path(path).open("rb") as f, zipfile.ZipFile(f) as z:
+      for key in keys:
+        info = z.getinfo(f"{key}.npy")
+        with z.open(info) as member:
+          shape, dtype, _ = _read_npy_header(member)
+          declared = int(np.prod(shape, dtype=object)) * np.dtype(dtype).itemsize
+          held = info.file_size - member.tell()
+          if declared != held:
+            raise ShapeError(f"{what} {path!r}: '{key}' declares {dtype} {list(shape)} "
+                             f"({declared} bytes) but holds {held} bytes; the file is corrupt")
+        with z.open(info) as member:
+          out[key] = np.lib.format.read_array(member, allow_pickle=False)
+  except (ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # object arrays, bad members
+    raise ShapeError(f"{what} {path!r} cannot be read: {type(e).__name__}: {e}") from e
+  return out
+
+
 def _check_stats(path: str, stats: dict) -> None:
+  """Shapes, dtypes and values of a reference's statistics (converted to float64 in place)."""
+  from common.eval import metrics  # pylint: disable=import-outside-toplevel  (jax: keep this module light)
   for mu_key, sigma_key in STAT_PAIRS:
     if (mu_key in stats) != (sigma_key in stats):
       raise ShapeError(f"reference {path!r} has {mu_key if mu_key in stats else sigma_key} without "
@@ -171,6 +203,8 @@ def _check_stats(path: str, stats: dict) -> None:
         np.issubdtype(mu.dtype, np.floating) and np.issubdtype(sigma.dtype, np.floating)):
       raise ShapeError(f"reference {path!r}: {mu_key} must be float [D] and {sigma_key} float [D, D], "
                        f"got {mu.dtype} {list(mu.shape)} and {sigma.dtype} {list(sigma.shape)}")
+    stats[mu_key], stats[sigma_key] = metrics.check_statistics(
+        mu, sigma, f"reference {path!r} ({mu_key}, {sigma_key})")
   if "pool" in stats:
     pool = stats["pool"]
     d = len(stats["mu"]) if "mu" in stats else None
@@ -178,6 +212,7 @@ def _check_stats(path: str, stats: dict) -> None:
                                                                                    np.floating):
       raise ShapeError(f"reference {path!r}: pool must be float [N, {d or 'D'}], got {pool.dtype} "
                        f"{list(pool.shape)}")
+    metrics.check_finite(pool, f"reference {path!r}: the pool features")
 
 
 def load_reference(path: str, *, batch_size: int = 1000) -> dict:
@@ -193,14 +228,8 @@ def load_reference(path: str, *, batch_size: int = 1000) -> dict:
       shape or dtype.
   """
   keys = _npz_keys(path, "reference")
-  out = {}
-  try:
-    with as_path(path).open("rb") as f, np.load(f) as z:
-      for key in ("mu", "sigma", "mu_s", "sigma_s", "pool"):
-        if key in keys:
-          out[key] = z[key]
-  except ValueError as e:  # object arrays, corrupt members
-    raise ShapeError(f"reference {path!r} cannot be read: {e}") from e
+  out = read_npz_arrays(path, [k for k in ("mu", "sigma", "mu_s", "sigma_s", "pool") if k in keys],
+                        "reference")
   _check_stats(path, out)
   for key in ("mu", "sigma", "mu_s", "sigma_s"):
     if key in out:
