@@ -25,6 +25,7 @@ from common import sharding
 from common.paths import as_path
 from common.checkpoint import Checkpointer
 from common.data import make_train_iterator
+from common.data.captions import read_prompts
 from common.errors import CheckpointError, ConfigError, NonFiniteLossError, ShapeError
 from common.experiment import Experiment
 from common.images import save_grid, to_uint8
@@ -219,18 +220,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
   return result
 
 
-def _read_prompts(path: str | None) -> list[str] | None:
-  if not path:
-    return None
-  p = epath.Path(path)
-  if not p.exists():
-    raise ConfigError(f"--prompts={path}: no such file (one prompt a line).")
-  prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
-  if not prompts:
-    raise ConfigError(f"--prompts={path} holds no prompt (one prompt a line).")
-  return prompts
-
-
 def sample(config: ml_collections.ConfigDict, workdir: str | None, *,
            num_samples: int | None = None, sampler: str | None = None,
            num_steps: int | None = None, guidance_scale: float | None = None,
@@ -246,6 +235,8 @@ def sample(config: ml_collections.ConfigDict, workdir: str | None, *,
   `images` (uint8 [N, H, W, C], decoded through `config.autoencoder` for latent models) and
   `labels` (int32 [N], class-conditional models) or `prompts` ([N] str, text-conditional ones).
   """
+  # Read before any work, so a bad file costs no model load.
+  prompts = read_prompts(prompts_file, f"--prompts={prompts_file}") if prompts_file else None
   mesh = sharding.make_mesh(config.mesh)
   if checkpoint:
     from common import deployment  # pylint: disable=import-outside-toplevel
@@ -270,7 +261,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str | None, *,
   n = int(num_samples or config.sample.num_samples)
   images, meaning = generate(
       exp, params, n, seed=config.seed if seed is None else seed,
-      prompts=_read_prompts(prompts_file), progress=True, sampler=sampler, num_steps=num_steps,
+      prompts=prompts, progress=True, sampler=sampler, num_steps=num_steps,
       guidance_scale=guidance_scale, guidance_interval=guidance_interval)
   out_dir = wd / "samples"
   path = out_dir / "samples.npz"
