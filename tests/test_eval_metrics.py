@@ -521,3 +521,28 @@ def test_reference_refuses_non_finite_pool_and_oversized_headers(tmp_path):
     z.writestr("sigma.npy", header.getvalue() + bytes(32))
   with pytest.raises(ShapeError, match=r"'mu' declares float64 \[1099511627776\] .* holds 32 bytes"):
     reference.load_reference(str(tmp_path / "huge.npz"))
+
+
+def test_cache_files_record_their_settings_and_are_written_atomically(tmp_path, monkeypatch):
+  from common.eval import cache  # pylint: disable=import-outside-toplevel
+  path = str(tmp_path / "c.npz")
+  settings = {"sample": {"num_steps": 4, "guidance_interval": (-1.0, 1.0)}, "step": 10}
+  reference.write_arrays(path, {"images": np.arange(6, dtype=np.uint8)}, settings=settings)
+  logs = []
+  got = cache.load(path, settings, ["images"], what="samples", log=logs.append)
+  np.testing.assert_array_equal(got["images"], np.arange(6))
+  assert not logs
+  other = {**settings, "sample": {"num_steps": 2, "guidance_interval": (-1.0, 1.0)}}
+  assert cache.load(path, other, ["images"], what="samples", log=logs.append) is None
+  assert logs == [f"the cached samples {path} were made with other settings (sample.num_steps: "
+                  "4 -> 2); recomputing them"]
+  # A write killed half way leaves the previous file whole (temporary file + rename).
+
+  def killed(f, **arrays):
+    f.write(b"PK\x03\x04 half an archive")
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(reference.np, "savez", killed)
+  with pytest.raises(KeyboardInterrupt):
+    reference.write_arrays(path, {"images": np.zeros(6, np.uint8)}, settings=other)
+  assert cache.load(path, settings, ["images"], what="samples", log=logs.append) is not None

@@ -25,7 +25,7 @@ from common.errors import ShapeError
 from common.eval import metrics
 from common.eval import reference as reference_lib
 from common.metrics import format_duration
-from common.paths import as_path
+from common.paths import as_path, is_remote
 
 FEATURE_KEYS = ("pool", "spatial", "logits")
 
@@ -333,12 +333,24 @@ def fid_network(inception_path: str | None = None):
   return _NETWORKS[inception_path]
 
 
+def _file_version(path: str) -> tuple:
+  """What changes whenever the file at `path` is rewritten: for a local file its inode (a file
+  renamed into place, as `reference.write_arrays` does, is a new inode) and mtime in ns; for
+  remote paths epath's mtime (whole seconds) and size."""
+  p = as_path(path)
+  if not p.exists():
+    return (os.fspath(p), None)
+  if is_remote(p):
+    st = p.stat()
+    return (os.fspath(p), st.mtime, st.length)
+  st = os.stat(p)
+  return (os.fspath(p), st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 def _resolved_reference(reference: str | dict, extract: Callable, inception_path: str | None) -> dict:
   if not isinstance(reference, str):
     return reference_lib.reference_statistics(reference, extract)
-  path = as_path(reference)
-  st = path.stat() if path.exists() else None  # mtime in whole seconds (epath)
-  key = (os.fspath(path), st and st.mtime, st and st.length, inception_path)
+  key = (_file_version(reference), inception_path)
   if key not in _REFERENCES:
     _REFERENCES[key] = reference_lib.reference_statistics(
         reference_lib.load_reference(reference), extract)

@@ -22,6 +22,7 @@ archive in batches, never all at once, as ADM's `StreamingNpzArrayReader` does.
 
 from collections.abc import Callable, Iterator
 import contextlib
+import json
 import zipfile
 
 import numpy as np
@@ -30,6 +31,7 @@ from common.errors import DataNotFoundError, ShapeError
 from common.paths import as_path
 
 IMAGE_KEYS = ("arr_0", "images")
+SETTINGS_KEY = "cache_settings"  # what made a cache file (common.eval.cache); ADM's evaluator ignores it
 STAT_PAIRS = (("mu", "sigma"), ("mu_s", "sigma_s"))
 
 
@@ -123,7 +125,8 @@ def _check_exists(path: str, what: str) -> None:
     raise DataNotFoundError(f"{what} {path!r} does not exist")
 
 
-def _npz_keys(path: str, what: str) -> list[str]:
+def npz_keys(path: str, what: str) -> list[str]:
+  """The array names in an .npz archive; DataNotFoundError / ShapeError when missing / not a zip."""
   _check_exists(path, what)
   try:
     with as_path(path).open("rb") as f, zipfile.ZipFile(f) as z:
@@ -152,7 +155,7 @@ def load_images(path: str, *, batch_size: int = 1000, limit: int | None = None) 
       return NpzImages(path, None, batch_size=batch_size, limit=limit)
     except ValueError as e:
       raise ShapeError(f"images file {path!r} is not a readable .npy array ({e})") from e
-  keys = _npz_keys(path, "images file")
+  keys = npz_keys(path, "images file")
   for key in IMAGE_KEYS:
     if key in keys:
       return _npz_images(path, key, batch_size, limit)
@@ -227,7 +230,7 @@ def load_reference(path: str, *, batch_size: int = 1000) -> dict:
     ShapeError: it is not an npz, holds neither images nor statistics, or an array has the wrong
       shape or dtype.
   """
-  keys = _npz_keys(path, "reference")
+  keys = npz_keys(path, "reference")
   out = read_npz_arrays(path, [k for k in ("mu", "sigma", "mu_s", "sigma_s", "pool") if k in keys],
                         "reference")
   _check_stats(path, out)
@@ -286,21 +289,31 @@ def reference_statistics(ref: dict, extract: Callable[[object], dict]) -> dict:
 
 
 def write_reference(path: str, stats: dict, *, images: np.ndarray | None = None,
-                    labels: np.ndarray | None = None) -> str:
+                    labels: np.ndarray | None = None, settings: dict | None = None) -> str:
   """Writes a reference batch: ADM's `arr_0`, `mu`, `sigma`, `mu_s`, `sigma_s`, plus `pool`, `arr_1`.
 
   The file is written next to `path` and renamed into place, so a reader never sees half a file.
+  `settings` (what made it) are recorded when the file is a cache (`common.eval.cache`).
   """
   arrays = {k: np.asarray(stats[k]) for k in ("mu", "sigma", "mu_s", "sigma_s", "pool") if k in stats}
   if images is not None:
     arrays["arr_0"] = np.asarray(images, np.uint8)
   if labels is not None:
     arrays["arr_1"] = np.asarray(labels, np.int32)
-  return write_arrays(path, arrays)
+  return write_arrays(path, arrays, settings=settings)
 
 
-def write_arrays(path: str, arrays: dict[str, np.ndarray]) -> str:
-  """`np.savez(path, **arrays)` (uncompressed, as ADM's files), written to a temporary file first."""
+def write_arrays(path: str, arrays: dict[str, np.ndarray], *, settings: dict | None = None) -> str:
+  """`np.savez(path, **arrays)` (uncompressed, as ADM's files), written to a temporary file first.
+
+  Args:
+    path: the .npz to write; it appears complete or not at all (temporary file + rename).
+    arrays: name -> array.
+    settings: when given, also stored as `cache_settings` (their JSON, a 0-d str array): what made
+      the file, compared by `common.eval.cache.load` before the file is reused.
+  """
+  if settings is not None:
+    arrays = {**arrays, SETTINGS_KEY: np.asarray(settings_json(settings))}
   as_path(path).parent.mkdir(parents=True, exist_ok=True)
   tmp = as_path(f"{path}.tmp")
   with tmp.open("wb") as f:
@@ -309,9 +322,15 @@ def write_arrays(path: str, arrays: dict[str, np.ndarray]) -> str:
   return path
 
 
+def settings_json(settings: dict) -> str:
+  """The canonical JSON of a cache's settings (keys sorted, tuples as lists, others by repr)."""
+  return json.dumps(settings, sort_keys=True, default=repr)
+
+
 def make_reference(path: str, images, *, labels: np.ndarray | None = None,
                    inception_path: str | None = None, batch_size: int = 256, mesh=None,
-                   store_images: bool = True, progress: bool = True) -> dict:
+                   store_images: bool = True, progress: bool = True,
+                   settings: dict | None = None) -> dict:
   """Computes the FID Inception statistics of `images` and writes them as a reference batch.
 
   Args:
@@ -322,6 +341,7 @@ def make_reference(path: str, images, *, labels: np.ndarray | None = None,
     inception_path: weights of the FID Inception (None: its default location).
     batch_size, mesh, progress: see `features.extract_features`.
     store_images: also store the images as `arr_0` (makes the file usable by ADM's evaluator).
+    settings: what made the file, recorded when it is a cache (`common.eval.cache`).
 
   Returns:
     The statistics written (`mu`, `sigma`, `mu_s`, `sigma_s`, `pool`).
@@ -334,5 +354,6 @@ def make_reference(path: str, images, *, labels: np.ndarray | None = None,
   stats = statistics_from_features(feats)
   if store_images:
     images = images if isinstance(images, np.ndarray) else images.read_all()
-  write_reference(path, stats, images=images if store_images else None, labels=labels)
+  write_reference(path, stats, images=images if store_images else None, labels=labels,
+                  settings=settings)
   return stats
