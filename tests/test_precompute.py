@@ -407,18 +407,20 @@ def test_image_folder_with_txt_captions(tmp_path):
     ("truncated", r"damaged or not a valid image \(OSError: Truncated File Read\)"),
     ("not-an-image", "not an image file PIL can identify"),
     ("bad-crc", r"damaged or not a valid image \(SyntaxError: broken PNG file \(bad header checksum"),
+    ("truncated-jpeg", r"damaged or not a valid image \(OSError: image file is truncated"),
 ])
 def test_bad_images_are_refused_before_decoding(tmp_path, case, message):
-  from tests.bad_inputs.images import bad_images  # pylint: disable=import-outside-toplevel
+  from tests.bad_inputs.images import bad_images, truncated_jpeg  # pylint: disable=import-outside-toplevel
   root = tmp_path / "folder"
   root.mkdir()
   _png(root / "a.png", (20, 20), 0)
-  (root / "b.png").write_bytes(bad_images()[case])
-  for name in ("a", "b"):
-    (root / f"{name}.txt").write_text("a caption\n")
+  name = "b.jpg" if case == "truncated-jpeg" else "b.png"
+  (root / name).write_bytes(truncated_jpeg() if case == "truncated-jpeg" else bad_images()[case])
+  for stem in ("a", "b"):
+    (root / f"{stem}.txt").write_text("a caption\n")
   source = cap.CaptionedImageFolder(str(root), image_size=16)
   assert source[0].image.shape == (16, 16, 3)
-  with pytest.raises(DataNotFoundError, match=f"image {root / 'b.png'}.*" + message):
+  with pytest.raises(DataNotFoundError, match=f"image {root / name}.*" + message):
     source[1]  # pylint: disable=pointless-statement
 
 

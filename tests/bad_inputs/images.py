@@ -6,10 +6,12 @@ bit depth, colour type (2 = RGB), compression, filter and interlace methods; IDA
 the filtered scanlines (one filter byte, 0 = none, before each row).
 """
 
+import io
 import struct
 import zlib
 
 import numpy as np
+from PIL import Image
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -44,3 +46,11 @@ def bad_images() -> dict[str, bytes]:
       "not-an-image": b"this is a text file with a .png name\n",
       "bad-crc": png(pixels, idat_crc=0),  # the data is intact, its checksum is not
   }
+
+
+def truncated_jpeg() -> bytes:
+  """A 48 x 48 baseline JPEG (PIL's encoder) cut inside its entropy-coded data."""
+  pixels = np.random.default_rng(2).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+  return buf.getvalue()[:len(buf.getvalue()) // 2]
