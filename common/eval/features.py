@@ -25,7 +25,7 @@ from common.errors import ShapeError
 from common.eval import metrics
 from common.eval import reference as reference_lib
 from common.metrics import format_duration
-from common.paths import as_path, is_remote
+from common.paths import as_path
 
 FEATURE_KEYS = ("pool", "spatial", "logits")
 
@@ -334,17 +334,14 @@ def fid_network(inception_path: str | None = None):
 
 
 def _file_version(path: str) -> tuple:
-  """What changes whenever the file at `path` is rewritten: for a local file its inode (a file
-  renamed into place, as `reference.write_arrays` does, is a new inode) and mtime in ns; for
-  remote paths epath's mtime (whole seconds) and size."""
+  """What changes when the file at `path` is rewritten: epath's mtime (whole seconds) and size, and
+  for a cache file the settings it records (`common.eval.cache`: a reference recomputed with other
+  settings within the same second and of the same size is still a new version)."""
   p = as_path(path)
   if not p.exists():
     return (os.fspath(p), None)
-  if is_remote(p):
-    st = p.stat()
-    return (os.fspath(p), st.mtime, st.length)
-  st = os.stat(p)
-  return (os.fspath(p), st.st_ino, st.st_mtime_ns, st.st_size)
+  st = p.stat()
+  return (os.fspath(p), st.mtime, st.length, reference_lib.recorded_settings(path))
 
 
 def _resolved_reference(reference: str | dict, extract: Callable, inception_path: str | None) -> dict:

@@ -27,7 +27,7 @@ import zipfile
 
 import numpy as np
 
-from common.errors import DataNotFoundError, ShapeError
+from common.errors import DataNotFoundError, ShapeError, UserError
 from common.paths import as_path
 
 IMAGE_KEYS = ("arr_0", "images")
@@ -320,6 +320,17 @@ def write_arrays(path: str, arrays: dict[str, np.ndarray], *, settings: dict | N
     np.savez(f, **arrays)
   tmp.replace(as_path(path))
   return path
+
+
+def recorded_settings(path: str) -> str | None:
+  """The `cache_settings` JSON a cache file records (`write_arrays(..., settings=...)`), or None
+  when it records none or is not a readable .npz."""
+  try:
+    if SETTINGS_KEY not in npz_keys(path, "cache"):
+      return None
+    return str(read_npz_arrays(path, [SETTINGS_KEY], "cache")[SETTINGS_KEY])
+  except (UserError, OSError):
+    return None
 
 
 def settings_json(settings: dict) -> str:
