@@ -8,6 +8,9 @@ the diffusion literature reports numbers with, and says where pytorch-fid
 * `frechet_distance`: FID (Heusel et al., arXiv 1706.08500, eq. 6) on the 2048-d `pool_3` features;
   sFID (Nash et al., arXiv 2103.03841, sec. 4.1) is the same distance on the first 7 channels of
   `mixed_6/conv` (17 x 17 x 7 = 2023-d).
+* `check_statistics` / `check_finite`: statistics and features are finite, of matching shapes, and
+  each covariance symmetric positive semi-definite, checked before any matrix square root
+  (`scipy.linalg.sqrtm` of a product with NaN/inf runs for minutes).
 * `FeatureStats` / `feature_statistics`: mean and covariance (`np.cov(x, rowvar=False)`, float64),
   accumulated batch by batch.
 * `inception_score`: Salimans et al., arXiv 1606.03498, sec. 4, over splits of 5000 samples.
