@@ -25,6 +25,7 @@ from common import sharding
 from common.paths import as_path
 from common.checkpoint import Checkpointer
 from common.data import make_train_iterator
+from common.data.captions import read_prompts
 from common.errors import CheckpointError, ConfigError, NonFiniteLossError, ShapeError
 from common.experiment import Experiment
 from common.images import save_grid, to_uint8
@@ -219,18 +220,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
   return result
 
 
-def _read_prompts(path: str | None) -> list[str] | None:
-  if not path:
-    return None
-  p = epath.Path(path)
-  if not p.exists():
-    raise ConfigError(f"--prompts={path}: no such file (one prompt a line).")
-  prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
-  if not prompts:
-    raise ConfigError(f"--prompts={path} holds no prompt (one prompt a line).")
-  return prompts
-
-
 def sample(config: ml_collections.ConfigDict, workdir: str | None, *,
            num_samples: int | None = None, sampler: str | None = None,
            num_steps: int | None = None, guidance_scale: float | None = None,
@@ -246,6 +235,8 @@ def sample(config: ml_collections.ConfigDict, workdir: str | None, *,
   `images` (uint8 [N, H, W, C], decoded through `config.autoencoder` for latent models) and
   `labels` (int32 [N], class-conditional models) or `prompts` ([N] str, text-conditional ones).
   """
+  # Read before any work, so a bad file costs no model load.
+  prompts = read_prompts(prompts_file, f"--prompts={prompts_file}") if prompts_file else None
   mesh = sharding.make_mesh(config.mesh)
   if checkpoint:
     from common import deployment  # pylint: disable=import-outside-toplevel
@@ -270,7 +261,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str | None, *,
   n = int(num_samples or config.sample.num_samples)
   images, meaning = generate(
       exp, params, n, seed=config.seed if seed is None else seed,
-      prompts=_read_prompts(prompts_file), progress=True, sampler=sampler, num_steps=num_steps,
+      prompts=prompts, progress=True, sampler=sampler, num_steps=num_steps,
       guidance_scale=guidance_scale, guidance_interval=guidance_interval)
   out_dir = wd / "samples"
   path = out_dir / "samples.npz"
@@ -331,50 +322,73 @@ def export(config: ml_collections.ConfigDict, workdir: str, *, out: str | None =
 
 def _reference(config: ml_collections.ConfigDict, wd: epath.Path):
   """`config.eval.reference` (a path to images or statistics), or statistics of the config's own
-  real images (`eval.reference_data`, default config.data, split `eval.reference_split`), written
-  once to WORKDIR/eval/reference.npz."""
+  real images (`eval.reference_data`, default config.data, split `eval.reference_split`), cached in
+  WORKDIR/eval/reference.npz with the settings that made it (`common.eval.cache`)."""
   from common.data import load_arrays  # pylint: disable=import-outside-toplevel
+  from common.eval import cache  # pylint: disable=import-outside-toplevel
+  from common.eval.inception import weights_identity  # pylint: disable=import-outside-toplevel
   from common.eval.reference import make_reference  # pylint: disable=import-outside-toplevel
   ec = config.eval
   if ec.get("reference"):
     return str(ec.reference)
   path = wd / "eval" / "reference.npz"
-  if not path.exists():
-    data_cfg = ec.get("reference_data") or config.data
+  data_cfg = ec.get("reference_data") or config.data
+  limit = int(ec.get("reference_limit") or 0) or None
+  inception = ec.get("inception") or None
+  settings = {"cache": "reference statistics", "data": data_cfg.to_dict(),
+              "split": ec.reference_split, "limit": limit, "inception": weights_identity(inception)}
+  if cache.load(str(path), settings, ["mu", "sigma"], what="reference statistics") is None:
     _log(f"writing the reference statistics of {data_cfg.name} ({ec.reference_split}) to {path}")
-    images, _ = load_arrays(data_cfg, split=ec.reference_split,
-                            limit=int(ec.get("reference_limit") or 0) or None)
-    make_reference(str(path), images, inception_path=ec.get("inception") or None,
-                   batch_size=int(ec.batch_size), store_images=False)
+    images, _ = load_arrays(data_cfg, split=ec.reference_split, limit=limit)
+    make_reference(str(path), images, inception_path=inception, batch_size=int(ec.batch_size),
+                   store_images=False, settings=settings)
   return str(path)
+
+
+def _samples_settings(config: ml_collections.ConfigDict, step: int, n: int) -> dict:
+  """Everything that shapes the evaluation samples of checkpoint `step` (common.eval.cache)."""
+  from common.eval.cache import fingerprint  # pylint: disable=import-outside-toplevel
+  sample = {k: v for k, v in config.sample.to_dict().items() if k != "num_samples"}
+  return {"cache": "evaluation samples", "step": int(step), "num_samples": int(n),
+          "seed": int(config.eval.seed), "sample": sample, "precision": config.get("precision"),
+          "model": fingerprint(config.model), "diffusion": fingerprint(config.diffusion),
+          "numerics": fingerprint(config.get("numerics") or {}),
+          "autoencoder": config.get("autoencoder"), "text_encoder": config.get("text_encoder")}
 
 
 def evaluate_params(exp: Experiment, params, step: int, wd: epath.Path, *,
                     num_samples: int | None = None) -> dict:
   """Samples `num_samples` (default config.eval.num_samples) images from `params` and scores them
   (FID, sFID, IS, precision, recall) against the reference. The samples of a step are kept in
-  WORKDIR/eval/samples_step_N.npz and reused; the scores go to WORKDIR/eval/step_N.json.
+  WORKDIR/eval/samples_step_N_nM.npz with the settings that made them and reused while those are
+  the same (`common.eval.cache`); the scores go to WORKDIR/eval/step_N.json.
 
   Returns the scores with the keys prefixed "eval/" (for metrics.jsonl).
   """
+  from common.eval import cache  # pylint: disable=import-outside-toplevel
   from common.eval.features import evaluate_images  # pylint: disable=import-outside-toplevel
+  from common.eval.reference import write_arrays  # pylint: disable=import-outside-toplevel
   config = exp.config
   ec = config.eval
   n = int(num_samples or ec.num_samples)
   eval_dir = wd / "eval"
   eval_dir.mkdir(parents=True, exist_ok=True)
   samples_path = eval_dir / f"samples_step_{step:07d}_n{n}.npz"
-  if samples_path.exists():
-    with samples_path.open("rb") as f:
-      images = np.load(f)["images"]
+  settings = _samples_settings(config, step, n)
+  cached = cache.load(str(samples_path), settings, ["images"], what="evaluation samples")
+  if cached is not None and (cached["images"].dtype != np.uint8 or len(cached["images"]) != n):
+    cache.warn(f"the cached evaluation samples {samples_path} hold {cached['images'].dtype} "
+               f"{list(cached['images'].shape)}, not {n} uint8 images; recomputing them")
+    cached = None
+  if cached is not None:
+    images = cached["images"]
     _log(f"evaluating the {len(images)} samples already in {samples_path}")
   else:
     _log(f"sampling {n} images for evaluation at step {step}")
     images, _ = generate(exp, params, n, seed=int(ec.seed), batch_size=int(config.sample.batch_size),
                          progress=True)
     if jax.process_index() == 0:
-      with samples_path.open("wb") as f:
-        np.savez(f, images=images)
+      write_arrays(str(samples_path), {"images": images}, settings=settings)
   scores = evaluate_images(images, _reference(config, wd), inception_path=ec.get("inception") or None,
                            batch_size=int(ec.batch_size), progress=True)
   scores = {"step": int(step), **scores}

@@ -76,19 +76,6 @@ def encode_images(autoencoder_spec: str, input_path: str, output_path: str, *, b
           "psnr_db": psnr_uint8(images, recons)}
 
 
-def read_prompts(path: str) -> list[str]:
-  """Non-empty lines of a UTF-8 text file, stripped."""
-  from common.errors import DataNotFoundError, ShapeError  # pylint: disable=import-outside-toplevel
-  from common.paths import as_path  # pylint: disable=import-outside-toplevel
-  if not as_path(path).is_file():
-    raise DataNotFoundError(f"--prompts={path} does not exist (a text file with one prompt a line)")
-  with as_path(path).open(encoding="utf-8") as f:
-    prompts = [line.strip() for line in f if line.strip()]
-  if not prompts:
-    raise ShapeError(f"--prompts={path} holds no prompt (one a line)")
-  return prompts
-
-
 def encode_text(text_encoder_spec: str, prompts_path: str, output_path: str, *,
                 batch_size: int = 64) -> dict:
   """Encodes the prompts of a file; writes `tokens`, `mask`, `pooled` and `prompts`.
@@ -98,8 +85,9 @@ def encode_text(text_encoder_spec: str, prompts_path: str, output_path: str, *,
   """
   from common.errors import ShapeError  # pylint: disable=import-outside-toplevel
   from common.paths import as_path  # pylint: disable=import-outside-toplevel
+  from common.data.captions import read_prompts  # pylint: disable=import-outside-toplevel
   from common.text import load_text_encoder  # pylint: disable=import-outside-toplevel
-  prompts = read_prompts(prompts_path)
+  prompts = read_prompts(prompts_path, f"--prompts={prompts_path}")
   enc = load_text_encoder(text_encoder_spec)
   parts = [enc.encode(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
   out = {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in ("tokens", "mask", "pooled")}

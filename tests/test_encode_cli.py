@@ -109,3 +109,69 @@ def test_usage_errors_are_one_line(tmp_path):
     p = _cli(*args)
     assert p.returncode == 1, (args, p.stderr)
     assert p.stderr.startswith("error:") and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+# Prompt files: one reader for `encode.py text` and `main.py --prompts` (common.data.captions).
+_ODD_PROMPTS = ("a cat\u2028on a mat\r\n\r\n  \n"  # U+2028 stays inside the line; CRLF; blank lines
+                "a dog\u0085in a fog\n\u2028\n"     # U+0085 too; a line of only U+2028 is blank
+                "last, no newline")
+_ODD_WANT = ["a cat\u2028on a mat", "a dog\u0085in a fog", "last, no newline"]
+
+
+def _fake_text_encoder(monkeypatch):
+  class FakeEncoder:
+    max_length, width = 4, 2
+
+    def encode(self, prompts):
+      n = len(prompts)
+      return {"tokens": np.zeros((n, 4, 2), np.float32), "mask": np.ones((n, 4), np.int32),
+              "pooled": np.zeros((n, 2), np.float32)}
+
+  fake = types.ModuleType("common.text")
+  fake.load_text_encoder = lambda spec: FakeEncoder()
+  monkeypatch.setitem(sys.modules, "common.text", fake)
+
+
+def test_both_entry_points_split_prompt_files_the_same_way(tmp_path, monkeypatch):
+  """encode.py split on every str.splitlines boundary (3 prompts from a U+2028 line), main.py's
+  sampler on "\\n" only: both now read through `captions.read_prompts`, lines end at "\\n"."""
+  from common import trainer  # pylint: disable=import-outside-toplevel
+  from configs import sid2_digits  # pylint: disable=import-outside-toplevel
+  path = tmp_path / "p.txt"
+  path.write_bytes(_ODD_PROMPTS.encode("utf-8"))
+  _fake_text_encoder(monkeypatch)
+  encode.encode_text("minilm", str(path), str(tmp_path / "t.npz"))
+  assert list(np.load(tmp_path / "t.npz")["prompts"]) == _ODD_WANT
+
+  seen = {}
+
+  class Stop(Exception):
+    pass
+
+  def generate(exp, params, n, *, prompts=None, **kw):
+    seen["prompts"] = prompts
+    raise Stop
+
+  monkeypatch.setattr(trainer, "restore_newest", lambda *a, **k: (1, {"ema": None}))
+  monkeypatch.setattr(trainer, "Experiment", lambda *a, **k: None)
+  monkeypatch.setattr(trainer, "generate", generate)
+  with pytest.raises(Stop):
+    trainer.sample(sid2_digits.get_config("runlocal"), str(tmp_path), prompts_file=str(path))
+  assert seen["prompts"] == _ODD_WANT
+
+
+def test_non_utf8_prompt_files_are_one_line_with_the_offset(tmp_path):
+  from common import trainer  # pylint: disable=import-outside-toplevel
+  from configs import sid2_digits  # pylint: disable=import-outside-toplevel
+  path = tmp_path / "latin1.txt"
+  path.write_bytes("a caf\u00e9\nune cr\u00e8me\n".encode("latin-1"))
+  message = rf"--prompts={path} is not UTF-8 text: byte 0xe9 at offset 5 \(line 1\)"
+  with pytest.raises(ShapeError, match=message):
+    encode.encode_text("minilm", str(path), str(tmp_path / "t.npz"))
+  # main.py --mode=sample reads the prompts before restoring any checkpoint (none exists here).
+  with pytest.raises(ShapeError, match=message):
+    trainer.sample(sid2_digits.get_config("runlocal"), str(tmp_path), prompts_file=str(path))
+  p = _cli("text", "--text_encoder=minilm", f"--prompts={path}", f"--output={tmp_path / 't.npz'}")
+  assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+      f"error: --prompts={path} is not UTF-8 text: byte 0xe9 at offset 5 (line 1): invalid "
+      "continuation byte; save it as UTF-8"], p.stderr

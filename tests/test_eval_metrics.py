@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -95,8 +96,56 @@ def test_fid_singular_product_retries_with_an_offset():
 def test_fid_errors():
   with pytest.raises(ShapeError, match="do not match"):
     metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
-  with pytest.raises(ValueError, match="imaginary"):  # not a covariance: sqrt(-I) = i I
-    metrics.frechet_distance(np.zeros(2), -np.eye(2), np.zeros(2), np.eye(2))
+  with pytest.raises(ShapeError, match="first statistics: the covariance is not positive semi"):
+    metrics.frechet_distance(np.zeros(2), -np.eye(2), np.zeros(2), np.eye(2))  # sqrt(-I) = i I
+
+
+def _corrupt_statistics(d=32):
+  """{case: (mu, sigma, message)}: statistics that must be refused before any square root."""
+  rng = np.random.default_rng(3)
+  mu, sigma = rng.normal(size=d), _random_cov(rng, d)
+  nan_mu, inf_sigma, asym = mu.copy(), sigma.copy(), sigma.copy()
+  nan_mu[5] = np.nan
+  inf_sigma[2, 2] = np.inf
+  asym[0, 1] += 0.5
+  w, v = np.linalg.eigh(sigma)
+  w[0] = -0.1 * w.max()  # one negative direction: no real square root
+  return {"nan mu": (nan_mu, sigma, "the mean holds 1 NaN or inf"),
+          "inf sigma": (mu, inf_sigma, "the covariance holds 1 NaN or inf"),
+          "asymmetric": (mu, asym, "the covariance is not symmetric"),
+          "not psd": (mu, (v * w) @ v.T, "the covariance is not positive semi-definite"),
+          "shapes": (mu, sigma[:-1, :-1], r"the mean must be \[D\] and the covariance \[D, D\]")}
+
+
+@pytest.mark.parametrize("case", ["nan mu", "inf sigma", "asymmetric", "not psd", "shapes"])
+def test_fid_refuses_corrupt_statistics_before_the_square_root(case, monkeypatch):
+  # sqrtm of a product holding NaN/inf ran for minutes; NaN in mu gave "fid": NaN. The checks run
+  # first: sqrtm is never reached.
+  mu, sigma, message = _corrupt_statistics()[case]
+  good_mu, good_sigma = np.zeros(len(mu)), np.eye(len(mu))
+  monkeypatch.setattr(metrics.linalg, "sqrtm", lambda *a: pytest.fail("sqrtm was called"))
+  with pytest.raises(ShapeError, match="the reference: " + message):
+    metrics.frechet_distance(good_mu, good_sigma, mu, sigma, names=("the samples", "the reference"))
+
+
+def test_statistics_checks_accept_valid_edge_cases():
+  rng = np.random.default_rng(4)
+  few = rng.normal(size=(5, 40))  # fewer samples than dimensions: rank 4, rounding below zero
+  mu, sigma = metrics.feature_statistics(few)
+  metrics.check_statistics(mu, sigma, "few")
+  metrics.check_statistics(mu, sigma.astype(np.float32), "float32")  # rounded to float32
+  metrics.check_statistics(mu, np.zeros((40, 40)), "identical samples")
+
+
+def test_non_finite_features_are_refused():
+  x = np.random.default_rng(5).normal(size=(20, 4))
+  x[3, 1] = np.nan
+  with pytest.raises(ShapeError, match="features hold 1 NaN or inf"):
+    metrics.feature_statistics(x)
+  with pytest.raises(ShapeError, match="logits hold 1 NaN"):
+    metrics.inception_score(x)
+  with pytest.raises(ShapeError, match="the samples features hold 1 NaN"):
+    metrics.precision_recall(np.zeros((20, 4)), x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -446,3 +495,54 @@ def test_reference_and_images_errors(tmp_path):
   np.savez(tmp_path / "badpool.npz", mu=np.zeros(4), sigma=np.eye(4), pool=np.zeros((5, 3)))
   with pytest.raises(ShapeError, match="pool must be"):
     reference.load_reference(str(tmp_path / "badpool.npz"))
+
+
+@pytest.mark.parametrize("case", ["nan mu", "inf sigma", "asymmetric", "not psd"])
+def test_reference_with_corrupt_statistics_names_the_file(tmp_path, case):
+  mu, sigma, message = _corrupt_statistics()[case]
+  path = str(tmp_path / "ref.npz")
+  np.savez(path, mu=np.zeros(4), sigma=np.eye(4), mu_s=mu, sigma_s=sigma)
+  with pytest.raises(ShapeError, match=f"reference '{path}' \\(mu_s, sigma_s\\): {message}"):
+    reference.load_reference(path)
+
+
+def test_reference_refuses_non_finite_pool_and_oversized_headers(tmp_path):
+  pool = np.ones((6, 4), np.float32)
+  pool[2, 2] = np.inf
+  np.savez(tmp_path / "pool.npz", pool=pool)
+  with pytest.raises(ShapeError, match="pool features hold 1 NaN or inf"):
+    reference.load_reference(str(tmp_path / "pool.npz"))
+  # A 100-byte member whose header claims 8 TiB: refused from the header, no MemoryError.
+  header = io.BytesIO()
+  np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False,
+                                                "shape": (2**40,)})
+  with zipfile.ZipFile(tmp_path / "huge.npz", "w") as z:
+    z.writestr("mu.npy", header.getvalue() + bytes(32))
+    z.writestr("sigma.npy", header.getvalue() + bytes(32))
+  with pytest.raises(ShapeError, match=r"'mu' declares float64 \[1099511627776\] .* holds 32 bytes"):
+    reference.load_reference(str(tmp_path / "huge.npz"))
+
+
+def test_cache_files_record_their_settings_and_are_written_atomically(tmp_path, monkeypatch):
+  from common.eval import cache  # pylint: disable=import-outside-toplevel
+  path = str(tmp_path / "c.npz")
+  settings = {"sample": {"num_steps": 4, "guidance_interval": (-1.0, 1.0)}, "step": 10}
+  reference.write_arrays(path, {"images": np.arange(6, dtype=np.uint8)}, settings=settings)
+  logs = []
+  got = cache.load(path, settings, ["images"], what="samples", log=logs.append)
+  np.testing.assert_array_equal(got["images"], np.arange(6))
+  assert not logs
+  other = {**settings, "sample": {"num_steps": 2, "guidance_interval": (-1.0, 1.0)}}
+  assert cache.load(path, other, ["images"], what="samples", log=logs.append) is None
+  assert logs == [f"the cached samples {path} were made with other settings (sample.num_steps: "
+                  "4 -> 2); recomputing them"]
+  # A write killed half way leaves the previous file whole (temporary file + rename).
+
+  def killed(f, **arrays):
+    f.write(b"PK\x03\x04 half an archive")
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(reference.np, "savez", killed)
+  with pytest.raises(KeyboardInterrupt):
+    reference.write_arrays(path, {"images": np.zeros(6, np.uint8)}, settings=other)
+  assert cache.load(path, settings, ["images"], what="samples", log=logs.append) is not None

@@ -402,6 +402,36 @@ def test_image_folder_with_txt_captions(tmp_path):
     cap.CaptionedImageFolder(str(root), image_size=16)
 
 
+@pytest.mark.parametrize("case, message", [
+    ("bomb", r"is too large to decode \(.*10000000000 pixels.*\); at most 67108864 pixels"),
+    ("truncated", r"damaged or not a valid image \(OSError: Truncated File Read\)"),
+    ("not-an-image", "not an image file PIL can identify"),
+    ("bad-crc", r"damaged or not a valid image \(SyntaxError: broken PNG file \(bad header checksum"),
+    ("truncated-jpeg", r"damaged or not a valid image \(OSError: image file is truncated"),
+])
+def test_bad_images_are_refused_before_decoding(tmp_path, case, message):
+  from tests.bad_inputs.images import bad_images, truncated_jpeg  # pylint: disable=import-outside-toplevel
+  root = tmp_path / "folder"
+  root.mkdir()
+  _png(root / "a.png", (20, 20), 0)
+  name = "b.jpg" if case == "truncated-jpeg" else "b.png"
+  (root / name).write_bytes(truncated_jpeg() if case == "truncated-jpeg" else bad_images()[case])
+  for stem in ("a", "b"):
+    (root / f"{stem}.txt").write_text("a caption\n")
+  source = cap.CaptionedImageFolder(str(root), image_size=16)
+  assert source[0].image.shape == (16, 16, 3)
+  with pytest.raises(DataNotFoundError, match=f"image {root / name}.*" + message):
+    source[1]  # pylint: disable=pointless-statement
+
+
+def test_image_size_limit_is_checked_from_the_header(tmp_path):
+  from common.data import image_folder  # pylint: disable=import-outside-toplevel
+  _png(tmp_path / "a.png", (30, 40), 0)
+  assert image_folder.read_image(tmp_path / "a.png", 3, max_pixels=1200).shape == (30, 40, 3)
+  with pytest.raises(DataNotFoundError, match=r"\(40x30 = 1200 pixels\); at most 1199 pixels"):
+    image_folder.read_image(tmp_path / "a.png", 3, max_pixels=1199)
+
+
 def test_coco_captions_and_caption_draws(tmp_path):
   image_dir = tmp_path / "train2014"
   image_dir.mkdir()

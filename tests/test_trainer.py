@@ -197,6 +197,64 @@ def test_eval_mode_and_periodic_eval(tmp_path, monkeypatch):
   assert samples.stat().st_mtime == mtime and again["eval/fid"] == scores["eval/fid"]
 
 
+def test_eval_caches_are_keyed_on_their_settings(tmp_path, monkeypatch, capsys):
+  """--mode=eval reused eval/samples_step_N_nM.npz whatever the sampler settings and
+  eval/reference.npz whatever its limit, and reported the old FID. Each cache now records what
+  made it: other settings recompute it (saying why on stderr), so do a truncated file and a file
+  an older version wrote without settings."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from common.eval import features  # pylint: disable=import-outside-toplevel
+  from tests.test_evaluate_cli import TinyFeatureNet  # pylint: disable=import-outside-toplevel
+  net = TinyFeatureNet(rngs=nnx.Rngs(0))
+  monkeypatch.setattr(features, "load_network", lambda path=None: net)
+  monkeypatch.setattr(features, "_NETWORKS", {})
+  monkeypatch.setattr(features, "_REFERENCES", {})
+  c = tiny_config(steps=2)
+  c.sample.num_steps = 4
+  c.eval.num_samples = 8
+  c.eval.batch_size = 8
+  c.eval.reference_limit = 24
+  trainer.train(c, str(tmp_path))
+  samples = tmp_path / "eval" / "samples_step_0000002_n8.npz"
+  step_json = tmp_path / "eval" / "step_0000002.json"
+
+  def evaluate(config):
+    capsys.readouterr()
+    scores = trainer.evaluate(config, str(tmp_path))
+    assert json.loads(step_json.read_text())["fid"] == scores["eval/fid"]
+    return scores, capsys.readouterr().err
+
+  first, err = evaluate(c)
+  assert "warning" not in err and samples.exists()
+  with np.load(samples) as z:
+    first_images = z["images"]
+  again, err = evaluate(c)  # same settings: reused
+  assert again["eval/fid"] == first["eval/fid"] and "warning" not in err
+  c.sample.num_steps = 2
+  other, err = evaluate(c)
+  assert ("were made with other settings (sample.num_steps: 4 -> 2); recomputing them" in err
+          and str(samples) in err)
+  assert other["eval/fid"] != first["eval/fid"]
+  with np.load(samples) as z:
+    assert not np.array_equal(z["images"], first_images)
+  # A truncated cache (a run killed while writing, before writes were atomic): recomputed.
+  samples.write_bytes(samples.read_bytes()[:1000])
+  _, err = evaluate(c)
+  assert f"the cached evaluation samples {samples} cannot be read" in err
+  np.savez(samples, images=first_images)  # no settings recorded (an older version's file)
+  _, err = evaluate(c)
+  assert "record no settings" in err
+  # The reference: another limit recomputes it, and the new statistics are used.
+  reference = tmp_path / "eval" / "reference.npz"
+  with np.load(reference) as z:
+    assert len(z["pool"]) == 24
+  c.eval.reference_limit = 16
+  _, err = evaluate(c)
+  assert "the cached reference statistics" in err and "limit: 24 -> 16" in err
+  with np.load(reference) as z:
+    assert len(z["pool"]) == 16
+
+
 def test_gradient_accumulation_averages_interleaved_micro_batches():
   """grad_accum_steps = k: the step's gradient is the mean of the k micro-batch gradients, micro-batch
   i being rows i, i + k, ... with key fold_in(key, i)."""

@@ -156,9 +156,46 @@ class CaptionedFashionMNIST:
             "class_names": list(FASHION_CLASS_NAMES)}
 
 
+def read_text_lines(path: str, what: str) -> list[str]:
+  """The non-blank lines of a UTF-8 text file (prompts, captions), each stripped of whitespace.
+
+  Lines end at "\n" only ("\r\n" works, the "\r" is stripped): U+2028, U+0085 and the other
+  characters `str.splitlines` also breaks at stay inside a line, so every reader of prompt and
+  caption files (`launch/encode.py text`, `launch/main.py --prompts`, caption folders) sees the same
+  prompts. A leading byte-order mark is dropped.
+
+  Args:
+    path: the file (local or gs://).
+    what: how messages name it, e.g. "--prompts=p.txt".
+
+  Raises:
+    DataNotFoundError: there is no such file.
+    ShapeError: it is not UTF-8 (the message gives the byte offset and line of the first bad byte).
+  """
+  if not as_path(path).is_file():
+    raise DataNotFoundError(f"{what}: no such file (a UTF-8 text file, one entry a line)")
+  data = as_path(path).read_bytes()
+  start = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+  try:
+    text = data[start:].decode("utf-8")
+  except UnicodeDecodeError as e:
+    at = start + e.start
+    line = data.count(b"\n", 0, at) + 1
+    raise ShapeError(f"{what} is not UTF-8 text: byte 0x{data[at]:02x} at offset {at} (line "
+                     f"{line}): {e.reason}; save it as UTF-8") from e
+  return [line.strip() for line in text.split("\n") if line.strip()]
+
+
+def read_prompts(path: str, what: str) -> list[str]:
+  """The prompts of a prompt file, one a line (`read_text_lines`); ShapeError when it has none."""
+  prompts = read_text_lines(path, what)
+  if not prompts:
+    raise ShapeError(f"{what} holds no prompt (one prompt a line)")
+  return prompts
+
+
 def _read_captions(path: str) -> tuple[str, ...]:
-  with as_path(path).open(encoding="utf-8") as f:
-    captions = tuple(line.strip() for line in f if line.strip())
+  captions = tuple(read_text_lines(path, f"caption file {path}"))
   if not captions:
     raise DataNotFoundError(f"caption file {path} is empty; write one caption per line")
   return captions

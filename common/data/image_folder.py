@@ -7,6 +7,8 @@ and converted to RGB (or L when data.channels == 1).
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -15,6 +17,22 @@ from common.errors import DataNotFoundError, ShapeError
 from common.paths import as_path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+# Largest image decoded: 8192 x 8192 pixels (0.2 GB as RGB), checked from the header before any
+# decoding. PIL's own decompression-bomb limit is set to the same value on purpose (it would
+# otherwise warn only from 89M pixels and refuse from 179M, after a 0.5 GB allocation).
+MAX_IMAGE_PIXELS = 8192 * 8192
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+# What PIL raises on damaged or hostile files: unidentified or truncated data (OSError), broken
+# PNG chunks and bad checksums (SyntaxError), bad headers (ValueError, struct.error, EOFError,
+# IndexError), bad deflate streams (zlib.error).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
+
+
+def _too_large(path, size: str, max_pixels: int) -> str:
+  return (f"image {path} is too large to decode ({size}); at most {max_pixels} pixels are decoded "
+          "(a decompression bomb, or an image to downscale first)")
 
 
 def list_images(root: str | os.PathLike) -> tuple[list[str], list[str], list[int]]:
@@ -45,16 +63,38 @@ def list_images(root: str | os.PathLike) -> tuple[list[str], list[str], list[int
   return classes, paths, labels
 
 
-def read_image(path: str | os.PathLike, channels: int) -> np.ndarray:
-  """Reads `path` (local or gs://) with PIL as uint8 [H, W, channels] (channels 1 -> L, 3 -> RGB)."""
+def read_image(path: str | os.PathLike, channels: int, *,
+               max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+  """Reads `path` (local or gs://) with PIL as uint8 [H, W, channels] (channels 1 -> L, 3 -> RGB).
+
+  The file is checked before it is decoded: its header's size must be at most `max_pixels`
+  (width x height), and `Image.verify` must pass (for PNG: every chunk's CRC, so a damaged file is
+  refused rather than decoded into wrong pixels). A truncated, damaged, oversized or non-image
+  file raises DataNotFoundError naming the file; nothing is skipped silently.
+  """
   if channels not in (1, 3):
     raise ShapeError(f"image folder: data.channels must be 1 or 3, got {channels}")
   try:
-    with as_path(path).open("rb") as f, Image.open(f) as image:
-      image = image.convert("L" if channels == 1 else "RGB")
-      arr = np.asarray(image, dtype=np.uint8)
-  except OSError as e:
-    raise DataNotFoundError(f"cannot read image {path}: {e}") from e
+    with as_path(path).open("rb") as f:
+      with Image.open(f) as image:  # reads the header only
+        width, height = image.size
+        if width * height > max_pixels:
+          raise DataNotFoundError(_too_large(path, f"{width}x{height} = {width * height} pixels",
+                                             max_pixels))
+        image.verify()
+      f.seek(0)
+      with Image.open(f) as image:
+        arr = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # PIL's own check
+    raise DataNotFoundError(_too_large(path, str(e), max_pixels)) from e
+  except Image.UnidentifiedImageError as e:
+    raise DataNotFoundError(f"cannot read image {path}: not an image file PIL can identify") from e
+  except _DECODE_ERRORS as e:
+    raise DataNotFoundError(f"cannot read image {path}: the file is damaged or not a valid image "
+                            f"({type(e).__name__}: {e})") from e
+  if arr.shape[:2] != (height, width):
+    raise DataNotFoundError(f"cannot read image {path}: decoded {arr.shape[1]}x{arr.shape[0]}, its "
+                            f"header says {width}x{height}")
   return arr[:, :, None] if channels == 1 else arr
 
 

@@ -282,10 +282,13 @@ def compute_metrics(sample_feats: dict[str, np.ndarray], ref: dict, *,
     raise ShapeError(f"compute_metrics: the reference lacks 'mu'/'sigma' (has {sorted(ref)})")
   notes = []
   mu, sigma = metrics.feature_statistics(sample_feats["pool"])
-  result = {"fid": metrics.frechet_distance(mu, sigma, ref["mu"], ref["sigma"])}
+  names = ("the samples' statistics (mu, sigma)", "the reference statistics (mu, sigma)")
+  result = {"fid": metrics.frechet_distance(mu, sigma, ref["mu"], ref["sigma"], names=names)}
   if "mu_s" in ref and "sigma_s" in ref:
     mu_s, sigma_s = metrics.feature_statistics(sample_feats["spatial"])
-    result["sfid"] = metrics.frechet_distance(mu_s, sigma_s, ref["mu_s"], ref["sigma_s"])
+    result["sfid"] = metrics.frechet_distance(
+        mu_s, sigma_s, ref["mu_s"], ref["sigma_s"],
+        names=tuple(n.replace("mu, sigma", "mu_s, sigma_s") for n in names))
   else:
     result["sfid"] = None
     notes.append("sfid: the reference has no spatial statistics (mu_s, sigma_s)")
@@ -330,12 +333,21 @@ def fid_network(inception_path: str | None = None):
   return _NETWORKS[inception_path]
 
 
+def _file_version(path: str) -> tuple:
+  """What changes when the file at `path` is rewritten: epath's mtime (whole seconds) and size, and
+  for a cache file the settings it records (`common.eval.cache`: a reference recomputed with other
+  settings within the same second and of the same size is still a new version)."""
+  p = as_path(path)
+  if not p.exists():
+    return (os.fspath(p), None)
+  st = p.stat()
+  return (os.fspath(p), st.mtime, st.length, reference_lib.recorded_settings(path))
+
+
 def _resolved_reference(reference: str | dict, extract: Callable, inception_path: str | None) -> dict:
   if not isinstance(reference, str):
     return reference_lib.reference_statistics(reference, extract)
-  path = as_path(reference)
-  st = path.stat() if path.exists() else None  # mtime in whole seconds (epath)
-  key = (os.fspath(path), st and st.mtime, st and st.length, inception_path)
+  key = (_file_version(reference), inception_path)
   if key not in _REFERENCES:
     _REFERENCES[key] = reference_lib.reference_statistics(
         reference_lib.load_reference(reference), extract)

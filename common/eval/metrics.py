@@ -8,6 +8,9 @@ the diffusion literature reports numbers with, and says where pytorch-fid
 * `frechet_distance`: FID (Heusel et al., arXiv 1706.08500, eq. 6) on the 2048-d `pool_3` features;
   sFID (Nash et al., arXiv 2103.03841, sec. 4.1) is the same distance on the first 7 channels of
   `mixed_6/conv` (17 x 17 x 7 = 2023-d).
+* `check_statistics` / `check_finite`: statistics and features are finite, of matching shapes, and
+  each covariance symmetric positive semi-definite, checked before any matrix square root
+  (`scipy.linalg.sqrtm` of a product with NaN/inf runs for minutes).
 * `FeatureStats` / `feature_statistics`: mean and covariance (`np.cov(x, rowvar=False)`, float64),
   accumulated batch by batch.
 * `inception_score`: Salimans et al., arXiv 1606.03498, sec. 4, over splits of 5000 samples.
@@ -36,30 +39,87 @@ from common.errors import ShapeError
 # Frechet distance
 
 
+def check_statistics(mu, sigma, where: str, *, rtol: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+  """Checks that (mu, sigma) can be the mean and covariance of features; returns them as float64.
+
+  Run before any matrix square root: `scipy.linalg.sqrtm` of a product holding NaN or inf does not
+  return in any useful time (it iterates for minutes at full CPU), and NaN in a mean makes the
+  distance NaN without an error. A covariance must be symmetric (to `1e-6` of its largest entry)
+  and positive semi-definite up to rounding: a Cholesky factorisation of
+  `sigma + rtol * mean(diag(sigma)) * I` must succeed, which allows the small negative eigenvalues
+  of a rank-deficient covariance (fewer samples than dimensions) or of one stored in float32, and
+  refuses any real negative direction (whose square root would be imaginary).
+
+  Args:
+    mu: mean, [D].
+    sigma: covariance, [D, D].
+    where: what the statistics are, for the message (e.g. "reference 'ref.npz' (mu, sigma)").
+    rtol: the positive semi-definiteness tolerance, relative to the mean variance.
+
+  Returns:
+    (mu [D], sigma [D, D]) as float64.
+
+  Raises:
+    ShapeError: wrong shapes, a NaN or inf, an asymmetric or not positive semi-definite sigma.
+  """
+  mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+  if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+    raise ShapeError(f"{where}: the mean must be [D] and the covariance [D, D], got "
+                     f"{list(mu.shape)} and {list(sigma.shape)}")
+  for name, a in (("mean", mu), ("covariance", sigma)):
+    bad = a.size - int(np.count_nonzero(np.isfinite(a)))
+    if bad:
+      raise ShapeError(f"{where}: the {name} holds {bad} NaN or inf value(s) of {a.size}; the "
+                       "statistics are corrupt: recompute them")
+  largest = float(np.abs(sigma).max(initial=0.0))
+  asymmetry = float(np.abs(sigma - sigma.T).max(initial=0.0))
+  if asymmetry > 1e-6 * largest:
+    raise ShapeError(f"{where}: the covariance is not symmetric (|sigma - sigma^T| up to "
+                     f"{asymmetry:.3g}, entries up to {largest:.3g}); the statistics are corrupt")
+  if largest == 0:  # all features equal (e.g. one image repeated): a valid, zero covariance
+    return mu, sigma
+  mean_variance = float(np.mean(np.diagonal(sigma)))
+  offset = rtol * mean_variance
+  try:
+    if offset <= 0:
+      raise np.linalg.LinAlgError(f"the mean variance is {mean_variance:.3g}")
+    np.linalg.cholesky(sigma + offset * np.eye(len(mu)))
+  except np.linalg.LinAlgError as e:
+    why = (f"its mean variance is {mean_variance:.3g}" if offset <= 0 else
+           f"an eigenvalue below -{offset:.3g}, {rtol:g} of the mean variance")
+    raise ShapeError(f"{where}: the covariance is not positive semi-definite ({why}); the "
+                     "statistics are corrupt or not a covariance") from e
+  return mu, sigma
+
+
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, *,
-                     eps: float = 1e-6) -> float:
+                     eps: float = 1e-6, names: tuple[str, str] = ("the first statistics",
+                                                                  "the second statistics")) -> float:
   """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2).
 
   d^2 = ||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))   (arXiv 1706.08500, eq. 6)
 
-  Computed as ADM's `FIDStatistics.frechet_distance` and pytorch-fid's `calculate_frechet_distance`
-  do: `scipy.linalg.sqrtm` of the product in float64; when the square root is not finite (a
-  near-singular product, e.g. fewer samples than dimensions) it is recomputed with `eps * I` added
-  to both covariances; an imaginary part left by rounding is dropped, unless the diagonal's is larger
-  than 1e-3 (then ValueError, as in both references; clean-fid drops it without the check).
+  Both sides are first checked with `check_statistics` (finite, symmetric, positive
+  semi-definite), so corrupt statistics fail at once with a ShapeError instead of hanging in the
+  square root or giving NaN. Then computed as ADM's `FIDStatistics.frechet_distance` and
+  pytorch-fid's `calculate_frechet_distance` do: `scipy.linalg.sqrtm` of the product in float64;
+  when the square root is not finite (a near-singular product, e.g. fewer samples than dimensions)
+  it is recomputed with `eps * I` added to both covariances; an imaginary part left by rounding is
+  dropped, unless the diagonal's is larger than 1e-3 (then ShapeError, where both references raise
+  ValueError; clean-fid drops it without the check).
 
   Args:
     mu1, mu2: means, [D].
     sigma1, sigma2: covariances, [D, D].
     eps: the diagonal offset of the retry.
+    names: what the two sides are, for error messages.
 
   Returns:
     The squared Frechet distance (what is reported as FID / sFID), a Python float.
   """
-  mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-  sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
-  sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
-  if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+  mu1, sigma1 = check_statistics(np.atleast_1d(mu1), np.atleast_2d(sigma1), names[0])
+  mu2, sigma2 = check_statistics(np.atleast_1d(mu2), np.atleast_2d(sigma2), names[1])
+  if mu1.shape != mu2.shape:
     raise ShapeError(f"Frechet distance: the statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
                      f"sigma {sigma1.shape} vs {sigma2.shape} (were they computed with the same "
                      "network and layer?)")
@@ -72,10 +132,19 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
   if np.iscomplexobj(covmean):
     if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-      raise ValueError(f"Frechet distance: the matrix square root has an imaginary component of "
+      raise ShapeError(f"Frechet distance: the matrix square root has an imaginary component of "
                        f"{np.max(np.abs(covmean.imag)):.3g}; the covariances are not valid.")
     covmean = covmean.real
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def check_finite(x: np.ndarray, what: str) -> np.ndarray:
+  """`x` unchanged; ShapeError when it holds NaN or inf (counted in the message)."""
+  bad = x.size - int(np.count_nonzero(np.isfinite(x)))
+  if bad:
+    raise ShapeError(f"{what} hold {bad} NaN or inf value(s) of {x.size} (corrupt features or "
+                     "network weights); no metric is computed from them")
+  return x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,7 +173,7 @@ class FeatureStats:
       raise ShapeError(f"feature statistics: a batch must be {want}, got {list(x.shape)}")
     if len(x) == 0:
       return
-    x = x.astype(np.float64)
+    x = check_finite(x.astype(np.float64), "feature statistics: the features")
     mean_b = x.mean(axis=0)
     xc = x - mean_b
     m2_b = xc.T @ xc
@@ -172,6 +241,7 @@ def inception_score(logits: np.ndarray, *, split_size: int = 5000,
   logits = np.asarray(logits)
   if logits.ndim != 2 or len(logits) == 0:
     raise ShapeError(f"inception score: logits must be [N, K] with N > 0, got {list(logits.shape)}")
+  check_finite(logits, "inception score: the logits")
   n = len(logits)
   if num_splits is not None:
     bounds = [(i * n // num_splits, (i + 1) * n // num_splits) for i in range(num_splits)]
@@ -263,7 +333,7 @@ def _check_features(name: str, x: np.ndarray, k: int) -> np.ndarray:
     raise ShapeError(f"precision/recall: {name} features must be [N, D], got {list(x.shape)}")
   if len(x) <= k:
     raise ShapeError(f"precision/recall: {name} needs more than k={k} feature vectors, got {len(x)}")
-  return x
+  return check_finite(x, f"precision/recall: {name} features")
 
 
 def manifold_radii(features: np.ndarray, *, k: int = 3, row_batch_size: int = 1024,

@@ -22,14 +22,16 @@ archive in batches, never all at once, as ADM's `StreamingNpzArrayReader` does.
 
 from collections.abc import Callable, Iterator
 import contextlib
+import json
 import zipfile
 
 import numpy as np
 
-from common.errors import DataNotFoundError, ShapeError
+from common.errors import DataNotFoundError, ShapeError, UserError
 from common.paths import as_path
 
 IMAGE_KEYS = ("arr_0", "images")
+SETTINGS_KEY = "cache_settings"  # what made a cache file (common.eval.cache); ADM's evaluator ignores it
 STAT_PAIRS = (("mu", "sigma"), ("mu_s", "sigma_s"))
 
 
@@ -123,7 +125,8 @@ def _check_exists(path: str, what: str) -> None:
     raise DataNotFoundError(f"{what} {path!r} does not exist")
 
 
-def _npz_keys(path: str, what: str) -> list[str]:
+def npz_keys(path: str, what: str) -> list[str]:
+  """The array names in an .npz archive; DataNotFoundError / ShapeError when missing / not a zip."""
   _check_exists(path, what)
   try:
     with as_path(path).open("rb") as f, zipfile.ZipFile(f) as z:
@@ -152,14 +155,46 @@ def load_images(path: str, *, batch_size: int = 1000, limit: int | None = None) 
       return NpzImages(path, None, batch_size=batch_size, limit=limit)
     except ValueError as e:
       raise ShapeError(f"images file {path!r} is not a readable .npy array ({e})") from e
-  keys = _npz_keys(path, "images file")
+  keys = npz_keys(path, "images file")
   for key in IMAGE_KEYS:
     if key in keys:
       return _npz_images(path, key, batch_size, limit)
   raise ShapeError(f"images file {path!r} has no 'images' or 'arr_0' array (it has {keys})")
 
 
+def read_npz_arrays(path: str, keys: list[str], what: str) -> dict[str, np.ndarray]:
+  """The members `keys` of an .npz archive, each checked against the bytes it holds before loading.
+
+  A member's .npy header declares its shape; the array is read only when that shape's bytes equal
+  the member's size after the header, so a small file cannot make numpy allocate terabytes (a
+  MemoryError) and a truncated member is refused by name. Object arrays are refused (no pickle).
+
+  Raises:
+    ShapeError: a member is not a plain .npy array, its size disagrees with its header, or the
+      archive is corrupt (a bad CRC, truncated).
+  """
+  out = {}
+  try:
+    with as_path(path).open("rb") as f, zipfile.ZipFile(f) as z:
+      for key in keys:
+        info = z.getinfo(f"{key}.npy")
+        with z.open(info) as member:
+          shape, dtype, _ = _read_npy_header(member)
+          declared = int(np.prod(shape, dtype=object)) * np.dtype(dtype).itemsize
+          held = info.file_size - member.tell()
+          if declared != held:
+            raise ShapeError(f"{what} {path!r}: '{key}' declares {dtype} {list(shape)} "
+                             f"({declared} bytes) but holds {held} bytes; the file is corrupt")
+        with z.open(info) as member:
+          out[key] = np.lib.format.read_array(member, allow_pickle=False)
+  except (ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # object arrays, bad members
+    raise ShapeError(f"{what} {path!r} cannot be read: {type(e).__name__}: {e}") from e
+  return out
+
+
 def _check_stats(path: str, stats: dict) -> None:
+  """Shapes, dtypes and values of a reference's statistics (converted to float64 in place)."""
+  from common.eval import metrics  # pylint: disable=import-outside-toplevel  (jax: keep this module light)
   for mu_key, sigma_key in STAT_PAIRS:
     if (mu_key in stats) != (sigma_key in stats):
       raise ShapeError(f"reference {path!r} has {mu_key if mu_key in stats else sigma_key} without "
@@ -171,6 +206,8 @@ def _check_stats(path: str, stats: dict) -> None:
         np.issubdtype(mu.dtype, np.floating) and np.issubdtype(sigma.dtype, np.floating)):
       raise ShapeError(f"reference {path!r}: {mu_key} must be float [D] and {sigma_key} float [D, D], "
                        f"got {mu.dtype} {list(mu.shape)} and {sigma.dtype} {list(sigma.shape)}")
+    stats[mu_key], stats[sigma_key] = metrics.check_statistics(
+        mu, sigma, f"reference {path!r} ({mu_key}, {sigma_key})")
   if "pool" in stats:
     pool = stats["pool"]
     d = len(stats["mu"]) if "mu" in stats else None
@@ -178,6 +215,7 @@ def _check_stats(path: str, stats: dict) -> None:
                                                                                    np.floating):
       raise ShapeError(f"reference {path!r}: pool must be float [N, {d or 'D'}], got {pool.dtype} "
                        f"{list(pool.shape)}")
+    metrics.check_finite(pool, f"reference {path!r}: the pool features")
 
 
 def load_reference(path: str, *, batch_size: int = 1000) -> dict:
@@ -192,15 +230,9 @@ def load_reference(path: str, *, batch_size: int = 1000) -> dict:
     ShapeError: it is not an npz, holds neither images nor statistics, or an array has the wrong
       shape or dtype.
   """
-  keys = _npz_keys(path, "reference")
-  out = {}
-  try:
-    with as_path(path).open("rb") as f, np.load(f) as z:
-      for key in ("mu", "sigma", "mu_s", "sigma_s", "pool"):
-        if key in keys:
-          out[key] = z[key]
-  except ValueError as e:  # object arrays, corrupt members
-    raise ShapeError(f"reference {path!r} cannot be read: {e}") from e
+  keys = npz_keys(path, "reference")
+  out = read_npz_arrays(path, [k for k in ("mu", "sigma", "mu_s", "sigma_s", "pool") if k in keys],
+                        "reference")
   _check_stats(path, out)
   for key in ("mu", "sigma", "mu_s", "sigma_s"):
     if key in out:
@@ -257,21 +289,31 @@ def reference_statistics(ref: dict, extract: Callable[[object], dict]) -> dict:
 
 
 def write_reference(path: str, stats: dict, *, images: np.ndarray | None = None,
-                    labels: np.ndarray | None = None) -> str:
+                    labels: np.ndarray | None = None, settings: dict | None = None) -> str:
   """Writes a reference batch: ADM's `arr_0`, `mu`, `sigma`, `mu_s`, `sigma_s`, plus `pool`, `arr_1`.
 
   The file is written next to `path` and renamed into place, so a reader never sees half a file.
+  `settings` (what made it) are recorded when the file is a cache (`common.eval.cache`).
   """
   arrays = {k: np.asarray(stats[k]) for k in ("mu", "sigma", "mu_s", "sigma_s", "pool") if k in stats}
   if images is not None:
     arrays["arr_0"] = np.asarray(images, np.uint8)
   if labels is not None:
     arrays["arr_1"] = np.asarray(labels, np.int32)
-  return write_arrays(path, arrays)
+  return write_arrays(path, arrays, settings=settings)
 
 
-def write_arrays(path: str, arrays: dict[str, np.ndarray]) -> str:
-  """`np.savez(path, **arrays)` (uncompressed, as ADM's files), written to a temporary file first."""
+def write_arrays(path: str, arrays: dict[str, np.ndarray], *, settings: dict | None = None) -> str:
+  """`np.savez(path, **arrays)` (uncompressed, as ADM's files), written to a temporary file first.
+
+  Args:
+    path: the .npz to write; it appears complete or not at all (temporary file + rename).
+    arrays: name -> array.
+    settings: when given, also stored as `cache_settings` (their JSON, a 0-d str array): what made
+      the file, compared by `common.eval.cache.load` before the file is reused.
+  """
+  if settings is not None:
+    arrays = {**arrays, SETTINGS_KEY: np.asarray(settings_json(settings))}
   as_path(path).parent.mkdir(parents=True, exist_ok=True)
   tmp = as_path(f"{path}.tmp")
   with tmp.open("wb") as f:
@@ -280,9 +322,26 @@ def write_arrays(path: str, arrays: dict[str, np.ndarray]) -> str:
   return path
 
 
+def recorded_settings(path: str) -> str | None:
+  """The `cache_settings` JSON a cache file records (`write_arrays(..., settings=...)`), or None
+  when it records none or is not a readable .npz."""
+  try:
+    if SETTINGS_KEY not in npz_keys(path, "cache"):
+      return None
+    return str(read_npz_arrays(path, [SETTINGS_KEY], "cache")[SETTINGS_KEY])
+  except (UserError, OSError):
+    return None
+
+
+def settings_json(settings: dict) -> str:
+  """The canonical JSON of a cache's settings (keys sorted, tuples as lists, others by repr)."""
+  return json.dumps(settings, sort_keys=True, default=repr)
+
+
 def make_reference(path: str, images, *, labels: np.ndarray | None = None,
                    inception_path: str | None = None, batch_size: int = 256, mesh=None,
-                   store_images: bool = True, progress: bool = True) -> dict:
+                   store_images: bool = True, progress: bool = True,
+                   settings: dict | None = None) -> dict:
   """Computes the FID Inception statistics of `images` and writes them as a reference batch.
 
   Args:
@@ -293,6 +352,7 @@ def make_reference(path: str, images, *, labels: np.ndarray | None = None,
     inception_path: weights of the FID Inception (None: its default location).
     batch_size, mesh, progress: see `features.extract_features`.
     store_images: also store the images as `arr_0` (makes the file usable by ADM's evaluator).
+    settings: what made the file, recorded when it is a cache (`common.eval.cache`).
 
   Returns:
     The statistics written (`mu`, `sigma`, `mu_s`, `sigma_s`, `pool`).
@@ -305,5 +365,6 @@ def make_reference(path: str, images, *, labels: np.ndarray | None = None,
   stats = statistics_from_features(feats)
   if store_images:
     images = images if isinstance(images, np.ndarray) else images.read_all()
-  write_reference(path, stats, images=images if store_images else None, labels=labels)
+  write_reference(path, stats, images=images if store_images else None, labels=labels,
+                  settings=settings)
   return stats

@@ -17,8 +17,14 @@ def _torch_weights(path: str) -> str:
   return f"read {len(tree)} tensors"
 
 
+def _evaluate_small_fid(config: str, workdir: str, num_samples: str) -> str:
+  from tests.bad_inputs.cases_eval import evaluate_with_a_small_network  # pylint: disable=import-outside-toplevel
+  return evaluate_with_a_small_network(config, workdir, num_samples)
+
+
 FUNCTIONS = {
     "torch_weights": _torch_weights,  # common.torch_weights.load_torch_weights(PATH)
+    "evaluate_small_fid": _evaluate_small_fid,  # common.trainer.evaluate, a small FID network
 }
 
 
