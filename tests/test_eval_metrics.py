@@ -546,3 +546,21 @@ def test_cache_files_record_their_settings_and_are_written_atomically(tmp_path, 
   with pytest.raises(KeyboardInterrupt):
     reference.write_arrays(path, {"images": np.zeros(6, np.uint8)}, settings=other)
   assert cache.load(path, settings, ["images"], what="samples", log=logs.append) is not None
+
+
+@pytest.mark.parametrize("method,file_size,compress_size,ok", [
+    (zipfile.ZIP_STORED, 1000, 1000, True), (zipfile.ZIP_STORED, 10**12, 1000, False),
+    (zipfile.ZIP_DEFLATED, 1032 * 10**6, 10**6, True), (zipfile.ZIP_DEFLATED, 2**31 * 10, 10**6, False),
+    (zipfile.ZIP_BZIP2, 100, 100, False)])
+def test_npz_members_cannot_declare_more_than_their_bytes_inflate_to(method, file_size,
+                                                                    compress_size, ok):
+  """A deflated member declaring more than DEFLATE's maximum expansion of its stored bytes (about
+  1032:1), a stored one declaring other than its bytes, or another compression method is refused
+  before numpy allocates the declared size."""
+  info = zipfile.ZipInfo("mu.npy")
+  info.compress_type, info.file_size, info.compress_size = method, file_size, compress_size
+  if ok:
+    reference._check_member_size(info, "ref.npz", "reference")
+  else:
+    with pytest.raises(ShapeError, match="cannot hold them|compression method"):
+      reference._check_member_size(info, "ref.npz", "reference")

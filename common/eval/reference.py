@@ -162,6 +162,28 @@ def load_images(path: str, *, batch_size: int = 1000, limit: int | None = None) 
   raise ShapeError(f"images file {path!r} has no 'images' or 'arr_0' array (it has {keys})")
 
 
+# DEFLATE cannot expand data by more than about 1032:1 (RFC 1951: a 258-byte match costs at least 2
+# bits): a member declaring more is lying about its size.
+MAX_DEFLATE_RATIO = 1032
+
+
+def _check_member_size(info: zipfile.ZipInfo, path: str, what: str) -> None:
+  """Refuses an npz member whose declared size its stored bytes cannot hold: a stored member must
+  declare exactly its bytes, a deflated one at most DEFLATE's maximum expansion of them (a 1 MB
+  file cannot make numpy allocate gigabytes before inflating finds the lie); other compression
+  methods are refused."""
+  if info.compress_type == zipfile.ZIP_STORED:
+    ok = info.file_size == info.compress_size
+  elif info.compress_type == zipfile.ZIP_DEFLATED:
+    ok = info.file_size <= MAX_DEFLATE_RATIO * info.compress_size + 1024
+  else:
+    raise ShapeError(f"{what} {path!r}: '{info.filename}' uses zip compression method "
+                     f"{info.compress_type}; only stored and deflated members are read")
+  if not ok:
+    raise ShapeError(f"{what} {path!r}: '{info.filename}' declares {info.file_size} bytes but its "
+                     f"{info.compress_size} stored bytes cannot hold them; the file is corrupt")
+
+
 def read_npz_arrays(path: str, keys: list[str], what: str) -> dict[str, np.ndarray]:
   """The members `keys` of an .npz archive, each checked against the bytes it holds before loading.
 
@@ -178,6 +200,7 @@ def read_npz_arrays(path: str, keys: list[str], what: str) -> dict[str, np.ndarr
     with as_path(path).open("rb") as f, zipfile.ZipFile(f) as z:
       for key in keys:
         info = z.getinfo(f"{key}.npy")
+        _check_member_size(info, path, what)
         with z.open(info) as member:
           shape, dtype, _ = _read_npy_header(member)
           declared = int(np.prod(shape, dtype=object)) * np.dtype(dtype).itemsize
