@@ -150,6 +150,11 @@ def save_export(directory: str | os.PathLike, config: ml_collections.ConfigDict,
   return len(data)
 
 
+def config_path(directory: str | os.PathLike):
+  """DIR/config.json of an export folder."""
+  return as_path(directory) / CONFIG_FILE
+
+
 def is_export(path: str | os.PathLike) -> bool:
   """Whether `path` is a folder written by `save_export`."""
   cfg = as_path(path) / CONFIG_FILE

@@ -351,7 +351,8 @@ def make_diffusion(cfg):
     kwargs = {k: (bool(v) if k == "clip_x" else float(v)) for k, v in d.items() if k != "name"}
     return EDMDiffusion(**kwargs)
   if isinstance(name, str) and "." in name:
-    cls = registry.import_object(name, "config.diffusion.name")
+    cls = registry.import_object(name, "config.diffusion.name", "diffusion",
+                                  short=("vp", "edm"))
     kwargs = registry.config_kwargs(d)
     registry.check_kwargs(cls, kwargs, "config.diffusion")
     return cls(**kwargs)

@@ -29,9 +29,10 @@ from common.errors import ConfigError, ShapeError
 from common.optim import apply_gradients, learning_rate_schedule, make_optimizer
 
 
-def model_class(model_cfg: ml_collections.ConfigDict):
-  """Imports the network class named by `model_cfg.name` ("package.module.Class")."""
-  return registry.import_object(model_cfg.get("name", None), "config.model.name")
+def model_class(model_cfg: ml_collections.ConfigDict, kind: str = "model"):
+  """Imports the network class named by `model_cfg.name` ("package.module.Class"), a registered
+  plug-in of `kind` when the config was read from a file (`common.registry`)."""
+  return registry.import_object(model_cfg.get("name", None), "config.model.name", kind)
 
 
 def build_model(model_cfg: ml_collections.ConfigDict, key: jax.Array,

@@ -65,6 +65,7 @@ Rule = tuple[str, str, dict[str, Any]]
 PRECISIONS = {"bf16": "common.numerics.BF16", "coat": "coat.precision.COAT"}
 
 
+@registry.register("numerics")
 class FullPrecision(Dense):
   """Keeps a layer as the network wrote it: a `Dense` stays a plain `Dense`, a non-linear layer
   keeps plain autodiff. An explicit rule target, e.g. to keep a final layer out of a later,
@@ -99,17 +100,18 @@ class Precision:
   optimizer_options: tuple[tuple[str, Any], ...] = ()
 
 
-BF16 = Precision()
+BF16 = registry.add("precision", "common.numerics.BF16", Precision())
 
 
 def precision(config: ml_collections.ConfigDict) -> Precision:
   """The `Precision` that `config.precision` names ("bf16" when absent)."""
   name = config.get("precision", "bf16") or "bf16"
-  dotted = PRECISIONS.get(name, name)
+  dotted = PRECISIONS.get(name, name) if isinstance(name, str) else ""
   if "." not in dotted:
     raise ConfigError(f"config.precision={name!r}: expected one of {sorted(PRECISIONS)} or the "
                       "dotted path of a common.numerics.Precision.")
-  preset = registry.import_object(dotted, "config.precision")
+  preset = registry.import_object(dotted, "config.precision", "precision",
+                                  short=tuple(PRECISIONS))
   if not isinstance(preset, Precision):
     raise ConfigError(f"config.precision={name!r} ({dotted}) is a {type(preset).__name__}, "
                       "not a common.numerics.Precision.")
@@ -178,7 +180,7 @@ def _parse(rules: Sequence[Any]) -> list[_Parsed]:
       regex = re.compile(pattern)
     except re.error as e:
       raise ConfigError(f"{where}: bad regex {pattern!r}: {e}") from e
-    impl = registry.import_object(name, where)
+    impl = registry.import_object(name, where, "numerics")
     ctor = getattr(impl, "from_module", None) or getattr(impl, "from_dense", None)
     if ctor is None:
       raise ConfigError(f"{where}: {name} has no `from_module` (or `from_dense`) classmethod, so "

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import layers
+from common import registry
 from common.errors import ConfigError, ShapeError
 from common.layers import Dense
 from microdit.layers import (CrossAttention, ExpertChoiceMoE, Mlp, SelfAttention,
@@ -154,6 +155,7 @@ def _moe_layers(depth: int, every_n: int, start: int, stop: int) -> set[int]:
   return {i for i in range(start, stop) if (i + 1) % every_n == 0}
 
 
+@registry.register("model")
 class MicroDiT(nnx.Module):
   """The MicroDiT denoiser (module docstring), the network contract of docs/DESIGN.md.
 

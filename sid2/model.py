@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from common import layers
+from common import registry
 from common.errors import ConfigError, ShapeError
 
 Array = jax.Array
@@ -78,6 +79,7 @@ def _call_block(block: nnx.Module, x: Array, c: Array, key: Array | None,
 _remat_call_block = nnx.remat(_call_block)
 
 
+@registry.register("model")
 class ResidualUViT(nnx.Module):
   """SiD2 Residual U-ViT denoiser, the network contract of docs/DESIGN.md.
 

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from common import layers
+from common import registry
 from common.errors import ConfigError, ShapeError
 
 Array = jax.Array
@@ -244,6 +245,7 @@ class FinalLayer(nnx.Module):
     return self.linear(modulate(layer_norm(x, 1e-6), shift, scale))
 
 
+@registry.register("model")
 class TerDiT(nnx.Module):
   """Large-DiT / TerDiT class-conditional denoiser (module docstring).
 

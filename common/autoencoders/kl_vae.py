@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import layers, tree_names
+from common import layers, registry, tree_names
 from common.errors import ConfigError, ShapeError
 
 Array = jax.Array
@@ -265,6 +265,7 @@ class Decoder(nnx.Module):
     return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
 
 
+@registry.register("model", "autoencoder")
 class AutoencoderKL(nnx.Module):
   """diffusers `AutoencoderKL` (the SD 1.x/2.x, SDXL, SD3 and FLUX VAEs; 4 or 16 latent channels).
 

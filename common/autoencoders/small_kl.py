@@ -25,12 +25,14 @@ import jax
 import jax.numpy as jnp
 
 from common import layers
+from common import registry
 from common.autoencoders.kl_vae import Conv2d, Downsample2D, ResnetBlock2D, Upsample2D
 from common.errors import ConfigError
 
 Array = jax.Array
 
 
+@registry.register("model", "autoencoder")
 class SmallKLAutoencoder(nnx.Module):
   """A convolutional KL autoencoder: images [B, H, W, C] <-> latents [B, H/f, W/f, latent_channels].
 
