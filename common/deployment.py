@@ -196,8 +196,7 @@ def read_json_object(path) -> dict:
     raise CheckpointError(f"{path} is not valid JSON ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
   if not isinstance(meta, dict):
-    raise CheckpointError(f"{path} holds a JSON {type(meta).__name__}, not an object: it was not "
-                          "written by --mode=export.")
+    raise CheckpointError(f"{path} holds a JSON {type(meta).__name__}, not an object.")
   return meta
 
 

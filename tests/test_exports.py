@@ -2,13 +2,18 @@
 the SHA-256 recorded at export time, config.json's structure, its format version."""
 
 import json
+import os
+import resource
+import shutil
+import struct
+import time
 
 from flax import nnx
 import jax
 import pytest
 
 from common import deployment
-from common.errors import CheckpointError, DataNotFoundError
+from common.errors import CheckpointError, ConfigError, DataNotFoundError, ShapeError
 from common.experiment import build_model
 from configs import sid2_digits
 
@@ -132,3 +137,128 @@ def test_odd_source_steps_are_unknown(export, tmp_path):
   for i, step in enumerate(([1], "7", True, None, {"a": 1})):
     bad = _edit_meta(folder, tmp_path / f"bad{i}", _set("source", {"step": step}))
     assert deployment.export_step(bad) is None
+
+
+# ---- autoencoder exports (common/autoencoders/autoencoder.py) ------------------------------------
+
+AE_MODEL = dict(name="common.autoencoders.small_kl.SmallKLAutoencoder", image_size=8, in_channels=1,
+                channels=(4, 8), blocks_per_level=1, mid_blocks=1, latent_channels=2, norm_groups=2)
+
+
+@pytest.fixture(scope="module")
+def ae_export(tmp_path_factory):
+  from common.autoencoders import save_autoencoder  # pylint: disable=import-outside-toplevel
+  from common.autoencoders.small_kl import SmallKLAutoencoder  # pylint: disable=import-outside-toplevel
+  folder = tmp_path_factory.mktemp("ae") / "ae"
+  kwargs = {k: v for k, v in AE_MODEL.items() if k != "name"}
+  net = SmallKLAutoencoder(**kwargs, rngs=nnx.Rngs(params=jax.random.key(2)))
+  save_autoencoder(str(folder), AE_MODEL, nnx.to_pure_dict(nnx.state(net, nnx.Param)), shift=0.5,
+                   scale=2.0, image_shape=(8, 8, 1))
+  return folder
+
+
+def _load_ae(folder):
+  from common.autoencoders import load_autoencoder  # pylint: disable=import-outside-toplevel
+  return load_autoencoder(str(folder))
+
+
+def test_an_intact_autoencoder_export_loads(ae_export):
+  meta = json.loads((ae_export / "config.json").read_text())
+  assert meta["sha256"]["params.safetensors"] == deployment.sha256_hex(
+      (ae_export / "params.safetensors").read_bytes())
+  assert _load_ae(ae_export).latent_channels == 2
+
+
+def test_an_autoencoder_export_naming_code_runs_nothing(ae_export, tmp_path):
+  marker = tmp_path / "MARKER"
+  for name in ("subprocess.run", "os.system", "sid2.model.ResidualUViT", "common.adm.ADMDiffusion"):
+    bad = _copy_ae(ae_export, tmp_path / name)
+    meta = json.loads((bad / "config.json").read_text())
+    meta["model"] = {"name": name, "args": ["touch", str(marker)]}
+    (bad / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=rf"config.model.name='{name}' read from .*config.json "
+                       r"is not .*registered autoencoder plug-in: one of .*SmallKLAutoencoder"):
+      _load_ae(bad)
+  assert not marker.exists()
+
+
+def _copy_ae(src, dst):
+  dst.mkdir()
+  for name in ("config.json", "params.safetensors"):
+    (dst / name).write_bytes((src / name).read_bytes())
+  return dst
+
+
+@pytest.mark.parametrize("edit,error,message", [
+    (lambda m: m.update(format="frugal-diffusion-autoencoder"), CheckpointError, "older format"),
+    (lambda m: m.pop("sha256"), CheckpointError, "records no SHA-256 of params.safetensors"),
+    (lambda m: m.update(model=[1]), CheckpointError, r'"model" is list, not an object'),
+    (lambda m: m.update(scaling_factor="x"), CheckpointError, "must be numbers"),
+    (lambda m: m.update(scaling_factor=[1.0, 2.0, 3.0]), ShapeError, "shift/scale must be"),
+    (lambda m: m["model"].update(channels=(4, 8, 16)), ShapeError, "parameter names do not match"),
+    (lambda m: m["model"].update(depth=3), ConfigError, r"does not take: \['depth'\]"),
+    (lambda m: m["model"].update(blocks_per_level=10**7), ShapeError,
+     r"holds \d+ tensors, the config.json beside it implies at least 320000016"),
+    (lambda m: m["model"].update(mid_blocks="x"), ConfigError, "wrong type"),
+])
+def test_a_damaged_autoencoder_config_is_one_clear_line(ae_export, tmp_path, edit, error, message):
+  bad = _copy_ae(ae_export, tmp_path / "bad")
+  meta = json.loads((bad / "config.json").read_text())
+  edit(meta)
+  (bad / "config.json").write_text(json.dumps(meta))
+  with pytest.raises(error, match=message) as e:
+    _load_ae(bad)
+  assert "\n" not in str(e.value)
+
+
+def test_a_changed_autoencoder_weights_file_is_refused(ae_export, tmp_path):
+  bad = _copy_ae(ae_export, tmp_path / "bad")
+  data = bytearray((bad / "params.safetensors").read_bytes())
+  data[-5] ^= 0x01
+  (bad / "params.safetensors").write_bytes(bytes(data))
+  with pytest.raises(CheckpointError, match="does not match the checksum recorded"):
+    _load_ae(bad)
+
+
+# ---- diffusers AutoencoderKL folders: the config cannot outgrow its weights ----------------------
+
+VAE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "vae", "d16")
+
+
+@pytest.mark.parametrize("change,error,message", [
+    ({"layers_per_block": 100_000}, ShapeError, r"holds 100 tensors, the config.json beside it "
+     r"implies at least 3200048"),
+    ({"block_out_channels": [2**20] * 2, "norm_num_groups": 8}, ShapeError, "implies"),
+    ({"layers_per_block": "2"}, ConfigError, "layers_per_block='2' must be a positive integer"),
+    ({"block_out_channels": 16}, ConfigError, "block_out_channels=16 must be a list"),
+    ({"use_quant_conv": "yes"}, ConfigError, "must be true or false"),
+    ({"scaling_factor": [1]}, ConfigError, "must be numbers"),
+    ({"scaling_factor": 0}, ConfigError, "non-finite or zero"),
+])
+def test_a_diffusers_config_is_checked_before_the_network_is_built(tmp_path, change, error, message):
+  """Checked on the config and the weights' tensor count and abstract shapes: nothing the size of
+  the network the config describes is allocated (peak RSS stays far below it)."""
+  for name in os.listdir(VAE):
+    shutil.copy(os.path.join(VAE, name), tmp_path)
+  cfg = json.loads((tmp_path / "config.json").read_text())
+  cfg.update(change)
+  (tmp_path / "config.json").write_text(json.dumps(cfg))
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  start = time.monotonic()
+  with pytest.raises(error, match=message) as e:
+    _load_ae(tmp_path)
+  assert "\n" not in str(e.value)
+  assert time.monotonic() - start < 60
+  assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500 * 1024  # KiB
+
+
+def test_a_safetensors_header_larger_than_its_bytes_is_refused_without_allocating(tmp_path):
+  from common.autoencoders.autoencoder import _read_safetensors  # pylint: disable=import-outside-toplevel
+  header = json.dumps({"x": {"dtype": "F32", "shape": [2**20, 2**20],
+                             "data_offsets": [0, 16]}}).encode()
+  path = tmp_path / "w.safetensors"
+  path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  with pytest.raises(CheckpointError, match="invalid shape, data type, or offset"):
+    _read_safetensors(path)
+  assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024
