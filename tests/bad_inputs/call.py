@@ -1,0 +1,36 @@
+"""Calls one library function on a file with the entry points' error semantics, for corpus cases
+that test a reader below the command line: `python -m tests.bad_inputs.call FUNCTION ARG...`.
+
+A `common.errors.UserError` prints `error: <message>` and exits 1, as `launch/main.py` does;
+anything else propagates (a traceback is a failure of the case). On success it prints a one-line
+summary of what was read.
+"""
+
+import sys
+
+from common.errors import UserError
+
+
+def _torch_weights(path: str) -> str:
+  from common.torch_weights import load_torch_weights  # pylint: disable=import-outside-toplevel
+  tree = load_torch_weights(path)
+  return f"read {len(tree)} tensors"
+
+
+FUNCTIONS = {
+    "torch_weights": _torch_weights,  # common.torch_weights.load_torch_weights(PATH)
+}
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) < 2 or argv[1] not in FUNCTIONS:
+    sys.exit(f"usage: python -m tests.bad_inputs.call {{{'|'.join(FUNCTIONS)}}} ARG...")
+  try:
+    print(FUNCTIONS[argv[1]](*argv[2:]))
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  main(sys.argv)
