@@ -253,15 +253,54 @@ def _tuples(v: Any) -> Any:
   return v
 
 
-def load_export_config(directory: str | os.PathLike) -> ml_collections.ConfigDict:
+def _kind(v: Any) -> str:
+  """The JSON kind of a config value: "an object", "a list", "a bool", "an int", "a number",
+  "a string" or "null"."""
+  if isinstance(v, (dict, ml_collections.ConfigDict)):
+    return "an object"
+  if isinstance(v, (list, tuple)):
+    return "a list"
+  if isinstance(v, bool):
+    return "a bool"
+  if isinstance(v, int):
+    return "an int"
+  return "a number" if isinstance(v, float) else "a string" if isinstance(v, str) else "null"
+
+
+def check_structure(value: dict, like: ml_collections.ConfigDict, where: str, key: str = "config"
+                    ) -> None:
+  """Raises CheckpointError, naming the first offending key, unless `value` has every key of `like`
+  with a value of the same JSON kind (an int where a number is expected is fine; a None in `like`
+  allows anything). Keys `like` does not have are not checked."""
+  for k in like.keys():
+    want, name = like[k], f"{key}.{k}"
+    if k not in value:
+      raise CheckpointError(f"{where}: {name} is missing; the export is damaged: {_REDO}.")
+    if want is None:
+      continue
+    got, want_kind = _kind(value[k]), _kind(want)
+    if got != want_kind and not (want_kind == "a number" and got == "an int"):
+      raise CheckpointError(f"{where}: {name} is {got} ({value[k]!r:.60}), expected {want_kind}; "
+                            f"the export is damaged: {_REDO}.")
+    if want_kind == "an object":
+      check_structure(value[k], want, where, name)
+
+
+def load_export_config(directory: str | os.PathLike, like: ml_collections.ConfigDict | None = None
+                       ) -> ml_collections.ConfigDict:
   """The experiment config stored in an export folder (lists read back as tuples).
+
+  Args:
+    like: the keys and value kinds it must have (`configs.base.structure()`; `check_structure`).
 
   Raises:
     DataNotFoundError: no config.json; CheckpointError: not JSON, not an object, another or an
-    older format, "config" not an object or not a valid config.
+    older format, "config" not an object, not shaped `like` or not a valid config.
   """
   path = config_path(directory)
   cfg = _export_meta(directory)["config"]
+  if like is not None:
+    check_structure(cfg, like, str(path))
   try:
     return ml_collections.ConfigDict(_tuples(cfg))
   except (TypeError, ValueError, AttributeError, KeyError, RecursionError) as e:

@@ -332,7 +332,11 @@ def make_diffusion(cfg):
     if unknown:
       raise ConfigError(
           f"Unknown key(s) {unknown} in config.diffusion (vp); valid: {sorted(_VP_KEYS)}.")
-    sched_cfg = dict(d.get("schedule") or {})
+    sched_cfg = d.get("schedule") or {}
+    if not isinstance(sched_cfg, dict):
+      raise ConfigError(f"config.diffusion.schedule must be a dict with a name (e.g. "
+                        f"{{'name': 'cosine'}}), got {sched_cfg!r:.80}.")
+    sched_cfg = dict(sched_cfg)
     if "name" not in sched_cfg:
       raise ConfigError("config.diffusion.schedule.name is missing (e.g. 'sid2', 'cosine').")
     sched_name = sched_cfg.pop("name")
@@ -355,6 +359,6 @@ def make_diffusion(cfg):
                                   short=("vp", "edm"))
     kwargs = registry.config_kwargs(d)
     registry.check_kwargs(cls, kwargs, "config.diffusion")
-    return cls(**kwargs)
+    return registry.build(cls, "config.diffusion", **kwargs)
   raise ConfigError(f"Unknown config.diffusion.name {name!r}; choose 'vp', 'edm' or the dotted "
                     "path of a recipe class.")

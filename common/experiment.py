@@ -43,7 +43,7 @@ def build_model(model_cfg: ml_collections.ConfigDict, key: jax.Array,
   cls = model_class(model_cfg)
   kwargs = registry.config_kwargs(model_cfg)
   registry.check_kwargs(cls.__init__, kwargs, "config.model")
-  model = cls(**kwargs, rngs=nnx.Rngs(params=key))
+  model = registry.build(cls, "config.model", **kwargs, rngs=nnx.Rngs(params=key))
   numerics.apply_rules(model, numerics_rules)
   if deployed:
     from common.deployment import deploy  # pylint: disable=import-outside-toplevel

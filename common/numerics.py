@@ -120,7 +120,11 @@ def precision(config: ml_collections.ConfigDict) -> Precision:
 
 def config_rules(config: ml_collections.ConfigDict) -> tuple:
   """`config.numerics.rules` followed by the precision preset's rules (marked not required)."""
-  own = tuple(tuple(r) for r in (config.get("numerics", {}).get("rules", ()) or ()))
+  rules = config.get("numerics", {}).get("rules", ()) or ()
+  if not isinstance(rules, (list, tuple)) or not all(isinstance(r, (list, tuple)) for r in rules):
+    raise ConfigError(f"config.numerics.rules = {rules!r:.80}: expected a list of (path regex, "
+                      "implementation dotted name[, kwargs dict[, required bool]]) rules.")
+  own = tuple(tuple(r) for r in rules)
   preset = tuple((r[0], r[1], dict(r[2]) if len(r) > 2 and r[2] else {}, False)
                  for r in precision(config).rules)
   return own + preset
@@ -174,6 +178,10 @@ def _parse(rules: Sequence[Any]) -> list[_Parsed]:
       raise ConfigError(f"{where} = {rule!r}: expected (path regex, implementation dotted "
                         "name[, kwargs dict[, required bool]]).")
     pattern, name = rule[0], rule[1]
+    kwargs_ok = len(rule) < 3 or rule[2] is None or hasattr(rule[2], "keys")
+    if not isinstance(pattern, str) or not kwargs_ok:
+      raise ConfigError(f"{where} = {rule!r:.120}: expected (path regex, implementation dotted "
+                        "name[, kwargs dict[, required bool]]).")
     kwargs = dict(rule[2]) if len(rule) >= 3 and rule[2] is not None else {}
     required = bool(rule[3]) if len(rule) == 4 else True
     try:

@@ -140,6 +140,21 @@ def import_object(name: str, where: str, kind: str, short: Sequence[str] = ()) -
   return obj
 
 
+def build(fn: Any, where: str, /, *args: Any, **kwargs: Any) -> Any:
+  """`fn(*args, **kwargs)` for a plug-in built from config keys (`where`). Inside `from_file` a
+  TypeError or ValueError (a key of the wrong type in the file) is a one-line ConfigError naming
+  the file; outside it propagates (the user's own code)."""
+  source = _SOURCE.get()
+  if source is None:
+    return fn(*args, **kwargs)
+  try:
+    return fn(*args, **kwargs)
+  except (TypeError, ValueError) as e:
+    detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    raise ConfigError(f"{where} read from {source} cannot build "
+                      f"{getattr(fn, '__qualname__', fn)}: {type(e).__name__}: {detail}") from e
+
+
 def check_kwargs(fn: Any, kwargs: dict, where: str, skip: tuple[str, ...] = ("self", "rngs")) -> None:
   """Raises ConfigError naming the keys of `kwargs` that `fn` does not take (unless it takes
   **kwargs)."""

@@ -58,15 +58,17 @@ def _run(argv) -> None:
   if _CHECKPOINT.value and _MODE.value != "sample":
     raise app.UsageError("--checkpoint is for --mode=sample")
   # A config read from an export is data: the names in it resolve only to registered plug-ins.
-  trust = contextlib.nullcontext()
+  trust, source = contextlib.nullcontext(), None
   if config is None and _CHECKPOINT.value:
     from common import deployment, registry  # pylint: disable=import-outside-toplevel
+    from configs import base  # pylint: disable=import-outside-toplevel
     try:
-      config = deployment.load_export_config(_CHECKPOINT.value)
+      config = deployment.load_export_config(_CHECKPOINT.value, like=base.structure())
     except UserError as e:
       print(f"error: {e}", file=sys.stderr, flush=True)
       sys.exit(1)
-    trust = registry.from_file(deployment.config_path(_CHECKPOINT.value))
+    source = deployment.config_path(_CHECKPOINT.value)
+    trust = registry.from_file(source)
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/sid2_digits.py")
   try:
@@ -81,6 +83,25 @@ def _run(argv) -> None:
   except UserError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
+  except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+    if source is None:  # the user's own config: a bug to see in full
+      raise
+    # The export's config passed the structure check, but a value in it is still unusable.
+    print(f"error: {source}: a value of the export's config cannot be used ({_describe(e)}); the "
+          "export is damaged or was edited: export again with launch/main.py --mode=export.",
+          file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def _describe(e: BaseException) -> str:
+  """"Type: message at file:line" of the innermost frame of an exception, on one line."""
+  tb = e.__traceback__
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  where = (f" at {os.path.relpath(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}"
+           if tb is not None else "")
+  msg = " ".join(str(e).split())[:200]
+  return f"{type(e).__name__}: {msg}{where}"
 
 
 def _dispatch(config) -> None:

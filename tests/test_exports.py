@@ -262,3 +262,54 @@ def test_a_safetensors_header_larger_than_its_bytes_is_refused_without_allocatin
   with pytest.raises(CheckpointError, match="invalid shape, data type, or offset"):
     _read_safetensors(path)
   assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024
+
+
+# ---- an export's config: keys and value kinds (deployment.check_structure) -----------------------
+
+CONFIGS = [("sid2_digits", None), ("sid2_digits", "runlocal"), ("sid2_in512", None),
+           ("sid2_in256", None), ("sid2_in128", None), ("sid2_t2i_fashion", None),
+           ("autoencoder_fashion", None), ("microdit", None), ("microdit", "runlocal"),
+           ("terdit", "digits"), ("terdit", "600M_256"), ("terdit", "runlocal")]
+
+
+@pytest.mark.parametrize("module,arg", CONFIGS)
+def test_every_config_as_exported_has_the_structure(module, arg):
+  import importlib  # pylint: disable=import-outside-toplevel
+  from configs import base  # pylint: disable=import-outside-toplevel
+  c = importlib.import_module(f"configs.{module}").get_config(arg)
+  deployment.check_structure(json.loads(c.to_json_best_effort()), base.structure(), "x.json")
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("sample", 7, r"config.sample is an int \(7\), expected an object"),
+    ("model", "sid2", r"config.model is a string \('sid2'\), expected an object"),
+    ("seed", "0", r"config.seed is a string \('0'\), expected an int"),
+    ("train.steps", 2.5, r"config.train.steps is a number \(2.5\), expected an int"),
+    ("train.ema_warmup", 1, r"config.train.ema_warmup is an int \(1\), expected a bool"),
+    ("optim.learning_rate", None, r"config.optim.learning_rate is null \(None\), expected a number"),
+    ("precision", ["coat"], r"config.precision is a list"),
+    ("mesh", None, r"config.mesh is null"),
+    ("data", None, r"config.data is null"),
+])
+def test_a_config_of_the_wrong_structure_is_one_clear_line(export, tmp_path, key, value, message):
+  from configs import base  # pylint: disable=import-outside-toplevel
+  folder, _ = export
+
+  def edit(meta):
+    node, parts = meta["config"], key.split(".")
+    for p in parts[:-1]:
+      node = node[p]
+    node[parts[-1]] = value
+    return meta
+  bad = _edit_meta(folder, tmp_path / "bad", edit)
+  with pytest.raises(CheckpointError, match=message) as e:
+    deployment.load_export_config(bad, like=base.structure())
+  assert "\n" not in str(e.value) and "export again" in str(e.value)
+
+
+def test_a_missing_section_is_one_clear_line(export, tmp_path):
+  from configs import base  # pylint: disable=import-outside-toplevel
+  folder, _ = export
+  bad = _edit_meta(folder, tmp_path / "bad", lambda m: (m["config"].pop("sample"), m)[1])
+  with pytest.raises(CheckpointError, match=r"config.sample is missing"):
+    deployment.load_export_config(bad, like=base.structure())
