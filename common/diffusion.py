@@ -311,6 +311,12 @@ def _to_dict(cfg) -> dict[str, Any]:
   return dict(cfg)
 
 
+def recipe_class(name: Any) -> Any:
+  """The recipe class that a dotted `config.diffusion.name` names (a registered one when the config
+  was read from a file: `common.registry`)."""
+  return registry.import_object(name, "config.diffusion.name", "diffusion", short=("vp", "edm"))
+
+
 def make_diffusion(cfg):
   """Builds a recipe from `config.diffusion` (an ml_collections ConfigDict or a mapping).
 
@@ -355,8 +361,7 @@ def make_diffusion(cfg):
     kwargs = {k: (bool(v) if k == "clip_x" else float(v)) for k, v in d.items() if k != "name"}
     return EDMDiffusion(**kwargs)
   if isinstance(name, str) and "." in name:
-    cls = registry.import_object(name, "config.diffusion.name", "diffusion",
-                                  short=("vp", "edm"))
+    cls = recipe_class(name)
     kwargs = registry.config_kwargs(d)
     registry.check_kwargs(cls, kwargs, "config.diffusion")
     return registry.build(cls, "config.diffusion", **kwargs)

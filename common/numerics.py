@@ -169,7 +169,9 @@ def _accepts_path(fn: Any) -> bool:
     return False
 
 
-def _parse(rules: Sequence[Any]) -> list[_Parsed]:
+def parse_rules(rules: Sequence[Any]) -> list[_Parsed]:
+  """`config.numerics.rules` checked, with their implementations resolved (module docstring);
+  raises ConfigError."""
   parsed = []
   for i, rule in enumerate(rules or ()):
     rule = tuple(rule)
@@ -226,7 +228,7 @@ def apply_rules(model: nnx.Module, rules: Sequence[Any]) -> dict[str, str]:
   Raises:
     ConfigError: a malformed rule, or a required rule that matches no layer.
   """
-  parsed = _parse(rules)
+  parsed = parse_rules(rules)
   if not parsed:
     return {}
   classes = tuple({c for p in parsed for c in p.replaces})

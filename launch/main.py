@@ -79,6 +79,9 @@ def _run(argv) -> None:
     sys.exit(1)
   try:
     with trust:
+      if source is not None:  # refuse every unregistered name, used by this mode or not
+        from common.experiment import resolve_plugins  # pylint: disable=import-outside-toplevel
+        resolve_plugins(config)
       _dispatch(config)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)

@@ -121,3 +121,22 @@ def test_a_hostile_export_runs_nothing(tmp_path):
   last = r.stderr.strip().splitlines()[-1]
   assert "Traceback" not in r.stderr and last.startswith("error: config.diffusion.name="), r.stderr
   assert "'subprocess.run'" in last and "config.json" in last
+
+
+@pytest.mark.parametrize("key,value", [
+    ("model.name", "os.system"), ("diffusion", {"name": "subprocess.run"}),
+    ("optim.name", "builtins.eval"), ("precision", "common.registry.import_object"),
+    ("numerics.rules", ((".*", "os.system", {}),)), ("init_from.converter", "os.system")])
+def test_resolve_plugins_refuses_every_unregistered_name_of_a_file_config(key, value):
+  """Even keys the mode at hand does not use (sampling builds no optimizer)."""
+  from common.experiment import resolve_plugins  # pylint: disable=import-outside-toplevel
+  c = sid2_digits.get_config("runlocal")
+  resolve_plugins(c)
+  with registry.from_file("/x/config.json"):
+    resolve_plugins(c)
+    node, parts = c, key.split(".")
+    for p in parts[:-1]:
+      node = node[p]
+    node[parts[-1]] = value
+    with pytest.raises(ConfigError, match="read from /x/config.json"):
+      resolve_plugins(c)
