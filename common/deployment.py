@@ -24,6 +24,7 @@ benchmarks use for models too large to materialise.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from typing import Any, Mapping
@@ -35,7 +36,7 @@ import ml_collections
 import numpy as np
 
 from common import numerics, tree_names
-from common.errors import CheckpointError, DataNotFoundError, ShapeError, UserError
+from common.errors import CheckpointError, ConfigError, DataNotFoundError, ShapeError, UserError
 from common.paths import as_path
 
 EXPORT_FORMAT = "frugal-diffusion/deployed-v2"
@@ -160,6 +161,30 @@ def save_export(directory: str | os.PathLike, config: ml_collections.ConfigDict,
 def config_path(directory: str | os.PathLike):
   """DIR/config.json of an export folder."""
   return as_path(directory) / CONFIG_FILE
+
+
+def check_tensor_count(cls: Any, kwargs: Mapping[str, Any], num_tensors: int, weights: Any) -> None:
+  """Raises when the constructor arguments `kwargs` (read from a file) imply more parameter tensors
+  than the weights file holds, by `cls.min_param_tensors(all arguments)` (classes without it are
+  not checked). Called before the network is traced, so a config cannot make us build, even
+  abstractly, a network far larger than its weights (e.g. a million blocks).
+
+  Raises:
+    ConfigError: an argument the bound reads has the wrong type; ShapeError: too few tensors.
+  """
+  bound = getattr(cls, "min_param_tensors", None)
+  if bound is None:
+    return
+  defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+              if p.default is not p.empty}
+  try:
+    need = bound({**defaults, **kwargs})
+  except (TypeError, ValueError, KeyError) as e:
+    raise ConfigError(f"the config.json beside {weights} has arguments of the wrong type for "
+                      f"{cls.__name__}: {type(e).__name__}: {e}") from e
+  if num_tensors < need:
+    raise ShapeError(f"{weights} holds {num_tensors} tensors, the config.json beside it implies "
+                     f"at least {need}; is the config.json the one saved with these weights?")
 
 
 def sha256_hex(data: bytes) -> str:
@@ -308,22 +333,33 @@ def load_export_config(directory: str | os.PathLike, like: ml_collections.Config
                           f"{e}); {_REDO}.") from e
 
 
-def load_export_state(directory: str | os.PathLike, abstract_state: Mapping[Any, Any]) -> dict:
-  """Reads DIR/params.safetensors into the structure of `abstract_state` (a deployed network's pure
-  state dict of ShapeDtypeStructs), checking its SHA-256 against config.json and every name, shape
-  and dtype.
-
-  Returns:
-    The pure state dict of numpy arrays.
-  """
+def read_export_weights(directory: str | os.PathLike) -> dict[str, np.ndarray]:
+  """DIR/params.safetensors as {dotted name: numpy array}, after checking its SHA-256 against the
+  one config.json recorded at export time."""
   from safetensors import numpy as st_numpy  # pylint: disable=import-outside-toplevel
   path = as_path(directory) / PARAMS_FILE
   data = read_checked(path, _export_meta(directory)["sha256"].get(PARAMS_FILE),
                       config_path(directory), _REDO)
   try:
-    flat = st_numpy.load(data)
+    return st_numpy.load(data)
   except Exception as e:  # safetensors raises its own error types for corrupt files
     raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+
+
+def load_export_state(directory: str | os.PathLike, abstract_state: Mapping[Any, Any], *,
+                      weights: Mapping[str, np.ndarray] | None = None) -> dict:
+  """Reads DIR/params.safetensors into the structure of `abstract_state` (a deployed network's pure
+  state dict of ShapeDtypeStructs), checking its SHA-256 against config.json and every name, shape
+  and dtype.
+
+  Args:
+    weights: the file's tensors if already read by `read_export_weights`.
+
+  Returns:
+    The pure state dict of numpy arrays.
+  """
+  path = as_path(directory) / PARAMS_FILE
+  flat = weights if weights is not None else read_export_weights(directory)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(dict(abstract_state))
   names = [".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p) for p, _ in leaves]
   if set(names) != set(flat):

@@ -245,6 +245,15 @@ class MicroDiT(nnx.Module):
                                   rngs=rngs)
 
   # ---- the network contract ------------------------------------------------------------------
+  @staticmethod
+  def min_param_tensors(kwargs: dict) -> int:
+    """A lower bound on the parameter tensors of `MicroDiT(**kwargs)` (all arguments given), from
+    its arguments alone: 2 per backbone block and per patch-mixer block (each has at least one
+    Dense with two). An export's weights file must hold at least this many before the network is
+    traced (`common.deployment.check_tensor_count`)."""
+    mixer = int(kwargs["patch_mixer_depth"]) if kwargs["use_patch_mixer"] else 0
+    return 2 * (int(kwargs["depth"]) + mixer)
+
   def example_inputs(self, batch_size: int) -> tuple[jax.ShapeDtypeStruct, dict]:
     """x: latents [B, H, W, C] float32; cond: {"tokens": [B, caption_len, caption_channels]}
     (the official model reads the caption tokens only: no mask, the pooled vector is derived)."""

@@ -164,6 +164,14 @@ class ResidualUViT(nnx.Module):
                                       dtype=self.dtype, rngs=rngs)
 
   @staticmethod
+  def min_param_tensors(kwargs: dict) -> int:
+    """A lower bound on the parameter tensors of `ResidualUViT(**kwargs)` (all arguments given),
+    from its arguments alone: 2 per block (each has at least one Dense or norm with two), the
+    encoder's and decoder's `blocks_per_level` and `mid_blocks`. An export's weights file must
+    hold at least this many before the network is traced (`common.deployment.check_tensor_count`)."""
+    return 2 * (2 * sum(int(n) for n in kwargs["blocks_per_level"]) + int(kwargs["mid_blocks"]))
+
+  @staticmethod
   def _validate(image_size, patch_size, channels, level_types, blocks_per_level, mid_blocks,
                 dropout, num_classes):
     n = len(channels)

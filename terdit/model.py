@@ -307,6 +307,14 @@ class TerDiT(nnx.Module):
     self.final = FinalLayer(dim, cond_dim, patch_size * patch_size * self.out_channels,
                             dtype=dtype, rngs=rngs)
 
+  @staticmethod
+  def min_param_tensors(kwargs: dict) -> int:
+    """A lower bound on the parameter tensors of `TerDiT(**kwargs)` (all arguments given), from its
+    arguments alone: 2 per block (each has at least one linear layer with two). An export's weights
+    file must hold at least this many before the network is traced
+    (`common.deployment.check_tensor_count`)."""
+    return 2 * int(kwargs["depth"])
+
   def __call__(self, x: Array, noise_cond: Array, cond: dict, *,
                dropout_key: Array | None = None) -> Array:
     """x: [B, H, W, C]; noise_cond: [B] timesteps t in [0, 1000); cond: {"label": int [B]}

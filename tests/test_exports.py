@@ -313,3 +313,36 @@ def test_a_missing_section_is_one_clear_line(export, tmp_path):
   bad = _edit_meta(folder, tmp_path / "bad", lambda m: (m["config"].pop("sample"), m)[1])
   with pytest.raises(CheckpointError, match=r"config.sample is missing"):
     deployment.load_export_config(bad, like=base.structure())
+
+
+@pytest.mark.parametrize("module,arg", [("sid2_digits", "runlocal"), ("sid2_in512", None),
+                                        ("microdit", None), ("microdit", "runlocal"),
+                                        ("terdit", "digits"), ("terdit", "600M_256"),
+                                        ("autoencoder_fashion", None)])
+def test_the_tensor_bound_of_every_config_holds(module, arg):
+  """min_param_tensors is a lower bound: an intact export never trips check_tensor_count."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  from common import registry  # pylint: disable=import-outside-toplevel
+  from common.experiment import model_class, numerics_rules  # pylint: disable=import-outside-toplevel
+  c = importlib.import_module(f"configs.{module}").get_config(arg)
+  cls = model_class(c.model)
+  assert hasattr(cls, "min_param_tensors")
+  for deployed in (False, True):
+    model = nnx.eval_shape(lambda: build_model(c.model, jax.random.key(0), numerics_rules(c),
+                                               deployed=deployed))
+    n = len(jax.tree.leaves(nnx.to_pure_dict(nnx.state(model))))
+    deployment.check_tensor_count(cls, registry.config_kwargs(c.model), n, "w.safetensors")
+    with pytest.raises(ShapeError, match="holds 1 tensors"):
+      deployment.check_tensor_count(cls, registry.config_kwargs(c.model), 1, "w.safetensors")
+
+
+def test_an_export_config_implying_a_huge_network_is_refused_before_it_is_traced(export, tmp_path):
+  from common import trainer  # pylint: disable=import-outside-toplevel
+  folder, _ = export
+  bad = _edit_meta(folder, tmp_path / "bad", lambda m: (m["config"]["model"].update(
+      mid_blocks=10**7), m)[1])
+  start = time.monotonic()
+  with pytest.raises(ShapeError, match=r"holds \d+ tensors, the config.json beside it implies at "
+                     r"least 20000004"):
+    trainer.sample(deployment.load_export_config(bad), None, checkpoint=str(bad))
+  assert time.monotonic() - start < 30

@@ -17,7 +17,6 @@ Latents are normalised as the Stable Diffusion 3 / FLUX pipelines do: `(z - shif
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from typing import Any
@@ -157,25 +156,6 @@ def _merge(graphdef, pure_params: dict) -> nnx.Module:
   return abstract
 
 
-def _check_tensor_count(cls, kwargs: dict, tensors: dict, weights) -> None:
-  """ShapeError when the constructor arguments imply more parameter tensors than the weights file
-  holds (`cls.min_param_tensors`, if the class has it): checked before the network is traced, so a
-  config cannot make us build, even abstractly, a network far larger than its weights."""
-  bound = getattr(cls, "min_param_tensors", None)
-  if bound is None:
-    return
-  defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
-              if p.default is not p.empty}
-  try:
-    need = bound({**defaults, **kwargs})
-  except (TypeError, ValueError) as e:
-    raise ConfigError(f"the config.json beside {weights} has arguments of the wrong type for "
-                      f"{cls.__name__}: {e}") from e
-  if len(tensors) < need:
-    raise ShapeError(f"{weights} holds {len(tensors)} tensors, the config.json beside it implies "
-                     f"at least {need}; is the config.json the one saved with these weights?")
-
-
 def load_diffusers_vae(directory: str, config: dict | None = None, *,
                        dtype: str = "float32") -> Autoencoder:
   """A diffusers `AutoencoderKL` folder -> Autoencoder with its scaling/shift factors.
@@ -199,7 +179,7 @@ def load_diffusers_vae(directory: str, config: dict | None = None, *,
   else:
     from common.torch_weights import load_torch_weights  # pylint: disable=import-outside-toplevel
     state_dict = {k: np.asarray(v, np.float32) for k, v in load_torch_weights(weights).items()}
-  _check_tensor_count(kl_vae.AutoencoderKL, kwargs, state_dict, weights)
+  deployment.check_tensor_count(kl_vae.AutoencoderKL, kwargs, len(state_dict), weights)
   graphdef, abstract = _abstract_params(
       lambda: kl_vae.AutoencoderKL(**kwargs, dtype=dtype, rngs=nnx.Rngs(0)))
   params = kl_vae.torch_to_params(state_dict, abstract, os.fspath(weights))
@@ -260,7 +240,7 @@ def _load_export(directory: str, config: dict) -> Autoencoder:
   data = deployment.read_checked(path, sums.get(PARAMS_FILE) if isinstance(sums, dict) else None,
                                  config_path, redo)
   flat = _read_safetensors(path, data)
-  _check_tensor_count(cls, kwargs, flat, path)
+  deployment.check_tensor_count(cls, kwargs, len(flat), path)
   try:
     graphdef, abstract = _abstract_params(lambda: cls(**kwargs, rngs=nnx.Rngs(0)))
   except (TypeError, ValueError) as e:

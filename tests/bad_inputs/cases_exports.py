@@ -176,6 +176,11 @@ CASES = [
          build=_with_config(_set("model.channels", lambda d: "wide")),
          message=r"config\.model read from .*config\.json cannot build ResidualUViT: ValueError",
          needs=("export",)),
+    Case(name="export/model-a-million-blocks",
+         build=_with_config(_set("model.mid_blocks", lambda d: 10**6)),
+         message=r"params\.safetensors holds \d+ tensors, the config\.json beside it implies at "
+                 r"least 2000004",
+         needs=("export",), timeout_s=60),
     # Our autoencoder export (loaded by launch/encode.py and launch/precompute.py).
     Case(name="export/autoencoder-subprocess-run",
          build=lambda d, p: _autoencoder({"name": "subprocess.run", "args": _touch(d)})(d, p),
