@@ -38,6 +38,7 @@ import jax.numpy as jnp
 
 from coat import fp8
 from common import layers
+from common import registry
 
 Array = jax.Array
 
@@ -102,6 +103,7 @@ def fp8_saved_call(fn: Callable[..., Array], *args: Any,
 
 
 @dataclasses.dataclass(frozen=True)
+@registry.register("numerics")
 class FP8Residuals:
   """The residual policy saving a non-linear layer's inputs as 1xG FP8 (module docstring).
 

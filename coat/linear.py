@@ -44,6 +44,7 @@ import jax.numpy as jnp
 
 from coat import fp8
 from common import layers
+from common import registry
 
 Array = jax.Array
 E4M3, E5M2 = fp8.E4M3, fp8.E5M2
@@ -125,6 +126,7 @@ class _StepCachedWeight:
     return self.weight_fp8.get_value() if self.weight_fp8 is not None else None
 
 
+@registry.register("numerics")
 class FP8Dense(_StepCachedWeight, nnx.Module):
   """A `common.layers.Dense` computed with COAT's FP8 GEMMs (module docstring); a numerics rule
   target (`common/numerics.py`): `("...", "coat.linear.FP8Dense", {})`.
@@ -162,6 +164,7 @@ class FP8Dense(_StepCachedWeight, nnx.Module):
     return y
 
 
+@registry.register("numerics")
 class FP8ExpertDense(_StepCachedWeight, nnx.Module):
   """A `common.layers.ExpertDense` (one linear map per expert) computed with COAT's FP8 GEMMs: each
   expert's GEMM is an `fp8_matmul` with its own just-in-time per-tensor scales (x[:, e] and W[e]),

@@ -47,6 +47,7 @@ import optax
 from coat import fp8
 from jax.sharding import PartitionSpec as P
 
+from common import registry
 from common.errors import ConfigError
 from common.optim import FusedGradientTransformation
 from common.sharding import ParamPlacement, path_str
@@ -96,6 +97,7 @@ def resolve_impl(impl: str, interpret: bool = False, sharded: bool = False) -> s
   return "pallas"
 
 
+@registry.register("optimizer")
 def fp8_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
               eps: float = 1e-8, weight_decay: float = 0.0, *, impl: str = "auto",
               interpret: bool = False, expand: bool = True,

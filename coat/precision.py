@@ -20,6 +20,7 @@ small), attention itself with its QK-norms, convolutions, the residual stream, m
 (fp32) and the gradients given to the optimizer (fp32).
 """
 
+from common import registry
 from common.numerics import Precision
 
 # Module paths inside an attention or MLP branch ("mid/0/attn/qkv", "blocks/3/mlp/fc1").
@@ -27,11 +28,11 @@ BRANCH_LINEARS = r"(.*/)?(attn|attention|cross|mlp|ffn|ff)/(.*/)?[^/]+"
 # Every path that does not pass through an attention module (its QK-norms stay bf16).
 OUTSIDE_ATTENTION = r"(?!(.*/)?(attn|attention|cross)/).*"
 
-COAT = Precision(
+COAT = registry.add("precision", "coat.precision.COAT", Precision(
     rules=(
         (BRANCH_LINEARS, "coat.linear.FP8Dense", {}),
         (BRANCH_LINEARS, "coat.linear.FP8ExpertDense", {}),
         (OUTSIDE_ATTENTION, "coat.activations.FP8Residuals", {}),
     ),
     optimizer="coat.optim.fp8_adamw",
-)
+))

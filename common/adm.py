@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import registry
 from common.diffusion import (ApplyFn, _check_interval, _DenoiserObjective, drop_condition,
                               split_output)
 from common.errors import ConfigError, ShapeError
@@ -284,6 +285,7 @@ def _masked_mean(v: jax.Array, mask: jax.Array | None) -> jax.Array:
 
 # ---- the recipe ----------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
+@registry.register("diffusion")
 class ADMDiffusion(_DenoiserObjective):
   """DiT / ADM discrete diffusion with learned variance and the hybrid loss (module docstring).
 

@@ -7,10 +7,15 @@ them, so any family's layers may take part.
 
 An export folder (written by `--mode=export`, read by `--mode=sample --checkpoint=DIR`):
 
-  DIR/config.json        {"format": EXPORT_FORMAT, "config": the experiment config, "source":
-                          {"workdir", "step"}, "bytes": {"export", "fp32", "bf16"}}
+  DIR/config.json        {"format": EXPORT_FORMAT, "config": the experiment config, "sha256":
+                          {"params.safetensors": hex digest}, "source": {"workdir", "step"},
+                          "bytes": {"export", "fp32", "bf16"}}
   DIR/params.safetensors every variable of the deployed network (uint8 packed codes, fp32 alpha,
                           biases and the full-precision layers), names "blocks.0.attn.qkv.codes"
+
+The recorded SHA-256 is checked before the weights are used: a changed or damaged file is refused
+(the safetensors format has no checksum of its own). An export of an older format (deployed-v1,
+without checksums) is refused with the advice to export again.
 
 `safetensors_nbytes` gives the exact size of such a file from shapes and dtypes alone, which the
 benchmarks use for models too large to materialise.
@@ -18,6 +23,8 @@ benchmarks use for models too large to materialise.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import os
 from typing import Any, Mapping
@@ -29,10 +36,11 @@ import ml_collections
 import numpy as np
 
 from common import numerics, tree_names
-from common.errors import CheckpointError, DataNotFoundError, ShapeError
+from common.errors import CheckpointError, ConfigError, DataNotFoundError, ShapeError, UserError
 from common.paths import as_path
 
-EXPORT_FORMAT = "frugal-diffusion/deployed-v1"
+EXPORT_FORMAT = "frugal-diffusion/deployed-v2"
+_FORMAT_FAMILY = "frugal-diffusion/deployed-"
 PARAMS_FILE = "params.safetensors"
 CONFIG_FILE = "config.json"
 
@@ -145,29 +153,121 @@ def save_export(directory: str | os.PathLike, config: ml_collections.ConfigDict,
   data = st_numpy.save(flat)
   (folder / PARAMS_FILE).write_bytes(data)
   meta = {"format": EXPORT_FORMAT, "config": json.loads(config.to_json_best_effort()),
-          **(extra or {})}
+          "sha256": {PARAMS_FILE: sha256_hex(data)}, **(extra or {})}
   (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
   return len(data)
 
 
-def is_export(path: str | os.PathLike) -> bool:
-  """Whether `path` is a folder written by `save_export`."""
-  cfg = as_path(path) / CONFIG_FILE
-  if not cfg.is_file():
-    return False
+def config_path(directory: str | os.PathLike):
+  """DIR/config.json of an export folder."""
+  return as_path(directory) / CONFIG_FILE
+
+
+def check_tensor_count(cls: Any, kwargs: Mapping[str, Any], num_tensors: int, weights: Any) -> None:
+  """Raises when the constructor arguments `kwargs` (read from a file) imply more parameter tensors
+  than the weights file holds, by `cls.min_param_tensors(all arguments)` (classes without it are
+  not checked). Called before the network is traced, so a config cannot make us build, even
+  abstractly, a network far larger than its weights (e.g. a million blocks).
+
+  Raises:
+    ConfigError: an argument the bound reads has the wrong type; ShapeError: too few tensors.
+  """
+  bound = getattr(cls, "min_param_tensors", None)
+  if bound is None:
+    return
+  defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+              if p.default is not p.empty}
   try:
-    return json.loads(cfg.read_text()).get("format") == EXPORT_FORMAT
-  except (ValueError, AttributeError):
+    need = bound({**defaults, **kwargs})
+  except (TypeError, ValueError, KeyError) as e:
+    raise ConfigError(f"the config.json beside {weights} has arguments of the wrong type for "
+                      f"{cls.__name__}: {type(e).__name__}: {e}") from e
+  if num_tensors < need:
+    raise ShapeError(f"{weights} holds {num_tensors} tensors, the config.json beside it implies "
+                     f"at least {need}; is the config.json the one saved with these weights?")
+
+
+def sha256_hex(data: bytes) -> str:
+  """The SHA-256 of `data` as 64 hex digits."""
+  return hashlib.sha256(data).hexdigest()
+
+
+def read_checked(path, recorded: Any, record_file: Any, redo: str) -> bytes:
+  """The bytes of `path` after checking them against the SHA-256 `recorded` in `record_file`.
+
+  Args:
+    recorded: the hex digest written at export time (anything else is refused).
+    redo: how to write the folder again, for the messages.
+
+  Raises:
+    DataNotFoundError: `path` is missing; CheckpointError: no digest recorded, or the bytes differ.
+  """
+  if not as_path(path).is_file():
+    raise DataNotFoundError(f"{path} is missing: {redo}.")
+  if not isinstance(recorded, str) or len(recorded) != 64:
+    raise CheckpointError(f"{record_file} records no SHA-256 of {as_path(path).name}: {redo}.")
+  data = as_path(path).read_bytes()
+  if sha256_hex(data) != recorded.lower():
+    raise CheckpointError(f"{path} does not match the checksum recorded in {record_file} at "
+                          f"export time: changed or damaged; {redo}.")
+  return data
+
+
+def read_json_object(path) -> dict:
+  """The JSON object in `path`; CheckpointError (one line) for anything else."""
+  try:
+    meta = json.loads(as_path(path).read_bytes())
+  except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+    raise CheckpointError(f"{path} is not valid JSON ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
+  if not isinstance(meta, dict):
+    raise CheckpointError(f"{path} holds a JSON {type(meta).__name__}, not an object.")
+  return meta
+
+
+_REDO = "export again with launch/main.py --mode=export --config=CONFIG --workdir=WORKDIR"
+
+
+def _export_meta(directory: str | os.PathLike) -> dict:
+  """DIR/config.json of an export, checked: a JSON object of the current format whose "config" is
+  an object and whose "sha256" records the weights file."""
+  path = config_path(directory)
+  if not path.is_file():
+    raise DataNotFoundError(f"{path} is missing: {directory} is not an export folder; write one "
+                            "with launch/main.py --mode=export --config=... --workdir=WORKDIR.")
+  meta = read_json_object(path)
+  fmt = meta.get("format")
+  if fmt != EXPORT_FORMAT:
+    if isinstance(fmt, str) and fmt.startswith(_FORMAT_FAMILY):
+      raise CheckpointError(f"{path} is an export of an older format ({fmt}, without checksums); "
+                            f"{_REDO} from the run it came from.")
+    raise CheckpointError(f"{path} was not written by --mode=export (format {fmt!r:.80}, expected "
+                          f"{EXPORT_FORMAT!r}).")
+  if not isinstance(meta.get("config"), dict):
+    raise CheckpointError(f"{path}: \"config\" is {type(meta.get('config')).__name__}, not an "
+                          f"object; the export is damaged: {_REDO}.")
+  if not isinstance(meta.get("sha256"), dict):
+    raise CheckpointError(f"{path} records no checksums (\"sha256\"); {_REDO}.")
+  return meta
+
+
+def is_export(path: str | os.PathLike) -> bool:
+  """Whether `path` holds an export's config.json (of any format version: loading it then says
+  what is wrong with it)."""
+  try:
+    fmt = read_json_object(config_path(path)).get("format")
+  except (UserError, OSError):
     return False
+  return isinstance(fmt, str) and fmt.startswith(_FORMAT_FAMILY)
 
 
 def export_step(directory: str | os.PathLike) -> int | None:
   """The training step an export was made from (None if unknown)."""
   try:
-    meta = json.loads((as_path(directory) / CONFIG_FILE).read_text())
-    return int(meta["source"]["step"])
-  except (OSError, ValueError, KeyError, TypeError):
+    step = read_json_object(config_path(directory))["source"]["step"]
+  except (UserError, OSError, KeyError, TypeError):
     return None
+  return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def _tuples(v: Any) -> Any:
@@ -178,37 +278,88 @@ def _tuples(v: Any) -> Any:
   return v
 
 
-def load_export_config(directory: str | os.PathLike) -> ml_collections.ConfigDict:
-  """The experiment config stored in an export folder (lists read back as tuples)."""
-  path = as_path(directory) / CONFIG_FILE
-  if not path.is_file():
-    raise DataNotFoundError(f"{path} is missing: {directory} is not an export folder; write one "
-                            "with launch/main.py --mode=export --config=... --workdir=WORKDIR.")
+def _kind(v: Any) -> str:
+  """The JSON kind of a config value: "an object", "a list", "a bool", "an int", "a number",
+  "a string" or "null"."""
+  if isinstance(v, (dict, ml_collections.ConfigDict)):
+    return "an object"
+  if isinstance(v, (list, tuple)):
+    return "a list"
+  if isinstance(v, bool):
+    return "a bool"
+  if isinstance(v, int):
+    return "an int"
+  return "a number" if isinstance(v, float) else "a string" if isinstance(v, str) else "null"
+
+
+def check_structure(value: dict, like: ml_collections.ConfigDict, where: str, key: str = "config"
+                    ) -> None:
+  """Raises CheckpointError, naming the first offending key, unless `value` has every key of `like`
+  with a value of the same JSON kind (an int where a number is expected is fine; a None in `like`
+  allows anything). Keys `like` does not have are not checked."""
+  for k in like.keys():
+    want, name = like[k], f"{key}.{k}"
+    if k not in value:
+      raise CheckpointError(f"{where}: {name} is missing; the export is damaged: {_REDO}.")
+    if want is None:
+      continue
+    got, want_kind = _kind(value[k]), _kind(want)
+    if got != want_kind and not (want_kind == "a number" and got == "an int"):
+      raise CheckpointError(f"{where}: {name} is {got} ({value[k]!r:.60}), expected {want_kind}; "
+                            f"the export is damaged: {_REDO}.")
+    if want_kind == "an object":
+      check_structure(value[k], want, where, name)
+
+
+def load_export_config(directory: str | os.PathLike, like: ml_collections.ConfigDict | None = None
+                       ) -> ml_collections.ConfigDict:
+  """The experiment config stored in an export folder (lists read back as tuples).
+
+  Args:
+    like: the keys and value kinds it must have (`configs.base.structure()`; `check_structure`).
+
+  Raises:
+    DataNotFoundError: no config.json; CheckpointError: not JSON, not an object, another or an
+    older format, "config" not an object, not shaped `like` or not a valid config.
+  """
+  path = config_path(directory)
+  cfg = _export_meta(directory)["config"]
+  if like is not None:
+    check_structure(cfg, like, str(path))
   try:
-    meta = json.loads(path.read_text())
-  except ValueError as e:
-    raise CheckpointError(f"{path} is not valid JSON: {e}") from e
-  if meta.get("format") != EXPORT_FORMAT or "config" not in meta:
-    raise CheckpointError(f"{path} was not written by --mode=export (format "
-                          f"{meta.get('format')!r}, expected {EXPORT_FORMAT!r}).")
-  return ml_collections.ConfigDict(_tuples(meta["config"]))
+    return ml_collections.ConfigDict(_tuples(cfg))
+  except (TypeError, ValueError, AttributeError, KeyError, RecursionError) as e:
+    raise CheckpointError(f"{path}: \"config\" is not a valid config ({type(e).__name__}: "
+                          f"{e}); {_REDO}.") from e
 
 
-def load_export_state(directory: str | os.PathLike, abstract_state: Mapping[Any, Any]) -> dict:
+def read_export_weights(directory: str | os.PathLike) -> dict[str, np.ndarray]:
+  """DIR/params.safetensors as {dotted name: numpy array}, after checking its SHA-256 against the
+  one config.json recorded at export time."""
+  from safetensors import numpy as st_numpy  # pylint: disable=import-outside-toplevel
+  path = as_path(directory) / PARAMS_FILE
+  data = read_checked(path, _export_meta(directory)["sha256"].get(PARAMS_FILE),
+                      config_path(directory), _REDO)
+  try:
+    return st_numpy.load(data)
+  except Exception as e:  # safetensors raises its own error types for corrupt files
+    raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+
+
+def load_export_state(directory: str | os.PathLike, abstract_state: Mapping[Any, Any], *,
+                      weights: Mapping[str, np.ndarray] | None = None) -> dict:
   """Reads DIR/params.safetensors into the structure of `abstract_state` (a deployed network's pure
-  state dict of ShapeDtypeStructs), checking every name, shape and dtype.
+  state dict of ShapeDtypeStructs), checking its SHA-256 against config.json and every name, shape
+  and dtype.
+
+  Args:
+    weights: the file's tensors if already read by `read_export_weights`.
 
   Returns:
     The pure state dict of numpy arrays.
   """
-  from safetensors import numpy as st_numpy  # pylint: disable=import-outside-toplevel
   path = as_path(directory) / PARAMS_FILE
-  if not path.is_file():
-    raise DataNotFoundError(f"{path} is missing: export again with --mode=export.")
-  try:
-    flat = st_numpy.load(path.read_bytes())
-  except Exception as e:  # safetensors raises its own error types for corrupt files
-    raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+  flat = weights if weights is not None else read_export_weights(directory)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(dict(abstract_state))
   names = [".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p) for p, _ in leaves]
   if set(names) != set(flat):

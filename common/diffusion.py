@@ -311,6 +311,12 @@ def _to_dict(cfg) -> dict[str, Any]:
   return dict(cfg)
 
 
+def recipe_class(name: Any) -> Any:
+  """The recipe class that a dotted `config.diffusion.name` names (a registered one when the config
+  was read from a file: `common.registry`)."""
+  return registry.import_object(name, "config.diffusion.name", "diffusion", short=("vp", "edm"))
+
+
 def make_diffusion(cfg):
   """Builds a recipe from `config.diffusion` (an ml_collections ConfigDict or a mapping).
 
@@ -332,7 +338,11 @@ def make_diffusion(cfg):
     if unknown:
       raise ConfigError(
           f"Unknown key(s) {unknown} in config.diffusion (vp); valid: {sorted(_VP_KEYS)}.")
-    sched_cfg = dict(d.get("schedule") or {})
+    sched_cfg = d.get("schedule") or {}
+    if not isinstance(sched_cfg, dict):
+      raise ConfigError(f"config.diffusion.schedule must be a dict with a name (e.g. "
+                        f"{{'name': 'cosine'}}), got {sched_cfg!r:.80}.")
+    sched_cfg = dict(sched_cfg)
     if "name" not in sched_cfg:
       raise ConfigError("config.diffusion.schedule.name is missing (e.g. 'sid2', 'cosine').")
     sched_name = sched_cfg.pop("name")
@@ -351,9 +361,9 @@ def make_diffusion(cfg):
     kwargs = {k: (bool(v) if k == "clip_x" else float(v)) for k, v in d.items() if k != "name"}
     return EDMDiffusion(**kwargs)
   if isinstance(name, str) and "." in name:
-    cls = registry.import_object(name, "config.diffusion.name")
+    cls = recipe_class(name)
     kwargs = registry.config_kwargs(d)
     registry.check_kwargs(cls, kwargs, "config.diffusion")
-    return cls(**kwargs)
+    return registry.build(cls, "config.diffusion", **kwargs)
   raise ConfigError(f"Unknown config.diffusion.name {name!r}; choose 'vp', 'edm' or the dotted "
                     "path of a recipe class.")

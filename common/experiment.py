@@ -23,15 +23,17 @@ import optax
 from common import numerics
 from common import registry
 from common import sharding
-from common.diffusion import make_diffusion
+from common.diffusion import make_diffusion, recipe_class
 from common.ema import ema_update
 from common.errors import ConfigError, ShapeError
-from common.optim import apply_gradients, learning_rate_schedule, make_optimizer
+from common.optim import (apply_gradients, learning_rate_schedule, make_optimizer,
+                          optimizer_factory)
 
 
-def model_class(model_cfg: ml_collections.ConfigDict):
-  """Imports the network class named by `model_cfg.name` ("package.module.Class")."""
-  return registry.import_object(model_cfg.get("name", None), "config.model.name")
+def model_class(model_cfg: ml_collections.ConfigDict, kind: str = "model"):
+  """Imports the network class named by `model_cfg.name` ("package.module.Class"), a registered
+  plug-in of `kind` when the config was read from a file (`common.registry`)."""
+  return registry.import_object(model_cfg.get("name", None), "config.model.name", kind)
 
 
 def build_model(model_cfg: ml_collections.ConfigDict, key: jax.Array,
@@ -42,7 +44,7 @@ def build_model(model_cfg: ml_collections.ConfigDict, key: jax.Array,
   cls = model_class(model_cfg)
   kwargs = registry.config_kwargs(model_cfg)
   registry.check_kwargs(cls.__init__, kwargs, "config.model")
-  model = cls(**kwargs, rngs=nnx.Rngs(params=key))
+  model = registry.build(cls, "config.model", **kwargs, rngs=nnx.Rngs(params=key))
   numerics.apply_rules(model, numerics_rules)
   if deployed:
     from common.deployment import deploy  # pylint: disable=import-outside-toplevel
@@ -54,6 +56,22 @@ def numerics_rules(config: ml_collections.ConfigDict) -> tuple:
   """`config.numerics.rules` followed by the rules of the precision mode `config.precision`
   (`common.numerics.config_rules`); empty for a bf16 config without rules."""
   return numerics.config_rules(config)
+
+
+def resolve_plugins(config: ml_collections.ConfigDict) -> None:
+  """Resolves every plug-in name in `config` (network, recipe, precision mode, numerics rules,
+  optimizer, init_from converter) without building anything. Under `registry.from_file` this
+  refuses a config read from a file that names anything unregistered, even in a key the mode at
+  hand would not use; raises ConfigError."""
+  model_class(config.model)
+  if config.diffusion.get("name", None) not in ("vp", "edm"):
+    recipe_class(config.diffusion.get("name", None))
+  numerics.parse_rules(numerics.config_rules(config))
+  optim = numerics.optim_config(config)
+  optimizer_factory(optim.get("name", "adamw"))
+  converter = config.get("init_from", {}).get("converter", "")
+  if converter:
+    registry.import_object(converter, "init_from.converter", "converter")
 
 
 SAMPLE_KEYS = ("sampler", "num_steps", "guidance_scale", "guidance_interval", "churn")

@@ -83,6 +83,7 @@ def check_match(source: Any, target: Any, *, what: str, where: str) -> None:
   raise CheckpointError(f"init_from {where} does not match config.model: {'; '.join(parts)}.")
 
 
+@registry.register("converter")
 def from_param_paths(tree: dict[str, np.ndarray], abstract_params: dict) -> dict:
   """A converter for files whose tensor names are our parameter paths, joined with "/" or "."
   ("blocks/0/attn/qkv/kernel", "blocks.0.attn.qkv.kernel"): `init_from.converter =
@@ -113,7 +114,7 @@ def _load_file(exp, cfg, path: str) -> tuple[Any, Any, str]:
                       "dotted name of convert(tree, abstract_params) -> params (e.g. "
                       "'common.init_from.from_param_paths' for files named by our parameter "
                       "paths).")
-  convert = registry.import_object(cfg.converter, "init_from.converter")
+  convert = registry.import_object(cfg.converter, "init_from.converter", "converter")
   from common.torch_weights import load_torch_weights  # pylint: disable=import-outside-toplevel
   params = convert(load_torch_weights(path), exp.abstract_params)
   check_match(params, exp.abstract_params, what="", where=f"{path} (via {cfg.converter})")

@@ -65,6 +65,7 @@ Rule = tuple[str, str, dict[str, Any]]
 PRECISIONS = {"bf16": "common.numerics.BF16", "coat": "coat.precision.COAT"}
 
 
+@registry.register("numerics")
 class FullPrecision(Dense):
   """Keeps a layer as the network wrote it: a `Dense` stays a plain `Dense`, a non-linear layer
   keeps plain autodiff. An explicit rule target, e.g. to keep a final layer out of a later,
@@ -99,17 +100,18 @@ class Precision:
   optimizer_options: tuple[tuple[str, Any], ...] = ()
 
 
-BF16 = Precision()
+BF16 = registry.add("precision", "common.numerics.BF16", Precision())
 
 
 def precision(config: ml_collections.ConfigDict) -> Precision:
   """The `Precision` that `config.precision` names ("bf16" when absent)."""
   name = config.get("precision", "bf16") or "bf16"
-  dotted = PRECISIONS.get(name, name)
+  dotted = PRECISIONS.get(name, name) if isinstance(name, str) else ""
   if "." not in dotted:
     raise ConfigError(f"config.precision={name!r}: expected one of {sorted(PRECISIONS)} or the "
                       "dotted path of a common.numerics.Precision.")
-  preset = registry.import_object(dotted, "config.precision")
+  preset = registry.import_object(dotted, "config.precision", "precision",
+                                  short=tuple(PRECISIONS))
   if not isinstance(preset, Precision):
     raise ConfigError(f"config.precision={name!r} ({dotted}) is a {type(preset).__name__}, "
                       "not a common.numerics.Precision.")
@@ -118,7 +120,11 @@ def precision(config: ml_collections.ConfigDict) -> Precision:
 
 def config_rules(config: ml_collections.ConfigDict) -> tuple:
   """`config.numerics.rules` followed by the precision preset's rules (marked not required)."""
-  own = tuple(tuple(r) for r in (config.get("numerics", {}).get("rules", ()) or ()))
+  rules = config.get("numerics", {}).get("rules", ()) or ()
+  if not isinstance(rules, (list, tuple)) or not all(isinstance(r, (list, tuple)) for r in rules):
+    raise ConfigError(f"config.numerics.rules = {rules!r:.80}: expected a list of (path regex, "
+                      "implementation dotted name[, kwargs dict[, required bool]]) rules.")
+  own = tuple(tuple(r) for r in rules)
   preset = tuple((r[0], r[1], dict(r[2]) if len(r) > 2 and r[2] else {}, False)
                  for r in precision(config).rules)
   return own + preset
@@ -163,7 +169,9 @@ def _accepts_path(fn: Any) -> bool:
     return False
 
 
-def _parse(rules: Sequence[Any]) -> list[_Parsed]:
+def parse_rules(rules: Sequence[Any]) -> list[_Parsed]:
+  """`config.numerics.rules` checked, with their implementations resolved (module docstring);
+  raises ConfigError."""
   parsed = []
   for i, rule in enumerate(rules or ()):
     rule = tuple(rule)
@@ -172,13 +180,17 @@ def _parse(rules: Sequence[Any]) -> list[_Parsed]:
       raise ConfigError(f"{where} = {rule!r}: expected (path regex, implementation dotted "
                         "name[, kwargs dict[, required bool]]).")
     pattern, name = rule[0], rule[1]
+    kwargs_ok = len(rule) < 3 or rule[2] is None or hasattr(rule[2], "keys")
+    if not isinstance(pattern, str) or not kwargs_ok:
+      raise ConfigError(f"{where} = {rule!r:.120}: expected (path regex, implementation dotted "
+                        "name[, kwargs dict[, required bool]]).")
     kwargs = dict(rule[2]) if len(rule) >= 3 and rule[2] is not None else {}
     required = bool(rule[3]) if len(rule) == 4 else True
     try:
       regex = re.compile(pattern)
     except re.error as e:
       raise ConfigError(f"{where}: bad regex {pattern!r}: {e}") from e
-    impl = registry.import_object(name, where)
+    impl = registry.import_object(name, where, "numerics")
     ctor = getattr(impl, "from_module", None) or getattr(impl, "from_dense", None)
     if ctor is None:
       raise ConfigError(f"{where}: {name} has no `from_module` (or `from_dense`) classmethod, so "
@@ -216,7 +228,7 @@ def apply_rules(model: nnx.Module, rules: Sequence[Any]) -> dict[str, str]:
   Raises:
     ConfigError: a malformed rule, or a required rule that matches no layer.
   """
-  parsed = _parse(rules)
+  parsed = parse_rules(rules)
   if not parsed:
     return {}
   classes = tuple({c for p in parsed for c in p.replaces})

@@ -259,7 +259,7 @@ def optimizer_factory(name: str) -> Callable[..., optax.GradientTransformation]:
   if not isinstance(name, str) or "." not in name:
     raise ConfigError(f"optim.name={name!r}: expected 'adamw' or a dotted factory path such as "
                       "'coat.optim.fp8_adamw'.")
-  factory = registry.import_object(name, "optim.name")
+  factory = registry.import_object(name, "optim.name", "optimizer", short=("adamw",))
   if not callable(factory):
     raise ConfigError(f"optim.name={name!r} is not callable.")
   return factory

@@ -21,13 +21,14 @@ import ml_collections
 import numpy as np
 
 from common import init_from
+from common import registry
 from common import sharding
 from common.paths import as_path
 from common.checkpoint import Checkpointer
 from common.data import make_train_iterator
 from common.data.captions import read_prompts
 from common.errors import CheckpointError, ConfigError, NonFiniteLossError, ShapeError
-from common.experiment import Experiment
+from common.experiment import Experiment, model_class
 from common.images import save_grid, to_uint8
 from common.metrics import MetricWriter, Progress, format_duration
 
@@ -243,8 +244,14 @@ def sample(config: ml_collections.ConfigDict, workdir: str | None, *,
     if not deployment.is_export(checkpoint):
       raise CheckpointError(f"--checkpoint={checkpoint} is not an export folder (config.json "
                             f"and {deployment.PARAMS_FILE} written by --mode=export).")
+    weights = deployment.read_export_weights(checkpoint)  # checksum-verified
+    # The config may come from the export itself: it must not imply a network far larger than the
+    # weights before that network is traced.
+    deployment.check_tensor_count(model_class(config.model), registry.config_kwargs(config.model),
+                                  len(weights), as_path(checkpoint) / deployment.PARAMS_FILE)
     exp = Experiment(config, mesh, deployed=True)
-    params = jax.device_put(deployment.load_export_state(checkpoint, exp.abstract_params),
+    params = jax.device_put(deployment.load_export_state(checkpoint, exp.abstract_params,
+                                                         weights=weights),
                             exp.param_shardings)
     step = deployment.export_step(checkpoint)
     wd = as_path(workdir or checkpoint)

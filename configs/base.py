@@ -130,6 +130,16 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def structure() -> ml_collections.ConfigDict:
+  """The keys every experiment config has, with the types of their values: `base_config()` plus the
+  sections each family fills in. A config read from a file (an export's) is checked against it
+  (`common.deployment.check_structure`) before anything reads it."""
+  c = base_config()
+  for section in ("model", "diffusion", "data"):
+    c[section] = ml_collections.ConfigDict()
+  return c
+
+
 def override(config: ml_collections.ConfigDict, items: list[str]) -> ml_collections.ConfigDict:
   """Applies "dotted.key=value" overrides in place (values are Python literals, else strings), as
   `--config.dotted.key=value` does for launch/main.py; for benchmark scripts that build configs

@@ -8,6 +8,7 @@ Config overrides: `--config.train.steps=100`; config arguments: `--config=config
 Errors a user can fix are printed on one line, without a traceback, and exit with status 1.
 """
 
+import contextlib
 import os
 import sys
 
@@ -56,13 +57,18 @@ def _run(argv) -> None:
   from common.errors import UserError  # pylint: disable=import-outside-toplevel
   if _CHECKPOINT.value and _MODE.value != "sample":
     raise app.UsageError("--checkpoint is for --mode=sample")
+  # A config read from an export is data: the names in it resolve only to registered plug-ins.
+  trust, source = contextlib.nullcontext(), None
   if config is None and _CHECKPOINT.value:
-    from common.deployment import load_export_config  # pylint: disable=import-outside-toplevel
+    from common import deployment, registry  # pylint: disable=import-outside-toplevel
+    from configs import base  # pylint: disable=import-outside-toplevel
     try:
-      config = load_export_config(_CHECKPOINT.value)
+      config = deployment.load_export_config(_CHECKPOINT.value, like=base.structure())
     except UserError as e:
       print(f"error: {e}", file=sys.stderr, flush=True)
       sys.exit(1)
+    source = deployment.config_path(_CHECKPOINT.value)
+    trust = registry.from_file(source)
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/sid2_digits.py")
   try:
@@ -72,32 +78,60 @@ def _run(argv) -> None:
           file=sys.stderr, flush=True)
     sys.exit(1)
   try:
-    if _DISTRIBUTED.value:
-      from launch import distributed  # pylint: disable=import-outside-toplevel
-      distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    elif any(f.value is not None for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)):
-      raise app.UsageError("--coordinator_address/--num_processes/--process_id need --distributed")
-    from common import trainer  # pylint: disable=import-outside-toplevel
-    if _MODE.value == "summary":
-      trainer.summary(config)
-      return
-    if not _WORKDIR.value and not (_MODE.value == "sample" and _CHECKPOINT.value):
-      raise app.UsageError(f"--workdir is required for --mode={_MODE.value}")
-    if _MODE.value == "train":
-      trainer.train(config, _WORKDIR.value)
-    elif _MODE.value == "eval":
-      trainer.evaluate(config, _WORKDIR.value, num_samples=_NUM_SAMPLES.value)
-    elif _MODE.value == "export":
-      trainer.export(config, _WORKDIR.value)
-    else:
-      interval = tuple(float(v) for v in _INTERVAL.value) if _INTERVAL.value else None
-      trainer.sample(config, _WORKDIR.value, num_samples=_NUM_SAMPLES.value, sampler=_SAMPLER.value,
-                     num_steps=_STEPS.value, guidance_scale=_GUIDANCE.value,
-                     guidance_interval=interval, seed=_SEED.value, prompts_file=_PROMPTS.value,
-                     checkpoint=_CHECKPOINT.value)
+    with trust:
+      if source is not None:  # refuse every unregistered name, used by this mode or not
+        from common.experiment import resolve_plugins  # pylint: disable=import-outside-toplevel
+        resolve_plugins(config)
+      _dispatch(config)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
+  except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+    if source is None:  # the user's own config: a bug to see in full
+      raise
+    # The export's config passed the structure check, but a value in it is still unusable.
+    print(f"error: {source}: a value of the export's config cannot be used ({_describe(e)}); the "
+          "export is damaged or was edited: export again with launch/main.py --mode=export.",
+          file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def _describe(e: BaseException) -> str:
+  """"Type: message at file:line" of the innermost frame of an exception, on one line."""
+  tb = e.__traceback__
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  where = (f" at {os.path.relpath(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}"
+           if tb is not None else "")
+  msg = " ".join(str(e).split())[:200]
+  return f"{type(e).__name__}: {msg}{where}"
+
+
+def _dispatch(config) -> None:
+  """Runs `--mode` on `config`."""
+  if _DISTRIBUTED.value:
+    from launch import distributed  # pylint: disable=import-outside-toplevel
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif any(f.value is not None for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)):
+    raise app.UsageError("--coordinator_address/--num_processes/--process_id need --distributed")
+  from common import trainer  # pylint: disable=import-outside-toplevel
+  if _MODE.value == "summary":
+    trainer.summary(config)
+    return
+  if not _WORKDIR.value and not (_MODE.value == "sample" and _CHECKPOINT.value):
+    raise app.UsageError(f"--workdir is required for --mode={_MODE.value}")
+  if _MODE.value == "train":
+    trainer.train(config, _WORKDIR.value)
+  elif _MODE.value == "eval":
+    trainer.evaluate(config, _WORKDIR.value, num_samples=_NUM_SAMPLES.value)
+  elif _MODE.value == "export":
+    trainer.export(config, _WORKDIR.value)
+  else:
+    interval = tuple(float(v) for v in _INTERVAL.value) if _INTERVAL.value else None
+    trainer.sample(config, _WORKDIR.value, num_samples=_NUM_SAMPLES.value, sampler=_SAMPLER.value,
+                   num_steps=_STEPS.value, guidance_scale=_GUIDANCE.value,
+                   guidance_interval=interval, seed=_SEED.value, prompts_file=_PROMPTS.value,
+                   checkpoint=_CHECKPOINT.value)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import layers
+from common import registry
 from common.errors import ConfigError, ShapeError
 from common.layers import Dense
 from microdit.layers import (CrossAttention, ExpertChoiceMoE, Mlp, SelfAttention,
@@ -154,6 +155,7 @@ def _moe_layers(depth: int, every_n: int, start: int, stop: int) -> set[int]:
   return {i for i in range(start, stop) if (i + 1) % every_n == 0}
 
 
+@registry.register("model")
 class MicroDiT(nnx.Module):
   """The MicroDiT denoiser (module docstring), the network contract of docs/DESIGN.md.
 
@@ -243,6 +245,15 @@ class MicroDiT(nnx.Module):
                                   rngs=rngs)
 
   # ---- the network contract ------------------------------------------------------------------
+  @staticmethod
+  def min_param_tensors(kwargs: dict) -> int:
+    """A lower bound on the parameter tensors of `MicroDiT(**kwargs)` (all arguments given), from
+    its arguments alone: 2 per backbone block and per patch-mixer block (each has at least one
+    Dense with two). An export's weights file must hold at least this many before the network is
+    traced (`common.deployment.check_tensor_count`)."""
+    mixer = int(kwargs["patch_mixer_depth"]) if kwargs["use_patch_mixer"] else 0
+    return 2 * (int(kwargs["depth"]) + mixer)
+
   def example_inputs(self, batch_size: int) -> tuple[jax.ShapeDtypeStruct, dict]:
     """x: latents [B, H, W, C] float32; cond: {"tokens": [B, caption_len, caption_channels]}
     (the official model reads the caption tokens only: no mask, the pooled vector is derived)."""

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from common import layers
+from common import registry
 from common.errors import ConfigError, ShapeError
 
 Array = jax.Array
@@ -78,6 +79,7 @@ def _call_block(block: nnx.Module, x: Array, c: Array, key: Array | None,
 _remat_call_block = nnx.remat(_call_block)
 
 
+@registry.register("model")
 class ResidualUViT(nnx.Module):
   """SiD2 Residual U-ViT denoiser, the network contract of docs/DESIGN.md.
 
@@ -160,6 +162,14 @@ class ResidualUViT(nnx.Module):
     self.out_norm = layers.GroupNorm(channels[0], rngs=rngs)
     self.out_proj = layers.Unpatchify(channels[0], patch_size, in_channels, zero_init=True,
                                       dtype=self.dtype, rngs=rngs)
+
+  @staticmethod
+  def min_param_tensors(kwargs: dict) -> int:
+    """A lower bound on the parameter tensors of `ResidualUViT(**kwargs)` (all arguments given),
+    from its arguments alone: 2 per block (each has at least one Dense or norm with two), the
+    encoder's and decoder's `blocks_per_level` and `mid_blocks`. An export's weights file must
+    hold at least this many before the network is traced (`common.deployment.check_tensor_count`)."""
+    return 2 * (2 * sum(int(n) for n in kwargs["blocks_per_level"]) + int(kwargs["mid_blocks"]))
 
   @staticmethod
   def _validate(image_size, patch_size, channels, level_types, blocks_per_level, mid_blocks,

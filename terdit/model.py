@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from common import layers
+from common import registry
 from common.errors import ConfigError, ShapeError
 
 Array = jax.Array
@@ -244,6 +245,7 @@ class FinalLayer(nnx.Module):
     return self.linear(modulate(layer_norm(x, 1e-6), shift, scale))
 
 
+@registry.register("model")
 class TerDiT(nnx.Module):
   """Large-DiT / TerDiT class-conditional denoiser (module docstring).
 
@@ -304,6 +306,14 @@ class TerDiT(nnx.Module):
         for _ in range(depth)])
     self.final = FinalLayer(dim, cond_dim, patch_size * patch_size * self.out_channels,
                             dtype=dtype, rngs=rngs)
+
+  @staticmethod
+  def min_param_tensors(kwargs: dict) -> int:
+    """A lower bound on the parameter tensors of `TerDiT(**kwargs)` (all arguments given), from its
+    arguments alone: 2 per block (each has at least one linear layer with two). An export's weights
+    file must hold at least this many before the network is traced
+    (`common.deployment.check_tensor_count`)."""
+    return 2 * int(kwargs["depth"])
 
   def __call__(self, x: Array, noise_cond: Array, cond: dict, *,
                dropout_key: Array | None = None) -> Array:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from common import registry
 from common.errors import ConfigError, ShapeError
 from kernels import ternary_matmul as tm
 
@@ -82,6 +83,7 @@ class TernaryScale(nnx.Param):
   """The learnable per-tensor scale alpha of a ternary layer, fp32 shape ()."""
 
 
+@registry.register("numerics")
 class TernaryDense(nnx.Module):
   """Dense layer with TerDiT ternary weights, trained with QAT.
 

@@ -230,7 +230,15 @@ def test_bad_export_folders_are_clear_errors(tmp_path):
   bad.mkdir()
   (bad / deployment.CONFIG_FILE).write_text((good / deployment.CONFIG_FILE).read_text())
   from safetensors import numpy as st_numpy
-  (bad / deployment.PARAMS_FILE).write_bytes(st_numpy.save({"x": np.zeros(3, np.float32)}))
+  renamed = deployment.read_export_weights(str(good))
+  renamed["x"] = renamed.pop(sorted(renamed)[0])
+  other = st_numpy.save(renamed)
+  (bad / deployment.PARAMS_FILE).write_bytes(other)
+  with pytest.raises(CheckpointError, match="does not match the checksum recorded"):
+    trainer.sample(c, None, checkpoint=str(bad))
+  meta = json.loads((good / deployment.CONFIG_FILE).read_text())
+  meta["sha256"][deployment.PARAMS_FILE] = deployment.sha256_hex(other)
+  (bad / deployment.CONFIG_FILE).write_text(json.dumps(meta))
   with pytest.raises(CheckpointError, match="names differ"):
     trainer.sample(c, None, checkpoint=str(bad))
 

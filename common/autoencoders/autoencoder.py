@@ -5,9 +5,11 @@ Two on-disk formats load with `load_autoencoder(directory)`, told apart by `conf
 * a diffusers `AutoencoderKL` folder (`"_class_name": "AutoencoderKL"`): `config.json` plus
   `diffusion_pytorch_model.safetensors` (or `.bin`, read by `common.torch_weights`), e.g. the SD, SDXL,
   SD3 or FLUX VAE downloaded by the user;
-* our export (`"format": "frugal-diffusion-autoencoder"`, written by `save_autoencoder` through
-  `launch/export_autoencoder.py`): `config.json` with the network's `config.model` and the latent
-  normalisation, plus `params.safetensors` with dotted parameter names.
+* our export (`"format": "frugal-diffusion-autoencoder-v2"`, written by `save_autoencoder` through
+  `launch/export_autoencoder.py`): `config.json` with the network's `config.model`, the latent
+  normalisation and the SHA-256 of `params.safetensors` (dotted parameter names). The network
+  name in it resolves only to a registered autoencoder (`common.registry.from_file`) and the
+  weights are checked against the checksum before use.
 
 Latents are normalised as the Stable Diffusion 3 / FLUX pipelines do: `(z - shift) * scale`, with
 `shift` and `scale` per channel (constant for SD, SDXL, SD3, FLUX).
@@ -26,12 +28,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from common import tree_names
+from common import deployment, registry, tree_names
 from common.autoencoders import kl_vae
 from common.errors import CheckpointError, ConfigError, DataNotFoundError, ShapeError
 from common.paths import as_path
 
-EXPORT_FORMAT = "frugal-diffusion-autoencoder"
+EXPORT_FORMAT = "frugal-diffusion-autoencoder-v2"
+_OLD_FORMATS = ("frugal-diffusion-autoencoder",)
+PARAMS_FILE = "params.safetensors"
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
@@ -52,8 +56,16 @@ class Autoencoder:
     self.latent_channels = int(net.latent_channels)
     self.image_channels = int(net.in_channels)
     c = self.latent_channels
-    self.shift = np.broadcast_to(np.asarray(shift, np.float32), (c,)).copy()
-    self.scale = np.broadcast_to(np.asarray(scale, np.float32), (c,)).copy()
+    try:
+      self.shift = np.broadcast_to(np.asarray(shift, np.float32), (c,)).copy()
+      self.scale = np.broadcast_to(np.asarray(scale, np.float32), (c,)).copy()
+    except ValueError as e:
+      raise ShapeError(f"autoencoder {name}: the latent shift/scale must be scalars or have {c} "
+                       f"entries, got shapes {np.shape(shift)} and {np.shape(scale)}") from e
+    if not (np.isfinite(self.shift).all() and np.isfinite(self.scale).all()
+            and (self.scale != 0).all()):
+      raise ShapeError(f"autoencoder {name}: the latent shift/scale are not finite or the scale "
+                       "is zero")
     self.name = name
     self._moments = jax.jit(self._moments_fn)
     self._normalize = jax.jit(self._normalize_fn)
@@ -121,21 +133,13 @@ class Autoencoder:
 # Loading.
 
 
-def _read_json(path: epath.Path) -> dict:
-  try:
-    with path.open() as f:
-      cfg = json.load(f)
-  except (OSError, ValueError) as e:
-    raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from e
-  if not isinstance(cfg, dict):
-    raise CheckpointError(f"{path} does not hold a JSON object")
-  return cfg
-
-
-def _read_safetensors(path: epath.Path) -> dict[str, np.ndarray]:
+def _read_safetensors(path: epath.Path, data: bytes | None = None) -> dict[str, np.ndarray]:
+  """The tensors of a safetensors file (or of its bytes `data`, already read) as float32."""
   from safetensors import flax as st_flax  # pylint: disable=import-outside-toplevel
   try:
-    tensors = st_flax.load(path.read_bytes())  # through jax: bfloat16 tensors load too
+    # through jax: bfloat16 tensors load too. safetensors checks every declared shape and offset
+    # against the bytes present before allocating.
+    tensors = st_flax.load(path.read_bytes() if data is None else data)
   except Exception as e:  # safetensors raises its own error types for corrupt files
     raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from e
   return {k: np.asarray(v.astype(jnp.float32)) for k, v in tensors.items()}
@@ -162,7 +166,7 @@ def load_diffusers_vae(directory: str, config: dict | None = None, *,
     dtype: compute dtype of the convolutions ("float32" or "bfloat16").
   """
   folder = as_path(directory)
-  config = config if config is not None else _read_json(folder / "config.json")
+  config = config if config is not None else deployment.read_json_object(folder / "config.json")
   kwargs = kl_vae.model_kwargs(config)
   shift, scale = kl_vae.latent_normalization(config)
   weights = next((folder / w for w in DIFFUSERS_WEIGHTS if (folder / w).is_file()), None)
@@ -175,6 +179,7 @@ def load_diffusers_vae(directory: str, config: dict | None = None, *,
   else:
     from common.torch_weights import load_torch_weights  # pylint: disable=import-outside-toplevel
     state_dict = {k: np.asarray(v, np.float32) for k, v in load_torch_weights(weights).items()}
+  deployment.check_tensor_count(kl_vae.AutoencoderKL, kwargs, len(state_dict), weights)
   graphdef, abstract = _abstract_params(
       lambda: kl_vae.AutoencoderKL(**kwargs, dtype=dtype, rngs=nnx.Rngs(0)))
   params = kl_vae.torch_to_params(state_dict, abstract, os.fspath(weights))
@@ -204,38 +209,53 @@ def save_autoencoder(directory: str, model_config: ml_collections.ConfigDict | d
          "image_shape": [int(s) for s in image_shape], **(extra or {})}
   flat = {k: np.ascontiguousarray(np.asarray(v, np.float32))
           for k, v in tree_names.flatten(params).items()}
-  (folder / "params.safetensors").write_bytes(st_numpy.save(flat))
+  data = st_numpy.save(flat)
+  (folder / PARAMS_FILE).write_bytes(data)
+  cfg["sha256"] = {PARAMS_FILE: deployment.sha256_hex(data)}
   with (folder / "config.json").open("w") as f:
     json.dump(cfg, f, indent=2)
 
 
 def _load_export(directory: str, config: dict) -> Autoencoder:
+  """Our export: the network named in config.json (a registered autoencoder only) with the weights
+  of params.safetensors, checked against the SHA-256 recorded beside them."""
   from common.experiment import model_class  # pylint: disable=import-outside-toplevel
-  model_cfg = ml_collections.ConfigDict(config.get("model") or {})
-  cls = model_class(model_cfg)
-  kwargs = {k: tuple(v) if isinstance(v, list) else v
-            for k, v in model_cfg.to_dict().items() if k != "name"}
+  config_path = as_path(directory) / "config.json"
+  redo = f"export the autoencoder again with launch/export_autoencoder.py --out={directory}"
+  model = config.get("model")
+  if not isinstance(model, dict):
+    raise CheckpointError(f"{config_path}: \"model\" is {type(model).__name__}, not an object; "
+                          f"{redo}")
+  with registry.from_file(config_path):
+    cls = model_class(ml_collections.ConfigDict(model), "autoencoder")
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in model.items() if k != "name"}
+  registry.check_kwargs(cls.__init__, kwargs, f"{config_path} model")
+  try:
+    shift = np.asarray(config.get("shift_factor"), np.float32)
+    scale = np.asarray(config.get("scaling_factor"), np.float32)
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"{config_path}: shift_factor/scaling_factor must be numbers: {e}") from e
+  sums = config.get("sha256")
+  path = as_path(directory) / PARAMS_FILE
+  data = deployment.read_checked(path, sums.get(PARAMS_FILE) if isinstance(sums, dict) else None,
+                                 config_path, redo)
+  flat = _read_safetensors(path, data)
+  deployment.check_tensor_count(cls, kwargs, len(flat), path)
   try:
     graphdef, abstract = _abstract_params(lambda: cls(**kwargs, rngs=nnx.Rngs(0)))
-  except TypeError as e:
-    raise CheckpointError(f"{directory}/config.json: cannot build {model_cfg.name}: {e}") from e
-  path = as_path(directory) / "params.safetensors"
-  if not path.is_file():
-    raise DataNotFoundError(f"{path} is missing: export the autoencoder again with "
-                            f"launch/export_autoencoder.py --out={directory}")
-  flat = _read_safetensors(path)
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"{config_path}: cannot build {model['name']}: {e}") from e
   want = tree_names.flatten(abstract)
   if set(flat) != set(want):
     diff = sorted(set(flat) ^ set(want))
-    raise ShapeError(f"{path}: parameter names do not match {model_cfg.name} built from "
+    raise ShapeError(f"{path}: parameter names do not match {model['name']} built from "
                      f"config.json (e.g. {diff[:3]})")
   for k, v in want.items():
     if tuple(flat[k].shape) != tuple(v.shape):
       raise ShapeError(f"{path}: parameter {k} has shape {flat[k].shape}, config.json implies "
                        f"{tuple(v.shape)}")
   net = _merge(graphdef, tree_names.unflatten(flat))
-  return Autoencoder(net, shift=np.asarray(config["shift_factor"], np.float32),
-                     scale=np.asarray(config["scaling_factor"], np.float32), name=directory)
+  return Autoencoder(net, shift=shift, scale=scale, name=directory)
 
 
 def load_autoencoder(spec: str) -> Autoencoder:
@@ -261,12 +281,16 @@ def load_autoencoder(spec: str) -> Autoencoder:
         f"autoencoder folder {directory} {what}: download a diffusers VAE's config.json and "
         f"diffusion_pytorch_model.safetensors (e.g. from stabilityai/sdxl-vae) into {directory}, or "
         "export ours with launch/export_autoencoder.py --out=" + directory)
-  config = _read_json(config_path)
+  config = deployment.read_json_object(config_path)
   if config.get("_class_name") == "AutoencoderKL":
     return load_diffusers_vae(directory, config)
   if config.get("format") == EXPORT_FORMAT:
     return _load_export(directory, config)
+  if config.get("format") in _OLD_FORMATS:
+    raise CheckpointError(f"{config_path} is an autoencoder export of an older format (without "
+                          "checksums): export it again with launch/export_autoencoder.py --out="
+                          f"{directory}")
   raise CheckpointError(
       f"{config_path} is neither a diffusers AutoencoderKL config (\"_class_name\": "
-      f"\"AutoencoderKL\"; got {config.get('_class_name')!r}) nor one written by "
+      f"\"AutoencoderKL\"; got {config.get('_class_name')!r:.80}) nor one written by "
       "launch/export_autoencoder.py")

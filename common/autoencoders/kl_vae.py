@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import layers, tree_names
+from common import layers, registry, tree_names
 from common.errors import ConfigError, ShapeError
 
 Array = jax.Array
@@ -265,6 +265,7 @@ class Decoder(nnx.Module):
     return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
 
 
+@registry.register("model", "autoencoder")
 class AutoencoderKL(nnx.Module):
   """diffusers `AutoencoderKL` (the SD 1.x/2.x, SDXL, SD3 and FLUX VAEs; 4 or 16 latent channels).
 
@@ -293,6 +294,17 @@ class AutoencoderKL(nnx.Module):
     self.in_channels, self.latent_channels = in_channels, latent_channels
     self.downsample_factor = 2 ** (len(tuple(block_out_channels)) - 1)
 
+  @staticmethod
+  def min_param_tensors(kwargs: dict) -> int:
+    """A lower bound on the number of parameter tensors of `AutoencoderKL(**kwargs)` from its
+    arguments alone: 8 per ResnetBlock2D (two GroupNorms and two convolutions, weight and bias
+    each), of which the encoder has n * layers_per_block, the decoder n * (layers_per_block + 1)
+    and each mid block 2 (n = len(block_out_channels)). Compared with a weights file's tensor
+    count before the network is traced, so a config.json cannot make us build a network far
+    larger than its weights."""
+    n, per_level = len(tuple(kwargs["block_out_channels"])), int(kwargs["layers_per_block"])
+    return 8 * (n * (2 * per_level + 1) + 4)
+
   def encode_moments(self, x: Array) -> tuple[Array, Array]:
     """x: images [B, H, W, in] in [-1, 1] -> (mean, logvar), each float32 [B, H/f, W/f, latent].
 
@@ -311,24 +323,42 @@ class AutoencoderKL(nnx.Module):
     return self.decoder(z).astype(jnp.float32)
 
 
+_INT_KEYS = ("in_channels", "out_channels", "layers_per_block", "latent_channels", "norm_num_groups")
+_BOOL_KEYS = ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention")
+
+
+def _positive_int(v: Any) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
 def model_kwargs(config: dict) -> dict:
   """`AutoencoderKL` constructor arguments from a diffusers config.json dict.
 
   Raises ConfigError for configurations this module does not implement (other block types,
-  activations or the spatial-norm decoder of MoVQ).
+  activations or the spatial-norm decoder of MoVQ) and for keys of the wrong type.
   """
   cfg = {**CONFIG_DEFAULTS, **config}
-  n = len(cfg["block_out_channels"])
+  channels = cfg["block_out_channels"]
+  if not isinstance(channels, (list, tuple)) or not channels or not all(map(_positive_int, channels)):
+    raise ConfigError(f"AutoencoderKL config: block_out_channels={channels!r:.80} must be a list of "
+                      "positive integers")
+  n = len(channels)
   if tuple(cfg["down_block_types"]) != ("DownEncoderBlock2D",) * n or (
       tuple(cfg["up_block_types"]) != ("UpDecoderBlock2D",) * n):
     raise ConfigError(f"AutoencoderKL config: only DownEncoderBlock2D / UpDecoderBlock2D blocks (one per "
                       f"block_out_channels entry) are supported, got {cfg['down_block_types']} and "
                       f"{cfg['up_block_types']}")
   if cfg["act_fn"] not in ("silu", "swish"):
-    raise ConfigError(f"AutoencoderKL config: act_fn={cfg['act_fn']!r} is not supported (only silu)")
-  return {k: (tuple(cfg[k]) if k == "block_out_channels" else cfg[k]) for k in (
-      "in_channels", "out_channels", "block_out_channels", "layers_per_block", "latent_channels",
-      "norm_num_groups", "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention")}
+    raise ConfigError(f"AutoencoderKL config: act_fn={cfg['act_fn']!r:.80} is not supported (only "
+                      "silu)")
+  for k in _INT_KEYS:
+    if not _positive_int(cfg[k]):
+      raise ConfigError(f"AutoencoderKL config: {k}={cfg[k]!r:.80} must be a positive integer")
+  for k in _BOOL_KEYS:
+    if not isinstance(cfg[k], bool):
+      raise ConfigError(f"AutoencoderKL config: {k}={cfg[k]!r:.80} must be true or false")
+  return {k: (tuple(cfg[k]) if k == "block_out_channels" else cfg[k])
+          for k in ("block_out_channels", *_INT_KEYS, *_BOOL_KEYS)}
 
 
 def latent_normalization(config: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -339,15 +369,23 @@ def latent_normalization(config: dict) -> tuple[np.ndarray, np.ndarray]:
   (pipeline_stable_diffusion_xl.py, per channel).
   """
   cfg = {**CONFIG_DEFAULTS, **config}
-  c = int(cfg["latent_channels"])
-  scale = np.full((c,), float(cfg["scaling_factor"]), np.float32)
-  shift = np.full((c,), float(cfg["shift_factor"] or 0.0), np.float32)
-  if cfg.get("latents_mean") is not None and cfg.get("latents_std") is not None:
-    mean = np.asarray(cfg["latents_mean"], np.float32).reshape(-1)
-    std = np.asarray(cfg["latents_std"], np.float32).reshape(-1)
-    if mean.shape != (c,) or std.shape != (c,):
-      raise ConfigError(f"AutoencoderKL config: latents_mean/latents_std must have {c} entries")
-    shift, scale = mean, scale / std
+  c = model_kwargs(config)["latent_channels"]
+  keys = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
+  try:
+    scale = np.full((c,), float(cfg["scaling_factor"]), np.float32)
+    shift = np.full((c,), float(cfg["shift_factor"] or 0.0), np.float32)
+    if cfg.get("latents_mean") is not None and cfg.get("latents_std") is not None:
+      mean = np.asarray(cfg["latents_mean"], np.float32).reshape(-1)
+      std = np.asarray(cfg["latents_std"], np.float32).reshape(-1)
+      if mean.shape != (c,) or std.shape != (c,):
+        raise ConfigError(f"AutoencoderKL config: latents_mean/latents_std must have {c} entries")
+      shift, scale = mean, scale / std
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"AutoencoderKL config: {'/'.join(keys)} must be numbers (lists of {c} for "
+                      f"latents_mean/std): {e}") from e
+  if not (np.isfinite(shift).all() and np.isfinite(scale).all() and (scale != 0).all()):
+    raise ConfigError(f"AutoencoderKL config: {'/'.join(keys)} give a non-finite or zero latent "
+                      "scaling")
   return shift, scale
 
 

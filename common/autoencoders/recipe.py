@@ -19,9 +19,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from common import registry
 from common.errors import ConfigError
 
 
+@registry.register("diffusion")
 class KLAutoencoderRecipe:
   """`loss(model, batch, key)` and `preview(model, batch, key, settings)` for a KL autoencoder.
 

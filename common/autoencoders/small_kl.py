@@ -25,12 +25,14 @@ import jax
 import jax.numpy as jnp
 
 from common import layers
+from common import registry
 from common.autoencoders.kl_vae import Conv2d, Downsample2D, ResnetBlock2D, Upsample2D
 from common.errors import ConfigError
 
 Array = jax.Array
 
 
+@registry.register("model", "autoencoder")
 class SmallKLAutoencoder(nnx.Module):
   """A convolutional KL autoencoder: images [B, H, W, C] <-> latents [B, H/f, W/f, latent_channels].
 
@@ -82,6 +84,15 @@ class SmallKLAutoencoder(nnx.Module):
     self.dec_up = nnx.List([Upsample2D(rev[i], dtype=dtype, rngs=rngs) for i in range(len(rev) - 1)])
     self.dec_norm = layers.GroupNorm(rev[-1], norm_groups, epsilon=1e-6, rngs=rngs)
     self.dec_out = Conv2d(rev[-1], in_channels, 3, dtype=dtype, rngs=rngs)
+
+  @staticmethod
+  def min_param_tensors(kwargs: dict) -> int:
+    """A lower bound on the number of parameter tensors of `SmallKLAutoencoder(**kwargs)` (all
+    arguments given) from its arguments alone: 8 per ResnetBlock2D (two GroupNorms and two
+    convolutions, weight and bias each), blocks_per_level per level and mid_blocks, in the encoder
+    and in the decoder (`common.autoencoders.autoencoder` compares it with the weights file)."""
+    levels = len(tuple(kwargs["channels"]))
+    return 8 * 2 * (levels * int(kwargs["blocks_per_level"]) + int(kwargs["mid_blocks"]))
 
   def encode_moments(self, x: Array) -> tuple[Array, Array]:
     """x: images [B, H, W, C] in [-1, 1] -> (mean, logvar), float32 [B, H/f, W/f, latent_channels].
