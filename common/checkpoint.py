@@ -35,6 +35,7 @@ from typing import Any
 from absl import logging as absl_logging
 import grain
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
@@ -368,6 +369,8 @@ class Checkpointer:
       dst = self.directory / f"{step}{DAMAGED_SUFFIX}{n}"
     if jax.process_index() == 0:
       src.rename(dst)
+    if jax.process_count() > 1:  # every process reopens after the rename
+      multihost_utils.sync_global_devices(f"checkpoint set aside {step}")
     self._manager.close()
     self._manager = self._open()  # forget the step
     return f"step {step} is kept, renamed to {dst}"
