@@ -9,9 +9,9 @@ written its files and before the directory is committed (renamed from its tempor
 committed step always has one. Orbax's compressed chunks carry no checksum (a flipped byte in a
 chunk restores silently as a changed weight), and tensorstore's `crc32c` codec, which orbax applies
 to the shard index only, is not offered for the data. Every restore checks the manifest first: a
-changed, truncated or missing file makes the step *damaged* (`DamagedCheckpointError`), and so does
-an unverifiable step (no manifest: written before manifests existed) that orbax cannot read while its
-metadata matches the expected state. `Checkpointer.restore_newest` then falls back to the newest
+changed, truncated or missing file makes the step *damaged* (`DamagedCheckpointError`), and so
+does an unverifiable step (no manifest: written before manifests existed) that orbax cannot read
+while its metadata matches the expected state. `Checkpointer.restore_newest` then falls back to the newest
 intact step, says so in one line, and (in a run that will save again) renames the damaged step to
 `<step>.damaged`, a name orbax ignores, so the step can be saved again and the preservation policy
 never counts it. A manifest only detects accidents: whoever can change the files can rewrite the
@@ -169,7 +169,8 @@ def _relative_files(d, prefix: str = "") -> list[str]:
 def write_manifest(step_dir: str | os.PathLike) -> None:
   """Writes `step_dir/MANIFEST`: {"files": {relative path: {"bytes", "sha256"}}} of its files."""
   step_dir = as_path(step_dir)
-  names = sorted(name for name in _relative_files(step_dir) if name.split("/")[-1] not in _NOT_HASHED)
+  names = sorted(name for name in _relative_files(step_dir)
+                 if name.split("/")[-1] not in _NOT_HASHED)
   files = {name: {"bytes": size, "sha256": digest}
            for name, (size, digest) in zip(names, _hash_files(step_dir, names))}
   (step_dir / MANIFEST).write_text(json.dumps({"algorithm": "sha256", "files": files}, indent=0))
@@ -299,14 +300,16 @@ class Checkpointer:
     if len(intact) > 1:
       kept = f"the checkpoints of steps {', '.join(map(str, intact))} are intact"
     else:
-      kept = f"the checkpoint of step {intact[0]} is intact" if intact else "no earlier checkpoint exists"
+      kept = (f"the checkpoint of step {intact[0]} is intact" if intact else
+              "no earlier checkpoint exists")
     return CheckpointError(f"cannot write the checkpoint at step {step} in {self.directory}: "
                            f"{_first_line(e)}; {kept}. Free space or fix the permissions, then "
                            "rerun to resume.")
 
   def restore(self, step: int, abstract_state, data_iterator=None):
-    """Restores the state at `step` onto the shardings of `abstract_state` (ShapeDtypeStruct leaves),
-    after checking its files against the manifest (a step without one is restored with a warning).
+    """Restores the state at `step` onto the shardings of `abstract_state` (ShapeDtypeStruct
+    leaves), after checking its files against the manifest (a step without one is restored with a
+    warning).
 
     `data_iterator`, when given, is moved to the saved position in place.
 
