@@ -28,3 +28,7 @@ class CheckpointError(UserError):
 
 class NonFiniteLossError(UserError):
   """The training loss became NaN or inf."""
+
+
+class NotWritableError(UserError):
+  """An output directory (the workdir, its checkpoints/, samples/, eval/) cannot be written."""

@@ -39,17 +39,9 @@ import numpy as np
 from common import checkpoint
 from common import registry
 from common.errors import CheckpointError, ConfigError
-from common.optim import param_path
 from common.paths import as_path
 
 LOADS = ("params", "state")
-
-
-def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-  """{parameter path: shape} of a params/state tree (arrays, ShapeDtypeStructs or orbax
-  metadata leaves); paths as `common.optim.param_path`."""
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {param_path(k): tuple(getattr(v, "shape", np.shape(v))) for k, v in leaves}
 
 
 def _listing(items: list[str], limit: int = 8) -> str:
@@ -66,7 +58,7 @@ def check_match(source: Any, target: Any, *, what: str, where: str) -> None:
     what: a prefix for the paths in the message (e.g. "params/").
     where: the source, for the message.
   """
-  src, tgt = _flat_shapes(source), _flat_shapes(target)
+  src, tgt = checkpoint.leaf_shapes(source), checkpoint.leaf_shapes(target)
   missing = sorted(set(tgt) - set(src))
   unexpected = sorted(set(src) - set(tgt))
   differ = sorted(p for p in set(src) & set(tgt) if src[p] != tgt[p])
@@ -165,9 +157,30 @@ def initial_state(exp, cfg: ml_collections.ConfigDict | None) -> tuple[dict, str
     params, ema, what = _load_file(exp, cfg, path)
     return _fresh_optimizer_state(exp, params, ema), f"initialised {what}; fresh optimizer state"
 
-  directory, step = checkpoint.find_checkpoint(src)
+  directory, steps = checkpoint.find_checkpoints(src)
+  damaged = []
+  for step in steps:
+    try:
+      state, what = _from_checkpoint(exp, cfg, directory, step)
+    except checkpoint.DamagedCheckpointError as e:
+      if len(steps) == 1:  # a step directory named explicitly (or the only step): refused
+        raise
+      damaged.append(e)
+      continue
+    for e in damaged:
+      checkpoint.warn(f"{checkpoint.damage_line(e)}; initialising from step {step}, the newest "
+                      f"intact one; step {e.step} is left in place")
+    return state, what
+  raise CheckpointError(f"init_from.path={path}: no intact checkpoint: " + "; ".join(
+      f"step {e.step} is damaged ({e.why})" for e in damaged) + ". Point init_from.path at an "
+      "intact copy.")
+
+
+def _from_checkpoint(exp, cfg, directory, step: int) -> tuple[dict, str]:
+  """`initial_state` from the checkpoint at `step` in `directory` (DamagedCheckpointError when its
+  files are damaged)."""
   where = f"{directory}/{step}"
-  meta = checkpoint.state_metadata(directory, step)
+  meta, verified = checkpoint.verified_metadata(directory, step)
   if not isinstance(meta, dict) or "params" not in meta:
     raise CheckpointError(f"init_from {where} holds no train state (params, ema, opt_state).")
   abstract = exp.abstract_state
@@ -175,7 +188,8 @@ def initial_state(exp, cfg: ml_collections.ConfigDict | None) -> tuple[dict, str
     for part in ("params", "ema"):
       check_match(meta.get(part, {}), abstract[part], what=f"{part}/", where=where)
     got = checkpoint.restore_state(
-        directory, step, {"params": abstract["params"], "ema": abstract["ema"]}, partial=True)
+        directory, step, {"params": abstract["params"], "ema": abstract["ema"]}, partial=True,
+        verified=verified)
     state = _fresh_optimizer_state(exp, got["params"], got["ema"])
     return state, (f"initialised params and EMA from the step-{step} checkpoint in {directory}; "
                    "fresh optimizer state, step 0")
@@ -183,7 +197,7 @@ def initial_state(exp, cfg: ml_collections.ConfigDict | None) -> tuple[dict, str
     check_match(meta.get(part, {}), abstract[part], what=f"{part}/", where=where)
   check_match(meta.get("opt_state", {}), abstract["opt_state"], what="opt_state/",
               where=f"{where} (optimizer state: is config.optim the source's?)")
-  state = checkpoint.restore_state(directory, step, abstract)
+  state = checkpoint.restore_state(directory, step, abstract, verified=verified)
   if not cfg.get("keep_step", False):
     state["step"] = jax.device_put(jnp.zeros((), jnp.int32), exp.state_shardings["step"])
   return state, (f"initialised params, EMA and optimizer state from the step-{step} checkpoint "

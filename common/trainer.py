@@ -23,7 +23,7 @@ import numpy as np
 from common import init_from
 from common import registry
 from common import sharding
-from common.paths import as_path
+from common.paths import as_path, check_writable
 from common.checkpoint import Checkpointer
 from common.data import make_train_iterator
 from common.data.captions import read_prompts
@@ -100,16 +100,17 @@ def write_sample_grid(exp: Experiment, params, path, *, num: int, seed: int,
 
 
 def restore_newest(exp: Experiment, workdir: str | epath.Path, keep: int = 3):
-  """(step, state) of the newest checkpoint in WORKDIR/checkpoints, restored into `exp`'s abstract
-  state (its shardings); CheckpointError if there is none."""
+  """(step, state) of the newest intact checkpoint in WORKDIR/checkpoints, restored into `exp`'s
+  abstract state (its shardings); damaged newer ones are reported and left in place
+  (`Checkpointer.restore_newest`). CheckpointError if there is none."""
   ckpt = Checkpointer(str(as_path(workdir) / "checkpoints"), keep=keep)
-  step = ckpt.latest_step()
-  if step is None:
+  try:
+    found = ckpt.restore_newest(exp.abstract_state)
+  finally:
     ckpt.close()
+  if found is None:
     raise CheckpointError(f"no checkpoint in {ckpt.directory}; train first with --mode=train.")
-  state = ckpt.restore(step, exp.abstract_state)
-  ckpt.close()
-  return step, state
+  return found
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
@@ -130,8 +131,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     `{"step": last step, "stopped_by": None | signal name | "stop_after", "loss": last loss}`.
   """
   wd = as_path(workdir)
-  wd.mkdir(parents=True, exist_ok=True)
   tc = config.train
+  eval_every = int(config.get("eval", {}).get("every", 0) or 0)
+  check_writable(wd, wd / "checkpoints", wd / "samples", *([wd / "eval"] if eval_every else []))
   mesh = sharding.make_mesh(config.mesh)
   nproc = jax.process_count()
   if tc.batch_size % nproc:
@@ -145,9 +147,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
        f"{dict(mesh.shape)}; global batch {tc.batch_size}{accum}")
 
   ckpt = Checkpointer(str(wd / "checkpoints"), keep=tc.keep_checkpoints)
-  start = ckpt.latest_step()
-  if start is not None:
-    state = ckpt.restore(start, exp.abstract_state, data)
+  try:
+    found = ckpt.restore_newest(exp.abstract_state, data, set_aside=True)
+  except BaseException:
+    ckpt.close()
+    raise
+  if found is not None:
+    start, state = found
     _log(f"resumed from the checkpoint at step {start} in {ckpt.directory}")
   else:
     loaded = init_from.initial_state(exp, config.get("init_from", None))
@@ -162,7 +168,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
   writer = MetricWriter(str(wd), tensorboard=tc.get("tensorboard", True))
   progress = Progress(total, step)
   samples_dir = wd / "samples"
-  eval_every = int(config.get("eval", {}).get("every", 0) or 0)
   result = {"step": step, "stopped_by": None, "loss": None}
   metrics = prev = preview_x = None
   t_start = time.perf_counter()
@@ -239,6 +244,10 @@ def sample(config: ml_collections.ConfigDict, workdir: str | None, *,
   # Read before any work, so a bad file costs no model load.
   prompts = read_prompts(prompts_file, f"--prompts={prompts_file}") if prompts_file else None
   mesh = sharding.make_mesh(config.mesh)
+  if not (workdir or checkpoint):
+    raise ConfigError("sampling needs --workdir (a training run) or --checkpoint (an export).")
+  check_writable(as_path(workdir or checkpoint) / "samples",
+                 flag="--workdir" if workdir else "--workdir for the samples")
   if checkpoint:
     from common import deployment  # pylint: disable=import-outside-toplevel
     if not deployment.is_export(checkpoint):
@@ -257,8 +266,6 @@ def sample(config: ml_collections.ConfigDict, workdir: str | None, *,
     wd = as_path(workdir or checkpoint)
     what = f"the deployed network in {checkpoint} (step {step})"
   else:
-    if not workdir:
-      raise ConfigError("sampling needs --workdir (a training run) or --checkpoint (an export).")
     wd = as_path(workdir)
     exp = Experiment(config, mesh)
     step, state = restore_newest(exp, wd, config.train.keep_checkpoints)
@@ -305,6 +312,8 @@ def export(config: ml_collections.ConfigDict, workdir: str, *, out: str | None =
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from common import deployment  # pylint: disable=import-outside-toplevel
   wd = as_path(workdir)
+  folder = as_path(out) if out else wd / "export"
+  check_writable(folder)
   exp = Experiment(config, sharding.make_mesh(config.mesh))
   step, state = restore_newest(exp, wd, config.train.keep_checkpoints)
   ema = jax.device_get(state["ema"])
@@ -312,7 +321,6 @@ def export(config: ml_collections.ConfigDict, workdir: str, *, out: str | None =
   model = nnx.merge(exp.graphdef, ema)
   swapped = deployment.deploy(model)
   sizes = deployment.model_sizes(ema, nnx.to_pure_dict(nnx.state(model)))
-  folder = as_path(out) if out else wd / "export"
   extra = {"source": {"workdir": str(wd), "step": int(step)}, "bytes": sizes,
            "deployed": swapped}
   if jax.process_index() == 0:
@@ -413,6 +421,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """`--mode=eval`: scores the newest checkpoint's EMA weights (see `evaluate_params`) and appends
   the scores to WORKDIR/metrics.jsonl."""
   wd = as_path(workdir)
+  check_writable(wd, wd / "eval")
   exp = Experiment(config, sharding.make_mesh(config.mesh))
   step, state = restore_newest(exp, wd, config.train.keep_checkpoints)
   scores = evaluate_params(exp, state["ema"], step, wd, num_samples=num_samples)

@@ -8,6 +8,7 @@ sampler is replaced by a spy that records which weights it gets (no sampler comp
 import contextlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 
@@ -234,6 +235,28 @@ def test_whole_state_with_and_without_keep_step(source):
       assert_trees_equal(got[part], source["seed"][part])
   with pytest.raises(ConfigError, match="keep_step"):
     init_from.initial_state(exp, init_cfg(source["wd"], keep_step=True))
+
+
+def test_a_damaged_source_step_falls_back_and_a_named_one_is_refused(source, tmp_path, capsys):
+  src = tmp_path / "src"
+  shutil.copytree(source["wd"], src)
+  data = [p for p in (src / "checkpoints" / "4" / "state").rglob("*") if p.parent.name == "d"]
+  victim = max(data, key=lambda p: p.stat().st_size)
+  raw = bytearray(victim.read_bytes())
+  raw[len(raw) // 2] ^= 0x10
+  victim.write_bytes(bytes(raw))
+  c = source["config"]
+  exp = Experiment(c, sharding.make_mesh(c.mesh))
+  capsys.readouterr()
+  state, what = init_from.initial_state(exp, init_cfg(src))
+  assert "step-3 checkpoint" in what
+  assert_trees_equal(jax.tree.map(np.asarray, state["params"]), source["states"][3]["params"])
+  err = capsys.readouterr().err
+  assert (f"checkpoint at step 4 in {src}/checkpoints is damaged (state/" in err and
+          "initialising from step 3, the newest intact one; step 4 is left in place" in err), err
+  assert sorted(os.listdir(src / "checkpoints")) == ["1", "2", "3", "4"]  # the source is untouched
+  with pytest.raises(CheckpointError, match=r"step 4 .* is damaged \(state/\S+ does not match"):
+    init_from.initial_state(exp, init_cfg(src / "checkpoints" / "4"))
 
 
 def test_mismatches_name_the_parameters(source):

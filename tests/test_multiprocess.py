@@ -5,6 +5,7 @@ processes, a shared orbax checkpoint, and a multi-process resume. Four processes
 fsdp=2 mesh: the same losses as one process.
 """
 
+import json
 import os
 import re
 import socket
@@ -14,6 +15,8 @@ import sys
 import numpy as np
 from PIL import Image
 import pytest
+
+from common import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,6 +83,11 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
   assert all(x[1] == "2" and x[2] == "3" for x in r)      # 2 devices in all, 3 steps done
   assert r[0][3] == r[1][3]                               # both processes see the same global loss
   assert "3" in os.listdir(os.path.join(wd, "checkpoints"))
+  # the primary's checksum manifest covers both processes' files
+  assert checkpoint.verify_manifest(os.path.join(wd, "checkpoints"), 3)
+  with open(os.path.join(wd, "checkpoints", "3", checkpoint.MANIFEST)) as f:
+    names = json.load(f)["files"]
+  assert any("process_0" in n for n in names) and any("process_1" in n for n in names), names
   r = _run_processes(wd, steps=5)                         # resumes from step 3 on both processes
   assert all(x[2] == "5" for x in r) and r[0][3] == r[1][3]
   with open(os.path.join(wd, "metrics.jsonl")) as f:

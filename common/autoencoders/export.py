@@ -37,14 +37,14 @@ def restore_ema_params(config: ml_collections.ConfigDict, workdir: str) -> tuple
                           f"--config=... --workdir={workdir}")
   ckpt = Checkpointer(directory, keep=int(config.train.get("keep_checkpoints", 3)))
   try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise CheckpointError(f"no checkpoint in {directory}: train first with launch/main.py "
-                            f"--config=... --workdir={workdir}")
     # Restored as saved (host arrays); the network built from config.model checks it below.
-    state = ckpt.restore(step, None)
+    found = ckpt.restore_newest(None)
   finally:
     ckpt.close()
+  if found is None:
+    raise CheckpointError(f"no checkpoint in {directory}: train first with launch/main.py "
+                          f"--config=... --workdir={workdir}")
+  step, state = found
   if not isinstance(state, dict) or "ema" not in state:
     raise CheckpointError(f"the checkpoint at step {step} in {directory} holds no 'ema' params")
   abstract = nnx.to_pure_dict(nnx.state(
