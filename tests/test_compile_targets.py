@@ -22,7 +22,6 @@ from coat.optim import resolve_impl
 from common import compile_report
 from common import targets
 from common.errors import ConfigError
-from configs import sid2_digits
 from configs import terdit as terdit_config
 from kernels import fp8_adamw as fa
 from kernels import target as kernel_target
@@ -85,6 +84,8 @@ def test_kernel_choices_follow_the_target_not_the_default_backend(caplog):
   with kernel_target.compiling_for(_mesh("8xa100")):
     with pytest.raises(ConfigError, match=r"compute capability >= 8\.9.*A100.*8\.0"):
       resolve_impl("pallas")
+  with pytest.raises(ConfigError, match="interpret=True"):  # an explicit request on this CPU
+    resolve_impl("pallas")
 
 
 def test_ternary_triton_impl_needs_a_cuda_target():
@@ -152,14 +153,18 @@ ENTRY %main (a: bf16[16,32], b: bf16[32,64]) -> f32[16,64] {
       "custom_calls": {"__cublas$lt$matmul$f8": 1}, "dots": 2, "f8_dots": 2}
 
 
-def test_tiny_train_step_compiles_for_a_tpu_slice():
-  config = sid2_digits.get_config("runlocal")
+def test_coat_train_step_compiles_for_a_tpu_slice_with_the_mosaic_fp8_adamw_kernel():
+  """A tiny config's whole COAT train step for a v5p-8 (4 chips, data-parallel): it fits, the TPU
+  compiler gives its FLOPs, and the FP8 AdamW update is the fused Pallas kernel (Mosaic)."""
+  config = terdit_config.get_config("runlocal,fp")
   with config.unlocked():
+    config.precision = "coat"
     config.mesh.data = -1
   r = compile_report.compile_for_target(config, targets.parse_target("v5p-8"))
   assert r["fits"] and r["devices"] == 4 and r["flops_source"] == "compiler"
   assert 0 < r["memory"]["params"] <= r["per_device_gib"] < 0.1
   assert r["flops_per_step"] > 0 and r["estimates"]["mfu_0.4"]["step_s"] > 0
+  assert r["custom_calls"].get("tpu_custom_call", 0) >= 1, r["custom_calls"]
 
 
 def test_coat_train_step_keeps_its_gemms_in_float8_on_an_h100():
