@@ -29,8 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (config argument, precision). COAT rows for every family that trains in bf16 (TerDiT's ternary
 # configs train their QAT layers instead; their _fp baselines get a COAT row).
-ROWS = [(f"configs/sid2_in{r}.py:{p}", prec) for r in (128, 256, 512) for p in ("p4", "p2")
-        for prec in ("bf16", "coat")]
+ROWS = [(f"configs/sid2_in{r}.py:{p}", prec) for r, ps in ((128, ("p1", "p2")), (256, ("p1", "p2")),
+                                                           (512, ("p2", "p4")))
+        for p in ps for prec in ("bf16", "coat")]
 ROWS += [(f"configs/microdit.py:{p}", prec)
          for p in ("p1_256_masked", "p2_256_unmasked", "p3_512_masked", "p4_512")
          for prec in ("bf16", "coat")]

@@ -194,3 +194,11 @@ def test_compile_mode_says_when_a_config_does_not_fit():
   err = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
   assert len(err) == 1 and "GiB short" in err[0] and "grad_accum_steps" in err[0], proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
+
+
+def test_every_paper_config_declares_a_target_it_can_be_compiled_for():
+  from benchmarks import targets as targets_table  # pylint: disable=import-outside-toplevel
+  from configs.base import load_config  # pylint: disable=import-outside-toplevel
+  for config, _ in targets_table.ROWS:
+    t = targets.parse_target(load_config(config).target)
+    assert t.num_devices >= 1, config
