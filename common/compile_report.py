@@ -63,7 +63,7 @@ def hlo_summary(hlo_text: str) -> dict[str, Any]:
   return {"custom_calls": dict(sorted(calls.items())), "dots": dots, "f8_dots": f8}
 
 
-def _flops_on_cpu(config: ml_collections.ConfigDict, batch_size: int) -> float:
+def cpu_step_flops(config: ml_collections.ConfigDict, batch_size: int) -> float:
   """FLOPs of the whole train step (global batch) from XLA's cost analysis of the step lowered,
   not compiled, for one CPU device."""
   c = config.copy_and_resolve_references()
@@ -130,7 +130,7 @@ def compile_for_target(config: ml_collections.ConfigDict, tgt: Target, *,
     if cost and cost.get("flops"):
       flops = float(cost["flops"]) * tgt.num_devices  # the partitioned program is one device's
   if flops is None:
-    flops, source = _flops_on_cpu(config, b), "cpu cost analysis"
+    flops, source = cpu_step_flops(config, b), "cpu cost analysis"
   report["flops_per_step"] = flops
   report["flops_source"] = source
   report.update(hlo_summary(compiled.as_text()) if compiled is not None else
