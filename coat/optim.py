@@ -52,6 +52,7 @@ from common.errors import ConfigError
 from common.optim import FusedGradientTransformation
 from common.sharding import ParamPlacement, path_str
 from kernels import fp8_adamw as fused
+from kernels import target
 
 
 class Fp8AdamWState(NamedTuple):
@@ -84,14 +85,14 @@ def resolve_impl(impl: str, interpret: bool = False, sharded: bool = False) -> s
   support raises ConfigError (an explicit request is not silently replaced)."""
   if impl == "jnp" or interpret:
     return impl if impl != "auto" else "jnp"
-  if impl == "auto" and jax.device_count() > 1 and not sharded:
+  if impl == "auto" and target.device_count() > 1 and not sharded:
     return "jnp"
   try:
     fused.check_supported()
   except fused.KernelUnsupported as e:
     if impl == "pallas":
       raise ConfigError(str(e)) from e
-    if jax.default_backend() == "gpu":
+    if target.platform() == "gpu":
       logging.warning("fp8_adamw: %s; using the jnp path.", e)
     return "jnp"
   return "pallas"

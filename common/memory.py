@@ -72,21 +72,26 @@ def temporaries_mib(fn: Any, *args: Any, donate_argnums: Any = ()) -> float:
   return compiled_memory(compiled).temp_size_in_bytes / 2**20
 
 
-def train_step_memory(exp, batch_size: int | None = None) -> dict[str, int]:
-  """Per-device memory of one train step of `exp` (a `common.experiment.Experiment`).
+def lower_train_step(exp, batch_size: int | None = None) -> tuple[Any, dict]:
+  """(`jax.stages.Lowered` of `exp.train_step` for abstract inputs, the abstract batch).
 
   Args:
     exp: the experiment (its config, mesh and optimizer decide the step).
     batch_size: global batch; default `config.train.batch_size`.
-
-  Returns:
-    {key: bytes per device} for the keys of the module docstring (`KEYS`), plus "devices" (mesh
-    size) and "batch_size".
   """
   b = int(batch_size or exp.config.train.batch_size)
   batch = abstract_batch(exp, b)
-  key = jax.random.key(0)
-  ma = compiled_memory(exp.train_step.lower(exp.abstract_state, batch, key).compile())
+  return exp.train_step.lower(exp.abstract_state, batch, jax.random.key(0)), batch
+
+
+def step_memory(exp, compiled: Any, batch: dict) -> dict[str, int]:
+  """Per-device memory of the compiled train step of `exp` (`lower_train_step(...)[0].compile()`).
+
+  Returns:
+    {key: bytes per device} for the keys of the module docstring (`KEYS`), plus "devices" (mesh
+    size) and "batch_size" (global).
+  """
+  ma = compiled_memory(compiled)
   st = exp.abstract_state
   out = {
       "params": tree_shard_bytes(st["params"]),
@@ -100,11 +105,20 @@ def train_step_memory(exp, batch_size: int | None = None) -> dict[str, int]:
   }
   out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
   out["devices"] = int(np.prod(list(exp.mesh.shape.values())))
-  out["batch_size"] = b
+  out["batch_size"] = int(jax.tree.leaves(batch)[0].shape[0])
   return out
 
 
-def _fmt(n: int) -> str:
+def train_step_memory(exp, batch_size: int | None = None) -> dict[str, int]:
+  """Per-device memory of one train step of `exp` (a `common.experiment.Experiment`), from XLA's
+  compiled memory analysis: `step_memory` of the step compiled for `batch_size` (default
+  `config.train.batch_size`)."""
+  lowered, batch = lower_train_step(exp, batch_size)
+  return step_memory(exp, lowered.compile(), batch)
+
+
+def format_bytes(n: float) -> str:
+  """n bytes in GiB, MiB, KiB or B, two decimals."""
   for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
     if abs(n) >= size:
       return f"{n / size:.2f} {unit}"
@@ -116,5 +130,5 @@ def memory_lines(mem: dict[str, int]) -> list[str]:
   lines = [f"train-step memory per device (global batch {mem['batch_size']}, "
            f"{mem['devices']} device(s); XLA memory analysis):"]
   for k in KEYS:
-    lines.append(f"  {k:<16} {_fmt(mem[k]):>12}")
+    lines.append(f"  {k:<16} {format_bytes(mem[k]):>12}")
   return lines

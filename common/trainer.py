@@ -12,6 +12,7 @@ import contextlib
 import inspect
 import json
 import signal
+import sys
 import time
 from typing import Sequence
 
@@ -20,9 +21,11 @@ import jax
 import ml_collections
 import numpy as np
 
+from common import compile_report
 from common import init_from
 from common import registry
 from common import sharding
+from common import targets
 from common.paths import as_path, check_writable
 from common.checkpoint import Checkpointer
 from common.data import make_train_iterator
@@ -458,6 +461,22 @@ def summary(config: ml_collections.ConfigDict) -> str:
   text = "\n".join(lines)
   _log(text)
   return text
+
+
+def compile_for_target(config: ml_collections.ConfigDict, target: str | None, *,
+                       mfus=compile_report.MFUS) -> bool:
+  """`--mode=compile`: compiles the train step for `target` (default `config.target`), prints the
+  report and, last, its JSON line on stdout; when it does not fit, also one line on stderr saying
+  what to change. Returns whether it fits."""
+  name = target or config.get("target", "")
+  if not name:
+    raise ConfigError("--mode=compile needs --target (e.g. v5p-8, 8xh100) or config.target.")
+  report = compile_report.compile_for_target(config, targets.parse_target(name), mfus=mfus)
+  print("\n".join(compile_report.report_lines(report)), flush=True)
+  if not report["fits"]:
+    print(f"error: does not fit {report['target']}: {report['advice']}", file=sys.stderr, flush=True)
+  print(json.dumps(report), flush=True)
+  return report["fits"]
 
 
 def _memory_lines(config: ml_collections.ConfigDict) -> list[str]:

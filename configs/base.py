@@ -18,6 +18,9 @@ def parse_arg(arg: str | None) -> set[str]:
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # The hardware the recipe is meant for (`--mode=compile` without --target compiles for it): a
+  # Cloud TPU accelerator type ("v5p-128", "2xv5p-128") or a GPU node ("8xh100", "4x8xh100").
+  c.target = ""
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000

@@ -67,11 +67,17 @@ def guidance_interval(image_size: int) -> tuple[float, float]:
   return tuple(round(v + shift, 4) for v in GUIDANCE_INTERVAL_REF)
 
 
+# Level-0 token grid side -> Cloud TPU slice that holds the global batch of 1024 with headroom.
+TARGETS = {256: "v5p-64", 128: "v5p-16", 64: "v5p-8"}
+
+
 def make_config(image_size: int, patch_size: int, flags: set[str]) -> ml_collections.ConfigDict:
   """The SiD2 config for ImageNet at `image_size` with UViT/`patch_size`."""
   c = base_config()
   # The output layer maps to the image/latent channels (1 to 16 features): replicated.
   c.mesh.replicated = ("out_proj/.*",)
+  # SiD2 is a TPU recipe; slices sized by the level-0 token grid (docs/TARGETS.md).
+  c.target = TARGETS[image_size // patch_size]
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "sid2.model.ResidualUViT"

@@ -43,6 +43,8 @@ SHAPES = {"600M": (1536, 16, 32), "4.2B": (3072, 32, 32)}
 # Steps at batch 512 (images seen in TerDiT's result table / 512); 600M_512 as 600M_256.
 STEPS = {"600M_256": 875_000, "600M_512": 875_000, "4.2B_256": 1_180_000, "4.2B_512": 1_360_000}
 VARIANTS = tuple(STEPS)
+# The hardware each size is compiled for by `--mode=compile` (docs/TARGETS.md).
+TARGETS = {"600M": "8xh100", "4.2B": "8xh100"}
 
 AUTOENCODER = "weights/sd-vae-ft-ema"          # a local diffusers AutoencoderKL folder
 LATENTS = {256: "workdirs/imagenet256_latents", 512: "workdirs/imagenet512_latents"}
@@ -88,6 +90,7 @@ def _imagenet(c: ml_collections.ConfigDict, variant: str) -> None:
   res = int(res)
   dim, depth, heads = SHAPES[size_name]
   latent = res // 8
+  c.target = TARGETS[size_name]
   c.model.image_size = latent
   c.model.in_channels = 4
   c.model.dim, c.model.depth, c.model.num_heads = dim, depth, heads

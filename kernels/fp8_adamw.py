@@ -39,6 +39,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from kernels import target
 from kernels.dre import E4M3, dre_dequantize_rows, dre_quantize_rows_f32
 
 # (codes [n, G] float8_e4m3fn, scale [n, 1], k [n, 1], c [n, 1]) for one moment.
@@ -140,41 +141,27 @@ def default_block_rows(backend: str | None = None) -> int:
   On GPU 16 groups (2048 elements, 4 warps) compile for sm_90 to 168 registers without spills;
   32 groups reach the 255-register cap and spill, 64 (8 warps) spill 388 bytes
   (benchmarks/inspect_triton.py)."""
-  backend = backend or jax.default_backend()
+  backend = backend or target.platform()
   return {"gpu": 16, "tpu": 256}.get(backend, 512)
 
 
-def _cuda_capability(device) -> tuple[int, int] | None:
-  """(major, minor) of a CUDA device, None when unknown (ROCm, other platforms)."""
-  cc = getattr(device, "compute_capability", None)
-  if not cc:
-    return None
-  try:
-    major, minor = str(cc).split(".")[:2]
-    return int(major), int(minor)
-  except ValueError:
-    return None
-
-
-def check_supported(backend: str | None = None, device=None) -> None:
-  """Raises `KernelUnsupported` when the fused kernel cannot compile for the current device.
+def check_supported(backend: str | None = None) -> None:
+  """Raises `KernelUnsupported` when the fused kernel cannot compile for the target device.
 
   Args:
-    backend: "gpu", "tpu" or "cpu" (default: `jax.default_backend()`).
-    device: the device to check (default: the first device of the default backend).
+    backend: "gpu", "tpu" or "cpu" (default: the target's platform, `kernels.target`).
   """
-  backend = backend or jax.default_backend()
+  backend = backend or target.platform()
   if backend not in ("gpu", "tpu"):
     raise KernelUnsupported(
         f"fp8_adamw impl='pallas' compiles for GPU or TPU only (backend: {backend}); pass "
         "interpret=True to run the kernel on CPU, or use impl='jnp'")
   if backend == "gpu":
-    device = device or jax.devices()[0]
-    cc = _cuda_capability(device)
+    cc = target.cuda_capability()
     if cc is not None and cc < MIN_CUDA_CAPABILITY:
       raise KernelUnsupported(
           f"fp8_adamw impl='pallas' needs CUDA compute capability >= 8.9 (float8_e4m3fn "
-          f"conversion in Triton); {device.device_kind} has {cc[0]}.{cc[1]}. Use impl='jnp' "
+          f"conversion in Triton); {target.device().device_kind} has {cc[0]}.{cc[1]}. Use impl='jnp' "
           "(or impl='auto', which picks it on this GPU)")
 
 
@@ -195,7 +182,7 @@ def _pallas_rows(g, p, m_rows, v_rows, scalars, *, hyper, interpret, block_rows,
     backend = "cpu"
   else:
     check_supported(backend)
-    backend = backend or jax.default_backend()
+    backend = backend or target.platform()
   block_rows = block_rows or default_block_rows(backend)
   bn = _pick_block_rows(n, block_rows, backend)
   grid = (pl.cdiv(n, bn),)
@@ -257,8 +244,8 @@ def fp8_adamw_rows(g, p, m_rows: MomentRows, v_rows: MomentRows, lr, bc1, sqrt_b
     impl: "pallas" (fused kernel) or "jnp" (reference).
     interpret: run the Pallas kernel in interpret mode (CPU tests).
     block_rows: groups per Pallas program (default `default_block_rows()`).
-    backend: "gpu" or "tpu" to compile for that platform regardless of the default backend
-      (ahead-of-time lowering with `jax.export`); None: `jax.default_backend()`.
+    backend: "gpu" or "tpu" to compile for that platform regardless of the target (lowering
+      with `jax.export`); None: the target's platform (`kernels.target`).
 
   Returns:
     (u or p + u [n, G], m_rows, v_rows) with the inputs' shapes and dtypes (p + u in p's dtype,

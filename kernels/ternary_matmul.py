@@ -59,6 +59,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from kernels import target
+
 
 # The byte holding four zero codes (2-bit value 1 in every position).
 ZERO_BYTE = 0x55
@@ -167,7 +169,7 @@ def ternary_matmul(
     interpret: run the Pallas kernel in interpret mode (required on CPU).
     pallas_variant: "gpu" (Triton-style grid, K loop in the kernel), "tpu"
       (Mosaic-style grid, K as a sequential grid axis with VMEM accumulators) or
-      "auto" (tpu on a TPU backend, gpu otherwise).
+      "auto" (tpu when the target is a TPU, `kernels.target`; gpu otherwise).
     block_m, block_n, block_q: Pallas tile sizes (rows of x, columns of the output,
       packed rows per K step; each step covers 4 * block_q inputs). None picks defaults.
     split_k: K splits of the Pallas gpu variant (must divide its K steps); None picks one
@@ -201,7 +203,7 @@ def ternary_matmul(
   elif impl == "pallas":
     variant = pallas_variant
     if variant == "auto":
-      variant = "tpu" if jax.default_backend() == "tpu" else "gpu"
+      variant = "tpu" if target.platform() == "tpu" else "gpu"
     if variant not in ("gpu", "tpu"):
       raise ValueError(f"pallas_variant must be 'auto', 'gpu' or 'tpu', got {variant!r}.")
     y = _pallas_matmul(x2, packed, alpha, variant=variant, interpret=interpret,
@@ -439,14 +441,10 @@ def _pallas_matmul(x, packed, alpha, *, variant: str, interpret: bool, block_m, 
 
 
 def _triton_matmul(x, packed, alpha, config: dict[str, Any] | None):
-  backend = jax.default_backend()
-  platform_version = ""
-  if backend == "gpu":
-    platform_version = str(getattr(jax.devices()[0].client, "platform_version", "")).lower()
-  if backend != "gpu" or "rocm" in platform_version:
+  if target.platform() != "gpu" or target.is_rocm():
     raise ValueError(
-        f"ternary_matmul impl='triton' needs a CUDA GPU (jax-triton), but the JAX backend is "
-        f"{backend!r}{' (ROCm)' if 'rocm' in platform_version else ''}. Use impl='pallas' "
+        f"ternary_matmul impl='triton' needs a CUDA GPU (jax-triton), but the target is "
+        f"{target.platform()!r}{' (ROCm)' if target.is_rocm() else ''}. Use impl='pallas' "
         "(with interpret=True on CPU) or impl='reference'.")
   try:
     import jax_triton  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401

@@ -1,4 +1,8 @@
-"""The one entry point: `python launch/main.py --config=configs/X.py --workdir=DIR --mode=train|sample|eval|summary|export`.
+"""The one entry point: `python launch/main.py --config=configs/X.py --workdir=DIR --mode=train|sample|eval|summary|export|compile`.
+
+`--mode=compile --target=v5p-8` compiles the config's train step for hardware this machine does not
+have (a Cloud TPU slice or a GPU node; default: the config's `target`) and says whether it fits; its
+last line is one JSON object (common/compile_report.py); exit 1 when it does not fit.
 
 `--mode=export` writes the newest EMA weights in their deployed form (e.g. 2-bit packed ternary
 layers) to WORKDIR/export; `--mode=sample --checkpoint=WORKDIR/export` samples from it (the
@@ -13,6 +17,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Compiling for a target uses no accelerator of this machine's: keep jax on the CPU (with the
+# compile extra's CUDA plugin installed and no GPU, jax would first try and fail cuInit).
+if "--mode=compile" in sys.argv[1:]:
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
@@ -22,8 +30,14 @@ from ml_collections import config_flags  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/sid2_digits.py.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "summary", "export"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "summary", "export", "compile"],
                           "What to run.")
+_TARGET = flags.DEFINE_string(
+    "target", None, "compile: the hardware to compile for, e.g. v5p-8, v4-8, v5litepod-4, v6e-4, "
+    "2xv5p-128 (Cloud TPU accelerator types), 1xh100, 8xh100, 8xh200, 8xb200, 8xa100, 4x8xh100 (GPU "
+    "nodes); default: config.target.")
+_MFU = flags.DEFINE_list("mfu", ["0.4", "0.6"], "compile: model FLOPs utilisations at which to "
+                         "estimate step time, run time and cost.")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "sample: an export folder (written by --mode=export) to sample from "
     "instead of WORKDIR's newest checkpoint; samples go to DIR/samples unless --workdir is given.")
@@ -57,6 +71,8 @@ def _run(argv) -> None:
   from common.errors import UserError  # pylint: disable=import-outside-toplevel
   if _CHECKPOINT.value and _MODE.value != "sample":
     raise app.UsageError("--checkpoint is for --mode=sample")
+  if _TARGET.value and _MODE.value != "compile":
+    raise app.UsageError("--target is for --mode=compile")
   # A config read from an export is data: the names in it resolve only to registered plug-ins.
   trust, source = contextlib.nullcontext(), None
   if config is None and _CHECKPOINT.value:
@@ -117,6 +133,10 @@ def _dispatch(config) -> None:
   from common import trainer  # pylint: disable=import-outside-toplevel
   if _MODE.value == "summary":
     trainer.summary(config)
+    return
+  if _MODE.value == "compile":
+    if not trainer.compile_for_target(config, _TARGET.value, mfus=[float(m) for m in _MFU.value]):
+      sys.exit(1)
     return
   if not _WORKDIR.value and not (_MODE.value == "sample" and _CHECKPOINT.value):
     raise app.UsageError(f"--workdir is required for --mode={_MODE.value}")

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from common.errors import ConfigError, ShapeError
+from kernels import target
 from kernels import ternary_matmul as tm
 from terdit import ternary
 
@@ -96,9 +97,10 @@ class PackedTernaryDense(nnx.Module):
                kernel_axes=axes, dtype=layer.dtype, impl=impl)
 
   def matmul_kwargs(self) -> dict[str, Any]:
-    """`ternary_matmul` options of `impl` on the current backend."""
+    """`ternary_matmul` options of `impl` for the target device (`kernels.target`: the mesh being
+    compiled for, else this machine's): Pallas runs in interpret mode only on a CPU."""
     if self.impl == "pallas":
-      return {"impl": "pallas", "interpret": jax.default_backend() == "cpu"}
+      return {"impl": "pallas", "interpret": target.platform() == "cpu"}
     return {"impl": self.impl}
 
   def __call__(self, x: jax.Array) -> jax.Array:

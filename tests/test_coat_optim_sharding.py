@@ -209,21 +209,3 @@ def test_pallas_kernel_runs_per_shard_on_a_mesh():
                      text=True, env=env, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "OK" in r.stdout and "SHARDED_KERNEL True" in r.stdout, r.stdout[-1000:]
-
-
-def test_fused_kernel_refused_below_compute_capability_8_9(monkeypatch):
-  """impl="pallas" on an A100 (8.0) is a ConfigError saying why; "auto" falls back to jnp; an
-  H100 (9.0) gets the kernel."""
-  from coat.optim import resolve_impl  # pylint: disable=import-outside-toplevel
-
-  class Gpu:
-    def __init__(self, kind, cc):
-      self.device_kind, self.compute_capability = kind, cc
-
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  monkeypatch.setattr(jax, "devices", lambda *a: [Gpu("NVIDIA A100-SXM4-80GB", "8.0")])
-  with pytest.raises(ConfigError, match=r"compute capability >= 8\.9.*A100.*8\.0"):
-    resolve_impl("pallas")
-  assert resolve_impl("auto") == "jnp"
-  monkeypatch.setattr(jax, "devices", lambda *a: [Gpu("NVIDIA H100 80GB HBM3", "9.0")])
-  assert resolve_impl("auto") == resolve_impl("pallas") == "pallas"

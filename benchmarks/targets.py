@@ -1,0 +1,127 @@
+"""docs/TARGETS.md: every paper config compiled for the hardware it declares (`config.target`).
+
+Each row runs the user-facing command in its own process,
+
+    python launch/main.py --config=CONFIG --mode=compile [--config.precision=coat]
+
+and reads its last line (the JSON report of common/compile_report.py). On 2 CPU cores the large
+configs take minutes each (SiD2 IN512 UViT/2 the longest) and several GB of host memory.
+
+    python benchmarks/targets.py                      # every row, writes docs/TARGETS.md
+    python benchmarks/targets.py --only 'microdit'    # a subset (regex on the config argument)
+    python benchmarks/targets.py --out /tmp/t.md      # elsewhere
+
+Rows that fail to compile are kept in the table with the error, never dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (config argument, precision). COAT rows for every family that trains in bf16 (TerDiT's ternary
+# configs train their QAT layers instead; their _fp baselines get a COAT row).
+ROWS = [(f"configs/sid2_in{r}.py:{p}", prec) for r, ps in ((128, ("p1", "p2")), (256, ("p1", "p2")),
+                                                           (512, ("p2", "p4")))
+        for p in ps for prec in ("bf16", "coat")]
+ROWS += [(f"configs/microdit.py:{p}", prec)
+         for p in ("p1_256_masked", "p2_256_unmasked", "p3_512_masked", "p4_512")
+         for prec in ("bf16", "coat")]
+ROWS += [(f"configs/terdit.py:{v}", "bf16") for v in ("600M_256", "600M_512", "4.2B_256", "4.2B_512")]
+ROWS += [(f"configs/terdit.py:{v}_fp", "coat") for v in ("600M_256", "4.2B_256")]
+
+# Costs the papers report for their whole recipe, next to our estimate.
+PAPER = {"configs/microdit.py": "all four phases: 2.6 days on 8xH100, $1,890 (arXiv 2407.15811)"}
+
+
+def compile_row(config: str, precision: str, timeout: int) -> dict:
+  """The JSON report of one `--mode=compile` run, or {"error": ...}."""
+  cmd = [sys.executable, "launch/main.py", f"--config={config}", "--mode=compile"]
+  if precision != "bf16":
+    cmd.append(f"--config.precision={precision}")
+  t0 = time.time()
+  try:
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  except subprocess.TimeoutExpired:
+    return {"error": f"no result in {timeout} s"}
+  lines = proc.stdout.strip().splitlines()
+  try:
+    report = json.loads(lines[-1])
+  except (IndexError, ValueError):
+    err = [l for l in proc.stderr.splitlines() if l.strip()]
+    return {"error": (err[-1] if err else f"exit {proc.returncode}")[:300]}
+  report["compile_s"] = round(time.time() - t0)
+  return report
+
+
+def table(rows: list[tuple[str, str, dict]]) -> str:
+  head = ("| config | precision | target | devices | per-device GiB | capacity GiB | headroom | "
+          "TFLOP/step | step s @40% / @60% MFU | run days @40% / @60% | cost $ @40% / @60% | "
+          "f8 dots | compile s |\n|" + "---|" * 13)
+  out = [head]
+  for config, prec, r in rows:
+    if "error" in r:
+      out.append(f"| `{config}` | {prec} | | | | | | | | | | | error: {r['error']} |")
+      continue
+    e4, e6 = r["estimates"]["mfu_0.4"], r["estimates"]["mfu_0.6"]
+    fits = "" if r["fits"] else " (does NOT fit)"
+    out.append(
+        f"| `{config}` | {prec} | {r['target']} | {r['devices']} | {r['per_device_gib']:.2f}{fits} | "
+        f"{r['capacity_gib']:.2f} | {r['headroom']:.0%} | {r['flops_per_step'] / 1e12:.1f} | "
+        f"{e4['step_s']:.3g} / {e6['step_s']:.3g} | {e4['run_days']:.3g} / {e6['run_days']:.3g} | "
+        f"{e4['cost_usd']:,} / {e6['cost_usd']:,} | {r['f8_dots']} | {r.get('compile_s', '')} |")
+  return "\n".join(out)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--only", default="", help="regex on the config argument")
+  parser.add_argument("--out", default=os.path.join(ROOT, "docs", "TARGETS.md"))
+  parser.add_argument("--timeout", type=int, default=3600, help="seconds per row")
+  args = parser.parse_args()
+  rows = []
+  for config, prec in ROWS:
+    if not re.search(args.only, config):
+      continue
+    r = compile_row(config, prec, args.timeout)
+    rows.append((config, prec, r))
+    print(f"{config} {prec}: " + (r["error"] if "error" in r else
+                                   f"{r['per_device_gib']:.2f} / {r['capacity_gib']:.2f} GiB on "
+                                   f"{r['target']}, fits {r['fits']}"), flush=True)
+  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
+  notes = "\n".join(f"- `{k}`: {v}" for k, v in PAPER.items())
+  text = f"""# Paper configs on their declared hardware
+
+Generated by `python benchmarks/targets.py` on {datetime.date.today()} (commit {commit}), on a
+CPU-only machine: each row is `python launch/main.py --config=CONFIG --mode=compile`, which
+compiles the config's real train step (its global batch, mesh rules and gradient accumulation)
+for the target in `config.target` (common/compile_report.py). Per-device memory is XLA's compiled
+memory analysis (TPU: exact for that compiler; GPU: not autotuned, so close rather than exact);
+a config fits when it leaves at least 10% of the device memory free. FLOPs per optimizer step come
+from the TPU compiler, or for GPU targets from XLA's cost analysis of the same step on the CPU
+(Pallas kernels count zero). Step time = FLOPs / (devices x dense bf16 peak x MFU); cost at the
+on-demand prices in common/targets.py (assumptions: H100 $3.79/GPU-hour, MicroDiT's own figure;
+v5p $4.20/chip-hour).
+
+{table(rows)}
+
+Reported by the papers:
+{notes}
+"""
+  with open(args.out, "w", encoding="utf-8") as f:
+    f.write(text)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
