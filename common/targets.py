@@ -130,6 +130,9 @@ def _tpu_target(name: str, slices: int) -> Target:
                       f"two{' of TensorCores, 2 per chip' if gen.megacore else ' of chips'}).")
   shape = _torus(chips, gen.dims)
   bounds = (1, 1, 1) if chips == 1 else (2, 2, 1)
+  # libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) so that one process owns the TPU; a
+  # compile-only client owns none, and a second compiling process would be refused without this.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   try:
     topo = topologies.get_topology_desc(

@@ -62,6 +62,12 @@ ALLOWED = {
     # Config and sweep files are Python modules imported from this machine (ml_collections and
     # importlib need local files), like the code itself.
     ("launch/xm_launch.py", "os.path.isfile"): "the local config / sweep Python file exists",
+    # An error message names the source file and line of our code where an exception was raised.
+    ("launch/main.py", "os.path.relpath"): "our own source file in an error message",
+    # --mode=compile reads XLA's GPU spec out of the installed CUDA plugin's shared library.
+    ("common/targets.py", "glob.glob"): "the installed CUDA plugin's library in site-packages",
+    ("common/targets.py", "os.path.join"): "the installed CUDA plugin's library in site-packages",
+    ("common/targets.py", "open"): "mmap of the installed CUDA plugin's library",
 }
 
 

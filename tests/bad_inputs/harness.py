@@ -2,9 +2,9 @@
 
 A case writes its bad input into an empty directory and names the command that reads it (argv after
 the Python executable, run from the repository root). The child's exit status, stderr, peak resident
-memory (from `wait4`'s rusage) and wall time are recorded; `failures(case, result)` lists every way the
-run broke the rule "files from elsewhere never run code, never crash the process, never give a wrong
-answer silently":
+memory (`wait4` of the command, forked by the small `spawn.py`) and wall time are recorded;
+`failures(case, result, d)` lists every way the run broke the rule "files from elsewhere never run
+code, never crash the process, never give a wrong answer silently":
 
 * no signal ended it (a segfault is a failure whatever the exit status says);
 * it exited with the expected status, in time (a hang is killed and reported);
@@ -17,6 +17,7 @@ answer silently":
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
 import re
@@ -28,6 +29,7 @@ import time
 from typing import Callable
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+SPAWN = pathlib.Path(__file__).resolve().parent / "spawn.py"
 MARKER = "MARKER_CODE_RAN"
 PRISTINE_CONFIG = "configs/sid2_digits.py:runlocal"
 _LOGS = "_logs"
@@ -138,30 +140,30 @@ def run(case: Case, d: pathlib.Path, pristine: Pristine) -> Result:
   argv = [str(a) for a in case.build(d, pristine)]
   logs = d / _LOGS
   logs.mkdir(exist_ok=True)
+  result = logs / "result.json"
   t0 = time.monotonic()
   with open(logs / "stdout", "wb") as out, open(logs / "stderr", "wb") as err:
-    proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=child_env(), stdin=subprocess.DEVNULL,
-                            stdout=out, stderr=err, preexec_fn=case.preexec, start_new_session=True)
-    status = rusage = None
-    while True:
-      pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
-      if pid:
-        break
-      if time.monotonic() - t0 > case.timeout_s:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, _, rusage = os.wait4(proc.pid, 0)
-        status = None
-        break
-      time.sleep(0.05)
-    proc.returncode = 0  # reaped by wait4; keeps Popen from waiting again
+    # Through spawn.py: a child forked from this (large) process would report its high-water mark.
+    proc = subprocess.Popen([sys.executable, str(SPAWN), str(result), sys.executable, *argv],
+                            cwd=ROOT, env=child_env(), stdin=subprocess.DEVNULL, stdout=out,
+                            stderr=err, preexec_fn=case.preexec, start_new_session=True)
+    try:
+      proc.wait(timeout=case.timeout_s)
+    except subprocess.TimeoutExpired:
+      os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait()
   wall = time.monotonic() - t0
+  status, maxrss_kib = None, 0
+  if result.is_file():
+    measured = json.loads(result.read_text())
+    status, maxrss_kib = measured["status"], measured["maxrss_kib"]
   term_signal = os.WTERMSIG(status) if status is not None and os.WIFSIGNALED(status) else None
   returncode = None if status is None else (os.WEXITSTATUS(status) if os.WIFEXITED(status) else
                                             -term_signal)
   return Result(argv=argv, returncode=returncode, term_signal=term_signal,
                 stderr=(logs / "stderr").read_text(errors="replace"),
                 stdout=(logs / "stdout").read_text(errors="replace"),
-                max_rss_mib=rusage.ru_maxrss / 1024, wall_s=wall, marker=(d / MARKER).exists())
+                max_rss_mib=maxrss_kib / 1024, wall_s=wall, marker=(d / MARKER).exists())
 
 
 def failures(case: Case, r: Result, d: pathlib.Path) -> list[str]:
