@@ -22,9 +22,10 @@ The report (`compile_for_target`) holds:
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -63,19 +64,64 @@ def hlo_summary(hlo_text: str) -> dict[str, Any]:
   return {"custom_calls": dict(sorted(calls.items())), "dots": dots, "f8_dots": f8}
 
 
-def cpu_step_flops(config: ml_collections.ConfigDict, batch_size: int) -> float:
-  """FLOPs of the whole train step (global batch) from XLA's cost analysis of the step lowered,
-  not compiled, for one CPU device."""
+@dataclasses.dataclass
+class Step:
+  """One jitted step lowered for abstract inputs on a mesh.
+
+  Attributes:
+    lowered: the `jax.stages.Lowered` step.
+    inputs: {name: abstract tree} of its inputs by role ("params", "ema", "optimizer_state",
+      "batch"), for their per-device bytes.
+    runs: how many times a whole run executes it (train: `train.steps`; sampling: the batches of
+      `eval.num_samples` images).
+  """
+  lowered: Any
+  inputs: dict[str, Any]
+  runs: int
+
+
+def lower_train(config: ml_collections.ConfigDict, mesh, batch_size: int) -> Step:
+  """The train step `--mode=train` runs (`Experiment.train_step`), for the global batch."""
+  exp = Experiment(config, mesh)
+  with kernel_target.compiling_for(mesh):  # the lowering only: flax's abstract init reads the mesh
+    lowered, batch = memory.lower_train_step(exp, batch_size)
+  st = exp.abstract_state
+  return Step(lowered, {"params": st["params"], "ema": st["ema"],
+                        "optimizer_state": st["opt_state"], "batch": batch},
+              int(config.train.steps))
+
+
+def lower_sampling(config: ml_collections.ConfigDict, mesh, batch_size: int) -> Step:
+  """The deployed network's sampling call (`Experiment(deployed=True).generator()`: every step of
+  `config.sample`'s sampler on one batch of noise), for a batch of `batch_size` samples."""
+  exp = Experiment(config, mesh, deployed=True)
+  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        exp.abstract_params, exp.param_shardings)
+  x, cond = exp.example_inputs(batch_size)  # placed as the generator places them (in_shardings)
+  batch = {"x": x, "cond": cond}
+  with kernel_target.compiling_for(mesh):
+    lowered = exp.generator().lower(params, jax.random.key(0), batch)
+  n = int(config.eval.get("num_samples", 0) or config.sample.num_samples)
+  return Step(lowered, {"params": params, "batch": batch}, -(-n // batch_size))
+
+
+def cpu_flops(lower: Callable[..., Step], config: ml_collections.ConfigDict,
+              batch_size: int) -> float:
+  """FLOPs of a whole step (`lower_train` or `lower_sampling`, global batch) from XLA's cost
+  analysis of the step lowered, not compiled, for one CPU device."""
   c = config.copy_and_resolve_references()
   with c.unlocked():
     for axis in sharding.AXES:
       c.mesh[axis] = 1
   cpu = jax.local_devices(backend="cpu")[:1]
-  exp = Experiment(c, sharding.make_mesh(c.mesh, cpu))
-  lowered, _ = memory.lower_train_step(exp, batch_size)
-  cost = lowered.cost_analysis()
+  cost = lower(c, sharding.make_mesh(c.mesh, cpu), batch_size).lowered.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost["flops"])
+
+
+def cpu_step_flops(config: ml_collections.ConfigDict, batch_size: int) -> float:
+  """FLOPs of the whole train step (global batch), `cpu_flops` of `lower_train`."""
+  return cpu_flops(lower_train, config, batch_size)
 
 
 def _hbm_oom(e: Exception) -> tuple[int, int] | None:
@@ -87,36 +133,43 @@ def _hbm_oom(e: Exception) -> tuple[int, int] | None:
 
 
 def compile_for_target(config: ml_collections.ConfigDict, tgt: Target, *,
-                       batch_size: int | None = None, mfus: Sequence[float] = MFUS,
-                       headroom: float = HEADROOM) -> dict[str, Any]:
-  """Compiles `config`'s train step for `tgt` and reports (module docstring).
+                       sampling: bool = False, batch_size: int | None = None,
+                       mfus: Sequence[float] = MFUS, headroom: float = HEADROOM) -> dict[str, Any]:
+  """Compiles `config`'s train step (or, with `sampling`, its deployed sampling call) for `tgt`
+  and reports (module docstring).
 
   Returns:
-    A JSON-ready dict: "target", "devices", "device_kind", "global_batch", "per_device_gib",
-    "capacity_gib", "headroom", "fits", "memory" ({key: GiB}, common.memory.KEYS),
-    "flops_per_step", "flops_source", "custom_calls", "dots", "f8_dots", "estimates" (per MFU:
-    step seconds, run days, cost in USD), "advice" (what to change when it does not fit).
+    A JSON-ready dict: "target", "devices", "device_kind", "step" ("train" or "sampling"),
+    "global_batch", "per_device_gib", "capacity_gib", "headroom", "fits", "memory" ({key: GiB},
+    common.memory.KEYS), "flops_per_step", "flops_source", "custom_calls", "dots", "f8_dots",
+    "estimates" (per MFU: step seconds, run days, cost in USD; a sampling run draws
+    `eval.num_samples` images), "advice" (what to change when it does not fit).
   """
   mesh = sharding.make_mesh(config.mesh, tgt.devices)
-  exp = Experiment(config, mesh)
-  b = int(batch_size or config.train.batch_size)
+  lower = lower_sampling if sampling else lower_train
+  b = int(batch_size or (config.sample.batch_size if sampling else config.train.batch_size))
   report: dict[str, Any] = {"target": tgt.name, "devices": tgt.num_devices,
-                            "device_kind": tgt.device_kind, "global_batch": b,
+                            "device_kind": tgt.device_kind, "step": "sampling" if sampling else
+                            "train", "global_batch": b,
                             "capacity_gib": round(tgt.hbm_bytes / GiB, 2)}
   compiled = None
+  step = lower(config, mesh, b)
   with kernel_target.compiling_for(mesh):
-    lowered, batch = memory.lower_train_step(exp, b)
     try:
-      compiled = lowered.compile()
+      compiled = step.lowered.compile()
     except Exception as e:  # pylint: disable=broad-except
       oom = _hbm_oom(e)
       if oom is None:
         raise
-      inputs = memory.tree_shard_bytes(exp.abstract_state) + memory.tree_shard_bytes(batch)
-      mem = {"arguments": inputs, "temporaries": oom[0], "total": inputs + oom[0]}
+  mem = {k: memory.tree_shard_bytes(v) for k, v in step.inputs.items()}
   if compiled is not None:
-    mem = memory.step_memory(exp, compiled, batch)
-    mem = {k: v for k, v in mem.items() if k in memory.KEYS}
+    ma = memory.compiled_memory(compiled)
+    mem.update(arguments=int(ma.argument_size_in_bytes), outputs=int(ma.output_size_in_bytes),
+               aliased=int(ma.alias_size_in_bytes), temporaries=int(ma.temp_size_in_bytes))
+    mem["total"] = mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temporaries"]
+  else:  # the TPU compiler's own figures of what did not fit
+    mem.update(arguments=sum(mem.values()), temporaries=oom[0])
+    mem["total"] = mem["arguments"] + mem["temporaries"]
   per_device = mem["total"]
   report["memory"] = {k: round(v / GiB, 4) for k, v in mem.items()}
   report["per_device_gib"] = round(per_device / GiB, 4)
@@ -130,25 +183,24 @@ def compile_for_target(config: ml_collections.ConfigDict, tgt: Target, *,
     if cost and cost.get("flops"):
       flops = float(cost["flops"]) * tgt.num_devices  # the partitioned program is one device's
   if flops is None:
-    flops, source = cpu_step_flops(config, b), "cpu cost analysis"
+    flops, source = cpu_flops(lower, config, b), "cpu cost analysis"
   report["flops_per_step"] = flops
   report["flops_source"] = source
   report.update(hlo_summary(compiled.as_text()) if compiled is not None else
                 {"custom_calls": {}, "dots": 0, "f8_dots": 0})
-  steps = int(config.train.steps)
   report["estimates"] = {}
   for mfu in mfus:
     step_s = flops / (tgt.num_devices * tgt.peak_flops * mfu)
-    hours = steps * step_s / 3600
+    hours = step.runs * step_s / 3600
     report["estimates"][f"mfu_{mfu:g}"] = {
         "step_s": float(f"{step_s:.4g}"), "run_days": float(f"{hours / 24:.4g}"),
         "cost_usd": round(hours * tgt.num_devices * tgt.price_per_device_hour)}
-  report["advice"] = "" if report["fits"] else advice(config, tgt, mem, b, headroom)
+  report["advice"] = "" if report["fits"] else advice(config, tgt, mem, b, headroom, sampling)
   return report
 
 
 def advice(config: ml_collections.ConfigDict, tgt: Target, mem: dict[str, int], batch_size: int,
-           headroom: float = HEADROOM) -> str:
+           headroom: float = HEADROOM, sampling: bool = False) -> str:
   """One line: by how much the step misses the target's memory, and what would bring it in."""
   budget = (1 - headroom) * tgt.hbm_bytes
   short = mem["total"] - budget
@@ -158,7 +210,10 @@ def advice(config: ml_collections.ConfigDict, tgt: Target, mem: dict[str, int], 
                             if int(config.mesh.get(a, 1)) > 0) or 1
   per_device = batch_size // max(tgt.num_devices, 1)
   tips = []
-  if fixed < budget and mem["temporaries"] > 0:
+  if sampling and fixed < budget:
+    fit = int(batch_size * (budget - fixed) / max(mem["total"] - fixed, 1))
+    tips.append(f"sample.batch_size={max(fit, 1)} (now {batch_size})")
+  elif fixed < budget and mem["temporaries"] > 0:
     k = 2 ** math.ceil(math.log2(max(mem["temporaries"] / (budget - fixed), 1.0)))
     k *= accum
     if batch_size % k == 0:
@@ -166,7 +221,7 @@ def advice(config: ml_collections.ConfigDict, tgt: Target, mem: dict[str, int], 
                   "temporaries scale with the micro-batch)")
     tips.append(f"a per-device batch of about {max(per_device * budget // mem['total'], 1):.0f} "
                 f"(now {per_device})")
-  if not config.model.get("remat", True):
+  if not sampling and not config.model.get("remat", True):
     tips.append("model.remat=True (recompute block activations in the backward pass)")
   if fixed >= budget or int(config.mesh.get("fsdp", 1)) != -1:
     tips.append(f"mesh.fsdp=-1 (shard parameters and optimizer state over all "
@@ -179,7 +234,8 @@ def advice(config: ml_collections.ConfigDict, tgt: Target, mem: dict[str, int], 
 def report_lines(report: dict[str, Any]) -> list[str]:
   """The human-readable part of `--mode=compile`'s output (the JSON line follows it)."""
   m = report["memory"]
-  lines = [f"compiled the train step for {report['target']} ({report['devices']} x "
+  what = "train step" if report["step"] == "train" else "deployed sampling call"
+  lines = [f"compiled the {what} for {report['target']} ({report['devices']} x "
            f"{report['device_kind']}), global batch {report['global_batch']}:"]
   for k in memory.KEYS:
     if k in m:

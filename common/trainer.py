@@ -464,14 +464,15 @@ def summary(config: ml_collections.ConfigDict) -> str:
 
 
 def compile_for_target(config: ml_collections.ConfigDict, target: str | None, *,
-                       mfus=compile_report.MFUS) -> bool:
-  """`--mode=compile`: compiles the train step for `target` (default `config.target`), prints the
-  report and, last, its JSON line on stdout; when it does not fit, also one line on stderr saying
-  what to change. Returns whether it fits."""
+                       sampling: bool = False, mfus=compile_report.MFUS) -> bool:
+  """`--mode=compile`: compiles the train step (with `sampling`, the deployed sampling call) for
+  `target` (default `config.target`), prints the report and, last, its JSON line on stdout; when it
+  does not fit, also one line on stderr saying what to change. Returns whether it fits."""
   name = target or config.get("target", "")
   if not name:
     raise ConfigError("--mode=compile needs --target (e.g. v5p-8, 8xh100) or config.target.")
-  report = compile_report.compile_for_target(config, targets.parse_target(name), mfus=mfus)
+  report = compile_report.compile_for_target(config, targets.parse_target(name), sampling=sampling,
+                                             mfus=mfus)
   print("\n".join(compile_report.report_lines(report)), flush=True)
   if not report["fits"]:
     print(f"error: does not fit {report['target']}: {report['advice']}", file=sys.stderr, flush=True)

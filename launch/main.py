@@ -40,7 +40,8 @@ _MFU = flags.DEFINE_list("mfu", ["0.4", "0.6"], "compile: model FLOPs utilisatio
                          "estimate step time, run time and cost.")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "sample: an export folder (written by --mode=export) to sample from "
-    "instead of WORKDIR's newest checkpoint; samples go to DIR/samples unless --workdir is given.")
+    "instead of WORKDIR's newest checkpoint; samples go to DIR/samples unless --workdir is given. "
+    "compile: compile that export's deployed sampling call instead of the train step.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "sample/eval: number of images (default "
                                     "config.sample.num_samples / config.eval.num_samples).")
 _SAMPLER = flags.DEFINE_string("sampler", None, "sample: ddpm | ddim | heun (default config.sample.sampler).")
@@ -69,8 +70,8 @@ def _run(argv) -> None:
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   config = _CONFIG.value
   from common.errors import UserError  # pylint: disable=import-outside-toplevel
-  if _CHECKPOINT.value and _MODE.value != "sample":
-    raise app.UsageError("--checkpoint is for --mode=sample")
+  if _CHECKPOINT.value and _MODE.value not in ("sample", "compile"):
+    raise app.UsageError("--checkpoint is for --mode=sample and --mode=compile")
   if _TARGET.value and _MODE.value != "compile":
     raise app.UsageError("--target is for --mode=compile")
   # A config read from an export is data: the names in it resolve only to registered plug-ins.
@@ -135,7 +136,8 @@ def _dispatch(config) -> None:
     trainer.summary(config)
     return
   if _MODE.value == "compile":
-    if not trainer.compile_for_target(config, _TARGET.value, mfus=[float(m) for m in _MFU.value]):
+    if not trainer.compile_for_target(config, _TARGET.value, sampling=bool(_CHECKPOINT.value),
+                                      mfus=[float(m) for m in _MFU.value]):
       sys.exit(1)
     return
   if not _WORKDIR.value and not (_MODE.value == "sample" and _CHECKPOINT.value):

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from common.errors import ConfigError, ShapeError
 from kernels import target
@@ -111,4 +112,25 @@ class PackedTernaryDense(nnx.Module):
     dtype = self.dtype or x.dtype
     params = {"packed": self.codes[...], "alpha": self.alpha[...],
               "bias": None if self.bias is None else self.bias[...]}
-    return ternary.packed_dense(params, x.astype(dtype), **self.matmul_kwargs())
+    kwargs = self.matmul_kwargs()
+    mesh = jax.sharding.get_abstract_mesh()
+    if kwargs["impl"] == "pallas" and not kwargs.get("interpret") and mesh.size > 1:
+      # XLA cannot partition a Mosaic or Triton kernel: each device runs it on its rows of the
+      # batch, with the (small, packed) weights replicated.
+      rows = _batch_spec(mesh, x.shape[0])
+      return jax.shard_map(
+          lambda p, v: ternary.packed_dense(p, v, **kwargs), mesh=mesh, in_specs=(P(), rows),
+          out_specs=rows, check_vma=False)(params, x.astype(dtype))
+    return ternary.packed_dense(params, x.astype(dtype), **kwargs)
+
+
+def _batch_spec(mesh: jax.sharding.AbstractMesh, batch: int) -> P:
+  """The leading axis over the mesh's axes (in order, those of size > 1) while their product divides
+  `batch`; P() (replicated) when none does."""
+  axes, size = [], 1
+  for name in mesh.axis_names:
+    n = mesh.shape[name]
+    if n > 1 and batch % (size * n) == 0:
+      axes.append(name)
+      size *= n
+  return P(tuple(axes)) if axes else P()

@@ -202,3 +202,18 @@ def test_every_paper_config_declares_a_target_it_can_be_compiled_for():
   for config, _ in targets_table.ROWS:
     t = targets.parse_target(load_config(config).target)
     assert t.num_devices >= 1, config
+
+
+@pytest.mark.parametrize("name,call", [("v5p-8", "tpu_custom_call"),
+                                       ("8xh100", "__gpu$xla.gpu.triton")])
+def test_deployed_ternary_sampling_compiles_with_the_packed_kernel_for(name, call):
+  """`--mode=compile --checkpoint=EXPORT` compiles the deployed network's sampling call: TerDiT's
+  packed ternary layers run the target's Pallas kernel (Mosaic on a TPU, Triton on H100s), not
+  interpret mode, on every device's rows of the batch (XLA cannot partition a Pallas kernel: the
+  layer runs it under shard_map), and the report says how long sampling `eval.num_samples` takes."""
+  config = terdit_config.get_config("runlocal")
+  r = compile_report.compile_for_target(config, targets.parse_target(name), sampling=True)
+  assert r["step"] == "sampling" and r["fits"] and r["flops_per_step"] > 0
+  assert r["custom_calls"].get(call, 0) >= 1, r["custom_calls"]
+  assert "optimizer_state" not in r["memory"] and r["memory"]["params"] > 0
+  assert r["estimates"]["mfu_0.4"]["run_days"] > 0
