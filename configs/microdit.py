@@ -59,6 +59,10 @@ def _phase(c: ml_collections.ConfigDict, phase: str) -> None:
   c.optim.b1, c.optim.b2, c.optim.eps, c.optim.weight_decay = 0.9, 0.999, 1e-8, 0.1
   c.optim.lr_multipliers = ((MOE_PARAMS, 0.5),)
   c.train.batch_size = 2048
+  # The official YAMLs' device_train_microbatch_size on 8 GPUs (256, 64, 32, 16 by phase) as
+  # micro-batches of the global batch: 2048 / (8 x microbatch).
+  c.train.grad_accum_steps = {"p1_256_masked": 1, "p2_256_unmasked": 4, "p3_512_masked": 8,
+                              "p4_512": 16}[phase]
   c.train.ema_start_step = 0
   c.init_from = _init_from()
   if phase.startswith("p1") or phase.startswith("p2"):
@@ -158,6 +162,7 @@ def _fashion(c: ml_collections.ConfigDict, args: set[str]) -> None:
   c.init_from = _init_from()
   c.train.steps = 1500
   c.train.batch_size = 32
+  c.train.grad_accum_steps = 1
   c.train.log_every = 100
   c.train.checkpoint_every = 500
   c.train.sample_every = 500

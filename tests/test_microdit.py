@@ -163,3 +163,10 @@ def test_configs_load():
   assert re.fullmatch(rx, "blocks/1/mlp/expert_w1/kernel")
   assert re.fullmatch(rx, "patch_mixer/3/mlp/gate/kernel")
   assert not re.fullmatch(rx, "blocks/0/mlp/w1/kernel")
+  # The official YAMLs' per-GPU micro-batches on 8 H100s, at the global batch 2048.
+  for phase, micro in (("p1_256_masked", 256), ("p2_256_unmasked", 64), ("p3_512_masked", 32),
+                       ("p4_512", 16)):
+    c = cfg.get_config(phase)
+    assert (c.train.batch_size, c.train.batch_size // c.train.grad_accum_steps // 8,
+            c.target) == (2048, micro, "8xh100"), phase
+  assert cfg.get_config("p4_512,runlocal").train.grad_accum_steps == 1
