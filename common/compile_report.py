@@ -2,9 +2,10 @@
 say whether it fits, what it costs and what the compiler made of it.
 
 The step is the one `--mode=train` runs (`Experiment.train_step`, the config's mesh rules, its
-global batch and `train.grad_accum_steps`), lowered for abstract inputs sharded over the target's
-devices (`common.targets`) inside `kernels.target.compiling_for(mesh)`, so every kernel choice is
-the target's. Nothing is allocated and no data is read.
+global batch and `train.grad_accum_steps`; `lower_train`) or, for an export, the deployed network's
+sampling call (`lower_sampling`), lowered for abstract inputs sharded over the target's devices
+(`common.targets`) inside `kernels.target.compiling_for(mesh)`, so every kernel choice is the
+target's. Nothing is allocated and no data is read.
 
 The report (`compile_for_target`) holds:
 
@@ -32,7 +33,6 @@ import ml_collections
 
 from common import memory, sharding
 from common.experiment import Experiment
-from common.errors import ConfigError
 from common.targets import GiB, Target
 from kernels import target as kernel_target
 

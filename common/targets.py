@@ -28,7 +28,6 @@ import os
 import re
 from typing import Any
 
-import jax
 
 from common.errors import ConfigError
 
