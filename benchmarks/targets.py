@@ -11,7 +11,8 @@ configs take minutes each (SiD2 IN512 UViT/2 the longest) and several GB of host
     python benchmarks/targets.py --only 'microdit'    # a subset (regex on the config argument)
     python benchmarks/targets.py --out /tmp/t.md      # elsewhere
 
-Rows that fail to compile are kept in the table with the error, never dropped.
+A run replaces the rows it compiles and keeps the other rows of the existing table (so `--only`
+runs add up; `--fresh` drops them). Rows that fail to compile are kept with the error, never dropped.
 """
 
 from __future__ import annotations
@@ -38,8 +39,21 @@ ROWS = [(c, "bf16") for c in CONFIGS]
 ROWS += [(c, "coat") for c in CONFIGS if "terdit" not in c]
 ROWS += [(f"configs/terdit.py:{v}_fp", "coat") for v in ("600M_256", "4.2B_256")]
 
-# Costs the papers report for their whole recipe, next to our estimate.
-PAPER = {"configs/microdit.py": "all four phases: 2.6 days on 8xH100, $1,890 (arXiv 2407.15811)"}
+# Costs the papers report for their whole recipe, next to our estimate; PAPER_DAYS: the reported
+# days of the whole recipe (all rows of that config file in bf16), for the MFU they imply.
+PAPER_DAYS = {"configs/microdit.py": 2.6}
+PAPER = {"configs/microdit.py": "all four phases: 2.6 days on 8xH100, $1,890 (arXiv 2407.15811)",
+         "configs/terdit.py": "600M: 1750K iterations at batch 256 on 8 A100-80G; 4.2B: 1180K at "
+                              "batch 512 on 16 A100-80G; no time or cost (arXiv 2405.14854)"}
+
+# What the configs needed to fit, stated once here so that every regeneration keeps it.
+CHANGES = """Two recipes needed changes to fit, neither shrinking the global batch: TerDiT-4.2B shards its
+parameters, EMA and AdamW state over the 8 GPUs (`mesh.fsdp=-1`; replicated they are 67 GB) and
+accumulates 2 (256 px) or 8 (512 px) micro-batches (without accumulation 4.2B_256 needed 85.6 GiB
+per H100, 158 GiB without fsdp); MicroDiT's phases take the official per-GPU micro-batches (256, 64,
+32, 16) as gradient accumulation."""
+
+ROW = re.compile(r"^\| `(?P<config>[^`]+)` \| (?P<prec>\w+) \|")
 
 
 def compile_row(config: str, precision: str, timeout: int) -> dict:
@@ -82,17 +96,56 @@ def table(rows: list[tuple[str, str, dict]]) -> str:
   return "\n".join(out)
 
 
-def write(out: str, rows: list[tuple[str, str, dict]]) -> None:
-  """Writes docs/TARGETS.md with the rows measured so far."""
+def read_rows(path: str) -> dict[tuple[str, str], str]:
+  """The table lines of an existing TARGETS.md by (config, precision); {} when there is none."""
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    return {(m["config"], m["prec"]): line.rstrip("\n") for line in f if (m := ROW.match(line))}
+
+
+def summary(lines: list[str]) -> str:
+  """One sentence on how many rows fit, from the table lines themselves."""
+  failed = [l for l in lines if "error:" in l]
+  too_big = [l for l in lines if "does NOT fit" in l]
+  fit = len(lines) - len(failed) - len(too_big)
+  head = [ROW.match(l) for l in too_big + failed]
+  names = ", ".join(f"`{m['config']}` ({m['prec']})" for m in head)
+  return (f"{fit} of {len(lines)} compiled rows fit their target with at least 10% of the device "
+          "memory free" + (f"; not fitting or failing: {names}." if names else "."))
+
+
+def recipe_total(config_file: str, lines: list[str]) -> str:
+  """Our whole-recipe days and cost of a config file's bf16 rows, against the paper's days."""
+  cells = [[c.strip() for c in l.split("|")] for l in lines
+           if l.startswith(f"| `{config_file}:") and "| bf16 |" in l and "error:" not in l]
+  if not cells or config_file not in PAPER_DAYS:
+    return ""
+  days = [sum(float(c[10].split("/")[i]) for c in cells) for i in (0, 1)]
+  cost = [sum(float(c[11].split("/")[i].replace(",", "")) for c in cells) for i in (0, 1)]
+  implied = 0.4 * days[0] / PAPER_DAYS[config_file]
+  return (f" Our {len(cells)} rows add up to {days[0]:.3g} days (${cost[0]:,.0f}) at 40% MFU and "
+          f"{days[1]:.3g} days (${cost[1]:,.0f}) at 60% (XLA's FLOP count of each train step): "
+          f"the paper's {PAPER_DAYS[config_file]} days correspond to about {implied:.0%} MFU by "
+          "this count.")
+
+
+def write(out: str, rows: list[tuple[str, str, dict]], kept: dict[tuple[str, str], str]) -> None:
+  """Writes docs/TARGETS.md: the rows measured in this run, and `kept` rows of an earlier run."""
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                           text=True).stdout.strip()
-  notes = "\n".join(f"- `{k}`: {v}" for k, v in PAPER.items())
-  missing = [f"`{c}` ({p})" for c, p in ROWS if (c, p) not in {(r[0], r[1]) for r in rows}]
-  todo = ("\n\nNot compiled in this run: " + ", ".join(missing) + ".") if missing else ""
+  fresh = {(c, p): line for (c, p, _), line in zip(rows, table(rows).splitlines()[2:])}
+  lines = [fresh.get(key) or kept[key] for key in ROWS if key in fresh or key in kept]
+  lines += [l for key, l in kept.items() if key not in ROWS and key not in fresh]
+  missing = [f"`{c}` ({p})" for c, p in ROWS if (c, p) not in fresh and (c, p) not in kept]
+  todo = ("\n\nNot compiled yet (`python benchmarks/targets.py --only REGEX` compiles them): "
+          + ", ".join(missing) + ".") if missing else ""
+  header = "\n".join(table([]).splitlines()[:2])
+  notes = "\n".join(f"- `{k}`: {v}.{recipe_total(k, lines)}" for k, v in PAPER.items())
   text = f"""# Paper configs on their declared hardware
 
-Generated by `python benchmarks/targets.py` on {datetime.date.today()} (commit {commit}), on a
-CPU-only machine: each row is `python launch/main.py --config=CONFIG --mode=compile`, which
+Generated by `python benchmarks/targets.py`, last run on {datetime.date.today()} (commit {commit}), on a
+CPU-only machine (2 cores; the compile s column is that machine's wall time): each row is `python launch/main.py --config=CONFIG --mode=compile`, which
 compiles the config's real train step (its global batch, mesh rules and gradient accumulation)
 for the target in `config.target` (common/compile_report.py). Per-device memory is XLA's compiled
 memory analysis (TPU: exact for that compiler; GPU: not autotuned, so close rather than exact);
@@ -102,7 +155,10 @@ from the TPU compiler, or for GPU targets from XLA's cost analysis of the same s
 on-demand prices in common/targets.py (assumptions: H100 $3.79/GPU-hour, MicroDiT's own figure;
 v5p $4.20/chip-hour).
 
-{table(rows)}{todo}
+{header}
+{chr(10).join(lines)}{todo}
+
+{summary(lines)} {CHANGES}
 
 Reported by the papers:
 {notes}
@@ -116,17 +172,21 @@ def main() -> None:
   parser.add_argument("--only", default="", help="regex on the config argument")
   parser.add_argument("--out", default=os.path.join(ROOT, "docs", "TARGETS.md"))
   parser.add_argument("--timeout", type=int, default=3600, help="seconds per row")
+  parser.add_argument("--precision", default="", help="regex on the precision (bf16, coat)")
+  parser.add_argument("--fresh", action="store_true", help="drop the rows of the existing table")
   args = parser.parse_args()
+  kept = {} if args.fresh else read_rows(args.out)
   rows = []
   for config, prec in ROWS:
-    if not re.search(args.only, config):
+    if not (re.search(args.only, config) and re.search(args.precision, prec)):
       continue
     r = compile_row(config, prec, args.timeout)
     rows.append((config, prec, r))
     print(f"{config} {prec}: " + (r["error"] if "error" in r else
                                    f"{r['per_device_gib']:.2f} / {r['capacity_gib']:.2f} GiB on "
                                    f"{r['target']}, fits {r['fits']}"), flush=True)
-    write(args.out, rows)  # after every row: a long run keeps what it has measured
+    write(args.out, rows, kept)  # after every row: a long run keeps what it has measured
+  write(args.out, rows, kept)
   print(f"wrote {args.out}")
 
 

@@ -24,9 +24,11 @@ variance trained with the hybrid loss L_simple + 0.001 L_vlb (Nichol & Dhariwal,
 Sec. 3.1), class-dropout 0.1 for classifier-free guidance, sampled with 250 respaced DDPM steps.
 Optimiser of Large-DiT's trainer (Alpha-VLLM/LLaMA2-Accessory, Large-DiT-ImageNet/train.py): AdamW
 betas (0.9, 0.999), weight decay 0, gradient clipping 2.0, EMA 0.9999 over all parameters; TerDiT's
-learning rate 5e-4 then 1e-4. The switch step is not published: ours at 80% of the run. Training
-lengths from TerDiT's table (images seen at batch 512): 600M 448 M images (875 k steps), 4.2B-256
-604 M (1.18 M steps), 4.2B-512 696 M (1.36 M steps).
+learning rate 5e-4 then 1e-4. Schedule of TerDiT's experiment settings (arXiv 2405.14854):
+600M trains 1750K iterations at batch 256 (8 A100-80G) and drops the learning
+rate after 1550K; 4.2B trains 1180K iterations at batch 512 (16 A100-80G) and drops it after 550K.
+4.2B-512 has no published length: 1.36M steps at batch 512 (696 M images, TerDiT's result table);
+600M_512 (not released) takes 600M's schedule.
 
 Data: latents of the SD VAE (sd-vae-ft-ema; scale 0.18215) written by launch/precompute.py at
 `LATENTS[size]`; the VAE itself (a local diffusers folder) at `AUTOENCODER`. Override with
@@ -40,9 +42,12 @@ from configs.base import base_config, parse_arg
 
 # (dim, depth, heads) of official models.py: DiT_Llama_600M_patch2, DiT_Llama_3B_patch2 (TerDiT-4.2B).
 SHAPES = {"600M": (1536, 16, 32), "4.2B": (3072, 32, 32)}
-# Steps at batch 512 (images seen in TerDiT's result table / 512); 600M_512 as 600M_256.
-STEPS = {"600M_256": 875_000, "600M_512": 875_000, "4.2B_256": 1_180_000, "4.2B_512": 1_360_000}
-VARIANTS = tuple(STEPS)
+# (optimizer steps, global batch, step of the 5e-4 -> 1e-4 switch) per variant: TerDiT's
+# experiment settings (arXiv 2405.14854); 4.2B_512's length from its result table (696 M images
+# at batch 512); 600M_512 (not released) as 600M_256.
+SCHEDULES = {"600M_256": (1_750_000, 256, 1_550_000), "600M_512": (1_750_000, 256, 1_550_000),
+             "4.2B_256": (1_180_000, 512, 550_000), "4.2B_512": (1_360_000, 512, 550_000)}
+VARIANTS = tuple(SCHEDULES)
 # The hardware each size is compiled for by `--mode=compile` (docs/TARGETS.md), and how the 4.2B
 # model fits it at the paper's global batch: parameters, EMA and AdamW state sharded over all 8
 # GPUs (fsdp; 67 GB replicated) and micro-batches per optimizer step by resolution (XLA's memory
@@ -75,7 +80,7 @@ def _diffusion() -> ml_collections.ConfigDict:
   return d
 
 
-def _optim(c: ml_collections.ConfigDict, lr: float, lr_after: float, steps: int) -> None:
+def _optim(c: ml_collections.ConfigDict, lr: float, lr_after: float, switch: int) -> None:
   c.optim.name = "adamw"
   c.optim.learning_rate = lr
   c.optim.b1 = 0.9
@@ -85,7 +90,7 @@ def _optim(c: ml_collections.ConfigDict, lr: float, lr_after: float, steps: int)
   c.optim.warmup_steps = 0
   c.optim.clip_norm = 2.0
   c.optim.schedule = "step"            # learning_rate, then lr_after_switch from lr_switch_step
-  c.optim.lr_switch_step = int(0.8 * steps)
+  c.optim.lr_switch_step = switch
   c.optim.lr_after_switch = lr_after
 
 
@@ -108,9 +113,9 @@ def _imagenet(c: ml_collections.ConfigDict, variant: str) -> None:
   c.data.name = "latents"
   c.data.path = LATENTS[res]
 
-  steps = STEPS[variant]
+  steps, batch, switch = SCHEDULES[variant]
   c.train.steps = steps
-  c.train.batch_size = 512
+  c.train.batch_size = batch
   if size_name == "4.2B":
     c.mesh.data, c.mesh.fsdp = 1, -1
     c.train.grad_accum_steps = GRAD_ACCUM_4B[res]
@@ -118,7 +123,7 @@ def _imagenet(c: ml_collections.ConfigDict, variant: str) -> None:
   c.train.log_every = 100
   c.train.checkpoint_every = 5_000
   c.train.sample_every = 50_000
-  _optim(c, 5e-4, 1e-4, steps)
+  _optim(c, 5e-4, 1e-4, switch)
 
   c.sample.sampler = "ddpm"
   c.sample.num_steps = 250             # respaced DDPM steps (DiT / TerDiT sample.py)
@@ -154,7 +159,7 @@ def _digits(c: ml_collections.ConfigDict, tiny: bool) -> None:
   c.train.num_grid_samples = 20 if tiny else 100
   c.train.ema_decay = 0.999
   c.train.ema_warmup = True
-  _optim(c, 1e-3, 2e-4, steps)         # a short run: TerDiT's 5:1 switch, from a higher lr
+  _optim(c, 1e-3, 2e-4, int(0.8 * steps))  # a short run: TerDiT's 5:1 switch, from a higher lr
 
   c.sample.sampler = "ddpm"
   c.sample.num_steps = 8 if tiny else 100

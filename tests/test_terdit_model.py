@@ -239,6 +239,11 @@ def test_config_variants():
   assert c.optim.lr_after_switch == 1e-4 and c.optim.clip_norm == 2.0
   assert c.train.ema_decay == 0.9999 and c.optim.weight_decay == 0.0
   assert terdit_config.get_config("600M_512").model.image_size == 64
+  # TerDiT's published schedule: (iterations, batch, step of the 5e-4 -> 1e-4 switch).
+  for variant, schedule in (("600M_256", (1_750_000, 256, 1_550_000)),
+                            ("4.2B_256", (1_180_000, 512, 550_000))):
+    c = terdit_config.get_config(variant)
+    assert (c.train.steps, c.train.batch_size, c.optim.lr_switch_step) == schedule
   assert terdit_config.get_config("digits,no_adaln_norm").model.adaln_norm is False
   assert terdit_config.get_config("digits,alpha_gamma").numerics.rules[0][2] == {
       "alpha_init": "gamma"}
