@@ -3,6 +3,7 @@ and optimizer reaches MicroDiT's and TerDiT's full-precision networks, with no f
 the trainer (SiD2: tests/test_coat_activations.py)."""
 
 import os
+import re
 import sys
 
 import jax
@@ -36,10 +37,12 @@ def test_coat_rules_reach_the_family(spec):
   fp8 = [p for p, m in nnx.iter_graph(exp.abstract_model) if isinstance(m, linear.FP8Dense)]
   saved = [p for p, m in nnx.iter_graph(exp.abstract_model)
            if isinstance(getattr(m, "residuals", None), activations.FP8Residuals)]
-  assert fp8 and all(any(k in p for k in ("attn", "mlp", "ffn")) for p in fp8), fp8
-  # every norm and activation outside attention, the MLP's gated product included
-  acts = [p for p, m in nnx.iter_graph(exp.abstract_model) if isinstance(m, layers.Activation)]
-  assert any("mlp" in p or "ffn" in p for p in acts) and set(acts) <= set(saved), (acts, saved)
+  assert fp8 and all(any(k in p for k in ("attn", "cross_attn", "mlp", "ffn")) for p in fp8), fp8
+  # every activation of the blocks' MLPs, the gated product included (every layer's numerics by
+  # role: tests/test_precision_coverage.py)
+  acts = [p for p, m in nnx.iter_graph(exp.abstract_model)
+          if isinstance(m, layers.Activation) and re.search(r"\d+/mlp/", "/".join(map(str, p)))]
+  assert acts and set(acts) <= set(saved), (acts, saved)
   # a mixture of experts' per-expert maps too (MicroDiT): no high-precision ExpertDense is left
   assert not [p for p, m in nnx.iter_graph(exp.abstract_model)
               if isinstance(m, layers.ExpertDense)]
