@@ -1,6 +1,6 @@
 """Quality of our Fashion-MNIST autoencoder, trained by a plain jitted loop from its config.
 
-    python benchmarks/autoencoder_fashion.py [--config_arg=] [--steps=N] [--eval=10000]
+    python benchmarks/study_autoencoder_fashion.py [--config_arg=] [--steps=N] [--eval=10000]
 
 Trains `configs/autoencoder_fashion.py` (its model, recipe, optimizer, EMA, batch size and steps; no
 checkpoints), then reports on the test split, through the EMA weights and the posterior mean:

@@ -1,8 +1,8 @@
-"""What the benchmark studies share: train one arm of a study, sample it, judge it, read its losses.
+"""What the study_*.py scripts share: train an arm of a study, sample it, judge it, read its losses.
 
-A study (benchmarks/coat_quality.py, microdit_masking.py, terdit_study.py) trains several variants
-of one config ("arms") at the same seed and number of steps, each in WORKDIR/<arm>, and compares
-them. Training resumes a run that the workdir already holds, and sampling is skipped when the
+A study (benchmarks/study_coat_quality.py, study_microdit_masking.py, study_terdit.py) trains
+several variants of one config ("arms") at the same seed and number of steps, each in WORKDIR/<arm>,
+through the project's trainer, and compares them. Training resumes a run that the workdir already holds, and sampling is skipped when the
 samples are newer than the run, so an interrupted study picks up where it stopped.
 """
 
@@ -22,9 +22,8 @@ import numpy as np  # noqa: E402
 from common import sharding, trainer  # noqa: E402
 from common.data import make_train_iterator  # noqa: E402
 from common.experiment import Experiment  # noqa: E402
-import digits_sample_quality  # noqa: E402
-import fashion_classifier  # noqa: E402
-from t2i_fashion_quality import prompt_labels  # noqa: E402
+import judge_digits  # noqa: E402  (benchmarks/judge_digits.py)
+import judge_fashion  # noqa: E402  (benchmarks/judge_fashion.py)
 
 
 def train_and_sample(config, workdir: str) -> dict:
@@ -96,12 +95,12 @@ def sample_quality(config, samples_path: str, eval_dir: str, fid_n: int) -> dict
   {"accuracy", "fid", "fid_floor", "per_class"} (FIDs None when fid_n is 0)."""
   data = np.load(samples_path)
   if config.data.name == "digits":
-    r = digits_sample_quality.evaluate(samples_path, fid_n)
+    r = judge_digits.evaluate(samples_path, fid_n)
     return {"accuracy": r["accuracy"], "fid": r.get("fid_samples"),
             "fid_floor": r.get("fid_heldout_real"), "per_class": list(r["per_class"].values())}
   if config.eval.get("reference_data", {}).get("name") == "fashion_mnist":
-    labels = prompt_labels(data["prompts"]) if "prompts" in data else data["labels"]
-    r = fashion_classifier.score_samples(data["images"], labels, eval_dir, fid_n=fid_n)
+    labels = judge_fashion.prompt_labels(data["prompts"]) if "prompts" in data else data["labels"]
+    r = judge_fashion.score_samples(data["images"], labels, eval_dir, fid_n=fid_n)
     return {"accuracy": r["accuracy"], "fid": r.get("fid"), "fid_floor": r.get("fid_floor"),
             "per_class": list(r["per_class"]),
             "confusion": np.asarray(r["confusion"]).tolist()}
