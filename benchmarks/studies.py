@@ -2,7 +2,8 @@
 
 A study (benchmarks/study_coat_quality.py, study_microdit_masking.py, study_terdit.py) trains
 several variants of one config ("arms") at the same seed and number of steps, each in WORKDIR/<arm>,
-through the project's trainer, and compares them. Training resumes a run that the workdir already holds, and sampling is skipped when the
+through the project's trainer, and compares them (study_autoencoder_fashion.py trains one config the
+same way). Training resumes a run that the workdir already holds, and sampling is skipped when the
 samples are newer than the run, so an interrupted study picks up where it stopped.
 """
 
@@ -26,14 +27,21 @@ import judge_digits  # noqa: E402  (benchmarks/judge_digits.py)
 import judge_fashion  # noqa: E402  (benchmarks/judge_fashion.py)
 
 
-def train_and_sample(config, workdir: str) -> dict:
-  """Trains `config` in `workdir` (resuming), then samples its EMA weights unless WORKDIR/samples/
-  samples.npz is newer than the run. Returns {"samples": path, "train_call_s": seconds}."""
+def train(config, workdir: str) -> float:
+  """Trains `config` in `workdir` with the project's trainer (resuming a run the workdir holds);
+  returns the seconds of the call. A run stopped before its last step ends the study."""
   t0 = time.perf_counter()
   result = trainer.train(config, workdir)
-  train_s = time.perf_counter() - t0
   if result["stopped_by"] is not None:
-    raise SystemExit(f"{workdir}: training stopped at step {result['step']} ({result['stopped_by']})")
+    raise SystemExit(f"{workdir}: training stopped at step {result['step']} "
+                     f"({result['stopped_by']})")
+  return time.perf_counter() - t0
+
+
+def train_and_sample(config, workdir: str) -> dict:
+  """Trains `config` in `workdir` (`train`), then samples its EMA weights unless WORKDIR/samples/
+  samples.npz is newer than the run. Returns {"samples": path, "train_call_s": seconds}."""
+  train_s = train(config, workdir)
   path = os.path.join(workdir, "samples", "samples.npz")
   if not os.path.exists(path) or os.path.getmtime(path) < os.path.getmtime(
       os.path.join(workdir, "metrics.jsonl")):

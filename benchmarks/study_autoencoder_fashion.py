@@ -1,89 +1,41 @@
-"""Quality of our Fashion-MNIST autoencoder, trained by a plain jitted loop from its config.
+"""Quality of our Fashion-MNIST autoencoder, trained by the project's trainer from its config.
 
-    python benchmarks/study_autoencoder_fashion.py [--config_arg=] [--steps=N] [--eval=10000]
+    python benchmarks/study_autoencoder_fashion.py [--workdir workdirs/autoencoder_fashion]
+        [--config_arg=] [--set key=value ...] [--steps=N] [--eval=10000]
 
-Trains `configs/autoencoder_fashion.py` (its model, recipe, optimizer, EMA, batch size and steps; no
-checkpoints), then reports on the test split, through the EMA weights and the posterior mean:
+Trains `configs/autoencoder_fashion.py` with `common.trainer.train`, as `launch/main.py
+--mode=train` does (a run the workdir holds is resumed; a finished one is only evaluated, so
+`--workdir=workdirs/ae_fashion` scores the autoencoder that `make fashion-latents` trained), then
+reports on the test split, through the newest checkpoint's EMA weights and the posterior mean:
 reconstruction MSE and PSNR (pixels in [0, 1]), and the accuracy of a Fashion-MNIST classifier
-(scikit-learn logistic regression on pixels, trained on 10k training images) on the real test images
-and on their reconstructions. The training loop calls the recipe exactly as the trainer does
-(`recipe.loss(model, batch, key)`), so the figures hold for `launch/main.py` runs of the same config.
+(scikit-learn logistic regression on pixels, trained on 10k training images) on the real test
+images and on their reconstructions.
 """
 
 import argparse
-import importlib
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from flax import nnx  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
+from common import sharding, trainer  # noqa: E402
 from common.data.sources import FASHION_MNIST_DEFAULT_DIR, load_fashion_mnist  # noqa: E402
-from common.ema import ema_update  # noqa: E402
-from common.experiment import build_model  # noqa: E402
-from common.optim import make_optimizer  # noqa: E402
+from common.experiment import Experiment  # noqa: E402
 from configs import autoencoder_fashion  # noqa: E402
-
-
-def make_recipe(cfg):
-  module, cls = cfg.name.rsplit(".", 1)
-  kwargs = {k: v for k, v in cfg.to_dict().items() if k != "name"}
-  return getattr(importlib.import_module(module), cls)(**kwargs)
-
-
-def train(config, steps: int, log_every: int = 100):
-  """Returns (graphdef, ema params, seconds, steps/s)."""
-  images, _ = load_fashion_mnist(config.data.get("path", None) or FASHION_MNIST_DEFAULT_DIR, "train")
-  x_all = images.astype(np.float32) / 127.5 - 1.0
-  model = build_model(config.model, jax.random.key(config.seed))
-  graphdef, params = nnx.split(model, nnx.Param)
-  params = nnx.to_pure_dict(params)
-  recipe = make_recipe(config.diffusion)
-  tx = make_optimizer(config.optim, steps)
-  opt_state = tx.init(params)
-  tc = config.train
-
-  def loss_fn(p, x, key):
-    per_example, metrics = recipe.loss(nnx.merge(graphdef, p), {"x": x, "cond": {}}, key)
-    return per_example.mean(), metrics
-
-  @jax.jit
-  def step_fn(p, o, ema, x, step, key):
-    (loss, metrics), g = jax.value_and_grad(loss_fn, has_aux=True)(p, x, key)
-    upd, o = tx.update(g, o, p)
-    p = optax.apply_updates(p, upd)
-    ema = ema_update(ema, p, step + 1, decay=float(tc.ema_decay), warmup=bool(tc.ema_warmup))
-    return p, o, ema, dict(metrics, loss=loss)
-
-  rng = np.random.default_rng(config.seed)
-  ema = params
-  bs = int(tc.batch_size)
-  t0 = None
-  for step in range(steps):
-    idx = rng.integers(0, x_all.shape[0], bs)
-    x = x_all[idx]
-    if config.data.get("random_flip", False):
-      flip = rng.random(bs) < 0.5
-      x = np.where(flip[:, None, None, None], x[:, :, ::-1], x)
-    params, opt_state, ema, m = step_fn(params, opt_state, ema, x, step,
-                                        jax.random.fold_in(jax.random.key(1), step))
-    if step == 0:
-      jax.block_until_ready(m)
-      t0 = time.perf_counter()
-    if (step + 1) % log_every == 0 or step + 1 == steps:
-      print(f"step {step + 1}: " + ", ".join(f"{k} {float(v):.4g}" for k, v in m.items()), flush=True)
-  jax.block_until_ready(ema)
-  secs = time.perf_counter() - t0
-  return graphdef, ema, secs, (steps - 1) / secs
+from configs.base import override  # noqa: E402
+import studies  # noqa: E402  (benchmarks/studies.py)
 
 
 def evaluate(config, graphdef, ema, n_eval: int) -> dict:
+  """Test-set figures of the autoencoder `nnx.merge(graphdef, ema)` on the first `n_eval` images:
+  {"mse", "psnr_db", "psnr_db_mean_per_image", "acc_real", "acc_recon", "latent_mean",
+  "latent_std", "posterior_std_mean"}."""
   from sklearn.linear_model import LogisticRegression  # pylint: disable=import-outside-toplevel
   d = config.data.get("path", None) or FASHION_MNIST_DEFAULT_DIR
   tr_x, tr_y = load_fashion_mnist(d, "train")
@@ -121,16 +73,23 @@ def evaluate(config, graphdef, ema, n_eval: int) -> dict:
 
 
 def main():
-  ap = argparse.ArgumentParser()
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--workdir", default="workdirs/autoencoder_fashion")
   ap.add_argument("--config_arg", default="")
-  ap.add_argument("--steps", type=int, default=None)
-  ap.add_argument("--eval", type=int, default=10000)
+  ap.add_argument("--set", action="append", default=[], help="config override key=value")
+  ap.add_argument("--steps", type=int, default=0, help="0: the config's own")
+  ap.add_argument("--eval", type=int, default=10000, help="test images evaluated")
   args = ap.parse_args()
-  config = autoencoder_fashion.get_config(args.config_arg)
-  steps = args.steps or int(config.train.steps)
-  graphdef, ema, secs, rate = train(config, steps)
-  print(f"trained {steps} steps in {secs:.1f} s ({rate:.2f} steps/s, after compilation)")
-  for k, v in evaluate(config, graphdef, ema, args.eval).items():
+  config = override(autoencoder_fashion.get_config(args.config_arg), args.set)
+  if args.steps:
+    config.train.steps = args.steps
+  config.train.tensorboard = False
+  secs = studies.train(config, args.workdir)
+  print(f"trained {int(config.train.steps)} steps in {args.workdir} ({secs:.1f} s in this call; "
+        f"{studies.training_rate(args.workdir):.2f} steps/s, after compilation)")
+  exp = Experiment(config, sharding.make_mesh(config.mesh))
+  _, state = trainer.restore_newest(exp, args.workdir)
+  for k, v in evaluate(config, exp.graphdef, state["ema"], args.eval).items():
     print(f"{k}: {v:.4f}")
 
 
