@@ -29,7 +29,7 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(PY) launch/main.py --config=configs/sid2_digits.py --workdir=$(DEMO_DIR) --mode=train
 	$(PY) launch/main.py --config=configs/sid2_digits.py --workdir=$(DEMO_DIR) --mode=sample
-	$(PY) benchmarks/digits_sample_quality.py --workdir=$(DEMO_DIR)
+	$(PY) benchmarks/judge_digits.py --workdir=$(DEMO_DIR)
 	@echo "samples: $(DEMO_DIR)/samples/ (grid: samples.png, arrays: samples.npz)"
 
 # The captioned Fashion-MNIST latents of the text-to-image demos (CPU): train our KL autoencoder,
@@ -54,7 +54,7 @@ fashion-latents: $(STAMP) $(T2I_LATENTS)/meta.json
 t2i-demo: fashion-latents
 	$(PY) launch/main.py --config=$(T2I_CFG) --workdir=$(T2I_DIR) --mode=train
 	$(PY) launch/main.py --config=$(T2I_CFG) --workdir=$(T2I_DIR) --mode=sample
-	$(PY) benchmarks/t2i_fashion_quality.py --workdir=$(T2I_DIR)
+	$(PY) benchmarks/judge_fashion.py --workdir=$(T2I_DIR)
 
 # make microdit-demo: a tiny MicroDiT (75% deferred masking) on the same latents, judged the same way.
 # make microdit-masking: its masking study (unmasked / deferred / naive: FID, accuracy, step cost).
@@ -64,10 +64,10 @@ MICRODIT_DIR ?= workdirs/microdit_fashion
 microdit-demo: fashion-latents
 	$(PY) launch/main.py --config=$(MICRODIT_CFG) --workdir=$(MICRODIT_DIR) --mode=train
 	$(PY) launch/main.py --config=$(MICRODIT_CFG) --workdir=$(MICRODIT_DIR) --mode=sample
-	$(PY) benchmarks/t2i_fashion_quality.py --workdir=$(MICRODIT_DIR)
+	$(PY) benchmarks/judge_fashion.py --workdir=$(MICRODIT_DIR)
 
 microdit-masking: fashion-latents
-	$(PY) benchmarks/microdit_masking.py --workdir=workdirs/microdit_masking --set autoencoder=$(T2I_AE)/export --set data.path=$(T2I_LATENTS)
+	$(PY) benchmarks/study_microdit_masking.py --workdir=workdirs/microdit_masking --set autoencoder=$(T2I_AE)/export --set data.path=$(T2I_LATENTS)
 
 # make terdit-demo: a small ternary TerDiT on the digits, trained with QAT, exported with 2-bit packed
 # weights, sampled from the packed export (every ternary layer through kernels.ternary_matmul; 200
@@ -79,10 +79,10 @@ terdit-demo: $(STAMP)
 	$(PY) launch/main.py --config=configs/terdit.py:digits --workdir=$(TERDIT_DIR) --mode=train
 	$(PY) launch/main.py --config=configs/terdit.py:digits --workdir=$(TERDIT_DIR) --mode=export
 	$(PY) launch/main.py --checkpoint=$(TERDIT_DIR)/export --workdir=$(TERDIT_DIR)/packed --mode=sample --num_samples=200
-	$(PY) benchmarks/digits_sample_quality.py --workdir=$(TERDIT_DIR)/packed --fid_n=0
+	$(PY) benchmarks/judge_digits.py --workdir=$(TERDIT_DIR)/packed --fid_n=0
 
 terdit-study: $(STAMP)
-	$(PY) benchmarks/terdit_study.py --workdir=workdirs/terdit_study
+	$(PY) benchmarks/study_terdit.py --workdir=workdirs/terdit_study
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not accelerator" $(PYTEST_ARGS)

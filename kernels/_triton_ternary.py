@@ -157,7 +157,7 @@ def launch_geometry(m: int, n: int, h: int, cfg: dict[str, int]) -> dict[str, in
 def kernel_constexprs(m: int, k: int, n: int, h: int, dtype, cfg: dict[str, int]
                       ) -> tuple[dict[str, Any], tuple[int, int]]:
   """The kernel's constexpr arguments and grid for a problem (shared by the launcher, the
-  tests and benchmarks/inspect_triton.py)."""
+  tests and kernels/cuda_inspect.py)."""
   geo = launch_geometry(m, n, h, cfg)
   consts = dict(M=m, N=n, K=k, H=h, STEPS=geo["steps"], BM=cfg["BM"], BN=cfg["BN"],
                 BQ=cfg["BQ"], GROUP_M=cfg["GROUP_M"], SPLIT=geo["split"] > 1,

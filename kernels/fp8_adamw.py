@@ -140,7 +140,7 @@ def default_block_rows(backend: str | None = None) -> int:
 
   On GPU 16 groups (2048 elements, 4 warps) compile for sm_90 to 168 registers without spills;
   32 groups reach the 255-register cap and spill, 64 (8 warps) spill 388 bytes
-  (benchmarks/inspect_triton.py)."""
+  (kernels/cuda_inspect.py)."""
   backend = backend or target.platform()
   return {"gpu": 16, "tpu": 256}.get(backend, 512)
 

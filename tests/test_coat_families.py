@@ -2,9 +2,7 @@
 and optimizer reaches MicroDiT's and TerDiT's full-precision networks, with no family code in
 the trainer (SiD2: tests/test_coat_activations.py)."""
 
-import os
 import re
-import sys
 
 import jax
 import numpy as np
@@ -13,11 +11,8 @@ from flax import nnx
 
 from common import layers, numerics, sharding
 from common.experiment import Experiment
+from common.random_batch import random_batch
 from configs.base import load_config
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "benchmarks"))
-from train_step import random_batch  # noqa: E402
 
 FAMILIES = ("configs/microdit.py:runlocal", "configs/terdit.py:runlocal,fp")
 

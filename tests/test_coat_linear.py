@@ -1,9 +1,6 @@
 """COAT's FP8 linear layer (coat/linear.py): values against a float64 simulation of the same
 quantization, FP8 residuals, f8 GEMMs in the HLO lowered for CUDA, weights quantized once per step."""
 
-import os
-import sys
-
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -14,8 +11,7 @@ import pytest
 from coat import linear
 from common import layers
 from common.memory import temporaries_mib
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kernels import cuda_inspect
 
 
 def sim_quantize(x: np.ndarray, fp8_dtype) -> tuple[np.ndarray, np.float32]:
@@ -167,7 +163,6 @@ def test_large_inputs_saturate_instead_of_nan():
 
 
 def test_lowered_for_cuda_the_gemms_take_fp8_operands():
-  from benchmarks import inspect_triton  # pylint: disable=import-outside-toplevel
   w = jax.ShapeDtypeStruct((256, 128), jnp.float32)
   x = jax.ShapeDtypeStruct((64, 256), jnp.bfloat16)
 
@@ -175,7 +170,7 @@ def test_lowered_for_cuda_the_gemms_take_fp8_operands():
     return jax.value_and_grad(lambda w, x: jnp.sum(linear.fp8_matmul(x, w).astype(jnp.float32)),
                               argnums=(0, 1))(w, x)
 
-  text = inspect_triton.lower_for_cuda(step, w, x).mlir_module()
+  text = cuda_inspect.lower_for_cuda(step, w, x).mlir_module()
   dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
   assert len(dots) == 3, dots
   # forward E4M3 x E4M3; dgrad E5M2 x E4M3; wgrad E4M3 x E5M2, each accumulated in fp32.

@@ -197,9 +197,9 @@ def test_compile_mode_says_when_a_config_does_not_fit():
 
 
 def test_every_paper_config_declares_a_target_it_can_be_compiled_for():
-  from benchmarks import targets as targets_table  # pylint: disable=import-outside-toplevel
+  from benchmarks import bench_targets  # pylint: disable=import-outside-toplevel
   from configs.base import load_config  # pylint: disable=import-outside-toplevel
-  for config, _ in targets_table.ROWS:
+  for config, _ in bench_targets.ROWS:
     t = targets.parse_target(load_config(config).target)
     assert t.num_devices >= 1, config
 

@@ -1,5 +1,5 @@
-"""benchmarks/device_suite.sh, the one script for the day an accelerator is at hand, runs end to end
-on the CPU with tiny settings (TINY=1): every part exits 0 and prints its table."""
+"""benchmarks/bench_device_suite.sh, the one script for the day an accelerator is at hand, runs end
+to end on the CPU with tiny settings (TINY=1): every part exits 0 and prints its table."""
 
 import os
 import subprocess
@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_device_suite_runs_with_tiny_settings(tmp_path):
-  proc = subprocess.run(["bash", "benchmarks/device_suite.sh", str(tmp_path)], cwd=ROOT,
+  proc = subprocess.run(["bash", "benchmarks/bench_device_suite.sh", str(tmp_path)], cwd=ROOT,
                         env=dict(os.environ, TINY="1", PYTHON=sys.executable), capture_output=True,
                         text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]

@@ -2,16 +2,14 @@
 
 `jax.export` lowers a jitted function for a platform other than the one it runs on: the Pallas TPU
 kernels become a Mosaic `tpu_custom_call`; the Pallas GPU kernels lower under an abstract H100
-(`benchmarks/inspect_triton.lower_for_cuda`) to a `__gpu$xla.gpu.triton` custom call (its
+(`kernels.cuda_inspect.lower_for_cuda`) to a `__gpu$xla.gpu.triton` custom call (its
 serialization check is disabled: Triton calls carry no compatibility guarantee). A kernel that no
 longer lowers fails here. Mosaic's layout passes and Triton's GPU compilation run only on the
 device (or, for Triton, in the inspection test at the end, which compiles for sm_90 with the
 `triton` package).
 """
 
-import os
 import re
-import sys
 import warnings
 
 import jax
@@ -19,11 +17,9 @@ import jax.numpy as jnp
 from jax import export
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from benchmarks import inspect_triton  # noqa: E402
-from kernels import fp8_adamw as fa  # noqa: E402
-from kernels import ternary_matmul as tm  # noqa: E402
+from kernels import cuda_inspect
+from kernels import fp8_adamw as fa
+from kernels import ternary_matmul as tm
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 # (M, K, N): TerDiT's K with M = 1, 16, 4096 and a small N (one or two output tiles).
@@ -40,7 +36,7 @@ def _export_tpu(fn, *args):
 def _export_cuda(fn, *args):
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # the Pallas Triton backend
-    return inspect_triton.lower_for_cuda(fn, *args)
+    return cuda_inspect.lower_for_cuda(fn, *args)
 
 
 def _ternary_args(m, k, n, dtype=jnp.bfloat16):
@@ -130,14 +126,13 @@ def test_small_m_triton_kernels_compile_for_sm90_without_spills():
   no register spills. The Pallas GPU kernel (split-K) compiles without spills.
   """
   pytest.importorskip("triton")
-  compiled, cfg, _ = inspect_triton.compile_jax_triton(1, 3072, 8192, "bfloat16", 90)
-  r = inspect_triton._report("jax-triton", "", compiled, cfg["num_warps"], cfg["num_stages"],
-                             "sm_90a", None)
+  compiled, cfg, _ = cuda_inspect.compile_jax_triton(1, 3072, 8192, "bfloat16", 90)
+  r = cuda_inspect.report("jax-triton", "", compiled, cfg["num_warps"], cfg["num_stages"], "sm_90a")
   assert r.spill_stores == r.spill_loads == 0
   assert r.byte_loads == 0 and not r.loads, r.loads  # nothing but async copies from global
   assert sum(r.cp_async.values()) >= 16 and all(
       int(k.split()[-1][:-1]) >= 8 for k in r.cp_async), r.cp_async
   assert r.mma_sync > 0
-  (compiled, warps, stages), = inspect_triton.pallas_ternary(1, 3072, 8192, "bfloat16", 90)
-  r = inspect_triton._report("pallas-gpu", "", compiled, warps, stages, "sm_90a", None)
+  (compiled, warps, stages), = cuda_inspect.pallas_ternary(1, 3072, 8192, "bfloat16", 90)
+  r = cuda_inspect.report("pallas-gpu", "", compiled, warps, stages, "sm_90a")
   assert r.spill_stores == r.spill_loads == 0

@@ -57,9 +57,10 @@ def test_fp8_adamw_state_is_about_a_quarter_of_adamw_and_activations_grow_with_b
 
 def test_coat_mode_needs_much_less_train_step_memory_than_bf16():
   """COAT mode (FP8 linears, FP8-saved activations, FP8 AdamW) against bf16 mode on the reduced
-  DiT-class network of benchmarks/coat_memory.py (width 384, 4 blocks, batch 32, no remat), where
-  docs/BENCHMARKS.md reports the exact figures (1.52x; 1.24x before the fixes of 2026-12-03)."""
-  from benchmarks.coat_memory import main  # pylint: disable=import-outside-toplevel
+  DiT-class network of benchmarks/bench_coat_memory.py (width 384, 4 blocks, batch 32, no remat),
+  where docs/BENCHMARKS.md reports the exact figures (1.52x; 1.24x before the fixes of
+  2026-12-03)."""
+  from benchmarks.bench_coat_memory import main  # pylint: disable=import-outside-toplevel
   bf16, coat = main(["--mode=bf16:precision=bf16;model.remat=False",
                      "--mode=coat:precision=coat;model.remat=False"])
   assert coat["optimizer_state"] < 0.3 * bf16["optimizer_state"]

@@ -1,5 +1,5 @@
 """The benchmark studies run end to end on tiny settings: each arm trains, samples and is judged,
-and an interrupted study resumes instead of starting again (benchmarks/study.py)."""
+and an interrupted study resumes instead of starting again (benchmarks/studies.py)."""
 
 import json
 import os
@@ -10,8 +10,8 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "benchmarks"))
 
-import study  # noqa: E402
-import terdit_study  # noqa: E402
+import studies  # noqa: E402
+import study_terdit  # noqa: E402
 
 TINY = ["model.dim=32", "model.depth=1", "model.num_heads=2", "model.multiple_of=32",
         "train.batch_size=8", "train.log_every=2", "train.checkpoint_every=6",
@@ -21,10 +21,10 @@ TINY = ["model.dim=32", "model.depth=1", "model.num_heads=2", "model.multiple_of
 
 @pytest.mark.slow  # about 2 minutes on 2 cores: three arms trained, sampled and judged, twice
 def test_terdit_study_three_arms(tmp_path, monkeypatch, capsys):
-  argv = ["terdit_study.py", f"--workdir={tmp_path}", "--steps=6", "--fid_n=0", "--window=2",
+  argv = ["study_terdit.py", f"--workdir={tmp_path}", "--steps=6", "--fid_n=0", "--window=2",
           "--loss_batches=1"] + [f"--set={s}" for s in TINY]
   monkeypatch.setattr(sys, "argv", argv)
-  terdit_study.main()
+  study_terdit.main()
   rows = json.load(open(tmp_path / "terdit_study.json"))["rows"]
   assert [r["arm"] for r in rows] == ["ternary", "no_adaln_norm", "fp"]
   assert [(r["ternary"], r["adaln_norm"]) for r in rows] == [(True, True), (True, False), (False, True)]
@@ -36,7 +36,7 @@ def test_terdit_study_three_arms(tmp_path, monkeypatch, capsys):
   assert "TerDiT Fig. 7" in capsys.readouterr().out
   # A second run finds every arm trained and sampled: nothing is redone.
   before = os.path.getmtime(tmp_path / "fp" / "samples" / "samples.npz")
-  terdit_study.main()
+  study_terdit.main()
   assert os.path.getmtime(tmp_path / "fp" / "samples" / "samples.npz") == before
 
 
@@ -46,6 +46,6 @@ def test_loss_curve_windows(tmp_path):
       f.write(json.dumps({"step": step, "loss": loss}) + "\n")
     f.write(json.dumps({"step": 5, "steps_per_s": 2.5}) + "\n")
   # step 4 logged twice (a resumed run): the later value wins
-  assert study.loss_curve(str(tmp_path), 2) == [(2, 3.0), (4, 1.0), (6, 0.5)]
-  assert study.final_loss(str(tmp_path), 2) == pytest.approx(0.75)
-  assert study.training_rate(str(tmp_path)) == 2.5
+  assert studies.loss_curve(str(tmp_path), 2) == [(2, 3.0), (4, 1.0), (6, 0.5)]
+  assert studies.final_loss(str(tmp_path), 2) == pytest.approx(0.75)
+  assert studies.training_rate(str(tmp_path)) == 2.5

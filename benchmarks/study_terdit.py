@@ -12,9 +12,9 @@ class-conditional, the DiT/ADM recipe), trained at equal steps and seed:
 
 For each arm: the training-loss curve (mean logged loss per `--window` steps), the final weights'
 loss on fixed batches and draws (the same for every arm), and the samples' quality: conditioning-
-class accuracy and FID against real digits (benchmarks/digits_sample_quality.py).
+class accuracy and FID against real digits (benchmarks/judge_digits.py).
 
-Usage: python benchmarks/terdit_study.py [--workdir workdirs/terdit_study] [--steps 0] [--fid_n 300]
+Usage: python benchmarks/study_terdit.py [--workdir workdirs/terdit_study] [--steps 0] [--fid_n 300]
          [--arms ternary,no_adaln_norm,fp] [--set key=value ...] [--window 250]
 Prints markdown tables; writes WORKDIR/terdit_study.json.
 """
@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from configs import terdit  # noqa: E402
 from configs.base import override  # noqa: E402
-import study  # noqa: E402  (benchmarks/study.py)
+import studies  # noqa: E402  (benchmarks/studies.py)
 
 ARMS = {"ternary": "digits", "no_adaln_norm": "digits,no_adaln_norm", "fp": "digits_fp"}
 
@@ -47,14 +47,15 @@ def arm_config(arm: str, args):
 def run_arm(arm: str, args) -> dict:
   c = arm_config(arm, args)
   wd = os.path.join(args.workdir, arm)
-  run = study.train_and_sample(c, wd)
-  quality = study.sample_quality(c, run["samples"], os.path.join(args.workdir, "eval"), args.fid_n)
+  run = studies.train_and_sample(c, wd)
+  quality = studies.sample_quality(c, run["samples"], os.path.join(args.workdir, "eval"),
+                                   args.fid_n)
   return {"arm": arm, "config": f"configs/terdit.py:{ARMS[arm]}", "steps": int(c.train.steps),
           "ternary": bool(c.numerics.rules), "adaln_norm": bool(c.model.adaln_norm),
-          "train_call_s": run["train_call_s"], "train_steps_per_s": study.training_rate(wd),
-          "loss_curve": study.loss_curve(wd, args.window),
-          "final_loss": study.final_loss(wd, args.tail),
-          "fixed_batch_loss": study.fixed_batch_loss(c, wd, args.loss_batches), **quality}
+          "train_call_s": run["train_call_s"], "train_steps_per_s": studies.training_rate(wd),
+          "loss_curve": studies.loss_curve(wd, args.window),
+          "final_loss": studies.final_loss(wd, args.tail),
+          "fixed_batch_loss": studies.fixed_batch_loss(c, wd, args.loss_batches), **quality}
 
 
 def main():

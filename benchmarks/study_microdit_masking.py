@@ -13,11 +13,11 @@ at equal steps and seed:
 For each arm: train (`common.trainer.train`, resumed if the workdir holds a run), sample the EMA
 weights from held-out caption phrasings (`common.trainer.sample`; skipped if samples exist), and
 score the decoded samples: FID against real Fashion-MNIST test images and the prompt-class accuracy
-of the CNN judge (benchmarks/fashion_classifier.py). Step cost, side by side in this process: XLA
+of the CNN judge (benchmarks/judge_fashion.py). Step cost, side by side in this process: XLA
 flops of the compiled train step (deterministic) and its wall time, the arms timed in turns
 (`--rounds` rounds of `--iters` steps each, median per arm) so that the machine's load hits them alike.
 
-Usage: python benchmarks/microdit_masking.py [--workdir workdirs/microdit_masking] [--steps 0]
+Usage: python benchmarks/study_microdit_masking.py [--workdir workdirs/microdit_masking] [--steps 0]
          [--fid_n 1000] [--arms unmasked,deferred,naive] [--set key=value ...]
 e.g.   --set autoencoder=/tmp/ae/export --set data.path=/tmp/latents
 Prints markdown tables; writes WORKDIR/microdit_masking.json.
@@ -40,10 +40,10 @@ import numpy as np  # noqa: E402
 from common import sharding  # noqa: E402
 from common.experiment import Experiment  # noqa: E402
 from common.memory import abstract_batch  # noqa: E402
+from common.random_batch import random_batch  # noqa: E402
 from configs import microdit  # noqa: E402
 from configs.base import override  # noqa: E402
-import study  # noqa: E402  (benchmarks/study.py)
-from train_step import random_batch  # noqa: E402
+import studies  # noqa: E402  (benchmarks/studies.py)
 
 ARMS = {"unmasked": "fashion,unmasked", "deferred": "fashion", "naive": "fashion,naive"}
 
@@ -59,11 +59,11 @@ def arm_config(arm: str, args):
 def train_and_score(arm: str, args) -> dict:
   c = arm_config(arm, args)
   wd = os.path.join(args.workdir, arm)
-  run = study.train_and_sample(c, wd)
-  score = study.sample_quality(c, run["samples"], os.path.join(args.workdir, "eval"), args.fid_n)
+  run = studies.train_and_sample(c, wd)
+  score = studies.sample_quality(c, run["samples"], os.path.join(args.workdir, "eval"), args.fid_n)
   return {"arm": arm, "config": f"configs/microdit.py:{ARMS[arm]}", "steps": int(c.train.steps),
           "mask_ratio": float(c.model.mask_ratio), "patch_mixer": bool(c.model.use_patch_mixer),
-          "train_steps_per_s": study.training_rate(wd), "train_call_s": run["train_call_s"],
+          "train_steps_per_s": studies.training_rate(wd), "train_call_s": run["train_call_s"],
           **score}
 
 

@@ -2,12 +2,12 @@
 # Every device figure in one call, for the day a GPU (or TPU) is at hand: at most 8 minutes on one
 # H100, each benchmark under its own time limit so one slow part cannot eat the others' time.
 #
-#   bash benchmarks/device_suite.sh [OUT]          # on the device; tables in OUT (default /tmp/device_suite)
-#   TINY=1 bash benchmarks/device_suite.sh OUT     # CPU smoke run of the same script (tiny settings)
+#   bash benchmarks/bench_device_suite.sh [OUT]       # on the device; tables in OUT (default /tmp/device_suite)
+#   TINY=1 bash benchmarks/bench_device_suite.sh OUT  # CPU smoke run of the same script (tiny settings)
 #
 # 1. train_step: img/s, MFU and measured peak memory next to --mode=compile's prediction, for SiD2
 #    IN256 UViT/2, MicroDiT-XL/2 (phase 1, 75% masked) and TerDiT-600M full precision in bf16 and
-#    COAT (benchmarks/train_step.py);
+#    COAT (benchmarks/bench_train_step.py);
 # 2. ternary_matmul: packed-ternary Pallas and Triton kernels against the bf16 dot, M in {1, 16, 4096};
 # 3. fp8_adamw: the fused FP8 AdamW step against optax.adamw at 1B parameters;
 # 4. inception: FID Inception images/s.
@@ -45,10 +45,10 @@ part() {  # part NAME SECONDS COMMAND...: runs with a time limit, output in OUT/
   status[$name]=${PIPESTATUS[0]}
 }
 
-part train_step 270 "$PY" benchmarks/train_step.py "${TRAIN[@]}"
-part ternary_matmul 60 "$PY" benchmarks/ternary_matmul.py "${TERNARY[@]}"
-part fp8_adamw 60 "$PY" benchmarks/fp8_adamw.py "${ADAMW[@]}"
-part inception 45 "$PY" benchmarks/inception_throughput.py "${INCEPTION[@]}"
+part train_step 270 "$PY" benchmarks/bench_train_step.py "${TRAIN[@]}"
+part ternary_matmul 60 "$PY" benchmarks/bench_ternary_matmul.py "${TERNARY[@]}"
+part fp8_adamw 60 "$PY" benchmarks/bench_fp8_adamw.py "${ADAMW[@]}"
+part inception 45 "$PY" benchmarks/bench_inception.py "${INCEPTION[@]}"
 
 echo "== summary ($OUT)"
 failed=0

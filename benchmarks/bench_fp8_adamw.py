@@ -19,7 +19,7 @@ The default tree on GPU/TPU is ~1B parameters (64 leaves of 4096x4096); elsewher
 tree (the Pallas kernel then runs in interpret mode) so the script can be smoke-tested on CPU.
 Percentages are against the H100's measured elementwise read+write peak (2.94 TB/s, --peak_tbps).
 
-  python benchmarks/fp8_adamw.py [--params N] [--leaf_cols C] [--steps S] [--peak_tbps 2.94]
+  python benchmarks/bench_fp8_adamw.py [--params N] [--leaf_cols C] [--steps S] [--peak_tbps 2.94]
 """
 
 from __future__ import annotations

@@ -1,16 +1,16 @@
 """Train-step throughput and MFU of any config (fwd + bwd + optimizer + EMA, synthetic data).
 
 Prints one table row per config: img/s, ms/step, achieved TFLOP/s and MFU against the H100's measured
-800 TFLOP/s bf16 peak (ENGINEERING.md). Model FLOPs per image = 3 x the forward pass's XLA flops
+800 TFLOP/s bf16 peak. Model FLOPs per image = 3 x the forward pass's XLA flops
 (forward + backward, the usual MFU convention: rematerialised recomputation is not counted; an
 unmasked forward, so masked MicroDiT steps read low); "step-FLOPs MFU" uses XLA's cost analysis of
 the whole train step instead (masking and recomputation included). The step's peak device memory
 (`memory_stats`, where the device reports it) stands next to `--mode=compile`'s prediction for the
 same step (`common.memory.train_step_memory`). A spec may add `batch=N` and `precision=coat`.
 
-  python benchmarks/train_step.py                       # the default GPU set below
-  python benchmarks/train_step.py --configs sid2_in256.py:batch=64 sid2_in512.py:p4,batch=64
-  python benchmarks/train_step.py --cpu_smoke           # tiny runlocal configs, to check the script
+  python benchmarks/bench_train_step.py             # the default GPU set below
+  python benchmarks/bench_train_step.py --configs sid2_in256.py:batch=64 sid2_in512.py:p4,batch=64
+  python benchmarks/bench_train_step.py --cpu_smoke # tiny runlocal configs, to check the script
 """
 
 import argparse
@@ -23,15 +23,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from common import sharding  # noqa: E402
 from common.experiment import Experiment  # noqa: E402
 from common.compile_report import cpu_step_flops  # noqa: E402
 from common.memory import train_step_memory  # noqa: E402
+from common.random_batch import random_batch  # noqa: E402
 from common.summary import forward_flops  # noqa: E402
 
-PEAK_TFLOPS = 800.0  # H100 bf16 dense matmul, measured (ENGINEERING.md)
+PEAK_TFLOPS = 800.0  # H100 bf16 dense matmul, measured
 DEFAULT = ["sid2_in256.py:batch=64", "sid2_in512.py:p4,batch=64", "sid2_in512.py:p2,batch=32"]
 
 
@@ -50,25 +50,6 @@ def load(spec: str):
     if "precision" in ours:
       c.precision = ours["precision"]
   return c
-
-
-def random_batch(exp: Experiment, batch_size: int, seed: int = 0) -> dict:
-  """A global batch of random inputs of the network's declared shapes (`exp.example_inputs`),
-  sharded as the trainer shards its batches. Integer conditions are class labels in range for a
-  network with `num_classes`, else token masks (all ones)."""
-  rng = np.random.default_rng(seed)
-  x, cond = exp.example_inputs(batch_size)
-
-  def fill(s):
-    if jnp.issubdtype(s.dtype, jnp.integer):
-      classes = getattr(exp.abstract_model, "num_classes", 0) or 0
-      if classes:
-        return rng.integers(0, classes, s.shape).astype(s.dtype)
-      return np.ones(s.shape, s.dtype)
-    return rng.uniform(-1, 1, s.shape).astype(s.dtype)
-
-  return sharding.global_batch({"x": fill(x), "cond": jax.tree.map(fill, cond)}, exp.mesh,
-                               exp.rules)
 
 
 def bench(spec: str, warmup: int, iters: int) -> dict:
@@ -99,7 +80,7 @@ def bench(spec: str, warmup: int, iters: int) -> dict:
 
 
 def main():
-  ap = argparse.ArgumentParser()
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--configs", nargs="*", default=None)
   ap.add_argument("--warmup", type=int, default=3)
   ap.add_argument("--iters", type=int, default=10)

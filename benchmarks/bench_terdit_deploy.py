@@ -1,6 +1,6 @@
 """Benchmark: TerDiT deployment from packed 2-bit weights (checkpoint bytes, peak sampling memory).
 
-    python benchmarks/terdit_deploy.py [--config configs/terdit.py:600M_256] [--batches 1,8]
+    python benchmarks/bench_terdit_deploy.py [--config configs/terdit.py:600M_256] [--batches 1,8]
                                        [--sampler_steps 250] [--skip_sampler]
 
 (a) Checkpoint bytes of TerDiT-600M (arXiv 2405.14854; `configs/terdit.py:600M_256`, the network of

@@ -1,8 +1,9 @@
-"""What the benchmark studies share: train one arm of a study, sample it, judge it, read its losses.
+"""What the study_*.py scripts share: train an arm of a study, sample it, judge it, read its losses.
 
-A study (benchmarks/coat_quality.py, microdit_masking.py, terdit_study.py) trains several variants
-of one config ("arms") at the same seed and number of steps, each in WORKDIR/<arm>, and compares
-them. Training resumes a run that the workdir already holds, and sampling is skipped when the
+A study (benchmarks/study_coat_quality.py, study_microdit_masking.py, study_terdit.py) trains
+several variants of one config ("arms") at the same seed and number of steps, each in WORKDIR/<arm>,
+through the project's trainer, and compares them (study_autoencoder_fashion.py trains one config the
+same way). Training resumes a run that the workdir already holds, and sampling is skipped when the
 samples are newer than the run, so an interrupted study picks up where it stopped.
 """
 
@@ -22,19 +23,25 @@ import numpy as np  # noqa: E402
 from common import sharding, trainer  # noqa: E402
 from common.data import make_train_iterator  # noqa: E402
 from common.experiment import Experiment  # noqa: E402
-import digits_sample_quality  # noqa: E402
-import fashion_classifier  # noqa: E402
-from t2i_fashion_quality import prompt_labels  # noqa: E402
+import judge_digits  # noqa: E402  (benchmarks/judge_digits.py)
+import judge_fashion  # noqa: E402  (benchmarks/judge_fashion.py)
+
+
+def train(config, workdir: str) -> float:
+  """Trains `config` in `workdir` with the project's trainer (resuming a run the workdir holds);
+  returns the seconds of the call. A run stopped before its last step ends the study."""
+  t0 = time.perf_counter()
+  result = trainer.train(config, workdir)
+  if result["stopped_by"] is not None:
+    raise SystemExit(f"{workdir}: training stopped at step {result['step']} "
+                     f"({result['stopped_by']})")
+  return time.perf_counter() - t0
 
 
 def train_and_sample(config, workdir: str) -> dict:
-  """Trains `config` in `workdir` (resuming), then samples its EMA weights unless WORKDIR/samples/
+  """Trains `config` in `workdir` (`train`), then samples its EMA weights unless WORKDIR/samples/
   samples.npz is newer than the run. Returns {"samples": path, "train_call_s": seconds}."""
-  t0 = time.perf_counter()
-  result = trainer.train(config, workdir)
-  train_s = time.perf_counter() - t0
-  if result["stopped_by"] is not None:
-    raise SystemExit(f"{workdir}: training stopped at step {result['step']} ({result['stopped_by']})")
+  train_s = train(config, workdir)
   path = os.path.join(workdir, "samples", "samples.npz")
   if not os.path.exists(path) or os.path.getmtime(path) < os.path.getmtime(
       os.path.join(workdir, "metrics.jsonl")):
@@ -96,12 +103,12 @@ def sample_quality(config, samples_path: str, eval_dir: str, fid_n: int) -> dict
   {"accuracy", "fid", "fid_floor", "per_class"} (FIDs None when fid_n is 0)."""
   data = np.load(samples_path)
   if config.data.name == "digits":
-    r = digits_sample_quality.evaluate(samples_path, fid_n)
+    r = judge_digits.evaluate(samples_path, fid_n)
     return {"accuracy": r["accuracy"], "fid": r.get("fid_samples"),
             "fid_floor": r.get("fid_heldout_real"), "per_class": list(r["per_class"].values())}
   if config.eval.get("reference_data", {}).get("name") == "fashion_mnist":
-    labels = prompt_labels(data["prompts"]) if "prompts" in data else data["labels"]
-    r = fashion_classifier.score_samples(data["images"], labels, eval_dir, fid_n=fid_n)
+    labels = judge_fashion.prompt_labels(data["prompts"]) if "prompts" in data else data["labels"]
+    r = judge_fashion.score_samples(data["images"], labels, eval_dir, fid_n=fid_n)
     return {"accuracy": r["accuracy"], "fid": r.get("fid"), "fid_floor": r.get("fid_floor"),
             "per_class": list(r["per_class"]),
             "confusion": np.asarray(r["confusion"]).tolist()}

@@ -5,7 +5,7 @@ of N x D features (float64), the Frechet distance (scipy's sqrtm of a D x D prod
 recall with k = 3 (three N x N squared-distance passes in row blocks: two for the radii, one for
 coverage; 2 N^2 D flops each). Features are non-negative like `pool_3` (|N(0, 1)| * 0.5).
 
-  python benchmarks/eval_metrics.py [--num 50000] [--pr_num 10000] [--dim 2048] [--dtype float16]
+  python benchmarks/bench_eval_metrics.py [--num 50000] [--pr_num 10000] [--dim 2048] [--dtype float16]
 
 `--pr_num` may be smaller than `--num` (precision/recall costs N^2); the script then also prints the
 N^2 extrapolation to `--num`. Each figure is wall-clock seconds and, in brackets, the CPU seconds of

@@ -1,4 +1,4 @@
-"""Are the demo's samples recognisable digits, and not copies of the training set?
+"""Judge of generated digits: are the samples recognisable digits and not copies of training images?
 
 Trains a classifier (an RBF SVM) on real scikit-learn digits, labels the class-conditional samples in
 `WORKDIR/samples/samples.npz` (written by `make demo` / `--mode=sample`), and reports:
@@ -14,7 +14,7 @@ Trains a classifier (an RBF SVM) on real scikit-learn digits, labels the class-c
     its 2048-d covariances are rank-deficient below N = 2048), so compare the two FIDs with each other,
     not with published ImageNet FIDs.
 
-Usage: python benchmarks/digits_sample_quality.py [--workdir workdirs/sid2_digits] [--fid_n 300]
+Usage: python benchmarks/judge_digits.py [--workdir workdirs/sid2_digits] [--fid_n 300]
 """
 
 import argparse
@@ -78,7 +78,7 @@ def evaluate(samples_path: str, fid_n: int = 0) -> dict:
 
 
 def main():
-  ap = argparse.ArgumentParser()
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--workdir", default="workdirs/sid2_digits")
   ap.add_argument("--fid_n", type=int, default=300, help="images per FID set (0: no FID)")
   args = ap.parse_args()

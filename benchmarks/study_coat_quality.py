@@ -9,16 +9,17 @@ activations, FP8 AdamW; coat/precision.py), samples each run's EMA weights and r
     `--loss_batches` data batches with the same diffusion noise and times, so that the two runs
     are compared on identical draws instead of on noisy one-batch figures;
   * sample quality: for the digits demo (configs/sid2_digits.py) the conditioning-class accuracy
-    and FID against real digits (benchmarks/digits_sample_quality.py); for Fashion-MNIST configs
+    and FID against real digits (benchmarks/judge_digits.py); for Fashion-MNIST configs
     (configs/sid2_t2i_fashion.py) the prompt-class accuracy of the CNN judge and FID against real
-    test images (benchmarks/fashion_classifier.py).
+    test images (benchmarks/judge_fashion.py).
 
 COAT's paper reports OLMo-1B train loss 2.568 (COAT) vs 2.551 (BF16), 0.7% apart (arXiv 2410.19313,
 Table 3); the goal here is final losses within 2%.
 
-Usage: python benchmarks/coat_quality.py [--config configs/sid2_digits.py[:arg]] [--set key=value]
-         [--workdir workdirs/coat_quality] [--steps 0] [--fid_n 300] [--tail 5] [--loss_batches 16]
-e.g.   python benchmarks/coat_quality.py --config configs/sid2_t2i_fashion.py \
+Usage: python benchmarks/study_coat_quality.py [--config configs/sid2_digits.py[:arg]]
+         [--set key=value] [--workdir workdirs/coat_quality] [--steps 0] [--fid_n 300] [--tail 5]
+         [--loss_batches 16]
+e.g.   python benchmarks/study_coat_quality.py --config configs/sid2_t2i_fashion.py \
          --set autoencoder=AE/export --set data.path=LATENTS --workdir workdirs/coat_quality_t2i
 Prints a markdown table (and writes it to WORKDIR/coat_quality.json).
 """
@@ -32,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from configs.base import load_config, override  # noqa: E402
-import study  # noqa: E402  (benchmarks/study.py)
+import studies  # noqa: E402  (benchmarks/studies.py)
 
 
 def run(precision: str, args) -> dict:
@@ -42,15 +43,16 @@ def run(precision: str, args) -> dict:
     c.train.steps = args.steps
   c.train.tensorboard = False
   workdir = os.path.join(args.workdir, precision)
-  run_ = study.train_and_sample(c, workdir)
-  quality = study.sample_quality(c, run_["samples"], os.path.join(args.workdir, "eval"), args.fid_n)
+  run_ = studies.train_and_sample(c, workdir)
+  quality = studies.sample_quality(c, run_["samples"], os.path.join(args.workdir, "eval"),
+                                   args.fid_n)
   return {"precision": precision, "steps": int(c.train.steps), "train_s": run_["train_call_s"],
-          "final_loss": study.final_loss(workdir, args.tail),
-          "fixed_batch_loss": study.fixed_batch_loss(c, workdir, args.loss_batches), **quality}
+          "final_loss": studies.final_loss(workdir, args.tail),
+          "fixed_batch_loss": studies.fixed_batch_loss(c, workdir, args.loss_batches), **quality}
 
 
 def main():
-  ap = argparse.ArgumentParser()
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--config", default="configs/sid2_digits.py", help="file[:arg]")
   ap.add_argument("--set", action="append", default=[], help="config override key=value")
   ap.add_argument("--workdir", default="workdirs/coat_quality")

@@ -1,7 +1,7 @@
 """Benchmark: packed-ternary matmul (Pallas, Triton) against a bf16 jnp.dot.
 
 On a GPU:
-  python benchmarks/ternary_matmul.py
+  python benchmarks/bench_ternary_matmul.py
 times ternary_matmul (impl="pallas" and impl="triton") and the bf16 dot x @ W for M in
 {1, 16, 256, 4096} and (K, N) in {(1536, 4096), (3072, 8192), (8192, 3072)} (TerDiT-600M
 and 4.2B layer shapes) and prints time, speedup vs bf16, achieved weight bandwidth

@@ -1,44 +1,42 @@
-"""What do the GPU kernels compile to? Registers, spills, shared memory and load kinds, without a GPU.
+"""What the GPU kernels compile to: registers, spills, shared memory and load kinds, without a GPU.
 
-Compiles, for a CUDA target (default sm_90, the H100) with the `triton` package (its bundled ptxas):
+Compiles for a CUDA target (e.g. 90: sm_90, the H100) with the `triton` package (its bundled
+ptxas; no GPU, no CUDA driver):
 
-  * jax-triton  the packed-ternary kernel of kernels/_triton_ternary.py, with the same signature,
-                16-byte pointer alignment and constexprs that jax-triton gives it;
-  * pallas-gpu  the Triton IR that Pallas generates for `ternary_matmul(impl="pallas",
-                pallas_variant="gpu")`, captured while lowering under an abstract H100 device
-                (`jax.export` for "cuda");
-  * fp8-adamw   the same for the fused FP8 AdamW kernel (kernels/fp8_adamw.py, in-place form);
+  * `compile_jax_triton`: the packed-ternary kernel of kernels/_triton_ternary.py, with the same
+    signature, 16-byte pointer alignment and constexprs that jax-triton gives it;
+  * `pallas_ternary`, `pallas_fp8_adamw`: the Triton IR that Pallas generates for
+    `ternary_matmul(impl="pallas", pallas_variant="gpu")` and for the fused FP8 AdamW kernel
+    (kernels/fp8_adamw.py, in-place form), captured while `lower_for_cuda` lowers them under an
+    abstract H100 (`jax.export` for "cuda");
 
-and reports per kernel: registers and spill bytes (`ptxas -v`), shared memory (Triton's
-allocation), global loads by kind (16-byte vectors `ld.global[.nc].v4.b32` vs single-byte
+and `report` reads each compiled kernel: registers and spill bytes (`ptxas -v`), shared memory
+(Triton's allocation), global loads by kind (16-byte vectors `ld.global[.nc].v4.b32` vs single-byte
 `ld.global*.b8`), `cp.async` copies (the software pipeline's async global->shared stages) and
-tensor-core instructions (`wgmma` on sm_90, `mma.sync`).
-
-  python benchmarks/inspect_triton.py                      # TerDiT shapes, M = 1 and 16
-  python benchmarks/inspect_triton.py --m 1,16,4096 --kn 3072x8192 --dtype bfloat16
-  python benchmarks/inspect_triton.py --kernels jax-triton --dump /tmp/ptx   # keep the PTX
-
-Needs `triton` (pip install triton; any OS with its wheel; no GPU, no CUDA driver).
+tensor-core instructions (`wgmma` on sm_90, `mma.sync`). `lower_for_cuda` alone needs no triton:
+tests/test_kernel_lowering.py lowers every kernel entry point with it. The table of these reports:
+benchmarks/bench_triton_ptx.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import dataclasses
 import os
 import re
 import subprocess
-import sys
 import tempfile
+import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import jax
+from jax import export
+from jax._src.pallas.triton import lowering
+import jax.numpy as jnp
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+from kernels import fp8_adamw as fa
+from kernels import ternary_matmul as tm
 
 H100_KIND = "NVIDIA H100 80GB HBM3"
 H100_SMS = 132
@@ -74,7 +72,7 @@ class Report:
 
 
 def _ptxas_path() -> str:
-  import triton  # pylint: disable=g-import-not-at-top
+  import triton  # optional heavy dependency: only the compilers here need it
   path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
   if not os.path.exists(path):
     raise FileNotFoundError(f"the triton wheel's ptxas is missing at {path}")
@@ -111,8 +109,10 @@ def ptx_instructions(ptx: str) -> tuple[dict[str, int], dict[str, int], int, int
   return dict(loads), dict(cp), wgmma, mma
 
 
-def _report(kernel: str, shape: str, compiled, num_warps: int, num_stages: int, arch: str,
-            dump: str | None) -> Report:
+def report(kernel: str, shape: str, compiled, num_warps: int, num_stages: int, arch: str,
+           dump: str | None = None) -> Report:
+  """What a compiled Triton kernel (`triton.compile`'s result) looks like on `arch` ("sm_90a");
+  its PTX is also written to `dump`/KERNEL_SHAPE.ptx when `dump` is given."""
   ptx = compiled.asm["ptx"]
   if dump:
     os.makedirs(dump, exist_ok=True)
@@ -126,7 +126,7 @@ def _report(kernel: str, shape: str, compiled, num_warps: int, num_stages: int, 
 
 
 def _target(capability: int):
-  from triton.backends.compiler import GPUTarget  # pylint: disable=g-import-not-at-top
+  from triton.backends.compiler import GPUTarget  # optional heavy dependency (see _ptxas_path)
   return GPUTarget("cuda", capability, 32)
 
 
@@ -139,11 +139,10 @@ _TRITON_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "uint8": "u8"}
 def compile_jax_triton(m: int, k: int, n: int, dtype: str, capability: int,
                        config: dict | None = None):
   """Compiles kernels/_triton_ternary.py's kernel for one problem; (compiled, cfg, consts)."""
-  import triton  # pylint: disable=g-import-not-at-top
-  from kernels import _triton_ternary as tt  # pylint: disable=g-import-not-at-top
-  from kernels.ternary_matmul import packed_rows  # pylint: disable=g-import-not-at-top
+  import triton  # optional heavy dependency (see _ptxas_path)
+  from kernels import _triton_ternary as tt  # imports triton (see _ptxas_path)
 
-  h = packed_rows(k)
+  h = tm.packed_rows(k)
   cfg = tt.default_config(m, n, h)
   cfg.update(config or {})
   consts, grid = tt.kernel_constexprs(m, k, n, h, jnp.dtype(dtype), cfg)
@@ -168,8 +167,6 @@ def compile_jax_triton(m: int, k: int, n: int, dtype: str, capability: int,
 @contextlib.contextmanager
 def _capture_pallas_triton_ir():
   """Collects the Triton modules (MLIR text) Pallas lowers to while the context is open."""
-  from jax._src.pallas.triton import lowering  # pylint: disable=g-import-not-at-top
-
   captured = []
   original = lowering.lower_jaxpr_to_triton_module
 
@@ -187,9 +184,6 @@ def _capture_pallas_triton_ir():
 
 def lower_for_cuda(fn, *args, device_kind: str = H100_KIND, num_cores: int = H100_SMS):
   """`jax.export` of jit(fn)(*args) for "cuda" under an abstract GPU; returns the Exported."""
-  from jax import export  # pylint: disable=g-import-not-at-top
-  from jax.sharding import AbstractDevice, AbstractMesh, AxisType  # pylint: disable=g-import-not-at-top
-
   dev = AbstractDevice(device_kind=device_kind, num_cores=num_cores, platform="gpu")
   mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=dev)
   with jax.sharding.use_abstract_mesh(mesh):
@@ -199,10 +193,8 @@ def lower_for_cuda(fn, *args, device_kind: str = H100_KIND, num_cores: int = H10
 
 
 def compile_pallas(fn, args, capability: int) -> list[tuple[object, int, int]]:
-  """Lowers fn(*args) for CUDA, compiles each captured Pallas kernel; [(compiled, warps, stages)]."""
-  import warnings  # pylint: disable=g-import-not-at-top
-
-  import triton  # pylint: disable=g-import-not-at-top
+  """Lowers fn(*args) for CUDA and compiles each Pallas kernel in it; [(compiled, warps, stages)]."""
+  import triton  # optional heavy dependency (see _ptxas_path)
 
   with _capture_pallas_triton_ir() as modules, warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -224,7 +216,7 @@ def compile_pallas(fn, args, capability: int) -> list[tuple[object, int, int]]:
 
 
 def pallas_ternary(m: int, k: int, n: int, dtype: str, capability: int):
-  from kernels import ternary_matmul as tm  # pylint: disable=g-import-not-at-top
+  """The Pallas GPU ternary matmul for [m, k] x packed [k, n], compiled; compile_pallas's list."""
   x = jax.ShapeDtypeStruct((m, k), jnp.dtype(dtype))
   packed = jax.ShapeDtypeStruct((tm.packed_rows(k), n), jnp.uint8)
   alpha = jax.ShapeDtypeStruct((), jnp.float32)
@@ -233,7 +225,8 @@ def pallas_ternary(m: int, k: int, n: int, dtype: str, capability: int):
 
 
 def pallas_fp8_adamw(n_groups: int, capability: int):
-  from kernels import fp8_adamw as fa  # pylint: disable=g-import-not-at-top
+  """The fused FP8 AdamW kernel (in place, weight decay 0.1) on [n_groups, 128], compiled;
+  compile_pallas's list."""
   rows = jax.ShapeDtypeStruct((n_groups, 128), jnp.float32)
   meta = jax.ShapeDtypeStruct((n_groups, 1), jnp.float32)
   codes = jax.ShapeDtypeStruct((n_groups, 128), jnp.float8_e4m3fn)
@@ -247,76 +240,3 @@ def pallas_fp8_adamw(n_groups: int, capability: int):
   args = (rows, rows, codes, meta, meta, meta, codes, meta, meta, meta, scalar, scalar, scalar,
           scalar)
   return compile_pallas(fn, args, capability)
-
-
-# ------------------------------------------------------------------------------------------------
-
-
-def _fmt(counter: dict[str, int]) -> str:
-  return ", ".join(f"{k} x{v}" for k, v in sorted(counter.items())) or "-"
-
-
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--kernels", default="jax-triton,pallas-gpu,fp8-adamw")
-  p.add_argument("--m", default="1,16", help="comma list of M")
-  p.add_argument("--kn", default="3072x8192", help="comma list of KxN")
-  p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-  p.add_argument("--capability", type=int, default=90, help="CUDA compute capability x10")
-  p.add_argument("--fp8_groups", type=int, default=8192, help="groups of the FP8 AdamW tensor")
-  p.add_argument("--dump", default=None, help="write each kernel's PTX to this directory")
-  args = p.parse_args(argv)
-
-  import triton  # pylint: disable=g-import-not-at-top
-  arch = f"sm_{args.capability}" + ("a" if args.capability == 90 else "")
-  kernels = [s for s in args.kernels.split(",") if s]
-  ms = [int(v) for v in args.m.split(",")]
-  kns = [tuple(int(v) for v in s.split("x")) for s in args.kn.split(",")]
-  print(f"triton {triton.__version__}, jax {jax.__version__}, target cuda {args.capability} "
-        f"({arch}), dtype {args.dtype}")
-  reports = []
-  for k, n in kns:
-    for m in ms:
-      shape = f"M={m} K={k} N={n}"
-      if "jax-triton" in kernels:
-        compiled, cfg, consts = compile_jax_triton(m, k, n, args.dtype, args.capability)
-        r = _report("jax-triton", shape, compiled, cfg["num_warps"], cfg["num_stages"], arch,
-                    args.dump)
-        reports.append(r)
-        print(f"\n[jax-triton] {shape} BM={cfg['BM']} BN={cfg['BN']} BQ={cfg['BQ']} "
-              f"split={consts['grid'][1]} steps={consts['STEPS']} grid={consts['grid']}")
-        _print(r)
-      if "pallas-gpu" in kernels:
-        for compiled, warps, stages in pallas_ternary(m, k, n, args.dtype, args.capability):
-          r = _report("pallas-gpu", shape, compiled, warps, stages, arch, args.dump)
-          reports.append(r)
-          print(f"\n[pallas-gpu] {shape}")
-          _print(r)
-  if "fp8-adamw" in kernels:
-    for compiled, warps, stages in pallas_fp8_adamw(args.fp8_groups, args.capability):
-      r = _report("fp8-adamw", f"groups={args.fp8_groups}x128", compiled, warps, stages, arch,
-                  args.dump)
-      reports.append(r)
-      print(f"\n[fp8-adamw] groups={args.fp8_groups}x128 (in place, wd != 0)")
-      _print(r)
-  print("\n| kernel | shape | regs | spills (st/ld B) | smem KiB | 16B vector loads | byte loads "
-        "| cp.async | wgmma | mma.sync |")
-  print("|---|---|---|---|---|---|---|---|---|---|")
-  for r in reports:
-    print(f"| {r.kernel} | {r.shape} | {r.registers} | {r.spill_stores}/{r.spill_loads} | "
-          f"{r.shared_bytes / 1024:.1f} | {r.vector_loads} | {r.byte_loads} | "
-          f"{sum(r.cp_async.values())} | {r.wgmma} | {r.mma_sync} |")
-  return 0
-
-
-def _print(r: Report) -> None:
-  print(f"  warps={r.num_warps} stages={r.num_stages} registers={r.registers} "
-        f"spills={r.spill_stores}/{r.spill_loads} B shared={r.shared_bytes} B")
-  print(f"  global loads: {_fmt(r.loads)}")
-  print(f"  cp.async: {_fmt(r.cp_async)}")
-  print(f"  wgmma: {r.wgmma}  mma.sync: {r.mma_sync}")
-
-
-if __name__ == "__main__":
-  np.set_printoptions(linewidth=120)
-  sys.exit(main())

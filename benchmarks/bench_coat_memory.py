@@ -8,9 +8,9 @@ Default: a reduced DiT-class network (an isotropic transformer on 32x32x4 latent
 SiD2's ResidualUViT with one transformer level, adaLN-style conditioning) under AdamW vs COAT's
 FP8 AdamW (`coat.optim.fp8_adamw`), bf16 compute:
 
-  python benchmarks/coat_memory.py                       # the default table
-  python benchmarks/coat_memory.py --width=1152 --depth=28 --batch=32   # DiT-XL/2-sized
-  python benchmarks/coat_memory.py --config=configs/microdit.py:XL_2 \
+  python benchmarks/bench_coat_memory.py                       # the default table
+  python benchmarks/bench_coat_memory.py --width=1152 --depth=28 --batch=32   # DiT-XL/2-sized
+  python benchmarks/bench_coat_memory.py --config=configs/microdit.py:XL_2 \
       --mode="bf16:precision=bf16" --mode="coat:precision=coat"        # any config, any modes
 
 A mode is "label:key=value;key=value" (values are Python literals, else strings); the first mode is
