@@ -41,8 +41,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from common.errors import CheckpointError
-from common.optim import param_path
 from common.paths import as_path
+from common.tree_names import key_path_str
 
 MANIFEST = "checksums.json"
 # Not in the manifest: the manifest itself, and what orbax writes after it: the commit marker and
@@ -213,9 +213,9 @@ def verify_manifest(directory: str | os.PathLike, step: int) -> bool:
 
 def leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   """{leaf path: shape} of a state tree (arrays, ShapeDtypeStructs or orbax metadata leaves);
-  paths as `common.optim.param_path`."""
+  paths as `common.tree_names.key_path_str` ("/"-joined keys)."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {param_path(k): tuple(getattr(v, "shape", np.shape(v))) for k, v in leaves}
+  return {key_path_str(k): tuple(getattr(v, "shape", np.shape(v))) for k, v in leaves}
 
 
 def _restore_error(directory, step: int, e: Exception, abstract, verified: bool,

@@ -361,7 +361,7 @@ def load_export_state(directory: str | os.PathLike, abstract_state: Mapping[Any,
   path = as_path(directory) / PARAMS_FILE
   flat = weights if weights is not None else read_export_weights(directory)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(dict(abstract_state))
-  names = [".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p) for p, _ in leaves]
+  names = [tree_names.key_path_str(p, ".") for p, _ in leaves]
   if set(names) != set(flat):
     diff = sorted(set(names) ^ set(flat))
     raise CheckpointError(f"{path} does not hold the deployed network of its config "

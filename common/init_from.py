@@ -37,16 +37,12 @@ import ml_collections
 import numpy as np
 
 from common import checkpoint
+from common import convert
 from common import registry
 from common.errors import CheckpointError, ConfigError
 from common.paths import as_path
 
 LOADS = ("params", "state")
-
-
-def _listing(items: list[str], limit: int = 8) -> str:
-  more = f" ... ({len(items) - limit} more)" if len(items) > limit else ""
-  return ", ".join(items[:limit]) + more
 
 
 def check_match(source: Any, target: Any, *, what: str, where: str) -> None:
@@ -64,37 +60,17 @@ def check_match(source: Any, target: Any, *, what: str, where: str) -> None:
   differ = sorted(p for p in set(src) & set(tgt) if src[p] != tgt[p])
   if not (missing or unexpected or differ):
     return
-  parts = []
-  if missing:
-    parts.append(f"missing {_listing([what + p for p in missing])}")
-  if unexpected:
-    parts.append(f"unexpected {_listing([what + p for p in unexpected])}")
-  if differ:
-    parts.append("shape differs " + _listing(
-        [f"{what}{p} {src[p]} (ours {tgt[p]})" for p in differ]))
-  raise CheckpointError(f"init_from {where} does not match config.model: {'; '.join(parts)}.")
+  details = convert.mismatch([what + p for p in missing], [what + p for p in unexpected],
+                             [f"{what}{p} {src[p]} (ours {tgt[p]})" for p in differ])
+  raise CheckpointError(f"init_from {where} does not match config.model: {details}.")
 
 
 @registry.register("converter")
 def from_param_paths(tree: dict[str, np.ndarray], abstract_params: dict) -> dict:
   """A converter for files whose tensor names are our parameter paths, joined with "/" or "."
   ("blocks/0/attn/qkv/kernel", "blocks.0.attn.qkv.kernel"): `init_from.converter =
-  "common.init_from.from_param_paths"`. Names are placed as they are; `check_match` then names
-  the ones that do not fit."""
-  out: dict = {}
-  for name, value in tree.items():
-    node, like = out, abstract_params
-    parts = name.replace(".", "/").split("/")
-    for i, part in enumerate(parts):
-      key: Any = part
-      if isinstance(like, dict) and part not in like and part.isdigit() and int(part) in like:
-        key = int(part)
-      like = like.get(key) if isinstance(like, dict) else None
-      if i == len(parts) - 1:
-        node[key] = value
-      else:
-        node = node.setdefault(key, {})
-  return out
+  "common.init_from.from_param_paths"` (`common.convert.PARAM_PATHS`)."""
+  return convert.apply(convert.PARAM_PATHS, tree, abstract_params, "the weights file")
 
 
 def _load_file(exp, cfg, path: str) -> tuple[Any, Any, str]:
@@ -106,10 +82,15 @@ def _load_file(exp, cfg, path: str) -> tuple[Any, Any, str]:
                       "dotted name of convert(tree, abstract_params) -> params (e.g. "
                       "'common.init_from.from_param_paths' for files named by our parameter "
                       "paths).")
-  convert = registry.import_object(cfg.converter, "init_from.converter", "converter")
+  converter = registry.import_object(cfg.converter, "init_from.converter", "converter")
   from common.torch_weights import load_torch_weights  # pylint: disable=import-outside-toplevel
-  params = convert(load_torch_weights(path), exp.abstract_params)
-  check_match(params, exp.abstract_params, what="", where=f"{path} (via {cfg.converter})")
+  tree = load_torch_weights(path)
+  where = f"{path} (via {cfg.converter})"
+  try:
+    params = converter(tree, exp.abstract_params)
+  except CheckpointError as e:
+    raise CheckpointError(f"init_from {where}: {e}") from e
+  check_match(params, exp.abstract_params, what="", where=where)
 
   def place(value, spec, sh):
     value = np.asarray(value).astype(spec.dtype)

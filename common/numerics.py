@@ -58,6 +58,7 @@ from common import layers
 from common import registry
 from common.errors import ConfigError
 from common.layers import Dense
+from common.tree_names import key_path_str
 
 Rule = tuple[str, str, dict[str, Any]]
 
@@ -202,13 +203,9 @@ def parse_rules(rules: Sequence[Any]) -> list[_Parsed]:
   return parsed
 
 
-def _path(path: Sequence[Any]) -> str:
-  return "/".join(str(p) for p in path)
-
-
 def module_paths(model: nnx.Module, classes: tuple = (Dense,)) -> list[tuple[str, nnx.Module]]:
   """Every module of `model` that is an instance of `classes`, with its path ("blocks/0/attn")."""
-  return [(_path(path), node) for path, node in nnx.iter_graph(model)
+  return [(key_path_str(path), node) for path, node in nnx.iter_graph(model)
           if isinstance(node, classes)]
 
 
@@ -256,7 +253,7 @@ def apply_rules(model: nnx.Module, rules: Sequence[Any]) -> dict[str, str]:
 def step_caches(model: nnx.Module) -> dict[str, Any]:
   """{module path: module.step_cache()} of every module that defines `step_cache` (module
   docstring); {} for a network without any."""
-  return {_path(path): node.step_cache() for path, node in nnx.iter_graph(model)
+  return {key_path_str(path): node.step_cache() for path, node in nnx.iter_graph(model)
           if isinstance(node, nnx.Module) and hasattr(node, "step_cache")}
 
 
@@ -264,7 +261,7 @@ def use_step_caches(model: nnx.Module, caches: dict[str, Any]) -> None:
   """Hands each module of `model` its cache from `step_caches` (`module.use_step_cache`)."""
   if not caches:
     return
-  modules = {_path(path): node for path, node in nnx.iter_graph(model)}
+  modules = {key_path_str(path): node for path, node in nnx.iter_graph(model)}
   for path, cache in caches.items():
     modules[path].use_step_cache(cache)
 

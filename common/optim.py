@@ -50,6 +50,8 @@ import optax
 
 from common import registry
 from common.errors import ConfigError
+# A parameter's path: its keys in the nested params dict joined with "/" ("blocks/3/mlp/w1/kernel").
+from common.tree_names import key_path_str as param_path
 
 # apply(grads, state, params, grad_scale[, lr_scale]) -> (new_params, new_state); grad_scale is
 # None or an fp32 scalar that multiplies every gradient (global-norm clipping); lr_scale (only
@@ -158,20 +160,6 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> 
   if warmup <= 0:
     return after
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
-
-
-def param_path(key_path: Sequence[Any]) -> str:
-  """The path of a parameter: its keys in the nested params dict joined with "/"
-  ("blocks/3/mlp/experts/w1/kernel"), from a `jax.tree_util` key path."""
-  parts = []
-  for k in key_path:
-    for attr in ("key", "idx", "name"):  # DictKey, SequenceKey, GetAttrKey
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
 
 
 def _parse_multipliers(rules: Sequence[Any]) -> list[tuple[re.Pattern, float, str]]:

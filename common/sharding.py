@@ -25,7 +25,6 @@ from collections.abc import Sequence
 import dataclasses
 import math
 import re
-from typing import Any
 
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -34,6 +33,8 @@ import numpy as np
 import optax
 
 from common.errors import ConfigError
+# A key path as "blocks/3/attn/qkv/kernel" (the numerics rules' path format).
+from common.tree_names import key_path_str as path_str
 
 AXES = ("data", "fsdp", "tensor", "expert")   # expert: mixture-of-experts weights (MicroDiT)
 
@@ -63,12 +64,6 @@ def _rules_dict(rules) -> dict:
   for logical, mesh_axes in rules:
     out[logical] = mesh_axes
   return out
-
-
-def path_str(keypath: Sequence[Any]) -> str:
-  """A pytree key path as "blocks/3/attn/qkv/kernel" (the numerics rules' path format)."""
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
-                  for k in keypath)
 
 
 def logical_to_mesh_spec(logical: P | Sequence | None, shape: Sequence[int], mesh: Mesh,

@@ -12,11 +12,9 @@ from flax import nnx
 import jax
 import numpy as np
 
+from common.tree_names import key_path_str
+
 Array = jax.Array
-
-
-def _path_str(path: Sequence[Any]) -> str:
-  return ".".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
 
 
 def count_params_per_module(model: nnx.Module, depth: int = 1) -> dict[str, int]:
@@ -29,7 +27,10 @@ def count_params_per_module(model: nnx.Module, depth: int = 1) -> dict[str, int]
   total = 0
   for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     n = int(np.prod(leaf.shape))
-    key = _path_str(path[:depth]) if len(path) > depth else _path_str(path[:-1]) or "."
+    if len(path) > depth:
+      key = key_path_str(path[:depth], ".")
+    else:
+      key = key_path_str(path[:-1], ".") or "."
     counts[key] = counts.get(key, 0) + n
     total += n
   counts["total"] = total

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from common.convert import TORCH, Layout, Reader, Rule, Table, apply, fields
 from common.errors import CheckpointError
 
 EPS = 1e-6  # gamma + 1e-6 of the official quantizer (layers.py::ternary).
@@ -61,39 +62,19 @@ def ternarize(w: np.ndarray) -> np.ndarray:
   return np.clip(np.round(w / (gamma + np.float32(EPS))), -1, 1).astype(np.float32)
 
 
-class _Reader:
-  """The checkpoint's arrays by name, with the names that were read recorded."""
-
-  def __init__(self, tree: Mapping[str, Any]):
-    self.arrays: dict[str, np.ndarray] = {}
-    for k, v in tree.items():
-      for p in _PREFIXES:
-        if k.startswith(p):
-          k = k[len(p):]
-      self.arrays[k] = v
-    self.used: set[str] = set()
-
-  def get(self, name: str, required: bool = True) -> np.ndarray | None:
-    if name not in self.arrays:
-      if required:
-        raise CheckpointError(f"the TerDiT checkpoint has no {name!r} (is it an official "
-                              "TerDiT / Large-DiT consolidated file of this model's size?)")
-      return None
-    self.used.add(name)
-    return np.asarray(self.arrays[name])
-
-
-def _linear(r: _Reader, name: str, target: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """One official linear `name` -> our Dense / TernaryDense params for `target`'s keys."""
-  w = r.get(name + ".weight")
-  alpha = r.get(name + ".alphas", required=False)
+def _linear(read: Reader, target: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """One official linear (`weight`, optional `alphas`, `bias`) -> our Dense / TernaryDense params
+  for `target`'s keys."""
+  w = read("weight")
+  alpha = read("alphas", optional=True)
   if alpha is not None:
     alpha = np.float32(np.asarray(alpha, np.float32).reshape(-1)[0])
   out: dict[str, np.ndarray] = {}
-  if w.dtype == np.uint8:                    # consolidated_ternary: packed codes
+  if np.asarray(w).dtype == np.uint8:          # consolidated_ternary: packed codes
     if alpha is None:
-      raise CheckpointError(f"{name}.weight is packed (uint8) but {name}.alphas is missing.")
-    codes = ternary_from_hqq(w, name + ".weight").astype(np.float32)      # [out, in]
+      raise CheckpointError(f"{read.name}.weight is packed (uint8) but {read.name}.alphas is "
+                            "missing.")
+    codes = ternary_from_hqq(w, read.name + ".weight").astype(np.float32)      # [out, in]
     latent, effective = codes, alpha * codes
   else:
     w = np.asarray(w, np.float32)
@@ -104,13 +85,56 @@ def _linear(r: _Reader, name: str, target: Mapping[str, Any]) -> dict[str, np.nd
     out["alpha"] = np.asarray(alpha if alpha is not None else np.mean(np.abs(w)), np.float32)
   else:
     out["kernel"] = np.ascontiguousarray(effective.T)
-  if "bias" in target and target["bias"] is not None:
-    out["bias"] = np.asarray(r.get(name + ".bias"), np.float32)
+  if "bias" in target:
+    out["bias"] = np.asarray(read("bias"), np.float32)
   return out
 
 
-def _vector(r: _Reader, name: str) -> np.ndarray:
-  return np.asarray(r.get(name), np.float32)
+def _patch_embed(in_channels: int) -> Layout:
+  """The patch embedding: a linear whose inputs are reordered from the official (C, p, p) patch
+  layout to ours (p, p, C); `in_channels` C gives p from the width p * p * C."""
+
+  def layout(read: Reader, target: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    out = _linear(read, target)
+    k_in, dim = np.shape(out["kernel"])
+    p = math.isqrt(max(k_in // in_channels, 0))
+    if p * p * in_channels != k_in:
+      raise CheckpointError(f"x_embedder has {k_in} inputs, not p*p*{in_channels} for any patch "
+                            "size p: wrong in_channels?")
+    out["kernel"] = np.ascontiguousarray(
+        out["kernel"].reshape(in_channels, p, p, dim).transpose(1, 2, 0, 3).reshape(k_in, dim))
+    return out
+  return layout
+
+
+def _table(in_channels: int) -> Table:
+  """Our layer -> the official module (`DiT_Llama` of the TerDiT repository)."""
+  return Table(
+      rules=(
+          Rule(r"x_embedder", "x_embedder", _patch_embed(in_channels)),
+          Rule(r"t_embedder\.0", "t_embedder.mlp.0", _linear),
+          Rule(r"t_embedder\.1", "t_embedder.mlp.2", _linear),
+          Rule(r"y_embedder", "y_embedder.embedding_table", fields(table="weight")),
+          Rule(r"blocks\.(\d+)\.attn\.(w[qkvo])", r"layers.\1.attention.\2", _linear),
+          Rule(r"blocks\.(\d+)\.attn\.([qk]_norm)", r"layers.\1.attention.\2", TORCH),
+          Rule(r"blocks\.(\d+)\.attn_norm", r"layers.\1.attention_norm", TORCH),
+          Rule(r"blocks\.(\d+)\.mlp_norm", r"layers.\1.ffn_norm", TORCH),
+          Rule(r"blocks\.(\d+)\.mlp\.(w\d)", r"layers.\1.feed_forward.\2", _linear),
+          Rule(r"blocks\.(\d+)\.adaln", r"layers.\1.adaLN_modulation.1", _linear),
+          Rule(r"blocks\.(\d+)\.adaln_norm", r"layers.\1.adaLN_modulation.2", TORCH),
+          Rule(r"final\.adaln", "final_layer.adaLN_modulation.1", _linear),
+          Rule(r"final\.linear", "final_layer.linear", _linear),
+      ),
+      rename=_strip_prefixes,
+      ignore=r"freqs_cis",
+      hint="is it an official TerDiT / Large-DiT consolidated file of config.model's depth, "
+           "qk_norm and adaln_norm?")
+
+
+def _strip_prefixes(name: str) -> str:
+  for p in _PREFIXES:
+    name = name.removeprefix(p)
+  return name
 
 
 def from_official(tree: Mapping[str, np.ndarray], abstract_params: Mapping[str, Any], *,
@@ -129,68 +153,7 @@ def from_official(tree: Mapping[str, np.ndarray], abstract_params: Mapping[str, 
     A nested dict of float32 numpy arrays with exactly the structure of `abstract_params`.
 
   Raises:
-    CheckpointError: a missing or unused checkpoint entry, a shape that differs from ours, or
+    CheckpointError: missing or unused checkpoint entries, shapes that differ from ours, or
       malformed packed weights.
   """
-  r = _Reader(tree)
-  ap = abstract_params
-  out: dict[str, Any] = {}
-
-  xe = _linear(r, "x_embedder", ap["x_embedder"])
-  k_in, dim = np.shape(xe["kernel"])
-  p = math.isqrt(max(k_in // in_channels, 0))
-  if p * p * in_channels != k_in:
-    raise CheckpointError(f"x_embedder has {k_in} inputs, not p*p*{in_channels} for any patch "
-                          "size p: wrong in_channels?")
-  xe["kernel"] = np.ascontiguousarray(
-      xe["kernel"].reshape(in_channels, p, p, dim).transpose(1, 2, 0, 3).reshape(k_in, dim))
-  out["x_embedder"] = xe
-  # List entries are keyed by int (nnx.to_pure_dict) or str (after a round trip through a file).
-  t0, t1 = sorted(ap["t_embedder"], key=int)
-  out["t_embedder"] = {t0: _linear(r, "t_embedder.mlp.0", ap["t_embedder"][t0]),
-                       t1: _linear(r, "t_embedder.mlp.2", ap["t_embedder"][t1])}
-  out["y_embedder"] = {"table": _vector(r, "y_embedder.embedding_table.weight")}
-
-  blocks = {}
-  for i in sorted(ap["blocks"], key=int):
-    t = ap["blocks"][i]
-    o = f"layers.{i}."
-    attn = {n: _linear(r, o + "attention." + n, t["attn"][n]) for n in ("wq", "wk", "wv", "wo")}
-    for n in ("q_norm", "k_norm"):
-      if t["attn"].get(n) is not None:
-        attn[n] = {"scale": _vector(r, o + f"attention.{n}.weight"),
-                   "bias": _vector(r, o + f"attention.{n}.bias")}
-    b = {"attn": attn,
-         "attn_norm": {"scale": _vector(r, o + "attention_norm.weight")},
-         "mlp_norm": {"scale": _vector(r, o + "ffn_norm.weight")},
-         "mlp": {n: _linear(r, o + "feed_forward." + n, t["mlp"][n]) for n in ("w1", "w2", "w3")},
-         "adaln": _linear(r, o + "adaLN_modulation.1", t["adaln"])}
-    if t.get("adaln_norm") is not None:
-      b["adaln_norm"] = {"scale": _vector(r, o + "adaLN_modulation.2.weight")}
-    blocks[i] = b
-  out["blocks"] = blocks
-  out["final"] = {"adaln": _linear(r, "final_layer.adaLN_modulation.1", ap["final"]["adaln"]),
-                  "linear": _linear(r, "final_layer.linear", ap["final"]["linear"])}
-
-  unused = sorted(set(r.arrays) - r.used - {"freqs_cis"})
-  if unused:
-    raise CheckpointError(f"{len(unused)} entries of the TerDiT checkpoint have no place in this "
-                          f"model (more blocks than config.model.depth, or qk_norm / adaln_norm "
-                          f"off?): {unused[:8]}")
-  _check_shapes(out, ap, "")
-  return out
-
-
-def _check_shapes(got: Any, want: Any, path: str) -> None:
-  if isinstance(want, Mapping):
-    if not isinstance(got, Mapping) or set(got) != set(k for k, v in want.items()
-                                                       if v is not None):
-      raise CheckpointError(f"TerDiT conversion: entries under {path or '/'} differ from the "
-                            f"model's: {sorted(map(str, got))} vs {sorted(map(str, want))}")
-    for k, v in want.items():
-      if v is not None:
-        _check_shapes(got[k], v, f"{path}/{k}")
-    return
-  if tuple(np.shape(got)) != tuple(np.shape(want)):
-    raise CheckpointError(f"TerDiT conversion: parameter {path} has shape {np.shape(got)} in the "
-                          f"checkpoint but {tuple(np.shape(want))} in the model (config.model).")
+  return apply(_table(in_channels), tree, abstract_params, "the TerDiT checkpoint")

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import layers, registry, tree_names
+from common import convert, layers, registry
 from common.errors import ConfigError, ShapeError
 
 Array = jax.Array
@@ -392,6 +392,22 @@ def latent_normalization(config: dict) -> tuple[np.ndarray, np.ndarray]:
 _LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
+def _modern_name(name: str) -> str:
+  """Legacy attention names (`query`, `key`, `value`, `proj_attn`) renamed as diffusers does on
+  load."""
+  parts = name.split(".")
+  if len(parts) >= 2 and parts[-2] in _LEGACY_ATTENTION:
+    parts[-2:-1] = _LEGACY_ATTENTION[parts[-2]].split(".")
+  return ".".join(parts)
+
+
+# Parameter paths equal diffusers' names: every layer is a torch module (a legacy attention
+# projection stored as a 1x1 conv becomes a linear kernel through `torch_kernel`).
+TABLE = convert.Table(rules=(convert.Rule(r".*", r"\g<0>", convert.TORCH),), rename=_modern_name,
+                      hint="our shapes are what the config.json beside it implies: is it the one "
+                           "saved with these weights?")
+
+
 def torch_to_params(state_dict: dict[str, np.ndarray], abstract_params: dict,
                     source: str) -> dict:
   """Maps a diffusers state dict onto this module's pure param dict (numpy float32).
@@ -406,35 +422,6 @@ def torch_to_params(state_dict: dict[str, np.ndarray], abstract_params: dict,
     source: the weights file, for error messages.
 
   Raises:
-    ShapeError: a parameter is missing, unexpected or has the wrong shape.
+    ShapeError: parameters missing, unexpected or of the wrong shape.
   """
-  sd = {}
-  for name, value in state_dict.items():
-    parts = name.split(".")
-    if len(parts) >= 2 and parts[-2] in _LEGACY_ATTENTION:
-      parts[-2:-1] = _LEGACY_ATTENTION[parts[-2]].split(".")
-    sd[".".join(parts)] = value
-  flat = tree_names.flatten(abstract_params)
-  out, missing = {}, []
-  for path, leaf in flat.items():
-    base, last = path.rsplit(".", 1)
-    key = f"{base}.weight" if last in ("kernel", "scale") else path
-    if key not in sd:
-      missing.append(key)
-      continue
-    w = np.asarray(sd.pop(key), np.float32)
-    if last == "kernel" and w.ndim == 4 and len(leaf.shape) == 2:
-      w = w[:, :, 0, 0]                              # a legacy 1x1-conv attention projection
-    if last == "kernel":
-      w = w.transpose(2, 3, 1, 0) if w.ndim == 4 else w.T
-    if tuple(w.shape) != tuple(leaf.shape):
-      raise ShapeError(f"{source}: parameter {key} has shape {tuple(w.shape)} (after conversion), "
-                       f"the config.json beside it implies {tuple(leaf.shape)}")
-    out[path] = w
-  if missing:
-    raise ShapeError(f"{source}: {len(missing)} parameter(s) that config.json implies are missing, "
-                     f"e.g. {missing[:3]}; is the config.json the one saved with these weights?")
-  if sd:
-    raise ShapeError(f"{source}: {len(sd)} unexpected parameter(s), e.g. {sorted(sd)[:3]}; is the "
-                     "config.json the one saved with these weights?")
-  return tree_names.unflatten(out)
+  return convert.apply(TABLE, state_dict, abstract_params, source, error=ShapeError)

