@@ -40,6 +40,7 @@ from common import checkpoint
 from common import registry
 from common.errors import CheckpointError, ConfigError
 from common.paths import as_path
+from common.torch_weights import load_torch_weights
 
 LOADS = ("params", "state")
 
@@ -107,7 +108,6 @@ def _load_file(exp, cfg, path: str) -> tuple[Any, Any, str]:
                       "'common.init_from.from_param_paths' for files named by our parameter "
                       "paths).")
   convert = registry.import_object(cfg.converter, "init_from.converter", "converter")
-  from common.torch_weights import load_torch_weights  # pylint: disable=import-outside-toplevel
   params = convert(load_torch_weights(path), exp.abstract_params)
   check_match(params, exp.abstract_params, what="", where=f"{path} (via {cfg.converter})")
 
