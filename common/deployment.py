@@ -27,13 +27,14 @@ import hashlib
 import inspect
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol, runtime_checkable
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from safetensors import numpy as st_numpy
 
 from common import numerics, tree_names
 from common.errors import CheckpointError, ConfigError, DataNotFoundError, ShapeError, UserError
@@ -45,8 +46,27 @@ PARAMS_FILE = "params.safetensors"
 CONFIG_FILE = "config.json"
 
 
+@runtime_checkable
+class Deployable(Protocol):
+  """A layer with an inference form (a numerics implementation, e.g. `terdit.ternary.TernaryDense`)."""
+
+  def deployed(self) -> nnx.Module:
+    """The layer's inference form, called like the layer (e.g. packed ternary codes)."""
+
+
+@runtime_checkable
+class TensorCountBound(Protocol):
+  """A network class that bounds its parameter tensors from its constructor arguments alone
+  (optional: classes without it are not checked by `check_tensor_count`)."""
+
+  @staticmethod
+  def min_param_tensors(kwargs: Mapping[str, Any]) -> int:
+    """A lower bound on the parameter tensors of `cls(**kwargs)` (every argument given)."""
+
+
 def deploy(model: nnx.Module) -> dict[str, str]:
-  """Replaces, in place, every submodule that has a `deployed()` method by its inference form.
+  """Replaces, in place, every submodule that has a `deployed()` method (`Deployable`) by its
+  inference form.
 
   Works on concrete and abstract (`nnx.eval_shape`) models. A module inside one that is swapped
   is not visited on its own.
@@ -56,7 +76,7 @@ def deploy(model: nnx.Module) -> dict[str, str]:
   """
   found = []
   for path, node in nnx.iter_graph(model):
-    if not path or not isinstance(node, nnx.Module) or not callable(getattr(node, "deployed", None)):
+    if not path or not isinstance(node, nnx.Module) or not isinstance(node, Deployable):
       continue
     parts = tuple(str(p) for p in path)
     if any(parts[:len(q)] == q for q, _ in found):
@@ -145,7 +165,6 @@ def save_export(directory: str | os.PathLike, config: ml_collections.ConfigDict,
   Returns:
     The size of params.safetensors in bytes.
   """
-  from safetensors import numpy as st_numpy  # pylint: disable=import-outside-toplevel
   folder = as_path(directory)
   folder.mkdir(parents=True, exist_ok=True)
   flat = {k: np.array(jax.device_get(v), order="C")  # keeps 0-d arrays 0-d
@@ -165,20 +184,19 @@ def config_path(directory: str | os.PathLike):
 
 def check_tensor_count(cls: Any, kwargs: Mapping[str, Any], num_tensors: int, weights: Any) -> None:
   """Raises when the constructor arguments `kwargs` (read from a file) imply more parameter tensors
-  than the weights file holds, by `cls.min_param_tensors(all arguments)` (classes without it are
-  not checked). Called before the network is traced, so a config cannot make us build, even
-  abstractly, a network far larger than its weights (e.g. a million blocks).
+  than the weights file holds, by `cls.min_param_tensors(all arguments)` (`TensorCountBound`;
+  classes without it are not checked). Called before the network is traced, so a config cannot
+  make us build, even abstractly, a network far larger than its weights (e.g. a million blocks).
 
   Raises:
     ConfigError: an argument the bound reads has the wrong type; ShapeError: too few tensors.
   """
-  bound = getattr(cls, "min_param_tensors", None)
-  if bound is None:
+  if not isinstance(cls, TensorCountBound):
     return
   defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
               if p.default is not p.empty}
   try:
-    need = bound({**defaults, **kwargs})
+    need = cls.min_param_tensors({**defaults, **kwargs})
   except (TypeError, ValueError, KeyError) as e:
     raise ConfigError(f"the config.json beside {weights} has arguments of the wrong type for "
                       f"{cls.__name__}: {type(e).__name__}: {e}") from e
@@ -336,7 +354,6 @@ def load_export_config(directory: str | os.PathLike, like: ml_collections.Config
 def read_export_weights(directory: str | os.PathLike) -> dict[str, np.ndarray]:
   """DIR/params.safetensors as {dotted name: numpy array}, after checking its SHA-256 against the
   one config.json recorded at export time."""
-  from safetensors import numpy as st_numpy  # pylint: disable=import-outside-toplevel
   path = as_path(directory) / PARAMS_FILE
   data = read_checked(path, _export_meta(directory)["sha256"].get(PARAMS_FILE),
                       config_path(directory), _REDO)

@@ -5,9 +5,10 @@ A recipe is what the trainer sees of a training objective (docs/DESIGN.md):
   recipe.loss(model, batch, key) -> (per-example loss [B] float32, metrics {name: scalar})
   recipe.preview(model, batch, key, settings) -> samples [B, H, W, C] float32 conditioned on
       batch["cond"] (shape from batch["x"]), drawn with `settings` (config.sample as a dict)
+  recipe.network -> the Protocol its network implements (typed in common/contracts.py)
 
-where `model(x_in, noise_cond, cond, dropout_key=None)` is the denoiser network, returning F or
-(F, aux). Underneath, for any apply_fn(x_in [B, H, W, C], noise_cond [B] float32, cond) -> F:
+where `model(x_in, noise_cond, cond, dropout_key=None)` is the denoiser network
+(`common.contracts.Denoiser`), returning F or (F, aux). Underneath, for any apply_fn(x_in [B, H, W, C], noise_cond [B] float32, cond) -> F:
 
   recipe.per_example_loss(apply_fn, x, cond, key) -> per-example loss [B] float32
   recipe.sample(apply_fn, key, shape, cond, uncond, *, sampler, num_steps, guidance_scale,
@@ -28,6 +29,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from common import contracts
 from common import losses
 from common import parametrization as param
 from common import registry
@@ -85,6 +87,7 @@ def drop_condition(cond: Any, uncond: Any, prob: float, key: jax.Array) -> Any:
 class _DenoiserObjective:
   """The batch-level contract shared by the diffusion recipes (module docstring)."""
 
+  network = contracts.Denoiser  # what they train (common.contracts.Recipe)
   cond_drop_prob: float
 
   def loss(self, model, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
@@ -364,6 +367,8 @@ def make_diffusion(cfg):
     cls = recipe_class(name)
     kwargs = registry.config_kwargs(d)
     registry.check_kwargs(cls, kwargs, "config.diffusion")
-    return registry.build(cls, "config.diffusion", **kwargs)
+    recipe = registry.build(cls, "config.diffusion", **kwargs)
+    contracts.check(recipe, contracts.Recipe, f"config.diffusion.name={name!r}")
+    return recipe
   raise ConfigError(f"Unknown config.diffusion.name {name!r}; choose 'vp', 'edm' or the dotted "
                     "path of a recipe class.")

@@ -11,7 +11,7 @@ mesh by the logical axis names of the parameters.
 """
 
 import functools
-from typing import Any, Sequence
+from typing import Sequence
 
 from flax import nnx
 import jax
@@ -20,36 +20,18 @@ import ml_collections
 import numpy as np
 import optax
 
+from common import contracts
 from common import numerics
 from common import registry
 from common import sharding
+from common.autoencoders import load_autoencoder
 from common.diffusion import make_diffusion, recipe_class
 from common.ema import ema_update
 from common.errors import ConfigError, ShapeError
+from common.network import build_model, model_class
 from common.optim import (apply_gradients, learning_rate_schedule, make_optimizer,
                           optimizer_factory)
-
-
-def model_class(model_cfg: ml_collections.ConfigDict, kind: str = "model"):
-  """Imports the network class named by `model_cfg.name` ("package.module.Class"), a registered
-  plug-in of `kind` when the config was read from a file (`common.registry`)."""
-  return registry.import_object(model_cfg.get("name", None), "config.model.name", kind)
-
-
-def build_model(model_cfg: ml_collections.ConfigDict, key: jax.Array,
-                numerics_rules: Sequence[Any] = (), *, deployed: bool = False) -> nnx.Module:
-  """Builds the network: `config.model.name(**other keys, rngs=nnx.Rngs(params=key))`, then gives
-  its linear layers the implementations `numerics_rules` (`config.numerics.rules`) choose, and
-  with `deployed` their inference forms (`common.deployment.deploy`)."""
-  cls = model_class(model_cfg)
-  kwargs = registry.config_kwargs(model_cfg)
-  registry.check_kwargs(cls.__init__, kwargs, "config.model")
-  model = registry.build(cls, "config.model", **kwargs, rngs=nnx.Rngs(params=key))
-  numerics.apply_rules(model, numerics_rules)
-  if deployed:
-    from common.deployment import deploy  # pylint: disable=import-outside-toplevel
-    deploy(model)
-  return model
+from common.text import load_text_encoder
 
 
 def numerics_rules(config: ml_collections.ConfigDict) -> tuple:
@@ -103,6 +85,8 @@ class Experiment:
     abstract_model = nnx.eval_shape(
         lambda: build_model(config.model, jax.random.key(0), numerics_rules(config),
                             deployed=deployed))
+    contracts.check_network(abstract_model, self.recipe.network,
+                            f"config.model.name={config.model.name!r}")
     if deployed:
       self.graphdef, abstract_params = nnx.split(abstract_model)
       abstract_rest = None
@@ -162,6 +146,12 @@ class Experiment:
   def example_inputs(self, batch_size: int):
     """(x, cond) ShapeDtypeStructs of `batch_size` examples, as the network declares them."""
     return self.abstract_model.example_inputs(batch_size)
+
+  @property
+  def num_classes(self) -> int:
+    """The classes of a class-conditional network (one that declares cond["label"]: it is a
+    `common.contracts.ClassConditional`), else 0."""
+    return int(self.abstract_model.num_classes) if "label" in self.example_inputs(1)[1] else 0
 
   @property
   def sample_shape(self) -> tuple[int, ...]:
@@ -288,7 +278,6 @@ class Experiment:
     spec = self.config.get("autoencoder", "")
     if not spec:
       return None
-    from common.autoencoders import load_autoencoder  # pylint: disable=import-outside-toplevel
     return load_autoencoder(spec)
 
   @functools.cached_property
@@ -297,7 +286,6 @@ class Experiment:
     spec = self.config.get("text_encoder", "")
     if not spec:
       return None
-    from common.text import load_text_encoder  # pylint: disable=import-outside-toplevel
     return load_text_encoder(spec)
 
   def to_images(self, samples) -> np.ndarray:
@@ -343,14 +331,13 @@ class Experiment:
                          f"{jax.tree.map(np.shape, enc)}, the network expects {want}.")
       return cond, {"prompts": np.asarray(chosen)}
     if "label" in spec:
-      c = max(int(getattr(self.abstract_model, "num_classes", 0)), 1)
-      labels = (np.arange(offset, offset + n) % c).astype(np.int32)
+      labels = (np.arange(offset, offset + n) % self.num_classes).astype(np.int32)
       return {"label": jnp.asarray(labels)}, {"labels": labels}
     return {}, {}
 
   def grid_columns(self, n_conditions: int | None = None) -> int:
     """Columns of a sample grid: one per class (up to 16), else 8."""
-    c = int(getattr(self.abstract_model, "num_classes", 0))
+    c = self.num_classes
     if 0 < c <= 16:
       return c
     return n_conditions if n_conditions and n_conditions <= 16 else 8

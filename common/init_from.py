@@ -41,6 +41,7 @@ from common import convert
 from common import registry
 from common.errors import CheckpointError, ConfigError
 from common.paths import as_path
+from common.torch_weights import load_torch_weights
 
 LOADS = ("params", "state")
 
@@ -83,7 +84,6 @@ def _load_file(exp, cfg, path: str) -> tuple[Any, Any, str]:
                       "'common.init_from.from_param_paths' for files named by our parameter "
                       "paths).")
   converter = registry.import_object(cfg.converter, "init_from.converter", "converter")
-  from common.torch_weights import load_torch_weights  # pylint: disable=import-outside-toplevel
   tree = load_torch_weights(path)
   where = f"{path} (via {cfg.converter})"
   try:

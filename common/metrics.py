@@ -43,8 +43,9 @@ class MetricWriter:
       self._file = self._path.open("a")
     if tensorboard:
       try:
+        # The optional `tensorboard` extra (TensorFlow, which clu's SummaryWriter needs).
         import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-        from clu import metric_writers  # pylint: disable=import-outside-toplevel
+        from clu import metric_writers  # the same extra  pylint: disable=import-outside-toplevel
         self._tb = metric_writers.SummaryWriter(os.fspath(workdir / "tensorboard"))
       except ImportError:
         self._tb = None

@@ -22,11 +22,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
+import importlib.util
 import math
 import mmap
 import os
 import re
 from typing import Any
+
+from jax.experimental import topologies
 
 
 from common.errors import ConfigError
@@ -132,7 +135,6 @@ def _tpu_target(name: str, slices: int) -> Target:
   # libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) so that one process owns the TPU; a
   # compile-only client owns none, and a second compiling process would be refused without this.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   try:
     topo = topologies.get_topology_desc(
         topology_name=f"{gen.topology_prefix}:{'x'.join(map(str, shape))}", platform="tpu",
@@ -151,7 +153,6 @@ def _tpu_target(name: str, slices: int) -> Target:
 @functools.cache
 def _plugin_library() -> str:
   """Path of the installed CUDA PJRT plugin's shared library."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
   for package in ("jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12"):
     try:
       spec = importlib.util.find_spec(package)
@@ -194,7 +195,6 @@ def _gpu_target(name: str) -> Target:
     raise ConfigError(f"--target={name!r}: hosts and GPUs per host must be >= 1.")
   spec = gpu_spec(model.description)
   memory = re.search(r"device_memory_size:\s*(\d+)", spec)
-  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   try:
     topo = topologies.get_topology_desc(platform="cuda", topology=f"1x{hosts}x{per_host}",
                                         target_config=spec)

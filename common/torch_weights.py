@@ -51,12 +51,14 @@ import math
 import os
 import pickle
 import struct
+import tarfile
 import zipfile
 import zlib
 from typing import Any
 
 import ml_dtypes
 import numpy as np
+import safetensors
 
 from common.errors import CheckpointError, DataNotFoundError
 from common.paths import as_path
@@ -945,7 +947,6 @@ def _is_safetensors(path: str, head: bytes) -> bool:
 
 
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:
-  import safetensors  # pylint: disable=import-outside-toplevel
   data = as_path(path).read_bytes()
   try:
     records = safetensors.deserialize(data)
@@ -1010,7 +1011,6 @@ def load_torch_weights(path: str | os.PathLike, *, max_expansion: float = 4.0) -
 
 
 def _is_tar(path: str) -> bool:
-  import tarfile  # pylint: disable=import-outside-toplevel
   try:
     with as_path(path).open("rb") as f:
       return tarfile.is_tarfile(f)

@@ -9,7 +9,6 @@ Every file access goes through `etils.epath`, so a workdir may be a `gs://` path
 """
 
 import contextlib
-import inspect
 import json
 import signal
 import sys
@@ -17,23 +16,34 @@ import time
 from typing import Sequence
 
 from etils import epath
+from flax import nnx
 import jax
 import ml_collections
 import numpy as np
 
 from common import compile_report
+from common import contracts
+from common import deployment
 from common import init_from
 from common import registry
 from common import sharding
 from common import targets
 from common.paths import as_path, check_writable
 from common.checkpoint import Checkpointer
-from common.data import make_train_iterator
+from common.data import load_arrays, make_train_iterator
 from common.data.captions import read_prompts
+from common.diffusion import make_diffusion
 from common.errors import CheckpointError, ConfigError, NonFiniteLossError, ShapeError
-from common.experiment import Experiment, model_class
+from common.eval import cache
+from common.eval.features import evaluate_images, make_reference
+from common.eval.inception import weights_identity
+from common.eval.reference import write_arrays
+from common.experiment import Experiment, numerics_rules
 from common.images import save_grid, to_uint8
+from common.memory import memory_lines, train_step_memory
 from common.metrics import MetricWriter, Progress, format_duration
+from common.network import build_model, model_class
+from common.summary import summary_lines
 
 
 def _log(msg: str) -> None:
@@ -252,7 +262,6 @@ def sample(config: ml_collections.ConfigDict, workdir: str | None, *,
   check_writable(as_path(workdir or checkpoint) / "samples",
                  flag="--workdir" if workdir else "--workdir for the samples")
   if checkpoint:
-    from common import deployment  # pylint: disable=import-outside-toplevel
     if not deployment.is_export(checkpoint):
       raise CheckpointError(f"--checkpoint={checkpoint} is not an export folder (config.json "
                             f"and {deployment.PARAMS_FILE} written by --mode=export).")
@@ -312,8 +321,6 @@ def export(config: ml_collections.ConfigDict, workdir: str, *, out: str | None =
     {"path": the folder, "step", "deployed": {module path: class}, "bytes": {"export", "fp32",
     "bf16", "params"}}.
   """
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from common import deployment  # pylint: disable=import-outside-toplevel
   wd = as_path(workdir)
   folder = as_path(out) if out else wd / "export"
   check_writable(folder)
@@ -342,10 +349,6 @@ def _reference(config: ml_collections.ConfigDict, wd: epath.Path):
   """`config.eval.reference` (a path to images or statistics), or statistics of the config's own
   real images (`eval.reference_data`, default config.data, split `eval.reference_split`), cached in
   WORKDIR/eval/reference.npz with the settings that made it (`common.eval.cache`)."""
-  from common.data import load_arrays  # pylint: disable=import-outside-toplevel
-  from common.eval import cache  # pylint: disable=import-outside-toplevel
-  from common.eval.inception import weights_identity  # pylint: disable=import-outside-toplevel
-  from common.eval.reference import make_reference  # pylint: disable=import-outside-toplevel
   ec = config.eval
   if ec.get("reference"):
     return str(ec.reference)
@@ -365,12 +368,12 @@ def _reference(config: ml_collections.ConfigDict, wd: epath.Path):
 
 def _samples_settings(config: ml_collections.ConfigDict, step: int, n: int) -> dict:
   """Everything that shapes the evaluation samples of checkpoint `step` (common.eval.cache)."""
-  from common.eval.cache import fingerprint  # pylint: disable=import-outside-toplevel
   sample = {k: v for k, v in config.sample.to_dict().items() if k != "num_samples"}
   return {"cache": "evaluation samples", "step": int(step), "num_samples": int(n),
           "seed": int(config.eval.seed), "sample": sample, "precision": config.get("precision"),
-          "model": fingerprint(config.model), "diffusion": fingerprint(config.diffusion),
-          "numerics": fingerprint(config.get("numerics") or {}),
+          "model": cache.fingerprint(config.model),
+          "diffusion": cache.fingerprint(config.diffusion),
+          "numerics": cache.fingerprint(config.get("numerics") or {}),
           "autoencoder": config.get("autoencoder"), "text_encoder": config.get("text_encoder")}
 
 
@@ -383,9 +386,6 @@ def evaluate_params(exp: Experiment, params, step: int, wd: epath.Path, *,
 
   Returns the scores with the keys prefixed "eval/" (for metrics.jsonl).
   """
-  from common.eval import cache  # pylint: disable=import-outside-toplevel
-  from common.eval.features import evaluate_images  # pylint: disable=import-outside-toplevel
-  from common.eval.reference import write_arrays  # pylint: disable=import-outside-toplevel
   config = exp.config
   ec = config.eval
   n = int(num_samples or ec.num_samples)
@@ -440,22 +440,16 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 def summary(config: ml_collections.ConfigDict) -> str:
   """Parameters per module and forward GFLOPs per example (XLA cost analysis); needs no data.
 
-  The network is built abstractly (no parameter memory) and its forward pass is lowered for the
-  inputs it declares (`example_inputs(1)`).
+  The network is built abstractly (no parameter memory), checked against the contract of its
+  recipe, and its forward pass is lowered for the inputs it declares (`example_inputs(1)`), in the
+  form the contract calls it (`common.contracts.forward_arguments`).
   """
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from common.experiment import build_model, numerics_rules  # pylint: disable=import-outside-toplevel
-  from common.summary import summary_lines  # pylint: disable=import-outside-toplevel
   m = config.model
   model = nnx.eval_shape(lambda: build_model(m, jax.random.key(0), numerics_rules(config)))
-  x, cond = model.example_inputs(1)
-  # A denoiser's forward is (x, noise_cond, cond); other networks (an autoencoder) take x alone.
-  params = inspect.signature(type(model).__call__).parameters
-  if len([p for p in params.values() if p.default is p.empty and p.kind != p.KEYWORD_ONLY]) > 2:
-    inputs = (x, jax.ShapeDtypeStruct((1,), jax.numpy.float32), cond)
-  else:
-    inputs = (x,)
-  shape = "x".join(str(d) for d in x.shape[1:])
+  contract = make_diffusion(config.diffusion).network
+  contracts.check_network(model, contract, f"config.model.name={m.name!r}")
+  inputs = contracts.forward_arguments(model, contract)
+  shape = "x".join(str(d) for d in inputs[0].shape[1:])
   lines = [f"{m.name} ({shape})"] + summary_lines(model, inputs, per_example=1)
   lines += _memory_lines(config)
   text = "\n".join(lines)
@@ -483,7 +477,6 @@ def compile_for_target(config: ml_collections.ConfigDict, target: str | None, *,
 def _memory_lines(config: ml_collections.ConfigDict) -> list[str]:
   """The train step's memory per device for the config's batch and mesh (common/memory.py), on a
   mesh of the available devices; a mesh those devices cannot form is said in one line."""
-  from common.memory import memory_lines, train_step_memory  # pylint: disable=import-outside-toplevel
   try:
     mesh = sharding.make_mesh(config.mesh)
   except ConfigError as e:

@@ -169,7 +169,7 @@ def kernel_constexprs(m: int, k: int, n: int, h: int, dtype, cfg: dict[str, int]
 def ternary_matmul_triton(x: jax.Array, packed: jax.Array, alpha: jax.Array,
                           config: dict[str, Any] | None = None) -> jax.Array:
   """x [M, K] (f32/bf16), packed uint8 [H, N], alpha f32 () -> [M, N] in x's dtype."""
-  import jax_triton as jt  # pylint: disable=g-import-not-at-top
+  import jax_triton as jt  # the optional `gpu` extra  pylint: disable=g-import-not-at-top
 
   m, k = x.shape
   h, n = packed.shape

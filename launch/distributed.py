@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import os
 
+import jax
+
 from common.errors import UserError
 
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
@@ -112,7 +114,6 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   Returns:
     (jax.process_index(), jax.process_count()).
   """
-  import jax  # pylint: disable=import-outside-toplevel
   coord, num, pid = resolve(coordinator_address, num_processes, process_id)
   try:
     jax.distributed.initialize(coordinator_address=coord, num_processes=num, process_id=pid,

@@ -21,7 +21,15 @@ sys.path.insert(0, os.fspath(epath.Path(__file__).absolute().parent.parent))  # 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
+
+from common.autoencoders import load_autoencoder  # noqa: E402
+from common.data.captions import read_prompts  # noqa: E402
+from common.errors import DataNotFoundError, ShapeError, UserError  # noqa: E402
+from common.images import to_uint8  # noqa: E402
+from common.paths import as_path  # noqa: E402
+from common.text import load_text_encoder  # noqa: E402
 
 
 COMMANDS = ("images", "text")
@@ -40,11 +48,6 @@ def encode_images(autoencoder_spec: str, input_path: str, output_path: str, *, b
   Returns:
     {"num", "image_shape", "latent_shape", "psnr_db"}.
   """
-  import jax  # pylint: disable=import-outside-toplevel
-  from common.autoencoders import load_autoencoder  # pylint: disable=import-outside-toplevel
-  from common.errors import DataNotFoundError, ShapeError  # pylint: disable=import-outside-toplevel
-  from common.images import to_uint8  # pylint: disable=import-outside-toplevel
-  from common.paths import as_path  # pylint: disable=import-outside-toplevel
   if not as_path(input_path).is_file():
     raise DataNotFoundError(f"--input={input_path} does not exist (an npz file with `images`, uint8 "
                             "[N, H, W, C])")
@@ -83,10 +86,6 @@ def encode_text(text_encoder_spec: str, prompts_path: str, output_path: str, *,
   Returns:
     {"num", "tokens_shape", "max_length", "width"}.
   """
-  from common.errors import ShapeError  # pylint: disable=import-outside-toplevel
-  from common.paths import as_path  # pylint: disable=import-outside-toplevel
-  from common.data.captions import read_prompts  # pylint: disable=import-outside-toplevel
-  from common.text import load_text_encoder  # pylint: disable=import-outside-toplevel
   prompts = read_prompts(prompts_path, f"--prompts={prompts_path}")
   enc = load_text_encoder(text_encoder_spec)
   parts = [enc.encode(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
@@ -119,8 +118,6 @@ def _run(argv) -> None:
   logging.set_verbosity(logging.WARNING)
   if len(argv) != 2 or argv[1] not in COMMANDS:
     _fail(f"usage: launch/encode.py {{{'|'.join(COMMANDS)}}} [flags]; got {argv[1:]}")
-  from common.errors import UserError  # pylint: disable=import-outside-toplevel
-  from common.paths import as_path  # pylint: disable=import-outside-toplevel
   try:
     if argv[1] == "images":
       _require(autoencoder=_AUTOENCODER.value, input=_INPUT.value, output=_OUTPUT.value)
@@ -131,10 +128,7 @@ def _run(argv) -> None:
             f"wrote {as_path(_OUTPUT.value)}", flush=True)
     else:
       _require(text_encoder=_TEXT_ENCODER.value, prompts=_PROMPTS.value, output=_OUTPUT.value)
-      try:
-        r = encode_text(_TEXT_ENCODER.value, _PROMPTS.value, _OUTPUT.value, batch_size=_BATCH.value)
-      except ImportError as e:
-        _fail(f"text encoders are not available in this installation (common.text: {e})")
+      r = encode_text(_TEXT_ENCODER.value, _PROMPTS.value, _OUTPUT.value, batch_size=_BATCH.value)
       print(f"encoded {r['num']} prompts -> tokens {'x'.join(map(str, r['tokens_shape']))} "
             f"(max_length {r['max_length']}, width {r['width']}); wrote "
             f"{as_path(_OUTPUT.value)}", flush=True)

@@ -38,10 +38,16 @@ sys.path.insert(0, os.fspath(epath.Path(__file__).absolute().parent.parent))  # 
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
+import jax  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from common.data import load_arrays  # noqa: E402
+from common.errors import UserError  # noqa: E402
+from common.eval import features  # noqa: E402
+from common.eval import reference  # noqa: E402
 # The library entry point (the trainer's periodic evaluation imports it from common.eval.features).
 from common.eval.features import evaluate_images  # noqa: E402,F401  pylint: disable=unused-import
+from common.paths import as_path  # noqa: E402
 
 _SAMPLES = flags.DEFINE_string("samples", None, "Samples .npz (`images` or `arr_0`, uint8 NHWC) or .npy.")
 _REFERENCE = flags.DEFINE_string("reference", None, "Reference batch .npz (images and/or statistics).")
@@ -69,7 +75,6 @@ def _fail(msg: str) -> None:
 
 
 def _write_json(path: str, obj: dict) -> None:
-  from common.paths import as_path  # pylint: disable=import-outside-toplevel
   as_path(path).parent.mkdir(parents=True, exist_ok=True)
   with as_path(path).open("w", encoding="utf-8") as f:
     json.dump(obj, f, indent=2)
@@ -77,14 +82,11 @@ def _write_json(path: str, obj: dict) -> None:
 
 
 def _evaluate() -> None:
-  from common.eval import features  # pylint: disable=import-outside-toplevel
-  from common.eval import reference  # pylint: disable=import-outside-toplevel
   samples = reference.load_images(_SAMPLES.value)  # both files are checked before any work
   ref = reference.load_reference(_REFERENCE.value)
   result, feats = features.evaluate_images(
       samples, ref, inception_path=_INCEPTION.value, batch_size=_BATCH_SIZE.value,
       progress=_PROGRESS.value, return_features=True)
-  import jax  # pylint: disable=import-outside-toplevel
   if jax.process_index() != 0:
     return
   print(json.dumps(result, indent=2), flush=True)
@@ -96,7 +98,6 @@ def _evaluate() -> None:
 
 
 def _make_reference() -> None:
-  from common.eval import reference  # pylint: disable=import-outside-toplevel
   config = _CONFIG.value
   if (config is None) == (_IMAGES.value is None):
     _fail("--make_reference needs exactly one of --config=configs/X.py (a dataset) or --images=X.npz")
@@ -108,14 +109,12 @@ def _make_reference() -> None:
       _fail(f"{str(e).splitlines()[-1].strip()} (--config={flags.FLAGS['config'].config_filename})")
     if data_cfg is None:
       _fail(f"--config={flags.FLAGS['config'].config_filename} has no `data` section")
-    from common.data import load_arrays  # pylint: disable=import-outside-toplevel
     images, labels = load_arrays(data_cfg, _SPLIT.value, _LIMIT.value)
   else:
     images = reference.load_images(_IMAGES.value, limit=_LIMIT.value)
-  stats = reference.make_reference(
+  stats = features.make_reference(
       _MAKE_REFERENCE.value, images, labels=labels, inception_path=_INCEPTION.value,
       batch_size=_BATCH_SIZE.value, store_images=_STORE_IMAGES.value, progress=_PROGRESS.value)
-  import jax  # pylint: disable=import-outside-toplevel
   if jax.process_index() == 0:
     print(json.dumps({"reference": _MAKE_REFERENCE.value, "num_images": int(len(stats["pool"])),
                       "arrays": sorted(stats) + (["arr_0"] if _STORE_IMAGES.value else [])
@@ -133,10 +132,8 @@ def _run(argv) -> None:
     _fail("evaluation needs both --samples=A.npz and --reference=B.npz")
   if _BATCH_SIZE.value <= 0:
     _fail(f"--batch_size must be positive, got {_BATCH_SIZE.value}")
-  from common.errors import UserError  # pylint: disable=import-outside-toplevel
   try:
     if _DISTRIBUTED.value:
-      import jax  # pylint: disable=import-outside-toplevel
       jax.distributed.initialize()
     if evaluating:
       _evaluate()
@@ -148,7 +145,6 @@ def _run(argv) -> None:
 
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with bad flags and unknown `--config.*` keys reported on one line."""
-  from common.errors import UserError  # pylint: disable=import-outside-toplevel
   try:
     return flags.FLAGS(argv)
   except UserError as e:

@@ -21,6 +21,10 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from common.autoencoders.export import export_autoencoder  # noqa: E402
+from common.errors import UserError  # noqa: E402
+from common.paths import as_path  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The autoencoder's training config.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir (holds checkpoints/).")
@@ -44,9 +48,6 @@ def _run(argv) -> None:
     config.get("seed")  # config_flags defers a config file's load error to the first access
   except OSError as e:
     _fail(f"{str(e).splitlines()[-1].strip()} (--config={flags.FLAGS['config'].config_filename})")
-  from common.autoencoders.export import export_autoencoder  # pylint: disable=import-outside-toplevel
-  from common.errors import UserError  # pylint: disable=import-outside-toplevel
-  from common.paths import as_path  # pylint: disable=import-outside-toplevel
   try:
     r = export_autoencoder(config, _WORKDIR.value, _OUT.value, num_images=_NUM_IMAGES.value)
   except UserError as e:

@@ -27,6 +27,12 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from common import deployment, registry, trainer  # noqa: E402
+from common.errors import UserError  # noqa: E402
+from common.experiment import resolve_plugins  # noqa: E402
+from configs import base  # noqa: E402
+from launch import distributed  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/sid2_digits.py.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
@@ -69,7 +75,6 @@ def _run(argv) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   config = _CONFIG.value
-  from common.errors import UserError  # pylint: disable=import-outside-toplevel
   if _CHECKPOINT.value and _MODE.value not in ("sample", "compile"):
     raise app.UsageError("--checkpoint is for --mode=sample and --mode=compile")
   if _TARGET.value and _MODE.value != "compile":
@@ -77,8 +82,6 @@ def _run(argv) -> None:
   # A config read from an export is data: the names in it resolve only to registered plug-ins.
   trust, source = contextlib.nullcontext(), None
   if config is None and _CHECKPOINT.value:
-    from common import deployment, registry  # pylint: disable=import-outside-toplevel
-    from configs import base  # pylint: disable=import-outside-toplevel
     try:
       config = deployment.load_export_config(_CHECKPOINT.value, like=base.structure())
     except UserError as e:
@@ -97,7 +100,6 @@ def _run(argv) -> None:
   try:
     with trust:
       if source is not None:  # refuse every unregistered name, used by this mode or not
-        from common.experiment import resolve_plugins  # pylint: disable=import-outside-toplevel
         resolve_plugins(config)
       _dispatch(config)
   except UserError as e:
@@ -127,11 +129,9 @@ def _describe(e: BaseException) -> str:
 def _dispatch(config) -> None:
   """Runs `--mode` on `config`."""
   if _DISTRIBUTED.value:
-    from launch import distributed  # pylint: disable=import-outside-toplevel
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   elif any(f.value is not None for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)):
     raise app.UsageError("--coordinator_address/--num_processes/--process_id need --distributed")
-  from common import trainer  # pylint: disable=import-outside-toplevel
   if _MODE.value == "summary":
     trainer.summary(config)
     return
@@ -158,7 +158,6 @@ def _dispatch(config) -> None:
 
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with bad flags and unknown `--config.*` keys reported on one line."""
-  from common.errors import UserError  # pylint: disable=import-outside-toplevel
   try:
     return flags.FLAGS(argv)
   except UserError as e:  # raised by a config's get_config, e.g. an unknown config argument

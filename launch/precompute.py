@@ -21,6 +21,9 @@ sys.path.insert(0, os.fspath(epath.Path(__file__).absolute().parent.parent))  # 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+from common.data import latents  # noqa: E402
+from common.errors import UserError  # noqa: E402
+
 _SOURCE = flags.DEFINE_enum("source", None, ["fashion_mnist", "image_folder", "coco"],
                             "Captioned image source.")
 _PATH = flags.DEFINE_string(
@@ -57,12 +60,10 @@ _PROCESS_COUNT = flags.DEFINE_integer("process_count", 1, "Number of writers sha
 def _run(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from common.errors import UserError  # pylint: disable=import-outside-toplevel
   if _SOURCE.value is None:
     print("error: --source is required (fashion_mnist, image_folder or coco)", file=sys.stderr,
           flush=True)
     sys.exit(1)
-  from common.data import latents  # pylint: disable=import-outside-toplevel
   try:
     latents.precompute(source=_SOURCE.value, output=_OUTPUT.value, autoencoder=_AUTOENCODER.value,
                        text_encoder=_TEXT_ENCODER.value, path=_PATH.value,

@@ -202,8 +202,9 @@ def make_job_generator(executor: str, config: str, name: str, workdir: str,
 
   Local jobs are named `name`: their output lines are prefixed with `[name]`.
   """
+  # xmanager is the optional `xm` extra: imported only when a sweep is launched.
   from xmanager import xm  # pylint: disable=import-outside-toplevel
-  from xmanager import xm_local  # pylint: disable=import-outside-toplevel
+  from xmanager import xm_local  # the same extra  pylint: disable=import-outside-toplevel
   num_hosts = _NUM_HOSTS.value if executor != "local" else 1
   args = main_args(config, workdir, point, _EXTRA_ARGS.value, distributed=num_hosts > 1)
 
@@ -232,6 +233,7 @@ def make_job_generator(executor: str, config: str, name: str, workdir: str,
     return vertex_job
 
   async def kubernetes_job(work_unit, **_):
+    # The optional `xm` extra's Kubernetes executor (its cloud dependencies).
     from xmanager.cloud import kubernetes  # pylint: disable=import-outside-toplevel
     [executable] = work_unit.experiment.package(
         [_container(xm, xm_local.Kubernetes.Spec(), args, extra)])
@@ -253,6 +255,7 @@ def make_job_generator(executor: str, config: str, name: str, workdir: str,
 async def _run_experiment(title: str, executor: str, config: str,
                           units: list[tuple[str, str, dict[str, Any]]],
                           max_parallel: int) -> list[dict[str, Any]]:
+  # xmanager is the optional `xm` extra: imported only when a sweep is launched.
   from xmanager import xm_local  # pylint: disable=import-outside-toplevel
   results = []
   try:
@@ -353,6 +356,7 @@ def _main(argv) -> None:
     file_points = load_sweep_file(_SWEEP_FILE.value) if _SWEEP_FILE.value else None
     points = expand_sweep(_SET.value, _SWEEP.value, file_points)
     try:
+      # Only to say in one line that the optional `xm` extra is missing.
       import xmanager  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
     except ImportError:
       raise ConfigError("launch/xm_launch.py needs the `xm` extra: pip install -e '.[xm]'") from None

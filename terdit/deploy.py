@@ -12,7 +12,7 @@ writes the result and `--mode=sample --checkpoint=EXPORT_DIR` samples from it.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,10 @@ from jax.sharding import PartitionSpec as P
 from common.errors import ConfigError, ShapeError
 from kernels import target
 from kernels import ternary_matmul as tm
-from terdit import ternary
+from terdit import codes as ternary_codes
+
+if TYPE_CHECKING:
+  from terdit.ternary import TernaryDense
 
 
 class PackedState(nnx.Variable):
@@ -89,11 +92,11 @@ class PackedTernaryDense(nnx.Module):
       self.bias = nnx.data(None)
 
   @classmethod
-  def from_ternary(cls, layer: "ternary.TernaryDense", impl: str = "pallas") -> "PackedTernaryDense":
+  def from_ternary(cls, layer: TernaryDense, impl: str = "pallas") -> PackedTernaryDense:
     """Packs a QAT layer: codes = ternarize(latent kernel), the same weights its forward uses."""
-    codes, _ = ternary.ternarize(layer.kernel[...])
+    codes, _ = ternary_codes.ternarize(layer.kernel[...])
     axes = getattr(layer.kernel, "out_sharding", None)
-    return cls(ternary.pack(codes), layer.alpha[...],
+    return cls(ternary_codes.pack(codes), layer.alpha[...],
                None if layer.bias is None else layer.bias[...], in_features=layer.in_features,
                kernel_axes=axes, dtype=layer.dtype, impl=impl)
 
@@ -119,9 +122,9 @@ class PackedTernaryDense(nnx.Module):
       # batch, with the (small, packed) weights replicated.
       rows = _batch_spec(mesh, x.shape[0])
       return jax.shard_map(
-          lambda p, v: ternary.packed_dense(p, v, **kwargs), mesh=mesh, in_specs=(P(), rows),
+          lambda p, v: ternary_codes.packed_dense(p, v, **kwargs), mesh=mesh, in_specs=(P(), rows),
           out_specs=rows, check_vma=False)(params, x.astype(dtype))
-    return ternary.packed_dense(params, x.astype(dtype), **kwargs)
+    return ternary_codes.packed_dense(params, x.astype(dtype), **kwargs)
 
 
 def _batch_spec(mesh: jax.sharding.AbstractMesh, batch: int) -> P:

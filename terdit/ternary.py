@@ -1,19 +1,16 @@
-"""TerDiT ternary weights (arXiv 2405.14854): quantizer, QAT dense layer, packing, export.
+"""TerDiT ternary weights (arXiv 2405.14854): the QAT dense layer and the whole-tree export.
 
-Quantizer (TerDiT, arXiv 2405.14854; `fairscale/fairscale/nn/model_parallel/layers.py::ternary` of
-Lucky-Lance/TerDiT):
-  gamma = mean(|W|) over the whole tensor,
-  Wt = clip(round(W / (gamma + 1e-6)), -1, 1) (round half to even),
-  W_eff = alpha * Wt, y = x W_eff (+ b); backward: identity straight-through estimator,
-  dL/dW = dL/dWt, dL/dalpha = sum(dL/dW_eff * Wt).
+QAT (TerDiT, arXiv 2405.14854; `fairscale/fairscale/nn/model_parallel/layers.py::ternary` of
+Lucky-Lance/TerDiT): W_eff = alpha * Wt with Wt the absmean codes of the latent weight W
+(`terdit.codes.ternarize`), y = x W_eff (+ b); backward: identity straight-through estimator,
+dL/dW = dL/dWt, dL/dalpha = sum(dL/dW_eff * Wt).
 
-Deployment: codes are packed four to a byte (kernels/ternary_matmul.py documents the
-layout) and run through `kernels.ternary_matmul.ternary_matmul` together with alpha.
+Deployment: the codes packed four to a byte (`terdit.codes.pack`) run through the packed matmul
+with alpha; `TernaryDense.deployed()` is that inference form (`terdit.deploy.PackedTernaryDense`).
 """
 
 from __future__ import annotations
 
-import functools
 import zlib
 from typing import Any, Callable, Sequence
 
@@ -24,55 +21,8 @@ from flax import nnx
 
 from common import registry
 from common.errors import ConfigError, ShapeError
-from kernels import ternary_matmul as tm
-
-EPS = 1e-6  # TerDiT's gamma + 1e-6 (official layers.py).
-
-# Words of the kernels' ValueError messages about options (ConfigError), not inputs (ShapeError).
-_OPTION_WORDS = ("impl", "variant", "block_", "split_k", "CUDA", "jax-triton")
-
-
-def _user_errors(fn):
-  """Wraps a kernels function: its ValueErrors (kernels/ is a leaf and raises plain ValueError)
-  become common.errors.ConfigError (a bad option) or ShapeError (bad shapes or dtypes)."""
-
-  @functools.wraps(fn)
-  def wrapped(*args, **kwargs):
-    try:
-      return fn(*args, **kwargs)
-    except ValueError as e:
-      msg = str(e)
-      err = ConfigError if any(w in msg for w in _OPTION_WORDS) else ShapeError
-      raise err(msg) from e
-
-  return wrapped
-
-
-pack = _user_errors(tm.pack_ternary)
-unpack = _user_errors(tm.unpack_ternary)
-_ternary_matmul = _user_errors(tm.ternary_matmul)
-
-
-def ternarize(w: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """TerDiT's absmean ternary quantizer (arXiv 2405.14854; official layers.py::ternary).
-
-  Args:
-    w: weight tensor of any shape.
-
-  Returns:
-    (codes, gamma): int8 codes of w's shape in {-1, 0, +1}, and the fp32 scalar
-    gamma = mean|w|. An all-zero w gives gamma = 0 and codes 0 (0 / 1e-6 = 0).
-  """
-  codes, gamma = _ternary_codes(w)
-  return codes.astype(jnp.int8), gamma
-
-
-def _ternary_codes(w: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Like `ternarize` but returns the codes as fp32 (for the QAT forward)."""
-  w32 = jnp.asarray(w, jnp.float32)
-  gamma = jnp.mean(jnp.abs(w32))
-  codes = jnp.clip(jnp.round(w32 / (gamma + EPS)), -1.0, 1.0)  # jnp.round: half to even
-  return codes, gamma
+from terdit.codes import pack, packed_dense, ternarize, ternary_codes, unpack
+from terdit.deploy import PackedTernaryDense
 
 
 class TernaryKernel(nnx.Param):
@@ -185,7 +135,7 @@ class TernaryDense(nnx.Module):
   def effective_kernel(self) -> jax.Array:
     """alpha * Wt with the identity STE: fp32 [in, out]; gradients reach kernel and alpha."""
     w = self.kernel[...]
-    codes, _ = _ternary_codes(w)
+    codes, _ = ternary_codes(w)
     wt = jax.lax.stop_gradient(codes) + (w - jax.lax.stop_gradient(w))
     return self.alpha[...] * wt
 
@@ -213,7 +163,6 @@ class TernaryDense(nnx.Module):
   def deployed(self) -> nnx.Module:
     """The inference form (`common.deployment.deploy`): a `terdit.deploy.PackedTernaryDense`
     holding only the packed codes, alpha and the bias; same outputs up to float rounding."""
-    from terdit.deploy import PackedTernaryDense  # pylint: disable=import-outside-toplevel
     return PackedTernaryDense.from_ternary(self)
 
   def packed_call(self, x: jax.Array, **matmul_kwargs) -> jax.Array:
@@ -221,20 +170,6 @@ class TernaryDense(nnx.Module):
     keep `export()` once and call `packed_dense`)."""
     dtype = self.dtype or x.dtype
     return packed_dense(self.export(), x.astype(dtype), **matmul_kwargs)
-
-
-def packed_dense(params: dict[str, jax.Array], x: jax.Array, **matmul_kwargs) -> jax.Array:
-  """Runs a deployed ternary layer: x [..., K] -> [..., N] in x's dtype.
-
-  Args:
-    params: a layer's export ("packed", "alpha", optional "bias"; "in_features" unused).
-    x: activations, float32 or bfloat16.
-    **matmul_kwargs: passed to `ternary_matmul` (impl, interpret, pallas_variant, ...).
-  """
-  y = _ternary_matmul(x, params["packed"], params["alpha"], **matmul_kwargs)
-  if params.get("bias") is not None:
-    y = (y.astype(jnp.float32) + params["bias"]).astype(x.dtype)
-  return y
 
 
 # ------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -69,7 +68,7 @@ def test_images_cli_and_errors(tmp_path):
 
 
 def test_text_in_process(tmp_path, monkeypatch):
-  """`text` with a stand-in for common.text (the contract's TextEncoder interface)."""
+  """`text` with a stand-in text encoder (the contract's TextEncoder interface)."""
 
   class FakeEncoder:
     max_length, width = 6, 5
@@ -83,9 +82,7 @@ def test_text_in_process(tmp_path, monkeypatch):
       return {"tokens": tokens, "mask": mask, "pooled": tokens.sum(1) / lengths[:, None]}
 
   specs = []
-  fake = types.ModuleType("common.text")
-  fake.load_text_encoder = lambda spec: specs.append(spec) or FakeEncoder()
-  monkeypatch.setitem(sys.modules, "common.text", fake)
+  monkeypatch.setattr(encode, "load_text_encoder", lambda spec: specs.append(spec) or FakeEncoder())
   prompts = ["a photo of a sneaker", "", "  an ankle boot  ", "a bag"]
   (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
   r = encode.encode_text("minilm", str(tmp_path / "p.txt"), str(tmp_path / "t.npz"), batch_size=2)
@@ -127,9 +124,7 @@ def _fake_text_encoder(monkeypatch):
       return {"tokens": np.zeros((n, 4, 2), np.float32), "mask": np.ones((n, 4), np.int32),
               "pooled": np.zeros((n, 2), np.float32)}
 
-  fake = types.ModuleType("common.text")
-  fake.load_text_encoder = lambda spec: FakeEncoder()
-  monkeypatch.setitem(sys.modules, "common.text", fake)
+  monkeypatch.setattr(encode, "load_text_encoder", lambda spec: FakeEncoder())
 
 
 def test_both_entry_points_split_prompt_files_the_same_way(tmp_path, monkeypatch):

@@ -1,8 +1,9 @@
 """The package layering of docs/DESIGN.md, checked on every module's imports (parsed, not run).
 
 `kernels/` is a leaf: it imports nothing of the project's own outside itself. `common/` imports no
-family package (sid2, microdit, terdit, coat). Models and kernels do not import tfds, grain,
-TensorFlow or torch.
+family package (every top-level package but common, kernels, configs and launch: sid2, microdit,
+terdit, coat, and a new family without an edit here). Models and kernels do not import tfds, grain,
+TensorFlow or torch. tests/test_imports.py checks the import graph has no cycles.
 """
 
 import ast
@@ -11,9 +12,9 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OURS = {"common", "kernels", "sid2", "microdit", "terdit", "coat", "configs", "launch",
-        "benchmarks", "tests"}
-FAMILIES = {"sid2", "microdit", "terdit", "coat"}
+PACKAGES = {d for d in os.listdir(ROOT) if os.path.isfile(os.path.join(ROOT, d, "__init__.py"))}
+OURS = PACKAGES | {"benchmarks", "tests"}
+FAMILIES = PACKAGES - {"common", "kernels", "configs", "launch"}
 HEAVY = {"tensorflow", "tensorflow_datasets", "grain", "torch"}
 
 
@@ -54,7 +55,11 @@ def test_common_imports_no_family_package():
   assert not _violations("common", FAMILIES | {"configs", "launch", "benchmarks", "tests"})
 
 
-@pytest.mark.parametrize("package", ["kernels", "sid2", "microdit", "terdit", "coat"])
+def test_the_families_are_found():
+  assert {"sid2", "microdit", "terdit", "coat"} <= FAMILIES
+
+
+@pytest.mark.parametrize("package", ["kernels", *sorted(FAMILIES)])
 def test_models_and_kernels_stay_light(package):
   assert not _violations(package, HEAVY)
 

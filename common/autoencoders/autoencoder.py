@@ -27,11 +27,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from safetensors import flax as st_flax
+from safetensors import numpy as st_numpy
 
 from common import deployment, registry, tree_names
 from common.autoencoders import kl_vae
 from common.errors import CheckpointError, ConfigError, DataNotFoundError, ShapeError
+from common.network import model_class
 from common.paths import as_path
+from common.torch_weights import load_torch_weights
 
 EXPORT_FORMAT = "frugal-diffusion-autoencoder-v2"
 _OLD_FORMATS = ("frugal-diffusion-autoencoder",)
@@ -135,7 +139,6 @@ class Autoencoder:
 
 def _read_safetensors(path: epath.Path, data: bytes | None = None) -> dict[str, np.ndarray]:
   """The tensors of a safetensors file (or of its bytes `data`, already read) as float32."""
-  from safetensors import flax as st_flax  # pylint: disable=import-outside-toplevel
   try:
     # through jax: bfloat16 tensors load too. safetensors checks every declared shape and offset
     # against the bytes present before allocating.
@@ -177,7 +180,6 @@ def load_diffusers_vae(directory: str, config: dict | None = None, *,
   if weights.name.endswith(".safetensors"):
     state_dict = _read_safetensors(weights)
   else:
-    from common.torch_weights import load_torch_weights  # pylint: disable=import-outside-toplevel
     state_dict = {k: np.asarray(v, np.float32) for k, v in load_torch_weights(weights).items()}
   deployment.check_tensor_count(kl_vae.AutoencoderKL, kwargs, len(state_dict), weights)
   graphdef, abstract = _abstract_params(
@@ -198,7 +200,6 @@ def save_autoencoder(directory: str, model_config: ml_collections.ConfigDict | d
     image_shape: (H, W, C) of the images it was trained on.
     extra: more JSON-serialisable entries for config.json (e.g. provenance).
   """
-  from safetensors import numpy as st_numpy  # pylint: disable=import-outside-toplevel
   folder = as_path(directory)
   folder.mkdir(parents=True, exist_ok=True)
   model = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
@@ -219,7 +220,6 @@ def save_autoencoder(directory: str, model_config: ml_collections.ConfigDict | d
 def _load_export(directory: str, config: dict) -> Autoencoder:
   """Our export: the network named in config.json (a registered autoencoder only) with the weights
   of params.safetensors, checked against the SHA-256 recorded beside them."""
-  from common.experiment import model_class  # pylint: disable=import-outside-toplevel
   config_path = as_path(directory) / "config.json"
   redo = f"export the autoencoder again with launch/export_autoencoder.py --out={directory}"
   model = config.get("model")

@@ -19,7 +19,10 @@ import numpy as np
 
 from common import tree_names
 from common.autoencoders import autoencoder as ae_lib
+from common.checkpoint import Checkpointer
+from common.data import dataset_info, load_arrays
 from common.errors import CheckpointError, ShapeError
+from common.network import build_model
 from common.paths import as_path
 
 
@@ -29,8 +32,6 @@ def restore_ema_params(config: ml_collections.ConfigDict, workdir: str) -> tuple
   Returns:
     (pure param dict of numpy arrays in the structure of `config.model`'s network, step).
   """
-  from common.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
-  from common.experiment import build_model  # pylint: disable=import-outside-toplevel
   directory = os.fspath(as_path(workdir) / "checkpoints")
   if not as_path(directory).is_dir():
     raise CheckpointError(f"no checkpoints in {directory}: train first with launch/main.py "
@@ -87,8 +88,6 @@ def export_autoencoder(config: ml_collections.ConfigDict, workdir: str, out: str
   Returns:
     {"step", "shift_factor", "scaling_factor", "latent_shape", "num_images"}.
   """
-  from common.data import dataset_info, load_arrays  # pylint: disable=import-outside-toplevel
-  from common.experiment import build_model  # pylint: disable=import-outside-toplevel
   params, step = restore_ema_params(config, workdir)
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(config.model, jax.random.key(0))),
                           nnx.Param)

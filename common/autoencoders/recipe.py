@@ -16,26 +16,48 @@ error (the Gaussian decoder likelihood up to constants).
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import jax
 import jax.numpy as jnp
 
+from common import contracts
 from common import registry
 from common.errors import ConfigError
+
+
+class KLAutoencoderNet(contracts.Network, Protocol):
+  """The network `KLAutoencoderRecipe` trains (e.g. `common.autoencoders.small_kl.SmallKLAutoencoder`);
+  `common.autoencoders.Autoencoder` wraps it once exported."""
+
+  downsample_factor: int  # f: latents are f times smaller per side
+  in_channels: int        # image channels C
+  latent_channels: int    # latent channels c
+
+  def encode_moments(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """images [B, H, W, C] in [-1, 1] -> the posterior's (mean, logvar), float32 [B, H/f, W/f, c]."""
+
+  def decode(self, z: jax.Array) -> jax.Array:
+    """latents [B, h, w, c] -> images float32 [B, h*f, w*f, C]."""
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """The reconstruction of x [B, H, W, C] (the forward pass --mode=summary counts)."""
 
 
 @registry.register("diffusion")
 class KLAutoencoderRecipe:
   """`loss(model, batch, key)` and `preview(model, batch, key, settings)` for a KL autoencoder.
 
-  `model` has `encode_moments(x) -> (mean, logvar)` and `decode(z)` (e.g.
-  `common.autoencoders.small_kl.SmallKLAutoencoder`); the batch is `{"x": float32 [B, H, W, C] in
-  [-1, 1], "cond": ...}` (cond is ignored).
+  `model` is a `KLAutoencoderNet`; the batch is `{"x": float32 [B, H, W, C] in [-1, 1], "cond":
+  ...}` (cond is ignored).
 
   Args:
     kl_weight: weight of the KL term relative to the per-pixel reconstruction sum (see module doc).
     reconstruction: "l1" or "l2".
     sample_posterior: decode a sample z ~ q(z|x) in training (True, the VAE objective) or the mean.
   """
+
+  network = KLAutoencoderNet
 
   def __init__(self, kl_weight: float = 1e-6, reconstruction: str = "l1",
                sample_posterior: bool = True):

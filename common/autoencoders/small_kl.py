@@ -12,7 +12,7 @@ mid-block attention and with fewer blocks, so it trains in minutes on a CPU:
 With `len(channels)` levels the latents are `2 ** (len(channels) - 1)` times smaller per side.
 It follows the network contract of docs/DESIGN.md (constructor keyword arguments from
 `config.model`, `rngs`, only `nnx.Param` state) and is trained by
-`common.autoencoders.recipe.KLAutoencoderRecipe`.
+`common.autoencoders.recipe.KLAutoencoderRecipe` (its `KLAutoencoderNet`).
 """
 
 from __future__ import annotations
@@ -131,7 +131,3 @@ class SmallKLAutoencoder(nnx.Module):
     """What the network takes: images [B, H, W, C] and no conditioning."""
     shape = (batch_size, self.image_size, self.image_size, self.in_channels)
     return jax.ShapeDtypeStruct(shape, jnp.float32), {}
-
-  def null_cond(self, cond):
-    """An autoencoder takes no conditioning: returns `cond` unchanged."""
-    return cond

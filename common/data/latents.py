@@ -54,10 +54,13 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import grain
+import jax
 import msgpack
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from common import autoencoders
+from common import text
 from common.data import captions as _captions
 from common.data import loader as _loader
 from common.data import sources as _sources
@@ -226,7 +229,6 @@ def _write_shard(path: str, source, lo: int, hi: int, *, autoencoder: Autoencode
       images = images / np.float32(127.5) - np.float32(1.0)
       key = None
       if latent == "sample":
-        import jax  # pylint: disable=g-import-not-at-top
         key = jax.random.fold_in(jax.random.key(seed), start)
       latents = np.asarray(autoencoder.encode(images, key))
       if latents.shape != (len(examples), *latent_shape):
@@ -421,10 +423,8 @@ def precompute(*, source: str, output: str, autoencoder: str, text_encoder: str,
   _check_local(output)
   captioned = build_source(source, path=path, image_dir=image_dir, split=split,
                            image_size=image_size, channels=channels, seed=seed)
-  if load_autoencoder is None:
-    from common.autoencoders import load_autoencoder  # pylint: disable=import-outside-toplevel
-  if load_text_encoder is None:
-    from common.text import load_text_encoder  # pylint: disable=import-outside-toplevel
+  load_autoencoder = load_autoencoder or autoencoders.load_autoencoder
+  load_text_encoder = load_text_encoder or text.load_text_encoder
   meta = write_dataset(
       captioned, output, autoencoder=load_autoencoder(autoencoder),
       text_encoder=load_text_encoder(text_encoder), autoencoder_spec=autoencoder,

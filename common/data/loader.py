@@ -3,7 +3,9 @@ checkpointable (`get_state()` / `set_state()`)."""
 
 from __future__ import annotations
 
+from absl import flags
 import grain
+import jax
 
 from common.errors import ConfigError
 
@@ -20,7 +22,6 @@ def local_batch(global_batch_size: int, process_index: int | None,
   process_index / process_count default to jax.process_index() / jax.process_count().
   """
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
@@ -46,7 +47,6 @@ def make_loader(source, ops: list, cfg, *, local_batch_size: int, seed: int, pro
   if worker_count > 0:
     # grain's worker processes read absl flags; outside an absl app (scripts, notebooks, tests)
     # they are unparsed and grain fails. Parsing nothing keeps every flag at its default.
-    from absl import flags  # pylint: disable=g-import-not-at-top
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
   shard_options = grain.sharding.ShardOptions(

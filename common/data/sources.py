@@ -143,6 +143,7 @@ def load_digits(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
   """
   if split != "train":
     raise ConfigError(f"digits has only a 'train' split (all 1797 images), got split={split!r}")
+  # Heavy (scikit-learn takes ~2 s to import) and needed by this source only.
   from sklearn.datasets import load_digits as sk_load_digits  # pylint: disable=g-import-not-at-top
   bunch = sk_load_digits()
   images = np.rint(bunch.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[..., None]

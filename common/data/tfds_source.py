@@ -99,6 +99,7 @@ def _tfds_names(cfg) -> tuple[str, str, str]:
 
 
 def _builder(cfg):
+  # The optional `tfds` extra (TensorFlow): `import common.data` stays light without it.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   name, data_dir, split = _tfds_names(cfg)
   check_prepared(name, data_dir, split)
@@ -143,6 +144,7 @@ class TfdsSource:
   """
 
   def __init__(self, cfg, split: str | None = None):
+    # The optional `tfds` extra (TensorFlow): `import common.data` stays light without it.
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     name, data_dir, default_split = _tfds_names(cfg)
     split = split or default_split

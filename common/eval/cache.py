@@ -8,8 +8,9 @@ count and the model's config; for a reference: the data config, split, limit and
 weights). `load` returns a cache's arrays only when the file is intact and was made with the same
 settings; otherwise it says in one line why it is recomputed (other settings, no settings recorded,
 a truncated or damaged file) and returns None. Caches are written by
-`reference.write_arrays(path, arrays, settings=...)` (or `make_reference(..., settings=...)`): a
-temporary file renamed into place, so a killed run never leaves half a file behind.
+`reference.write_arrays(path, arrays, settings=...)` (or
+`features.make_reference(..., settings=...)`): a temporary file renamed into place, so a killed run
+never leaves half a file behind.
 """
 
 from collections.abc import Callable

@@ -6,7 +6,8 @@ batch over every device (one compilation; the last batch is padded and the paddi
 precision/recall (`common.eval.metrics`). `evaluate_images` does both with the FID Inception network
 (`common.eval.inception.load_fid_inception`), caching the loaded network, its compiled extraction and
 each reference's statistics, so the trainer's periodic evaluations compile and read the reference
-once.
+once. `make_reference` writes the statistics of real images as a reference batch
+(`common.eval.reference`'s format).
 """
 
 from collections.abc import Callable, Iterator
@@ -14,6 +15,7 @@ import os
 import sys
 import time
 
+from flax import nnx
 import jax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -22,6 +24,7 @@ import numpy as np
 
 from common import sharding
 from common.errors import ShapeError
+from common.eval import inception
 from common.eval import metrics
 from common.eval import reference as reference_lib
 from common.metrics import format_duration
@@ -60,7 +63,6 @@ class _Compiled:
   """A network as a jitted `fn(images uint8 [B, H, W, C]) -> dict of [B, ...]` on one mesh."""
 
   def __init__(self, net_fn, mesh: Mesh):
-    from flax import nnx  # pylint: disable=import-outside-toplevel
     self.net_fn, self.mesh = net_fn, mesh
     if isinstance(net_fn, nnx.Module):
       graphdef, state = nnx.split(net_fn)
@@ -322,7 +324,6 @@ _REFERENCES: dict[tuple, dict] = {}
 
 def load_network(inception_path: str | None = None):
   """The FID Inception network with real weights (`common.eval.inception.load_fid_inception`)."""
-  from common.eval import inception  # pylint: disable=import-outside-toplevel
   return inception.load_fid_inception(inception_path)
 
 
@@ -383,3 +384,38 @@ def evaluate_images(images, reference: str | dict, *, inception_path: str | None
   feats = extract(images, desc="samples")
   result = compute_metrics(feats, ref, mesh=mesh)
   return (result, feats) if return_features else result
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference batches of our own
+
+
+def make_reference(path: str, images, *, labels: np.ndarray | None = None,
+                   inception_path: str | None = None, batch_size: int = 256, mesh=None,
+                   store_images: bool = True, progress: bool = True,
+                   settings: dict | None = None) -> dict:
+  """Computes the FID Inception statistics of `images` and writes them as a reference batch.
+
+  Args:
+    path: the .npz to write.
+    images: uint8 [N, H, W, 3 or 1] (e.g. `common.data.load_arrays(cfg, split, limit)[0]`), or an
+      `NpzImages`.
+    labels: int [N], stored as `arr_1` when given.
+    inception_path: weights of the FID Inception (None: its default location).
+    batch_size, mesh, progress: see `extract_features`.
+    store_images: also store the images as `arr_0` (makes the file usable by ADM's evaluator).
+    settings: what made the file, recorded when it is a cache (`common.eval.cache`).
+
+  Returns:
+    The statistics written (`mu`, `sigma`, `mu_s`, `sigma_s`, `pool`).
+  """
+  if isinstance(images, np.ndarray):
+    images = check_images(images, "make_reference")
+  net = fid_network(inception_path)
+  feats = extract_features(net, images, batch_size=batch_size, mesh=mesh, progress=progress)
+  stats = reference_lib.statistics_from_features(feats)
+  if store_images:
+    images = images if isinstance(images, np.ndarray) else images.read_all()
+  reference_lib.write_reference(path, stats, images=images if store_images else None,
+                                labels=labels, settings=settings)
+  return stats

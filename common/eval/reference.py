@@ -28,6 +28,7 @@ import zipfile
 import numpy as np
 
 from common.errors import DataNotFoundError, ShapeError, UserError
+from common.eval import metrics
 from common.paths import as_path
 
 IMAGE_KEYS = ("arr_0", "images")
@@ -217,7 +218,6 @@ def read_npz_arrays(path: str, keys: list[str], what: str) -> dict[str, np.ndarr
 
 def _check_stats(path: str, stats: dict) -> None:
   """Shapes, dtypes and values of a reference's statistics (converted to float64 in place)."""
-  from common.eval import metrics  # pylint: disable=import-outside-toplevel  (jax: keep this module light)
   for mu_key, sigma_key in STAT_PAIRS:
     if (mu_key in stats) != (sigma_key in stats):
       raise ShapeError(f"reference {path!r} has {mu_key if mu_key in stats else sigma_key} without "
@@ -274,7 +274,6 @@ def load_reference(path: str, *, batch_size: int = 1000) -> dict:
 
 def statistics_from_features(feats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """{"mu", "sigma"} of `pool`, {"mu_s", "sigma_s"} of `spatial` (when given), and `pool` itself."""
-  from common.eval import metrics  # pylint: disable=import-outside-toplevel
   out = {}
   out["mu"], out["sigma"] = metrics.feature_statistics(feats["pool"])
   if "spatial" in feats:
@@ -359,35 +358,3 @@ def recorded_settings(path: str) -> str | None:
 def settings_json(settings: dict) -> str:
   """The canonical JSON of a cache's settings (keys sorted, tuples as lists, others by repr)."""
   return json.dumps(settings, sort_keys=True, default=repr)
-
-
-def make_reference(path: str, images, *, labels: np.ndarray | None = None,
-                   inception_path: str | None = None, batch_size: int = 256, mesh=None,
-                   store_images: bool = True, progress: bool = True,
-                   settings: dict | None = None) -> dict:
-  """Computes the FID Inception statistics of `images` and writes them as a reference batch.
-
-  Args:
-    path: the .npz to write.
-    images: uint8 [N, H, W, 3 or 1] (e.g. `common.data.load_arrays(cfg, split, limit)[0]`), or an
-      `NpzImages`.
-    labels: int [N], stored as `arr_1` when given.
-    inception_path: weights of the FID Inception (None: its default location).
-    batch_size, mesh, progress: see `features.extract_features`.
-    store_images: also store the images as `arr_0` (makes the file usable by ADM's evaluator).
-    settings: what made the file, recorded when it is a cache (`common.eval.cache`).
-
-  Returns:
-    The statistics written (`mu`, `sigma`, `mu_s`, `sigma_s`, `pool`).
-  """
-  from common.eval import features  # pylint: disable=import-outside-toplevel
-  if isinstance(images, np.ndarray):
-    images = features.check_images(images, "make_reference")
-  net = features.fid_network(inception_path)
-  feats = features.extract_features(net, images, batch_size=batch_size, mesh=mesh, progress=progress)
-  stats = statistics_from_features(feats)
-  if store_images:
-    images = images if isinstance(images, np.ndarray) else images.read_all()
-  write_reference(path, stats, images=images if store_images else None, labels=labels,
-                  settings=settings)
-  return stats

@@ -20,6 +20,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tokenizers import Tokenizer
 
 from common import convert
 from common.errors import ConfigError, DataNotFoundError
@@ -193,7 +194,6 @@ class WordPieceTokenizer:
   """
 
   def __init__(self, path: str, max_length: int, pad_id: int):
-    from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
     self.tok = Tokenizer.from_str(as_path(path).read_text(encoding="utf-8"))
     self.max_length = max_length
     pad_token = self.tok.id_to_token(pad_id) or "[PAD]"

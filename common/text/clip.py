@@ -30,6 +30,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tokenizers import Tokenizer
 
 from common import convert
 from common.errors import ConfigError, DataNotFoundError
@@ -199,7 +200,6 @@ class ClipTokenizer:
   """
 
   def __init__(self, path: str, max_length: int):
-    from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
     self.tok = Tokenizer.from_str(as_path(path).read_text(encoding="utf-8"))
     self.tok.no_truncation()
     self.tok.no_padding()

@@ -10,9 +10,12 @@ from collections.abc import Callable
 import os
 
 import numpy as np
+from safetensors import numpy as st_numpy
+from safetensors import safe_open
 
 from common.errors import CheckpointError, DataNotFoundError
 from common.paths import as_path, is_remote
+from common.torch_weights import load_torch_weights
 
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 
@@ -32,8 +35,6 @@ def read_weights(path: str | os.PathLike, keep: Callable[[str], bool] | None = N
     raise DataNotFoundError(f"Weights file {path} does not exist.")
   keep = keep or (lambda _: True)
   if path.endswith(".safetensors"):
-    from safetensors import safe_open  # pylint: disable=import-outside-toplevel
-    from safetensors import numpy as st_numpy  # pylint: disable=import-outside-toplevel
     try:
       if is_remote(path):  # safe_open memory-maps a local file; an object is read whole
         tensors = st_numpy.load(as_path(path).read_bytes())
@@ -43,6 +44,5 @@ def read_weights(path: str | os.PathLike, keep: Callable[[str], bool] | None = N
     except Exception as e:  # safetensors raises its own error types for corrupt headers
       raise CheckpointError(f"Cannot read {path} as safetensors: {e}") from e
   if path.endswith(_TORCH_SUFFIXES):
-    from common.torch_weights import load_torch_weights  # pylint: disable=import-outside-toplevel
     return {k: np.asarray(v, np.float32) for k, v in load_torch_weights(path).items() if keep(k)}
   raise CheckpointError(f"Unknown weights format {path}: expected .safetensors, .bin, .pt or .pth.")
