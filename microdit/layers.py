@@ -2,10 +2,14 @@
 as the official code computes them (SonyResearch/micro_diffusion, `micro_diffusion/models/dit.py`
 and `micro_diffusion/models/utils.py`).
 
-Tokens are `[B, T, D]`; every linear map is a `common.layers.Dense` (so `config.numerics.rules`
-applies to it), except the batched expert weights of the MoE FFN. LayerNorm statistics are float32.
+Attention, the SwiGLU FFN and the caption MLPs are the shared `common.transformer` layers, built
+here with the official parameter names and initialisation; the expert-choice MoE, the fixed
+position embedding and the activation sharding are MicroDiT's own. Tokens are `[B, T, D]`; every
+linear map is a `common.layers.Dense` (so `config.numerics.rules` applies to it), the experts'
+batched weights `common.layers.ExpertDense`. LayerNorm statistics are float32.
 """
 
+import functools
 from typing import Any
 
 from flax import nnx
@@ -15,14 +19,11 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from common import layers
+from common import transformer
 from common.layers import Dense
 
 Array = jax.Array
 _F32 = jnp.float32
-
-
-def gelu_tanh(x: Array) -> Array:
-  return jax.nn.gelu(x, approximate=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -58,30 +59,7 @@ def constrain(x: Array, expert_dim: int | None = None) -> Array:
 
 
 # --------------------------------------------------------------------------------------------------
-# Norms and embeddings.
-
-
-def modulate(x: Array, shift: Array, scale: Array) -> Array:
-  """x [B, T, D] * (1 + scale [B, D]) + shift [B, D] (official `utils.modulate`)."""
-  return x * (1 + scale[:, None, :].astype(x.dtype)) + shift[:, None, :].astype(x.dtype)
-
-
-def timestep_embedding(t: Array, dim: int, max_period: float = 10_000.0) -> Array:
-  """Sinusoidal embedding [cos(t f_i), sin(t f_i)], f_i = exp(-ln(max_period) i / (dim/2)),
-  i = 0..dim/2-1 (official `TimestepEmbedder.timestep_embedding`; the DiT/ADM form).
-
-  Args:
-    t: [B] float (MicroDiT feeds c_noise = ln(sigma)/4).
-  Returns:
-    [B, dim] float32.
-  """
-  half = dim // 2
-  freqs = jnp.exp(-np.log(max_period) * jnp.arange(half, dtype=_F32) / half)
-  args = t.astype(_F32)[:, None] * freqs[None]
-  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-  if dim % 2:
-    emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
-  return emb
+# Embeddings and the shared layers with the official layouts.
 
 
 def sincos_pos_embed(dim: int, grid: int, base_size: int, interp_scale: float) -> np.ndarray:
@@ -103,114 +81,61 @@ def sincos_pos_embed(dim: int, grid: int, base_size: int, interp_scale: float) -
   return np.concatenate([one_d(dim // 2, cols), one_d(dim // 2, rows)], axis=1).astype(np.float32)
 
 
-class Mlp(nnx.Module):
-  """fc1 -> GELU(tanh) -> LayerNorm (no bias) -> fc2 with biases (official `utils.Mlp` with a
-  norm layer): the caption projection and the pooled-caption MLP."""
-
-  def __init__(self, in_dim: int, hidden: int, out_dim: int, *, eps: float, dtype: Any,
-               rngs: nnx.Rngs):
-    init = nnx.initializers.normal(0.02)
-    self.fc1 = Dense(in_dim, hidden, names=(None, "embed"), kernel_init=init, dtype=dtype,
-                     rngs=rngs)
-    self.norm = layers.LayerNorm(hidden, epsilon=eps, rngs=rngs)
-    self.fc2 = Dense(hidden, out_dim, names=("embed", None), kernel_init=init, dtype=dtype,
-                     rngs=rngs)
-    self.act = layers.Activation("gelu_tanh")
-
-  def __call__(self, x: Array) -> Array:
-    return self.fc2(self.norm(self.act(self.fc1(x))))
+def caption_mlp(in_dim: int, hidden: int, out_dim: int, *, eps: float, dtype: Any,
+                rngs: nnx.Rngs) -> transformer.MLP:
+  """fc1 -> GELU(tanh) -> LayerNorm (no bias) -> fc2 with biases, N(0, 0.02) kernels (official
+  `utils.Mlp` with a norm layer): the caption projection and the pooled-caption MLP."""
+  return transformer.MLP(in_dim, hidden, out_dim, act="gelu_tanh",
+                         hidden_norm=functools.partial(layers.LayerNorm, epsilon=eps),
+                         axes=((None, "embed"), ("embed", None)),
+                         kernel_init=nnx.initializers.normal(0.02), dtype=dtype, rngs=rngs)
 
 
-# --------------------------------------------------------------------------------------------------
-# Attention.
+def _qk_layer_norm(eps: float):
+  """MicroDiT's QK-norm: LayerNorm over the whole q / k width without affine (not per head)."""
+  return functools.partial(layers.LayerNorm, epsilon=eps, use_scale=False)
 
 
-def _attend(q: Array, k: Array, v: Array, heads: int) -> Array:
-  """QK-LayerNormed q [B, T, H], k, v [B, S, H] -> [B, T, H] over `heads` heads (SDPA, scale
-  1/sqrt(head_dim), no mask)."""
-  b, t, h = q.shape
-  s = k.shape[1]
-  hd = h // heads
-  o = layers.attention(q.reshape(b, t, heads, hd), k.reshape(b, s, heads, hd),
-                       v.reshape(b, s, heads, hd))
-  return o.reshape(b, t, h)
+def self_attention(dim: int, hidden: int, head_dim: int, *, use_bias: bool, eps: float,
+                   zero_init_out: bool = False, out_std: float = 0.02, dtype: Any,
+                   rngs: nnx.Rngs) -> transformer.Attention:
+  """Fused qkv (dim -> 3 hidden), QK-LayerNorm, SDPA (scale 1/sqrt(head_dim), no mask), projection
+  hidden -> dim (official `utils.SelfAttention`); kernels truncated-normal, std 0.02 in and
+  `out_std` out."""
+  return transformer.Attention(
+      dim, head_dim, hidden=hidden, out_name="proj", norm_names=("ln_q", "ln_k"),
+      qk_norm=_qk_layer_norm(eps), qk_norm_per_head=False, use_bias=use_bias,
+      kernel_init=nnx.initializers.truncated_normal(0.02),
+      out_init=nnx.initializers.truncated_normal(out_std), zero_init_out=zero_init_out,
+      dtype=dtype, rngs=rngs)
 
 
-class SelfAttention(nnx.Module):
-  """Fused qkv (dim -> 3 hidden), QK-LayerNorm over the whole hidden width without affine (not per
-  head), SDPA, projection hidden -> dim (official `utils.SelfAttention`)."""
-
-  def __init__(self, dim: int, hidden: int, head_dim: int, *, use_bias: bool, eps: float,
-               zero_init_out: bool = False, out_std: float = 0.02, dtype: Any, rngs: nnx.Rngs):
-    self.heads = hidden // head_dim
-    self.qkv = Dense(dim, 3 * hidden, names=("embed", "heads"), use_bias=use_bias,
-                     kernel_init=nnx.initializers.truncated_normal(0.02), dtype=dtype, rngs=rngs)
-    self.proj = Dense(hidden, dim, names=("heads", "embed"), use_bias=use_bias,
-                      zero_init=zero_init_out,
-                      kernel_init=nnx.initializers.truncated_normal(out_std), dtype=dtype,
-                      rngs=rngs)
-    self.ln_q = layers.LayerNorm(hidden, epsilon=eps, use_scale=False, rngs=rngs)
-    self.ln_k = layers.LayerNorm(hidden, epsilon=eps, use_scale=False, rngs=rngs)
-
-  def __call__(self, x: Array) -> Array:
-    """x: [B, T, dim] -> [B, T, dim]."""
-    q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
-    return self.proj(_attend(self.ln_q(q), self.ln_k(k), v, self.heads))
-
-
-class CrossAttention(nnx.Module):
+def cross_attention(dim: int, head_dim: int, *, use_bias: bool, eps: float, out_std: float,
+                    dtype: Any, rngs: nnx.Rngs) -> transformer.Attention:
   """q = Linear(x), (k, v) = Linear(context), the same QK-LayerNorm, full width (official
   `utils.CrossAttention`, compress_xattn=False); every context token is attended (no mask)."""
-
-  def __init__(self, dim: int, head_dim: int, *, use_bias: bool, eps: float, out_std: float,
-               dtype: Any, rngs: nnx.Rngs):
-    self.heads = dim // head_dim
-    init = nnx.initializers.truncated_normal(0.02)
-    self.q_linear = Dense(dim, dim, names=("embed", "heads"), use_bias=use_bias, kernel_init=init,
-                          dtype=dtype, rngs=rngs)
-    self.kv_linear = Dense(dim, 2 * dim, names=("embed", "heads"), use_bias=use_bias,
-                           kernel_init=init, dtype=dtype, rngs=rngs)
-    self.proj = Dense(dim, dim, names=("heads", "embed"), use_bias=use_bias,
-                      kernel_init=nnx.initializers.truncated_normal(out_std), dtype=dtype,
-                      rngs=rngs)
-    self.ln_q = layers.LayerNorm(dim, epsilon=eps, use_scale=False, rngs=rngs)
-    self.ln_k = layers.LayerNorm(dim, epsilon=eps, use_scale=False, rngs=rngs)
-
-  def __call__(self, x: Array, context: Array) -> Array:
-    """x: [B, T, dim]; context: [B, S, dim] -> [B, T, dim]."""
-    q = self.q_linear(x)
-    k, v = jnp.split(self.kv_linear(context.astype(q.dtype)), 2, axis=-1)
-    return self.proj(_attend(self.ln_q(q), self.ln_k(k), v, self.heads))
-
-
-# --------------------------------------------------------------------------------------------------
-# Feed-forward layers.
+  return transformer.Attention(
+      dim, head_dim, context_dim=dim, context_axis="embed", in_names=("q_linear", "kv_linear"),
+      out_name="proj", norm_names=("ln_q", "ln_k"), qk_norm=_qk_layer_norm(eps),
+      qk_norm_per_head=False, use_bias=use_bias,
+      kernel_init=nnx.initializers.truncated_normal(0.02),
+      out_init=nnx.initializers.truncated_normal(out_std), dtype=dtype, rngs=rngs)
 
 
 def round_up(n: int, multiple: int) -> int:
   return multiple * ((n + multiple - 1) // multiple)
 
 
-class SwiGLU(nnx.Module):
-  """w3(SiLU(w1 x) * w2 x), hidden = round_up(int(2 hidden / 3), multiple_of) (official
-  `dit.FeedForward`)."""
-
-  def __init__(self, dim: int, hidden: int, multiple_of: int, *, use_bias: bool,
-               zero_init_out: bool = False, out_std: float = 0.02, dtype: Any, rngs: nnx.Rngs):
-    self.hidden = round_up(int(2 * hidden / 3), multiple_of)
-    init = nnx.initializers.truncated_normal(0.02)
-    self.w1 = Dense(dim, self.hidden, names=("embed", "mlp"), use_bias=use_bias, kernel_init=init,
-                    dtype=dtype, rngs=rngs)
-    self.w2 = Dense(dim, self.hidden, names=("embed", "mlp"), use_bias=use_bias,
-                    kernel_init=nnx.initializers.truncated_normal(out_std), dtype=dtype, rngs=rngs)
-    self.w3 = Dense(self.hidden, dim, names=("mlp", "embed"), use_bias=use_bias,
-                    zero_init=zero_init_out,
-                    kernel_init=nnx.initializers.truncated_normal(out_std), dtype=dtype, rngs=rngs)
-    self.act = layers.Activation("silu")  # the gated product SiLU(w1 x) * w2 x
-
-  def __call__(self, x: Array) -> Array:
-    """x: [B, T, dim] -> [B, T, dim]."""
-    return self.w3(self.act(self.w1(x), gate=self.w2(x)))
+def feed_forward(dim: int, hidden: int, multiple_of: int, *, use_bias: bool,
+                 zero_init_out: bool = False, out_std: float = 0.02, dtype: Any,
+                 rngs: nnx.Rngs) -> transformer.SwiGLU:
+  """SwiGLU w3(SiLU(w1 x) * w2 x) of width round_up(int(2 hidden / 3), multiple_of) (official
+  `dit.FeedForward`); kernels truncated-normal, std 0.02 for w1 and `out_std` for w2 and w3."""
+  return transformer.SwiGLU(
+      dim, round_up(int(2 * hidden / 3), multiple_of), names=("w1", "w2", "w3"),
+      use_bias=use_bias, kernel_init=nnx.initializers.truncated_normal(0.02),
+      out_init=nnx.initializers.truncated_normal(out_std), zero_init_out=zero_init_out,
+      dtype=dtype, rngs=rngs)
 
 
 class ExpertChoiceMoE(nnx.Module):

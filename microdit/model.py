@@ -28,11 +28,11 @@ import numpy as np
 
 from common import layers
 from common import registry
+from common import transformer
 from common.errors import ConfigError, ShapeError
-from common.layers import Dense
-from microdit.layers import (CrossAttention, ExpertChoiceMoE, Mlp, SelfAttention,
-                             SwiGLU, constrain, gelu_tanh, modulate, sincos_pos_embed,
-                             timestep_embedding)
+from common.layers import Dense, modulate, timestep_embedding
+from microdit.layers import (ExpertChoiceMoE, caption_mlp, constrain, cross_attention,
+                             feed_forward, self_attention, sincos_pos_embed)
 
 Array = jax.Array
 
@@ -55,28 +55,28 @@ class DiTBlock(nnx.Module):
                moe: bool, num_experts: int, capacity: float, dtype: Any, rngs: nnx.Rngs):
     hidden = qkv_width(dim, qkv_ratio, head_dim)
     self.norm1 = layers.LayerNorm(dim, epsilon=eps, rngs=rngs)
-    self.attn = SelfAttention(dim, hidden, head_dim, use_bias=use_bias, eps=eps, out_std=init_std,
-                              dtype=dtype, rngs=rngs)
+    self.attn = self_attention(dim, hidden, head_dim, use_bias=use_bias, eps=eps,
+                               out_std=init_std, dtype=dtype, rngs=rngs)
     self.norm2 = layers.LayerNorm(dim, epsilon=eps, rngs=rngs)
-    self.cross_attn = CrossAttention(dim, head_dim, use_bias=use_bias, eps=eps, out_std=init_std,
-                                     dtype=dtype, rngs=rngs)
+    self.cross_attn = cross_attention(dim, head_dim, use_bias=use_bias, eps=eps, out_std=init_std,
+                                      dtype=dtype, rngs=rngs)
     self.norm3 = layers.LayerNorm(dim, epsilon=eps, rngs=rngs)
     mlp_hidden = int(dim * mlp_ratio)
     self.mlp = (ExpertChoiceMoE(dim, mlp_hidden, multiple_of, num_experts=num_experts,
                                 capacity=capacity, out_std=init_std, dtype=dtype, rngs=rngs)
-                if moe else SwiGLU(dim, mlp_hidden, multiple_of, use_bias=use_bias,
-                                   out_std=init_std, dtype=dtype, rngs=rngs))
+                if moe else feed_forward(dim, mlp_hidden, multiple_of, use_bias=use_bias,
+                                         out_std=init_std, dtype=dtype, rngs=rngs))
     self.adaLN_modulation = Dense(cond_dim, 6 * dim, names=(None, "embed"), zero_init=True,
                                   dtype=dtype, rngs=rngs)
 
   def __call__(self, x: Array, y: Array, c: Array) -> Array:
     """x: [B, T, dim]; y: [B, S, dim] caption tokens; c: [B, cond_dim] -> [B, T, dim]."""
-    mod = self.adaLN_modulation(gelu_tanh(c))
-    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
-    x = x + gate1[:, None].astype(x.dtype) * self.attn(modulate(self.norm1(x), shift1, scale1))
+    shift1, scale1, gate1, shift2, scale2, gate2 = transformer.adaln(
+        self.adaLN_modulation, c, 6, act="gelu_tanh", dtype=x.dtype)
+    x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))
     x = constrain(x)
     x = x + self.cross_attn(self.norm2(x), y)
-    x = x + gate2[:, None].astype(x.dtype) * self.mlp(modulate(self.norm3(x), shift2, scale2))
+    x = x + gate2 * self.mlp(modulate(self.norm3(x), shift2, scale2))
     return constrain(x)
 
 
@@ -88,11 +88,11 @@ class PromptBlock(nnx.Module):
   def __init__(self, dim: int, *, head_dim: int, multiple_of: int, eps: float, use_bias: bool,
                dtype: Any, rngs: nnx.Rngs):
     self.norm1 = layers.LayerNorm(dim, epsilon=eps, rngs=rngs)
-    self.attn = SelfAttention(dim, dim, head_dim, use_bias=use_bias, eps=eps, zero_init_out=True,
-                              dtype=dtype, rngs=rngs)
+    self.attn = self_attention(dim, dim, head_dim, use_bias=use_bias, eps=eps, zero_init_out=True,
+                               dtype=dtype, rngs=rngs)
     self.norm2 = layers.LayerNorm(dim, epsilon=eps, rngs=rngs)
-    self.mlp = SwiGLU(dim, int(dim * 4.0), multiple_of, use_bias=use_bias, zero_init_out=True,
-                      dtype=dtype, rngs=rngs)
+    self.mlp = feed_forward(dim, int(dim * 4.0), multiple_of, use_bias=use_bias,
+                            zero_init_out=True, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: Array) -> Array:
     x = x + self.attn(self.norm1(x))
@@ -124,7 +124,7 @@ class FinalLayer(nnx.Module):
                         rngs=rngs)
 
   def __call__(self, x: Array, c: Array) -> Array:
-    shift, scale = jnp.split(self.adaLN_modulation(gelu_tanh(c)), 2, axis=-1)
+    shift, scale = transformer.adaln(self.adaLN_modulation, c, 2, act="gelu_tanh", dtype=x.dtype)
     return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
@@ -141,7 +141,7 @@ class TimestepEmbedder(nnx.Module):
   def __call__(self, t: Array) -> Array:
     """t: [B] -> [B, D]."""
     e = timestep_embedding(t, FREQ_DIM).astype(self.fc1.dtype)
-    return self.fc2(gelu_tanh(self.fc1(e)))
+    return self.fc2(jax.nn.gelu(self.fc1(e), approximate=True))
 
 
 def _call(block: DiTBlock, x: Array, y: Array, c: Array) -> Array:
@@ -212,10 +212,10 @@ class MicroDiT(nnx.Module):
     self.x_embedder = Dense(patch_size * patch_size * in_channels, dim,
                             names=("conv_in", "conv_out"), dtype=dt, rngs=rngs)
     self.t_embedder = TimestepEmbedder(dim, dtype=dt, rngs=rngs)
-    self.y_embedder = Mlp(caption_channels, dim, dim, eps=eps, dtype=dt, rngs=rngs)
+    self.y_embedder = caption_mlp(caption_channels, dim, dim, eps=eps, dtype=dt, rngs=rngs)
     self.y_emb_preprocess = PromptBlock(dim, head_dim=head_dim, multiple_of=multiple_of, eps=eps,
                                         use_bias=use_bias, dtype=dt, rngs=rngs)
-    self.pooled_y_emb_process = Mlp(dim, dim, dim, eps=eps, dtype=dt, rngs=rngs)
+    self.pooled_y_emb_process = caption_mlp(dim, dim, dim, eps=eps, dtype=dt, rngs=rngs)
 
     block_kw = dict(head_dim=head_dim, multiple_of=multiple_of, cond_dim=dim, eps=eps,
                     use_bias=use_bias, num_experts=num_experts, capacity=expert_capacity,

@@ -13,7 +13,8 @@ concatenation skips:
 Every block is a residual branch with a zero-initialised output layer, so at init each level is the
 identity, the mid/decoder corrections vanish (h - skip_neg = 0, Up(0) = 0) and F = 0 exactly.
 The exact SiD2 widths/depths are not public (not published); the configs choose them to hit the
-published compute (137 / 653 GFLOPs for UViT/4 / UViT/2 at 512).
+published compute (137 / 653 GFLOPs for UViT/4 / UViT/2 at 512). Its blocks are in
+sid2/blocks.py.
 """
 
 from collections.abc import Sequence
@@ -27,51 +28,14 @@ import jax.numpy as jnp
 from common import layers
 from common import registry
 from common.errors import ConfigError, ShapeError
+from sid2 import blocks
 
 Array = jax.Array
 
 
-class TransformerBlock(nnx.Module):
-  """Parallel transformer block (DFoT-style, as SiD2-style re-implementations build it):
-
-    y = AdaRMSNorm(x, c);  out = x + Attn(y) + MLP(y) [+ CrossAttn(y, text tokens)]
-
-  QK-RMSNorm, 2-D RoPE on the token grid, MLP ratio `mlp_ratio`; every branch output zero-init.
-  With `context_dim` > 0 a cross-attention branch to the caption tokens joins the parallel sum
-  (our text-to-image variant: SiD2 publishes none). Operates on a [B, H, W, C] map (flattened to
-  H*W tokens internally).
-  """
-
-  def __init__(self, channels: int, cond_dim: int, *, head_dim: int, mlp_ratio: float,
-               dropout: float = 0.0, context_dim: int = 0, dtype: Any = jnp.float32,
-               rngs: nnx.Rngs):
-    self.norm = layers.AdaRMSNorm(channels, cond_dim, rngs=rngs)
-    self.attn = layers.Attention(channels, head_dim, dtype=dtype, rngs=rngs)
-    self.mlp = layers.MLP(channels, int(round(channels * mlp_ratio)), dtype=dtype, rngs=rngs)
-    self.cross = (layers.CrossAttention(channels, context_dim, head_dim, dtype=dtype, rngs=rngs)
-                  if context_dim else None)
-    self.dropout_rate = dropout
-    self.dtype = layers.as_dtype(dtype)
-
-  def __call__(self, x: Array, c: Array, dropout_key: Array | None = None,
-               context: tuple[Array, Array] | None = None) -> Array:
-    """x: [B, H, W, C]; c: [B, cond_dim] (activated); context: (tokens [B, S, D], mask [B, S])
-    when the block has cross-attention -> [B, H, W, C]."""
-    b, h, w, ch = x.shape
-    t = x.astype(self.dtype).reshape(b, h * w, ch)
-    y = self.norm(t, c)
-    a = self.attn(y, grid=(h, w), dropout_rate=self.dropout_rate,
-                  dropout_key=layers.fold_key(dropout_key, 0))
-    m = self.mlp(y, dropout_rate=self.dropout_rate, dropout_key=layers.fold_key(dropout_key, 1))
-    out = t + a + m
-    if self.cross is not None:
-      out = out + self.cross(y, *context)
-    return out.reshape(b, h, w, ch)
-
-
 def _call_block(block: nnx.Module, x: Array, c: Array, key: Array | None,
                 context: tuple[Array, Array] | None) -> Array:
-  if isinstance(block, TransformerBlock):
+  if isinstance(block, blocks.TransformerBlock):
     return block(x, c, key, context)
   return block(x, c, key)
 
@@ -131,13 +95,13 @@ class ResidualUViT(nnx.Module):
     def make_block(level: int) -> nnx.Module:
       ch = channels[level]
       if level_types[level] == "conv":
-        return layers.ResBlock(ch, cond_dim, dropout=dropout[level], dtype=self.dtype, rngs=rngs)
+        return blocks.ResBlock(ch, cond_dim, dropout=dropout[level], dtype=self.dtype, rngs=rngs)
       hd = ch // num_heads if num_heads else head_dim
       if num_heads and ch % num_heads:
         raise ConfigError(f"model.channels[{level}]={ch} is not divisible by num_heads={num_heads}.")
-      return TransformerBlock(ch, cond_dim, head_dim=hd, mlp_ratio=mlp_ratio,
-                              dropout=dropout[level], context_dim=self.text_dim,
-                              dtype=self.dtype, rngs=rngs)
+      return blocks.TransformerBlock(ch, cond_dim, head_dim=hd, mlp_ratio=mlp_ratio,
+                                     dropout=dropout[level], context_dim=self.text_dim,
+                                     dtype=self.dtype, rngs=rngs)
 
     # Conditioning: c = SiLU(MLP(NoiseEmb(logSNR) + ClassEmb(label) + Dense(pooled))), float32.
     self.noise_embed = layers.NoiseEmbedding(cond_dim, rngs=rngs)
@@ -148,19 +112,19 @@ class ResidualUViT(nnx.Module):
     self.cond_fc1 = layers.Dense(cond_dim, cond_dim, names=(None, "embed"), rngs=rngs)
     self.cond_fc2 = layers.Dense(cond_dim, cond_dim, names=("embed", None), rngs=rngs)
 
-    self.patch_embed = layers.PatchEmbed(in_channels, patch_size, channels[0], dtype=self.dtype,
+    self.patch_embed = blocks.PatchEmbed(in_channels, patch_size, channels[0], dtype=self.dtype,
                                          rngs=rngs)
     self.enc_blocks = nnx.List([nnx.List([make_block(l) for _ in range(blocks_per_level[l])])
                                 for l in range(num_levels - 1)])
-    self.downs = nnx.List([layers.Down(channels[l], channels[l + 1], dtype=self.dtype, rngs=rngs)
+    self.downs = nnx.List([blocks.Down(channels[l], channels[l + 1], dtype=self.dtype, rngs=rngs)
                            for l in range(num_levels - 1)])
     self.mid = nnx.List([make_block(num_levels - 1) for _ in range(mid_blocks)])
-    self.ups = nnx.List([layers.Up(channels[l + 1], channels[l], dtype=self.dtype, rngs=rngs)
+    self.ups = nnx.List([blocks.Up(channels[l + 1], channels[l], dtype=self.dtype, rngs=rngs)
                          for l in range(num_levels - 1)])
     self.dec_blocks = nnx.List([nnx.List([make_block(l) for _ in range(blocks_per_level[l])])
                                 for l in range(num_levels - 1)])
     self.out_norm = layers.GroupNorm(channels[0], rngs=rngs)
-    self.out_proj = layers.Unpatchify(channels[0], patch_size, in_channels, zero_init=True,
+    self.out_proj = blocks.Unpatchify(channels[0], patch_size, in_channels, zero_init=True,
                                       dtype=self.dtype, rngs=rngs)
 
   @staticmethod

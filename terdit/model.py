@@ -19,6 +19,8 @@ The adaLN RMSNorm is TerDiT's addition (arXiv 2405.14854, Sec. 3.2, "RMS-normali
 with ternary weights the modulation grows large; `adaln_norm=False` removes it (the ablation of
 TerDiT Fig. 7). Every linear layer is a `common.layers.Dense`, so `config.numerics.rules` decide
 which are ternary; TerDiT's choice (attention, SwiGLU and the block adaLN) is in configs/terdit.py.
+Attention, SwiGLU and the adaLN modulation are the shared `common.transformer` pieces with the
+official parameter names; the 1-D RoPE is TerDiT's own (LLaMA's convention).
 
 Initialisation as the official code: xavier-uniform for x_embedder, attention and SwiGLU, N(0, 0.02)
 for the timestep MLP and the label table, zeros for every adaLN linear and for the final linear;
@@ -28,7 +30,7 @@ The noise condition is the DDPM timestep t in [0, 1000) (a float: DiT/ADM feed t
 timestep index to the network, also when sampling on a respaced grid).
 """
 
-import math
+import functools
 from typing import Any
 
 from flax import nnx
@@ -37,7 +39,9 @@ import jax.numpy as jnp
 
 from common import layers
 from common import registry
+from common import transformer
 from common.errors import ConfigError, ShapeError
+from common.layers import timestep_embedding
 
 Array = jax.Array
 _F32 = jnp.float32
@@ -51,25 +55,6 @@ def ffn_hidden_dim(dim: int, multiple_of: int = 256,
   if ffn_dim_multiplier is not None:
     hidden = int(ffn_dim_multiplier * hidden)
   return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
-
-
-def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array:
-  """GLIDE/DiT sinusoidal embedding: [cos(t f_i), sin(t f_i)], f_i = max_period^(-i / half),
-  i = 0..half-1 (official models.py::ParallelTimestepEmbedder.timestep_embedding).
-
-  Args:
-    t: [B] float timesteps.
-    dim: embedding width (an odd width gets a zero column, as the original).
-  Returns:
-    [B, dim] float32.
-  """
-  half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=_F32) / half)
-  args = t.astype(_F32)[:, None] * freqs[None, :]
-  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-  if dim % 2:
-    emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
-  return emb
 
 
 def rope_1d(x: Array, theta: float = 10000.0) -> Array:
@@ -95,112 +80,32 @@ def rope_1d(x: Array, theta: float = 10000.0) -> Array:
   return y.astype(x.dtype)
 
 
-def modulate(x: Array, shift: Array, scale: Array) -> Array:
-  """x * (1 + scale) + shift; x: [B, T, C], shift/scale: [B, C]."""
-  return x * (1 + scale[:, None, :]) + shift[:, None, :]
-
-
-class LayerNorm(nnx.Module):
-  """LayerNorm over the last axis (statistics in float32), torch's `nn.LayerNorm` semantics:
-  biased variance, optional affine weight (init 1) and bias (init 0)."""
-
-  def __init__(self, num_features: int, *, epsilon: float = 1e-5, affine: bool = True,
-               rngs: nnx.Rngs):
-    self.epsilon = epsilon
-    self.scale = (layers.param(rngs, nnx.initializers.ones_init(), (num_features,), (None,))
-                  if affine else None)
-    self.bias = (layers.param(rngs, nnx.initializers.zeros_init(), (num_features,), (None,))
-                 if affine else None)
-
-  def __call__(self, x: Array) -> Array:
-    """x: [..., C] -> same shape and dtype."""
-    return layer_norm(x, self.epsilon,
-                      None if self.scale is None else self.scale[...],
-                      None if self.bias is None else self.bias[...])
-
-
-def layer_norm(x: Array, epsilon: float, scale: Array | None = None,
-               bias: Array | None = None) -> Array:
-  """Functional LayerNorm over the last axis, float32 statistics, output in x.dtype."""
-  x32 = x.astype(_F32)
-  mean = jnp.mean(x32, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-  y = (x32 - mean) * jax.lax.rsqrt(var + epsilon)
-  if scale is not None:
-    y = y * scale
-  if bias is not None:
-    y = y + bias
-  return y.astype(x.dtype)
-
-
-class Attention(nnx.Module):
-  """Multi-head self-attention with 1-D RoPE and optional QK-LayerNorm over the whole projection.
-
-  wq, wk, wv, wo: Dense without bias (xavier-uniform). QK-norm (Large-DiT `--qk_norm`) is a
-  LayerNorm with affine over all num_heads * head_dim features, applied before the split into
-  heads (not per head). Softmax scale 1/sqrt(head_dim).
-  """
-
-  def __init__(self, dim: int, num_heads: int, *, qk_norm: bool = False,
-               rope_theta: float = 10000.0, dtype: Any = _F32, rngs: nnx.Rngs):
-    if dim % num_heads:
-      raise ConfigError(f"TerDiT width {dim} is not divisible by num_heads {num_heads}.")
-    self.num_heads, self.head_dim, self.rope_theta = num_heads, dim // num_heads, rope_theta
-    xavier = nnx.initializers.xavier_uniform()
-    self.wq = layers.Dense(dim, dim, names=("embed", "heads"), use_bias=False,
-                           kernel_init=xavier, dtype=dtype, rngs=rngs)
-    self.wk = layers.Dense(dim, dim, names=("embed", "heads"), use_bias=False,
-                           kernel_init=xavier, dtype=dtype, rngs=rngs)
-    self.wv = layers.Dense(dim, dim, names=("embed", "heads"), use_bias=False,
-                           kernel_init=xavier, dtype=dtype, rngs=rngs)
-    self.wo = layers.Dense(dim, dim, names=("heads", "embed"), use_bias=False,
-                           kernel_init=xavier, dtype=dtype, rngs=rngs)
-    self.q_norm = LayerNorm(dim, rngs=rngs) if qk_norm else None
-    self.k_norm = LayerNorm(dim, rngs=rngs) if qk_norm else None
-
-  def __call__(self, x: Array) -> Array:
-    """x: [B, T, dim] -> [B, T, dim]."""
-    b, t, _ = x.shape
-    q, k, v = self.wq(x), self.wk(x), self.wv(x)
-    if self.q_norm is not None:
-      q, k = self.q_norm(q), self.k_norm(k)
-    shape = (b, t, self.num_heads, self.head_dim)
-    q = rope_1d(q.reshape(shape), self.rope_theta)
-    k = rope_1d(k.reshape(shape), self.rope_theta)
-    o = layers.attention(q, k, v.reshape(shape))
-    return self.wo(o.reshape(b, t, -1))
-
-
-class SwiGLU(nnx.Module):
-  """w2(SiLU(w1 x) * w3 x), no biases, xavier-uniform (official models.py::FeedForward)."""
-
-  def __init__(self, dim: int, hidden: int, *, dtype: Any = _F32, rngs: nnx.Rngs):
-    xavier = nnx.initializers.xavier_uniform()
-    self.w1 = layers.Dense(dim, hidden, names=("embed", "mlp"), use_bias=False,
-                           kernel_init=xavier, dtype=dtype, rngs=rngs)
-    self.w2 = layers.Dense(hidden, dim, names=("mlp", "embed"), use_bias=False,
-                           kernel_init=xavier, dtype=dtype, rngs=rngs)
-    self.w3 = layers.Dense(dim, hidden, names=("embed", "mlp"), use_bias=False,
-                           kernel_init=xavier, dtype=dtype, rngs=rngs)
-    # The gated product as a layer, so numerics rules reach it (COAT saves its inputs in FP8).
-    self.act = layers.Activation("silu")
-
-  def __call__(self, x: Array) -> Array:
-    """x: [..., dim] -> [..., dim]."""
-    return self.w2(self.act(self.w1(x), gate=self.w3(x)))
-
-
 class Block(nnx.Module):
-  """Large-DiT transformer block with TerDiT's RMS-normalised adaLN (module docstring)."""
+  """Large-DiT transformer block with TerDiT's RMS-normalised adaLN (module docstring).
+
+  Attention (official models.py::Attention): wq, wk, wv, wo without bias, xavier-uniform; the
+  QK-norm (Large-DiT `--qk_norm`) is a LayerNorm with affine weight and bias over all
+  num_heads * head_dim features, applied before the split into heads (not per head). SwiGLU
+  (official models.py::FeedForward): w2(SiLU(w1 x) * w3 x), no biases, xavier-uniform.
+  """
 
   def __init__(self, dim: int, cond_dim: int, num_heads: int, hidden: int, *,
                norm_eps: float = 1e-5, qk_norm: bool = False, adaln_norm: bool = True,
                rope_theta: float = 10000.0, dtype: Any = _F32, rngs: nnx.Rngs):
+    if dim % num_heads:
+      raise ConfigError(f"TerDiT width {dim} is not divisible by num_heads {num_heads}.")
+    xavier = nnx.initializers.xavier_uniform()
     self.attn_norm = layers.RMSNorm(dim, epsilon=norm_eps, rngs=rngs)
-    self.attn = Attention(dim, num_heads, qk_norm=qk_norm, rope_theta=rope_theta, dtype=dtype,
-                          rngs=rngs)
+    self.attn = transformer.Attention(
+        dim, dim // num_heads, in_names=("wq", "wk", "wv"), out_name="wo",
+        qk_norm=(functools.partial(layers.LayerNorm, use_bias=True, epsilon=1e-5) if qk_norm
+                 else None),
+        qk_norm_per_head=False, use_bias=False, kernel_init=xavier, out_init=xavier, dtype=dtype,
+        rngs=rngs)
+    self.rope_theta = rope_theta
     self.mlp_norm = layers.RMSNorm(dim, epsilon=norm_eps, rngs=rngs)
-    self.mlp = SwiGLU(dim, hidden, dtype=dtype, rngs=rngs)
+    self.mlp = transformer.SwiGLU(dim, hidden, names=("w1", "w3", "w2"), kernel_init=xavier,
+                                  out_init=xavier, dtype=dtype, rngs=rngs)
     # The modulation is computed in float32: its RMSNorm sees an input ~ bias at init (zero-init
     # linear), where the norm's gradient is ~ 1/sqrt(eps) (arXiv 2405.14854, Sec. 3.2).
     self.adaln = layers.Dense(cond_dim, 6 * dim, names=(None, "embed"), zero_init=True,
@@ -211,13 +116,11 @@ class Block(nnx.Module):
 
   def __call__(self, x: Array, c: Array) -> Array:
     """x: [B, T, dim]; c: [B, cond_dim] float32 (not yet activated) -> [B, T, dim]."""
-    mod = self.adaln(jax.nn.silu(c))
-    if self.adaln_norm is not None:
-      mod = self.adaln_norm(mod)
-    mod = mod.astype(self.dtype)
-    shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
-    x = x + gate_a[:, None, :] * self.attn(modulate(self.attn_norm(x), shift_a, scale_a))
-    x = x + gate_m[:, None, :] * self.mlp(modulate(self.mlp_norm(x), shift_m, scale_m))
+    shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = transformer.adaln(
+        self.adaln, c, 6, act="silu", norm=self.adaln_norm, dtype=self.dtype)
+    rope = functools.partial(rope_1d, theta=self.rope_theta)
+    x = x + gate_a * self.attn(layers.modulate(self.attn_norm(x), shift_a, scale_a), rope=rope)
+    x = x + gate_m * self.mlp(layers.modulate(self.mlp_norm(x), shift_m, scale_m))
     return x
 
 
@@ -241,8 +144,8 @@ class FinalLayer(nnx.Module):
 
   def __call__(self, x: Array, c: Array) -> Array:
     """x: [B, T, dim]; c: [B, cond_dim] -> [B, T, out_features]."""
-    shift, scale = jnp.split(self.adaln(jax.nn.silu(c)).astype(self.dtype), 2, axis=-1)
-    return self.linear(modulate(layer_norm(x, 1e-6), shift, scale))
+    shift, scale = transformer.adaln(self.adaln, c, 2, act="silu", dtype=self.dtype)
+    return self.linear(layers.modulate(layers.layer_norm(x, None, epsilon=1e-6), shift, scale))
 
 
 @registry.register("model")

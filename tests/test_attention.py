@@ -1,11 +1,12 @@
-"""`common.layers.attention`: XLA's attention whose backward pass recomputes the logits and
-probabilities instead of keeping them (values and gradients unchanged, memory of a flash attention)."""
+"""`common.transformer.attention`: XLA's attention whose backward pass recomputes the logits
+and probabilities instead of keeping them (values and gradients unchanged, memory of a flash
+attention)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import layers
+from common import transformer
 from common.memory import temporaries_mib
 
 
@@ -22,11 +23,11 @@ def test_values_and_gradients_equal_xla_attention():
   mask = jax.random.bernoulli(km, 0.7, (2, 1, 1, 5)).at[:, :, :, 0].set(True)
   for m in (None, mask):
     want, want_vjp = jax.vjp(lambda q, k, v, m=m: _xla(q, k, v, m), q, k, v)
-    got, got_vjp = jax.vjp(lambda q, k, v, m=m: layers.attention(q, k, v, m), q, k, v)
+    got, got_vjp = jax.vjp(lambda q, k, v, m=m: transformer.attention(q, k, v, m), q, k, v)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     for a, b in zip(got_vjp(g), want_vjp(g)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  assert not np.allclose(layers.attention(q, k, v, mask), layers.attention(q, k, v))
+  assert not np.allclose(transformer.attention(q, k, v, mask), transformer.attention(q, k, v))
 
 
 def _grad_temporaries(attend, layers_: int) -> float:
@@ -45,5 +46,5 @@ def test_the_backward_pass_keeps_no_attention_probabilities():
   """Per layer, plain XLA attention keeps float32 [B, N, T, S] tensors for the backward pass;
   `attention` keeps only its bf16 inputs (0.5 MiB each here)."""
   per_layer = {name: (_grad_temporaries(fn, 8) - _grad_temporaries(fn, 4)) / 4
-               for name, fn in (("plain", _xla), ("recomputed", layers.attention))}
+               for name, fn in (("plain", _xla), ("recomputed", transformer.attention))}
   assert per_layer["plain"] > 8 and per_layer["recomputed"] < 2, per_layer

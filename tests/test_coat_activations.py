@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from coat import activations, linear
-from common import layers, numerics
+from common import layers, numerics, transformer
 from common.errors import ConfigError
 from common.memory import temporaries_mib
 
@@ -97,7 +97,7 @@ def test_gradient_of_the_layer_parameters_flows():
 
 
 def _coat_mlp():
-  mlp = layers.MLP(32, 64, zero_init_out=False, dtype=jnp.bfloat16, rngs=nnx.Rngs(params=0))
+  mlp = transformer.MLP(32, 64, zero_init_out=False, dtype=jnp.bfloat16, rngs=nnx.Rngs(params=0))
   numerics.apply_rules(mlp, [(r"fc\d", "coat.linear.FP8Dense", {}),
                              (r"act", "coat.activations.FP8Residuals", {})])
   return mlp

@@ -1,4 +1,4 @@
-"""Tests for the SiD2 Residual U-ViT (sid2/model.py), its layers and configs."""
+"""Tests for the SiD2 Residual U-ViT (sid2/model.py), its blocks (sid2/blocks.py) and configs."""
 
 import functools
 
@@ -10,6 +10,7 @@ from flax import nnx
 
 from common import layers
 from common.errors import ConfigError, ShapeError
+from sid2 import blocks
 from sid2.model import ResidualUViT
 
 B, S, C, K = 2, 8, 3, 10
@@ -216,7 +217,7 @@ def test_layers_roundtrip_and_features():
   assert float(jnp.abs(f[0] - f[2]).max()) > 0.1      # no wrap-around over [-20, 20]
   # RoPE: relative positions only -> q.k invariant to a shift of both positions on the grid.
   q = jax.random.normal(jax.random.key(1), (1, 16, 1, 8))
-  r = layers.rope_2d(q, (4, 4))
+  r = blocks.rope_2d(q, (4, 4))
   np.testing.assert_allclose(jnp.linalg.norm(r, axis=-1), jnp.linalg.norm(q, axis=-1), rtol=1e-5)
 
 
