@@ -2,7 +2,7 @@
 
 Each mode is a set of config overrides; the train step is compiled (not run) for the config's batch
 and mesh on the available devices, and XLA's memory analysis gives the bytes per device
-(`common.memory.train_step_memory`). Deterministic on CPU.
+(`common.training.memory.train_step_memory`). Deterministic on CPU.
 
 Default: a reduced DiT-class network (an isotropic transformer on 32x32x4 latents with patch 2,
 SiD2's ResidualUViT with one transformer level, adaLN-style conditioning) under AdamW vs COAT's
@@ -31,9 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from common import sharding  # noqa: E402
-from common.experiment import Experiment  # noqa: E402
-from common.memory import KEYS, train_step_memory  # noqa: E402
+from common.training import sharding
+from common.training.experiment import Experiment  # noqa: E402
+from common.training.memory import KEYS, train_step_memory  # noqa: E402
 from configs.base import load_config, override  # noqa: E402
 
 DEFAULT_MODES = ("adamw:optim.name=adamw",

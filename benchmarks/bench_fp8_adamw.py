@@ -5,7 +5,7 @@ A step runs under one jit with params and optimizer state donated and the gradie
 
   update:  `tx.update` + `optax.apply_updates` (optax's convention: the update is written, then read
            again to update the parameters);
-  apply:   `common.optim.apply_gradients`, which uses the fused kernel's in-place form (parameters
+  apply:   `common.training.optim.apply_gradients`, which uses the fused kernel's in-place form (parameters
            and moments aliased to the kernel's outputs) -- the trainer's path.
 
 Bytes per parameter counted for the achieved bandwidth (read + written):
@@ -36,7 +36,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import optax  # pylint: disable=g-import-not-at-top
 
 from coat.optim import fp8_adamw, state_bytes  # pylint: disable=g-import-not-at-top
-from common.optim import apply_gradients  # pylint: disable=g-import-not-at-top
+from common.training.optim import apply_gradients  # pylint: disable=g-import-not-at-top
 
 OPTAX_BYTES = 28.0
 FP8_BYTES = 8.0 + 4.0 + 4.0 + 2 * 2 * 12 / 128
@@ -55,7 +55,7 @@ def time_step(tx: optax.GradientTransformation, params, grads, steps: int,
               mode: str) -> tuple[float, int]:
   """Mean ms per optimizer step, and the optimizer state's bytes.
 
-  mode "update": tx.update + optax.apply_updates; "apply": common.optim.apply_gradients.
+  mode "update": tx.update + optax.apply_updates; "apply": common.training.optim.apply_gradients.
   """
   state = tx.init(params)
   sbytes = state_bytes(state)

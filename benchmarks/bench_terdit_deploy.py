@@ -9,7 +9,7 @@
     1024-d condition, learned sigma): the export (`--mode=export`, a
     safetensors file of uint8 packed codes + fp32 alpha, biases and full-precision layers) against
     the same network's parameters as fp32 and bf16 safetensors files. Computed from abstract
-    shapes with `common.deployment.safetensors_nbytes`; the script first checks that formula
+    shapes with `common.weights.deployment.safetensors_nbytes`; the script first checks that formula
     against a real export of a small model of the same family (file size equal to the byte).
     Goal: the export at least 7x smaller than fp32 (the paper: about 10x).
 (b) Peak memory of sampling, from XLA's compiled memory analysis on CPU (deterministic; no
@@ -41,8 +41,10 @@ from flax import nnx  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from common import deployment, sharding, tree_names  # noqa: E402
-from common.experiment import Experiment, build_model, numerics_rules  # noqa: E402
+from common.weights import deployment
+from common.training import sharding
+from common.weights import tree_names
+from common.training.experiment import Experiment, build_model, numerics_rules  # noqa: E402
 from configs.base import load_config  # noqa: E402
 from terdit.deploy import PackedTernaryDense  # noqa: E402
 

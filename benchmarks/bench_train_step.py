@@ -6,7 +6,7 @@ Prints one table row per config: img/s, ms/step, achieved TFLOP/s and MFU agains
 unmasked forward, so masked MicroDiT steps read low); "step-FLOPs MFU" uses XLA's cost analysis of
 the whole train step instead (masking and recomputation included). The step's peak device memory
 (`memory_stats`, where the device reports it) stands next to `--mode=compile`'s prediction for the
-same step (`common.memory.train_step_memory`). A spec may add `batch=N` and `precision=coat`.
+same step (`common.training.memory.train_step_memory`). A spec may add `batch=N` and `precision=coat`.
 
   python benchmarks/bench_train_step.py             # the default GPU set below
   python benchmarks/bench_train_step.py --configs sid2_in256.py:batch=64 sid2_in512.py:p4,batch=64
@@ -24,12 +24,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from common import sharding  # noqa: E402
-from common.experiment import Experiment  # noqa: E402
-from common.compile_report import cpu_step_flops  # noqa: E402
-from common.memory import train_step_memory  # noqa: E402
-from common.random_batch import random_batch  # noqa: E402
-from common.summary import forward_flops  # noqa: E402
+from common.training import sharding
+from common.training.experiment import Experiment  # noqa: E402
+from common.training.compile_report import cpu_step_flops  # noqa: E402
+from common.training.memory import train_step_memory  # noqa: E402
+from common.training.random_batch import random_batch  # noqa: E402
+from common.training.summary import forward_flops  # noqa: E402
 
 PEAK_TFLOPS = 800.0  # H100 bf16 dense matmul, measured
 DEFAULT = ["sid2_in256.py:batch=64", "sid2_in512.py:p4,batch=64", "sid2_in512.py:p2,batch=32"]

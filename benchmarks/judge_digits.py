@@ -43,7 +43,7 @@ def fid_figures(images: np.ndarray, x_tr: np.ndarray, x_te: np.ndarray, n: int, 
   """FID of n samples and of n held-out real digits against n training digits (uint8 8x8)."""
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from common.eval.features import evaluate_images  # pylint: disable=import-outside-toplevel
-  from common.eval.reference import make_reference  # pylint: disable=import-outside-toplevel
+  from common.eval.features import make_reference  # pylint: disable=import-outside-toplevel
 
   def as_uint8(x):  # [N, 64] in [0, 1] -> uint8 [N, 8, 8, 1]
     return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8).reshape(-1, 8, 8, 1)

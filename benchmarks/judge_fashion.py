@@ -115,7 +115,7 @@ def fid_vs_test(images: np.ndarray, eval_dir: str, n: int,
   against the same reference (the floor at this N). The reference statistics are cached in
   `eval_dir`. Returns {"fid", "fid_floor", "fid_n"}."""
   from common.eval.features import evaluate_images  # pylint: disable=import-outside-toplevel
-  from common.eval.reference import make_reference  # pylint: disable=import-outside-toplevel
+  from common.eval.features import make_reference  # pylint: disable=import-outside-toplevel
   n = min(n, len(images))
   te_x, _ = sources.load_fashion_mnist(fmnist_dir, "test")
   ref = os.path.join(eval_dir, f"fashion_test_reference_n{n}.npz")

@@ -20,9 +20,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import sharding, trainer  # noqa: E402
+from common.training import sharding
+from common.training import trainer
 from common.data import make_train_iterator  # noqa: E402
-from common.experiment import Experiment  # noqa: E402
+from common.training.experiment import Experiment  # noqa: E402
 import judge_digits  # noqa: E402  (benchmarks/judge_digits.py)
 import judge_fashion  # noqa: E402  (benchmarks/judge_fashion.py)
 

@@ -3,7 +3,7 @@
     python benchmarks/study_autoencoder_fashion.py [--workdir workdirs/autoencoder_fashion]
         [--config_arg=] [--set key=value ...] [--steps=N] [--eval=10000]
 
-Trains `configs/autoencoder_fashion.py` with `common.trainer.train`, as `launch/main.py
+Trains `configs/autoencoder_fashion.py` with `common.training.trainer.train`, as `launch/main.py
 --mode=train` does (a run the workdir holds is resumed; a finished one is only evaluated, so
 `--workdir=workdirs/ae_fashion` scores the autoencoder that `make fashion-latents` trained), then
 reports on the test split, through the newest checkpoint's EMA weights and the posterior mean:
@@ -24,9 +24,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import sharding, trainer  # noqa: E402
+from common.training import sharding
+from common.training import trainer
 from common.data.sources import FASHION_MNIST_DEFAULT_DIR, load_fashion_mnist  # noqa: E402
-from common.experiment import Experiment  # noqa: E402
+from common.training.experiment import Experiment  # noqa: E402
 from configs import autoencoder_fashion  # noqa: E402
 from configs.base import override  # noqa: E402
 import studies  # noqa: E402  (benchmarks/studies.py)

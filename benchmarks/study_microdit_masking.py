@@ -10,8 +10,8 @@ at equal steps and seed:
   deferred   fashion            75% of tokens dropped after the patch-mixer (the paper's method)
   naive      fashion,naive      75% dropped at the input, no patch-mixer
 
-For each arm: train (`common.trainer.train`, resumed if the workdir holds a run), sample the EMA
-weights from held-out caption phrasings (`common.trainer.sample`; skipped if samples exist), and
+For each arm: train (`common.training.trainer.train`, resumed if the workdir holds a run), sample the EMA
+weights from held-out caption phrasings (`common.training.trainer.sample`; skipped if samples exist), and
 score the decoded samples: FID against real Fashion-MNIST test images and the prompt-class accuracy
 of the CNN judge (benchmarks/judge_fashion.py). Step cost, side by side in this process: XLA
 flops of the compiled train step (deterministic) and its wall time, the arms timed in turns
@@ -37,10 +37,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import sharding  # noqa: E402
-from common.experiment import Experiment  # noqa: E402
-from common.memory import abstract_batch  # noqa: E402
-from common.random_batch import random_batch  # noqa: E402
+from common.training import sharding
+from common.training.experiment import Experiment  # noqa: E402
+from common.training.memory import abstract_batch  # noqa: E402
+from common.training.random_batch import random_batch  # noqa: E402
 from configs import microdit  # noqa: E402
 from configs.base import override  # noqa: E402
 import studies  # noqa: E402  (benchmarks/studies.py)

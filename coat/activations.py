@@ -9,7 +9,7 @@ stored, not a fake-quant straight-through estimator, so it cannot be a `jax.chec
 (which cannot change a residual's dtype). It is a `custom_vjp` whose residuals are (codes, scales)
 pairs.
 
-`FP8Residuals` is the residual policy of `common.layers`' non-linear layers (`NONLINEAR_LAYERS`:
+`FP8Residuals` is the residual policy of `common.nn.layers`' non-linear layers (`NONLINEAR_LAYERS`:
 RMSNorm, GroupNorm, FiLM, Activation; their `residuals` attribute): the layer computes
 `policy(fn, *args)` with `fn` its pure forward function and `args` its inputs and parameters.
 Forward: `fn(*args)` on the exact inputs. Saved: each input with the first input's shape (the
@@ -22,7 +22,7 @@ inputs' dtypes (COAT: grads into non-linear layers stay bf16).
 The last axis is grouped in 16s; a width that is not a multiple of 16 is zero-padded for the
 quantization only (zeros do not change a group's max).
 
-`FP8Residuals.from_module(layer)` makes it a numerics rule target (`common/numerics.py`):
+`FP8Residuals.from_module(layer)` makes it a numerics rule target (`common/nn/numerics.py`):
 `(r"...", "coat.activations.FP8Residuals", {})` sets the policy on the matched layers and keeps
 their parameters and paths.
 """
@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from coat import fp8
-from common import layers
+from common.nn import layers
 from common import registry
 
 Array = jax.Array
@@ -116,7 +116,7 @@ class FP8Residuals:
 
   @classmethod
   def from_module(cls, module: nnx.Module, *, group_size: int = fp8.ACT_GROUP_SIZE) -> nnx.Module:
-    """Gives `module` (a `common.layers.NONLINEAR_LAYERS` layer) this policy; returns it."""
+    """Gives `module` (a `common.nn.layers.NONLINEAR_LAYERS` layer) this policy; returns it."""
     module.residuals = cls(group_size)
     return module
 

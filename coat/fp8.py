@@ -39,7 +39,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from common.errors import ConfigError, ShapeError
-from common.sharding import spec_axes
+from common.training.sharding import spec_axes
 # The DRE row math and its constants are kernels/dre.py's (re-exported here for coat's users).
 from kernels.dre import (DRE_EPS, E4M3, E4M3_MAX, EXPAND_STEP, K_MAX, K_MIN,  # noqa: F401
                          LOG2_TARGET_RANGE, PLAIN_EPS, dre_dequantize_rows, dre_quantize_rows,
@@ -250,7 +250,7 @@ class QuantizedGroups:
     return sum(int(a.size) * a.dtype.itemsize for a in (self.codes, self.scale, self.k, self.c))
 
   def partition_specs(self, param_spec: PartitionSpec) -> "QuantizedGroups":
-    """Declared placement (`common.sharding.state_partition`) given the parameter's mesh-axis spec.
+    """Declared placement (`common.training.sharding.state_partition`) given the parameter's mesh-axis spec.
 
     The group axis is sharded over the parameter's mesh axes in dimension order (shard i of
     `shard_grid` holds groups [i n / S, (i + 1) n / S)), the group's elements are not; the

@@ -25,8 +25,8 @@ operands with `preferred_element_type=float32` followed by one multiply by a sca
 pattern XLA rewrites into a cuBLASLt FP8 GEMM on Hopper (tests/test_coat_linear.py checks that
 the StableHLO lowered for CUDA has dot_generals on f8E4M3FN / f8E5M2 operands).
 
-Weight quantization once per step: the trainer (`common.experiment.Experiment._grads`) calls
-`common.numerics.step_caches(model)` once per optimizer step, outside the gradient-accumulation
+Weight quantization once per step: the trainer (`common.training.experiment.Experiment._grads`) calls
+`common.nn.numerics.step_caches(model)` once per optimizer step, outside the gradient-accumulation
 `lax.scan`, and hands each micro-batch's network the same (Wq, sw) through `use_step_cache`, as
 COAT caches the weight's FP8 copy on the first micro-batch (`_fp8_weightcache.py`). Without a cache
 (sampling, evaluation, a plain `jax.grad` of the layer) the layer quantizes W on each call; the
@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from coat import fp8
-from common import layers
+from common.nn import layers
 from common import registry
 
 Array = jax.Array
@@ -128,8 +128,8 @@ class _StepCachedWeight:
 
 @registry.register("numerics")
 class FP8Dense(_StepCachedWeight, nnx.Module):
-  """A `common.layers.Dense` computed with COAT's FP8 GEMMs (module docstring); a numerics rule
-  target (`common/numerics.py`): `("...", "coat.linear.FP8Dense", {})`.
+  """A `common.nn.layers.Dense` computed with COAT's FP8 GEMMs (module docstring); a numerics rule
+  target (`common/nn/numerics.py`): `("...", "coat.linear.FP8Dense", {})`.
 
   Attributes:
     kernel: nnx.Param fp32 [in, out], the master weight (the Dense's, same path and axis names).
@@ -166,7 +166,7 @@ class FP8Dense(_StepCachedWeight, nnx.Module):
 
 @registry.register("numerics")
 class FP8ExpertDense(_StepCachedWeight, nnx.Module):
-  """A `common.layers.ExpertDense` (one linear map per expert) computed with COAT's FP8 GEMMs: each
+  """A `common.nn.layers.ExpertDense` (one linear map per expert) computed with COAT's FP8 GEMMs: each
   expert's GEMM is an `fp8_matmul` with its own just-in-time per-tensor scales (x[:, e] and W[e]),
   as a grouped GEMM would run it. A numerics rule target: `("...", "coat.linear.FP8ExpertDense", {})`.
 

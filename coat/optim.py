@@ -1,6 +1,6 @@
 """FP8 AdamW with Dynamic Range Expansion (COAT, arXiv 2410.19313, Sec. 4).
 
-`fp8_adamw` is a `common.optim.FusedGradientTransformation` (an `optax.GradientTransformation`):
+`fp8_adamw` is a `common.training.optim.FusedGradientTransformation` (an `optax.GradientTransformation`):
 the first and second moments live as float8_e4m3fn groups of 128 with fp32 (scale, k, c) per
 group (`coat.fp8.QuantizedGroups`), 2 + 24/128 = 2.1875 bytes per parameter instead of 8 for fp32 AdamW; parameters and gradients stay
 fp32. Each step: dequantize m and v, fp32 AdamW with COAT's bias correction
@@ -8,7 +8,7 @@ fp32. Each step: dequantize m and v, fp32 AdamW with COAT's bias correction
   denom = (sqrt(v) / sqrt(1 - b2^t) + eps) (1 - b1^t),   u = -lr (m / denom + wd p),
 
 then requantize m and v per group. `update` returns `u` (= new_p - p), as optax expects; `apply`
-(used by `common.optim.apply_gradients`, so by the trainer) returns the new parameters, written by
+(used by `common.training.optim.apply_gradients`, so by the trainer) returns the new parameters, written by
 the fused kernel into the donated parameter buffers. Weight decay is decoupled and multiplied by the
 learning rate (AdamW, as `optax.adamw`). Global-norm clipping passes its scale into the step.
 
@@ -19,7 +19,7 @@ update would not be finite (e.g. a finite gradient whose square overflows fp32) 
 and gets a zero update, so the state never holds NaN or inf.
 
 Sharding: groups never straddle shards. Under the trainer, `placement` (the parameters'
-`common.sharding.ParamPlacement`, which `common.optim.make_optimizer` passes to factories that take
+`common.training.sharding.ParamPlacement`, which `common.training.optim.make_optimizer` passes to factories that take
 it) cuts each parameter's groups per device shard (`coat.fp8.shard_grid`) and the groups declare
 their placement (`QuantizedGroups.partition_specs`): the group axis sharded over the parameter's
 mesh axes, so each device holds 2.1875 bytes per parameter of its own shard. Without a placement,
@@ -49,8 +49,8 @@ from jax.sharding import PartitionSpec as P
 
 from common import registry
 from common.errors import ConfigError
-from common.optim import FusedGradientTransformation
-from common.sharding import ParamPlacement, path_str
+from common.training.optim import FusedGradientTransformation
+from common.training.sharding import ParamPlacement, path_str
 from kernels import fp8_adamw as fused
 from kernels import target
 
@@ -108,7 +108,7 @@ def fp8_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float 
               placement: ParamPlacement | None = None) -> FusedGradientTransformation:
   """AdamW with float8_e4m3fn moments in groups of 128 (COAT).
 
-  Also the optimizer factory of `config.optim.name = "coat.optim.fp8_adamw"` (common/optim.py calls
+  Also the optimizer factory of `config.optim.name = "coat.optim.fp8_adamw"` (common/training/optim.py calls
   it with learning_rate, b1, b2, eps, weight_decay and `config.optim.options`).
 
   Args:
@@ -131,7 +131,7 @@ def fp8_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float 
       ("blocks/0/mlp/fc1/kernel"), so `init` must get the trainer's parameter tree.
 
   Returns:
-    A `common.optim.FusedGradientTransformation` (an optax.GradientTransformation whose state is
+    A `common.training.optim.FusedGradientTransformation` (an optax.GradientTransformation whose state is
     `Fp8AdamWState`); its `apply` writes the new parameters and moments in place (donate them)
     and takes `lr_scale` (per-parameter learning-rate multipliers, `optim.lr_multipliers`).
   """

@@ -1,6 +1,6 @@
 """COAT as a precision mode of the trainer (arXiv 2410.19313): `config.precision = "coat"`.
 
-`COAT` is a `common.numerics.Precision`: the numerics rules below (applied after the config's own
+`COAT` is a `common.nn.numerics.Precision`: the numerics rules below (applied after the config's own
 `config.numerics.rules`, so finer rules override them, and not required to match: a family may
 lack a layer kind) and the FP8 AdamW optimizer (`coat.optim.fp8_adamw`, used unless
 `config.optim.name` names another optimizer than the default "adamw").
@@ -16,7 +16,7 @@ What is FP8 there, as COAT's precision flow (Sec. 5, Fig. 3) mapped onto diffusi
   * the linear layers of attention, cross-attention and MLP branches (path components `attn`,
     `cross_attn`, `attention`, `cross`, `mlp`, `ffn`, `ff`): `coat.linear.FP8Dense`, E4M3
     forward GEMMs with just-in-time per-tensor scales, E5M2 gradient GEMMs, FP8 residuals; a
-    mixture of experts' per-expert maps (`common.layers.ExpertDense`) likewise, one FP8 GEMM per
+    mixture of experts' per-expert maps (`common.nn.layers.ExpertDense`) likewise, one FP8 GEMM per
     expert (`coat.linear.FP8ExpertDense`). Not the MoE router (`gate`, `router`): its scores pick
     the tokens of each expert, and FP8 trainers keep gating in high precision (DeepSeek-V3,
     arXiv 2412.19437, Sec. 3.3.1);
@@ -31,7 +31,7 @@ the result per layer role; tests/test_precision_coverage.py checks it on every f
 """
 
 from common import registry
-from common.numerics import Precision
+from common.nn.numerics import Precision
 
 # A path component naming an attention module ("attn", "cross_attn", "attention", "cross").
 _ATTENTION = r"([^/]*attn|[^/]*attention|cross)"

@@ -1,6 +1,6 @@
 """frugal-diffusion's shared library.
 
-Parameters carry *logical* axis names (see docs/DESIGN.md) that `common.sharding` maps onto the mesh
+Parameters carry *logical* axis names (see docs/DESIGN.md) that `common.training.sharding` maps onto the mesh
 explicitly. Flax 0.12 otherwise shards annotated variables eagerly at creation and then requires a mesh
 context even for a CPU model; we turn that off once, here, so models build anywhere.
 """

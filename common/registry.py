@@ -33,10 +33,17 @@ from common.errors import ConfigError
 KINDS = ("model", "autoencoder", "diffusion", "optimizer", "precision", "numerics", "converter")
 # Top-level packages a name read from a file may import: ours, which run nothing on import.
 OUR_PACKAGES = ("common", "sid2", "microdit", "terdit", "coat", "kernels")
+# Plug-in modules that moved when common/ was grouped by role: exports and checkpoints written
+# before name them by their old module, which resolves to the new one (longest prefix first).
+MOVED_MODULES = {
+    "common.adm": "common.diffusion.adm",
+    "common.numerics": "common.nn.numerics",
+    "common.init_from": "common.weights.init_from",
+}
 # Modules that register plug-ins, imported (by name, so that common/ does not import the families)
 # only to list the allowed names in an error message; tests/test_registry.py checks it is complete.
 PLUGIN_MODULES = (
-    "common.numerics", "common.adm", "common.init_from", "common.autoencoders.small_kl",
+    "common.nn.numerics", "common.diffusion.adm", "common.weights.init_from", "common.autoencoders.small_kl",
     "common.autoencoders.kl_vae", "common.autoencoders.recipe", "sid2.model", "microdit.model",
     "terdit.model", "terdit.ternary", "coat.linear", "coat.activations", "coat.optim",
     "coat.precision",
@@ -102,6 +109,14 @@ def _refuse(name: Any, where: str, kind: str, source: str, why: str,
                      f"a registered {kind} plug-in: one of {[*short, *registered(kind)]}.")
 
 
+def moved_name(name: str) -> str:
+  """`name` with a module that moved (MOVED_MODULES) replaced by its new place."""
+  for old in sorted(MOVED_MODULES, key=len, reverse=True):
+    if name.startswith(old + "."):
+      return MOVED_MODULES[old] + name[len(old):]
+  return name
+
+
 def import_object(name: str, where: str, kind: str, short: Sequence[str] = ()) -> Any:
   """The object that "package.module.Object" names; `where` is the config key (for messages).
 
@@ -123,6 +138,7 @@ def import_object(name: str, where: str, kind: str, short: Sequence[str] = ()) -
       raise _refuse(name, where, kind, source, "is not a dotted name", short)
     raise ConfigError(f"{where} must be a dotted path such as 'sid2.model.ResidualUViT', got "
                       f"{name!r}.")
+  name = moved_name(name)
   parts = name.split(".")
   if source is not None and (parts[0] not in OUR_PACKAGES
                              or not all(p.isidentifier() for p in parts)):

@@ -55,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
   # a torch param group with its own lr. A regex that matches no parameter is a ConfigError.
   c.optim.lr_multipliers = ()
 
-  # Start a fresh run from another run's weights (common/init_from.py). Ignored once the run has
+  # Start a fresh run from another run's weights (common/weights/init_from.py). Ignored once the run has
   # checkpoints of its own (it resumes from them). path: "" (off), a run's workdir or its
   # checkpoints/ directory (the newest step), one step directory (checkpoints/500), or a weights
   # file (.pt/.pth/.bin/.safetensors, read without torch) converted by `converter`. load: "params"
@@ -68,12 +68,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from.converter = ""
   c.init_from.keep_step = False
 
-  # Precision mode (common/numerics.py): "bf16" (the network's own dtypes, config.optim as
+  # Precision mode (common/nn/numerics.py): "bf16" (the network's own dtypes, config.optim as
   # written) or "coat" (coat/precision.py: FP8 linear layers in attention/MLP branches, FP8-saved
   # activations, FP8 AdamW unless optim.name is set to something other than "adamw"), or the
-  # dotted path of a common.numerics.Precision.
+  # dotted path of a common.nn.numerics.Precision.
   c.precision = "bf16"
-  # Which implementation each layer uses (common/numerics.py): (module-path regex,
+  # Which implementation each layer uses (common/nn/numerics.py): (module-path regex,
   # "package.module.Class", kwargs[, required]) rules, first match wins; they come before the
   # precision mode's rules, so they refine it. Empty: the precision mode decides.
   c.numerics = ml_collections.ConfigDict()
@@ -136,7 +136,7 @@ def base_config() -> ml_collections.ConfigDict:
 def structure() -> ml_collections.ConfigDict:
   """The keys every experiment config has, with the types of their values: `base_config()` plus the
   sections each family fills in. A config read from a file (an export's) is checked against it
-  (`common.deployment.check_structure`) before anything reads it."""
+  (`common.weights.deployment.check_structure`) before anything reads it."""
   c = base_config()
   for section in ("model", "diffusion", "data"):
     c[section] = ml_collections.ConfigDict()

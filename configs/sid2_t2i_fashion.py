@@ -66,7 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.diffusion.name = "vp"
   # The latents are scaled to unit variance by the autoencoder's export. The "sid2" schedule shifts
   # the cosine by 2 log(noise_d / image_d) (SiD, arXiv 2301.11093; interpolated 32 -> 256 in t, see
-  # common/schedules.py): at image_d = 8 (the digits demo's shift) half the training times have
+  # common/diffusion/schedules.py): at image_d = 8 (the digits demo's shift) half the training times have
   # logSNR > 4.9, where the sigmoid weight (bias -1) is tiny, and only t > 0.87 reaches logSNR < 2,
   # where the garment's shape (coat vs pullover) is decided;
   # the judge's accuracy stalled at 76-77% (1500 and 3000 steps). image_d = 64 centres t = 0.5 at

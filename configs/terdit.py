@@ -19,7 +19,7 @@ the SwiGLU w1/w2/w3 and each block's adaLN linear ternary (`TERNARY_RULES`); the
 label embedders, the final layer, all norms, biases and the alphas stay full precision. Alpha starts
 as in the official code, alpha ~ N(0, 1) (`torch.randn(1)` in fairscale's `layers.py` there).
 
-Recipe: the DiT/ADM discrete diffusion (`common.adm.ADMDiffusion`): 1000 linear-beta steps, learned
+Recipe: the DiT/ADM discrete diffusion (`common.diffusion.adm.ADMDiffusion`): 1000 linear-beta steps, learned
 variance trained with the hybrid loss L_simple + 0.001 L_vlb (Nichol & Dhariwal, arXiv 2102.09672,
 Sec. 3.1), class-dropout 0.1 for classifier-free guidance, sampled with 250 respaced DDPM steps.
 Optimiser of Large-DiT's trainer (Alpha-VLLM/LLaMA2-Accessory, Large-DiT-ImageNet/train.py): AdamW
@@ -68,9 +68,9 @@ def ternary_rules(alpha_init: str | float = "normal") -> tuple:
 
 
 def _diffusion() -> ml_collections.ConfigDict:
-  """The DiT/ADM recipe's keys (common.adm.ADMDiffusion)."""
+  """The DiT/ADM recipe's keys (common.diffusion.adm.ADMDiffusion)."""
   d = ml_collections.ConfigDict()
-  d.name = "common.adm.ADMDiffusion"
+  d.name = "common.diffusion.adm.ADMDiffusion"
   d.diffusion_steps = 1000
   d.noise_schedule = "linear"          # beta_t from 1e-4 to 0.02 (DDPM / ADM "linear")
   d.learn_sigma = True                 # the network outputs [eps, v] (2 C channels)

@@ -2,7 +2,7 @@
 
 `--mode=compile --target=v5p-8` compiles the config's train step for hardware this machine does not
 have (a Cloud TPU slice or a GPU node; default: the config's `target`) and says whether it fits; its
-last line is one JSON object (common/compile_report.py); exit 1 when it does not fit.
+last line is one JSON object (common/training/compile_report.py); exit 1 when it does not fit.
 
 `--mode=export` writes the newest EMA weights in their deployed form (e.g. 2-bit packed ternary
 layers) to WORKDIR/export; `--mode=sample --checkpoint=WORKDIR/export` samples from it (the
@@ -27,9 +27,11 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from common import deployment, registry, trainer  # noqa: E402
+from common import registry  # noqa: E402
+from common.weights import deployment
+from common.training import trainer
 from common.errors import UserError  # noqa: E402
-from common.experiment import resolve_plugins  # noqa: E402
+from common.training.experiment import resolve_plugins  # noqa: E402
 from configs import base  # noqa: E402
 from launch import distributed  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Official MicroDiT weights -> our parameters.
 
 `from_official` converts the state dict of `micro_diffusion.models.dit.DiT` (SonyResearch/
-micro_diffusion; e.g. read with `common.torch_weights.load_torch_weights`) by name. It is the
+micro_diffusion; e.g. read with `common.weights.torch_weights.load_torch_weights`) by name. It is the
 `config.init_from.converter` "microdit.convert.from_official":
 
   --config.init_from.path=MicroDiT_XL_2.pt --config.init_from.converter=microdit.convert.from_official
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from common.convert import TORCH, Reader, Rule, Table, apply
+from common.weights.convert import TORCH, Reader, Rule, Table, apply
 
 
 def _experts(read: Reader, target: Any) -> dict[str, np.ndarray]:

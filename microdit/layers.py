@@ -2,11 +2,11 @@
 as the official code computes them (SonyResearch/micro_diffusion, `micro_diffusion/models/dit.py`
 and `micro_diffusion/models/utils.py`).
 
-Attention, the SwiGLU FFN and the caption MLPs are the shared `common.transformer` layers, built
+Attention, the SwiGLU FFN and the caption MLPs are the shared `common.nn.transformer` layers, built
 here with the official parameter names and initialisation; the expert-choice MoE, the fixed
 position embedding and the activation sharding are MicroDiT's own. Tokens are `[B, T, D]`; every
-linear map is a `common.layers.Dense` (so `config.numerics.rules` applies to it), the experts'
-batched weights `common.layers.ExpertDense`. LayerNorm statistics are float32.
+linear map is a `common.nn.layers.Dense` (so `config.numerics.rules` applies to it), the experts'
+batched weights `common.nn.layers.ExpertDense`. LayerNorm statistics are float32.
 """
 
 import functools
@@ -18,9 +18,9 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
-from common import layers
-from common import transformer
-from common.layers import Dense
+from common.nn import layers
+from common.nn import transformer
+from common.nn.layers import Dense
 
 Array = jax.Array
 _F32 = jnp.float32
@@ -144,7 +144,7 @@ class ExpertChoiceMoE(nnx.Module):
   k = int(capacity T / E) tokens of each sample by p, applies w2(GELU_exact(w1 x)), and its output,
   weighted by the token's p for that expert, is added back at the token. A token no expert picks
   gets 0. No auxiliary loss. Expert weights `expert_w1` [E, dim, H] and `expert_w2` [E, H, dim]
-  (`common.layers.ExpertDense`, no bias; the official bare parameters w1, w2), H =
+  (`common.nn.layers.ExpertDense`, no bias; the official bare parameters w1, w2), H =
   round_up(hidden, multiple_of), logical axes ("expert", "embed", "mlp").
   """
 

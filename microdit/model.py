@@ -26,11 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import layers
+from common.nn import layers
 from common import registry
-from common import transformer
+from common.nn import transformer
 from common.errors import ConfigError, ShapeError
-from common.layers import Dense, modulate, timestep_embedding
+from common.nn.layers import Dense, modulate, timestep_embedding
 from microdit.layers import (ExpertChoiceMoE, caption_mlp, constrain, cross_attention,
                              feed_forward, self_attention, sincos_pos_embed)
 
@@ -250,7 +250,7 @@ class MicroDiT(nnx.Module):
     """A lower bound on the parameter tensors of `MicroDiT(**kwargs)` (all arguments given), from
     its arguments alone: 2 per backbone block and per patch-mixer block (each has at least one
     Dense with two). An export's weights file must hold at least this many before the network is
-    traced (`common.deployment.check_tensor_count`)."""
+    traced (`common.weights.deployment.check_tensor_count`)."""
     mixer = int(kwargs["patch_mixer_depth"]) if kwargs["use_patch_mixer"] else 0
     return 2 * (int(kwargs["depth"]) + mixer)
 

@@ -1,7 +1,7 @@
 """The blocks of SiD2's Residual U-ViT (Hoogeboom et al., "Simpler Diffusion", arXiv 2410.19324):
 conditioned conv ResBlocks, 2x resampling, patch (un)embedding, and the parallel transformer block
-with 2-D RoPE. Only SiD2 builds them; the shared layers they use are in common/layers.py and
-common/transformer.py.
+with 2-D RoPE. Only SiD2 builds them; the shared layers they use are in common/nn/layers.py and
+common/nn/transformer.py.
 """
 
 import functools
@@ -11,10 +11,10 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from common import layers
-from common import transformer
+from common.nn import layers
+from common.nn import transformer
 from common.errors import ConfigError
-from common.layers import Conv, Dense
+from common.nn.layers import Conv, Dense
 
 Array = jax.Array
 _F32 = jnp.float32

@@ -25,7 +25,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from common import layers
+from common.nn import layers
 from common import registry
 from common.errors import ConfigError, ShapeError
 from sid2 import blocks
@@ -132,7 +132,7 @@ class ResidualUViT(nnx.Module):
     """A lower bound on the parameter tensors of `ResidualUViT(**kwargs)` (all arguments given),
     from its arguments alone: 2 per block (each has at least one Dense or norm with two), the
     encoder's and decoder's `blocks_per_level` and `mid_blocks`. An export's weights file must
-    hold at least this many before the network is traced (`common.deployment.check_tensor_count`)."""
+    hold at least this many before the network is traced (`common.weights.deployment.check_tensor_count`)."""
     return 2 * (2 * sum(int(n) for n in kwargs["blocks_per_level"]) + int(kwargs["mid_blocks"]))
 
   @staticmethod

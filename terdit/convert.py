@@ -1,7 +1,7 @@
 """Official TerDiT checkpoints (Lucky-Lance/TerDiT, https://huggingface.co/lucky-lance/TerDiT) to ours.
 
 Two kinds of files are released per model, `consolidated{_ema}.00-of-01.pth` and
-`consolidated{_ema}_ternary.00-of-01.pth` (read without torch by `common.torch_weights`):
+`consolidated{_ema}_ternary.00-of-01.pth` (read without torch by `common.weights.torch_weights`):
 
 * latent weights (`consolidated`): every ternary linear holds its fp latent `weight` [out, in] and
   its scale `alphas` [1]; the forward ternarises the weight on the fly (fairscale fork,
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from common.convert import TORCH, Layout, Reader, Rule, Table, apply, fields
+from common.weights.convert import TORCH, Layout, Reader, Rule, Table, apply, fields
 from common.errors import CheckpointError
 
 EPS = 1e-6  # gamma + 1e-6 of the official quantizer (layers.py::ternary).
@@ -142,7 +142,7 @@ def from_official(tree: Mapping[str, np.ndarray], abstract_params: Mapping[str, 
   """Converts an official TerDiT / Large-DiT state dict to our `terdit.model.TerDiT` params.
 
   Args:
-    tree: {torch parameter name: array}, e.g. `common.torch_weights.load_torch_weights(path)` of a
+    tree: {torch parameter name: array}, e.g. `common.weights.torch_weights.load_torch_weights(path)` of a
       `consolidated*.pth` file (latent or packed ternary weights).
     abstract_params: our model's params as a nested pure dict (`nnx.to_pure_dict`) of arrays or
       ShapeDtypeStructs: which layers are ternary and every shape.

@@ -6,7 +6,7 @@ and its forward runs `kernels.ternary_matmul` on the packed bytes, so the fp wei
 exists. The official deployment (Lucky-Lance/TerDiT, `fairscale/.../layer_inference.py`)
 unpacks every weight to fp32 on each call instead.
 
-`common.deployment.deploy(model)` swaps every layer with a `deployed()` method; `--mode=export`
+`common.weights.deployment.deploy(model)` swaps every layer with a `deployed()` method; `--mode=export`
 writes the result and `--mode=sample --checkpoint=EXPORT_DIR` samples from it.
 """
 

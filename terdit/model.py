@@ -17,9 +17,9 @@ TerDiT (Lu et al., arXiv 2405.14854) trains Large-DiT (Alpha-VLLM/LLaMA2-Accesso
 
 The adaLN RMSNorm is TerDiT's addition (arXiv 2405.14854, Sec. 3.2, "RMS-normalized adaLN"):
 with ternary weights the modulation grows large; `adaln_norm=False` removes it (the ablation of
-TerDiT Fig. 7). Every linear layer is a `common.layers.Dense`, so `config.numerics.rules` decide
+TerDiT Fig. 7). Every linear layer is a `common.nn.layers.Dense`, so `config.numerics.rules` decide
 which are ternary; TerDiT's choice (attention, SwiGLU and the block adaLN) is in configs/terdit.py.
-Attention, SwiGLU and the adaLN modulation are the shared `common.transformer` pieces with the
+Attention, SwiGLU and the adaLN modulation are the shared `common.nn.transformer` pieces with the
 official parameter names; the 1-D RoPE is TerDiT's own (LLaMA's convention).
 
 Initialisation as the official code: xavier-uniform for x_embedder, attention and SwiGLU, N(0, 0.02)
@@ -37,11 +37,11 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from common import layers
+from common.nn import layers
 from common import registry
-from common import transformer
+from common.nn import transformer
 from common.errors import ConfigError, ShapeError
-from common.layers import timestep_embedding
+from common.nn.layers import timestep_embedding
 
 Array = jax.Array
 _F32 = jnp.float32
@@ -215,7 +215,7 @@ class TerDiT(nnx.Module):
     """A lower bound on the parameter tensors of `TerDiT(**kwargs)` (all arguments given), from its
     arguments alone: 2 per block (each has at least one linear layer with two). An export's weights
     file must hold at least this many before the network is traced
-    (`common.deployment.check_tensor_count`)."""
+    (`common.weights.deployment.check_tensor_count`)."""
     return 2 * int(kwargs["depth"])
 
   def __call__(self, x: Array, noise_cond: Array, cond: dict, *,

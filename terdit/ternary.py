@@ -111,8 +111,8 @@ class TernaryDense(nnx.Module):
   @classmethod
   def from_dense(cls, dense: Any, alpha_init: str | float = "gamma", seed: int = 0,
                  path: str = "") -> "TernaryDense":
-    """A `config.numerics.rules` implementation (common/numerics.py): the ternary QAT version of
-    a built `common.layers.Dense`, keeping its widths, axis names, compute dtype and its
+    """A `config.numerics.rules` implementation (common/nn/numerics.py): the ternary QAT version of
+    a built `common.nn.layers.Dense`, keeping its widths, axis names, compute dtype and its
     initialised kernel (the latent weight) and bias.
 
     Args:
@@ -120,7 +120,7 @@ class TernaryDense(nnx.Module):
       alpha_init: see the class docstring.
       seed: with `path`, seeds the random alpha init ("normal"): each layer draws from
         fold_in(key(seed), crc32(path)), so layers differ and a rebuild gives the same values.
-      path: the layer's module path (passed by common.numerics.apply_rules).
+      path: the layer's module path (passed by common.nn.numerics.apply_rules).
     """
     names = tuple(dense.names)
     key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(path.encode()) & 0x7FFFFFFF)
@@ -150,99 +150,7 @@ class TernaryDense(nnx.Module):
       y = y + self.bias[...]
     return y.astype(dtype)
 
-  def export(self) -> dict[str, jax.Array]:
-    """The deployed form: {"packed": uint8 [ceil(K/4), N], "alpha": f32 (),
-    "in_features": int32 (), "bias": f32 [N] (if any)}."""
-    codes, _ = ternarize(self.kernel[...])
-    out = {"packed": pack(codes), "alpha": jnp.asarray(self.alpha[...], jnp.float32),
-           "in_features": jnp.asarray(self.in_features, jnp.int32)}
-    if self.bias is not None:
-      out["bias"] = self.bias[...]
-    return out
-
   def deployed(self) -> nnx.Module:
-    """The inference form (`common.deployment.deploy`): a `terdit.deploy.PackedTernaryDense`
+    """The inference form (`common.weights.deployment.deploy`): a `terdit.deploy.PackedTernaryDense`
     holding only the packed codes, alpha and the bias; same outputs up to float rounding."""
     return PackedTernaryDense.from_ternary(self)
-
-  def packed_call(self, x: jax.Array, **matmul_kwargs) -> jax.Array:
-    """Packs this layer's weights and runs the deployed path (for checks; deployments
-    keep `export()` once and call `packed_dense`)."""
-    dtype = self.dtype or x.dtype
-    return packed_dense(self.export(), x.astype(dtype), **matmul_kwargs)
-
-
-# ------------------------------------------------------------------------------------------
-# Whole-tree export / import.
-# ------------------------------------------------------------------------------------------
-
-_PACKED_KEYS = ("packed", "alpha", "in_features")
-
-
-def export_packed(state: nnx.State | nnx.Module) -> dict[str, Any]:
-  """Converts a model's state to its deployed form.
-
-  Every ternary layer (a node with a TernaryKernel "kernel" and a TernaryScale "alpha")
-  becomes {"packed": uint8 [ceil(K/4), N], "alpha": f32 (), "in_features": int32 ()};
-  its other entries (the bias) and every other variable are kept as plain arrays.
-
-  Args:
-    state: an nnx.State (e.g. nnx.state(model)) or a module.
-
-  Returns:
-    A nested dict of arrays (plain pytree; save it with orbax or numpy).
-  """
-  if isinstance(state, nnx.Module):
-    state = nnx.state(state)
-  flat = list(nnx.to_flat_state(state))
-  kernels = {path[:-1]: var for path, var in flat
-             if isinstance(var, TernaryKernel) and path[-1] == "kernel"}
-  alphas = {path[:-1]: var for path, var in flat
-            if isinstance(var, TernaryScale) and path[-1] == "alpha"}
-  if set(kernels) != set(alphas):
-    raise ShapeError(
-        "export_packed: ternary layers need both a TernaryKernel 'kernel' and a TernaryScale "
-        f"'alpha'; unmatched at {sorted(set(kernels) ^ set(alphas))}.")
-  out: dict[str, Any] = {}
-  for path, var in flat:
-    parent = path[:-1]
-    if parent in kernels and path[-1] in ("kernel", "alpha"):
-      continue
-    _set(out, path, var[...])
-  for parent, kvar in kernels.items():
-    w = kvar[...]
-    if w.ndim != 2:
-      raise ShapeError(f"export_packed: ternary kernel at {parent} must be 2-D, got {w.shape}.")
-    codes, _ = ternarize(w)
-    _set(out, parent + ("packed",), pack(codes))
-    _set(out, parent + ("alpha",), jnp.asarray(alphas[parent][...], jnp.float32))
-    _set(out, parent + ("in_features",), jnp.asarray(w.shape[0], jnp.int32))
-  return out
-
-
-def import_packed(tree: dict[str, Any]) -> dict[str, Any]:
-  """Inverse of `export_packed`: a pure dict for nnx.replace_by_pure_dict.
-
-  Each packed layer gets kernel = its codes as fp32 [K, N] (ternarize(codes) == codes,
-  so the restored model's forward equals the exported one exactly) and its alpha; the
-  latent fp weights themselves are not recoverable. Usage:
-
-    state = nnx.state(model)
-    nnx.replace_by_pure_dict(state, import_packed(tree))
-    nnx.update(model, state)
-  """
-  if not isinstance(tree, dict):
-    return tree
-  if all(k in tree for k in _PACKED_KEYS):
-    node = {k: import_packed(v) for k, v in tree.items() if k not in _PACKED_KEYS}
-    k_in = int(np.asarray(tree["in_features"]))
-    node["kernel"] = unpack(jnp.asarray(tree["packed"]), k_in).astype(jnp.float32)
-    node["alpha"] = jnp.asarray(tree["alpha"], jnp.float32)
-    return node
-  return {k: import_packed(v) for k, v in tree.items()}
-
-
-def _set(tree: dict[str, Any], path: tuple[Any, ...], value: Any) -> None:
-  for key in path[:-1]:
-    tree = tree.setdefault(key, {})
-  tree[path[-1]] = value

@@ -1,5 +1,5 @@
-"""common.adm.ADMDiffusion against openai/guided-diffusion and DiT (tests/fixtures/adm), and a short
-training run through common.experiment.Experiment."""
+"""common.diffusion.adm.ADMDiffusion against openai/guided-diffusion and DiT (tests/fixtures/adm), and a short
+training run through common.training.experiment.Experiment."""
 
 import os
 
@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from common import adm
-from common import layers
-from common import sharding
-from common.diffusion import make_diffusion
+from common.diffusion import adm
+from common.nn import layers
+from common.training import sharding
+from common.diffusion.recipes import make_diffusion
 from common.errors import ConfigError, ShapeError
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "adm",
@@ -197,12 +197,12 @@ def test_guidance_interval_in_logsnr(ref):
 
 # ---- configuration errors ------------------------------------------------------------------------
 def test_make_diffusion_builds_it_from_config():
-  r = make_diffusion({"name": "common.adm.ADMDiffusion", "cond_drop_prob": 0.1,
+  r = make_diffusion({"name": "common.diffusion.adm.ADMDiffusion", "cond_drop_prob": 0.1,
                       "timestep_respacing": "ddim25"})
   assert isinstance(r, adm.ADMDiffusion) and r.cond_drop_prob == 0.1
   assert r.sampling_process(25).timesteps.tolist() == list(range(0, 1000, 40))
   with pytest.raises(ConfigError, match="does not take"):
-    make_diffusion({"name": "common.adm.ADMDiffusion", "learn_simga": True})
+    make_diffusion({"name": "common.diffusion.adm.ADMDiffusion", "learn_simga": True})
 
 
 def test_noise_cond_is_the_timestep_or_its_logsnr():
@@ -277,14 +277,14 @@ class TinyADMNet(nnx.Module):
 
 
 def test_tiny_network_trains_with_the_recipe_through_experiment():
-  from common.experiment import Experiment  # pylint: disable=import-outside-toplevel
+  from common.training.experiment import Experiment  # pylint: disable=import-outside-toplevel
   from configs import sid2_digits  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
   c = sid2_digits.get_config("runlocal")
   c.model = ml_collections.ConfigDict({"name": f"{__name__}.TinyADMNet", "image_size": 8,
                                        "in_channels": 1, "num_classes": 10})
   c.mesh.replicated = ()               # sid2_digits' rule names its own output layer
-  c.diffusion = ml_collections.ConfigDict({"name": "common.adm.ADMDiffusion",
+  c.diffusion = ml_collections.ConfigDict({"name": "common.diffusion.adm.ADMDiffusion",
                                            "cond_drop_prob": 0.1, "clip_denoised": True})
   c.optim.learning_rate = 3e-3
   c.train.steps = 30

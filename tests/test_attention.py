@@ -1,4 +1,4 @@
-"""`common.transformer.attention`: XLA's attention whose backward pass recomputes the logits
+"""`common.nn.transformer.attention`: XLA's attention whose backward pass recomputes the logits
 and probabilities instead of keeping them (values and gradients unchanged, memory of a flash
 attention)."""
 
@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import transformer
-from common.memory import temporaries_mib
+from common.nn import transformer
+from common.training.memory import temporaries_mib
 
 
 def _xla(q, k, v, mask=None):

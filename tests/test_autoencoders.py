@@ -236,8 +236,8 @@ def test_save_load_round_trip(tmp_path):
 
 def test_export_from_checkpoint(tmp_path):
   from common.autoencoders.export import export_autoencoder
-  from common.checkpoint import Checkpointer
-  from common.experiment import build_model
+  from common.weights.checkpoint import Checkpointer
+  from common.training.experiment import build_model
   config = _digits_ae_config()
   net = build_model(config.model, jax.random.key(0))
   params = nnx.to_pure_dict(nnx.state(net, nnx.Param))

@@ -1,7 +1,7 @@
 """Checkpoints carry checksums: a damaged step is never used silently, the newest intact one is used
 instead (and named), nothing is deleted, and failed writes or unwritable workdirs are one line.
 
-Small pytrees through `common.checkpoint.Checkpointer` (no training); the trainer's use of it
+Small pytrees through `common.weights.checkpoint.Checkpointer` (no training); the trainer's use of it
 (fallback on resume, set-aside, the one-line messages) is run end to end by the bad-input corpus
 (tests/bad_inputs/cases_checkpoints.py)."""
 
@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from common import checkpoint
+from common.weights import checkpoint
 from common import paths
-from common import trainer
-from common.checkpoint import Checkpointer, DamagedCheckpointError
+from common.training import trainer
+from common.weights.checkpoint import Checkpointer, DamagedCheckpointError
 from common.errors import CheckpointError, NotWritableError
 from configs import sid2_digits
 

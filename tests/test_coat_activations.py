@@ -1,5 +1,5 @@
 """COAT's compressed activations (coat/activations.py) and the precision mode (coat/precision.py,
-common/numerics.py): FP8-saved inputs of non-linear layers, FP8 residuals of a whole MLP, the
+common/nn/numerics.py): FP8-saved inputs of non-linear layers, FP8 residuals of a whole MLP, the
 COAT preset on a SiD2 network, and a few COAT-mode train steps."""
 
 import os
@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 
 from coat import activations, linear
-from common import layers, numerics, transformer
+from common.nn import layers
+from common.nn import numerics
+from common.nn import transformer
 from common.errors import ConfigError
-from common.memory import temporaries_mib
+from common.training.memory import temporaries_mib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F8 = jnp.dtype(jnp.float8_e4m3fn)
@@ -146,7 +148,7 @@ def test_the_compiled_backward_keeps_fp8_copies_not_the_inputs():
 
 
 def _sid2(precision="coat", rules=()):
-  from common.experiment import build_model, numerics_rules  # pylint: disable=import-outside-toplevel
+  from common.training.experiment import build_model, numerics_rules  # pylint: disable=import-outside-toplevel
   from configs import sid2_digits  # pylint: disable=import-outside-toplevel
   c = sid2_digits.get_config("runlocal")
   c.precision = precision
@@ -175,8 +177,8 @@ def test_coat_preset_on_sid2_keeps_attention_embeddings_and_conditioning_high_pr
 
 
 def test_config_rules_refine_the_preset_and_optimizer_resolution():
-  c, model = _sid2(rules=((r"mid/0/mlp/fc2", "common.numerics.FullPrecision", {}),
-                          (r"mid/0/mlp/act", "common.numerics.FullPrecision", {})))
+  c, model = _sid2(rules=((r"mid/0/mlp/fc2", "common.nn.numerics.FullPrecision", {}),
+                          (r"mid/0/mlp/act", "common.nn.numerics.FullPrecision", {})))
   assert type(model.mid[0].mlp.fc2) is layers.Dense and model.mid[0].mlp.act.residuals is None
   assert isinstance(model.mid[0].mlp.fc1, linear.FP8Dense)
   assert numerics.optim_config(c).name == "coat.optim.fp8_adamw"
@@ -186,7 +188,7 @@ def test_config_rules_refine_the_preset_and_optimizer_resolution():
   c.optim.name = "adamw"
   assert numerics.optim_config(c).name == "adamw" and numerics.config_rules(c) == tuple(
       tuple(r) for r in c.numerics.rules)
-  for bad in ("fp4", "common.layers.Dense"):
+  for bad in ("fp4", "common.nn.layers.Dense"):
     with pytest.raises(ConfigError, match="config.precision"):
       numerics.precision(ml_collections.ConfigDict({"precision": bad}))
 
@@ -201,8 +203,8 @@ def test_common_names_coat_only_by_dotted_strings():
 
 @pytest.mark.slow
 def test_a_coat_mode_sid2_trains_a_few_steps():
-  from common import sharding  # pylint: disable=import-outside-toplevel
-  from common.experiment import Experiment  # pylint: disable=import-outside-toplevel
+  from common.training import sharding
+  from common.training.experiment import Experiment  # pylint: disable=import-outside-toplevel
   c, _ = _sid2()
   c.optim.name = "optax.adamw"  # coat.optim.fp8_adamw has its own tests (and a long CPU compile)
   c.optim.warmup_steps = 0

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from common import layers, numerics, sharding
-from common.experiment import Experiment
-from common.random_batch import random_batch
+from common.nn import layers
+from common.nn import numerics
+from common.training import sharding
+from common.training.experiment import Experiment
+from common.training.random_batch import random_batch
 from configs.base import load_config
 
 FAMILIES = ("configs/microdit.py:runlocal", "configs/terdit.py:runlocal,fp")

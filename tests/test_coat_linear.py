@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from coat import linear
-from common import layers
-from common.memory import temporaries_mib
+from common.nn import layers
+from common.training.memory import temporaries_mib
 from kernels import cuda_inspect
 
 
@@ -200,8 +200,8 @@ def _walk(jaxpr, inside_scan=False):
 
 
 def test_weights_are_quantized_once_per_step_outside_the_accumulation_scan():
-  from common import sharding  # pylint: disable=import-outside-toplevel
-  from common.experiment import Experiment  # pylint: disable=import-outside-toplevel
+  from common.training import sharding
+  from common.training.experiment import Experiment  # pylint: disable=import-outside-toplevel
   from configs import sid2_digits  # pylint: disable=import-outside-toplevel
   c = sid2_digits.get_config("runlocal")
   c.precision = "coat"

@@ -18,7 +18,7 @@ import pytest
 
 from coat import fp8
 from coat.optim import fp8_adamw
-from common import sharding
+from common.training import sharding
 from common.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,8 +89,8 @@ SCRIPT = r"""
 import json, sys
 sys.path.insert(0, {root!r})
 import jax, numpy as np
-from common import sharding
-from common.experiment import Experiment
+from common.training import sharding
+from common.training.experiment import Experiment
 from configs import sid2_digits
 c = sid2_digits.get_config("runlocal")
 c.model.channels, c.model.level_types, c.model.blocks_per_level = (32,), ("transformer",), ()
@@ -165,8 +165,8 @@ sys.path.insert(0, {root!r})
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
-from common import sharding
-from common.optim import apply_gradients
+from common.training import sharding
+from common.training.optim import apply_gradients
 from coat.optim import fp8_adamw
 mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=4, tensor=1)))
 specs = {{"w": P("fsdp", None), "e": P(None, "fsdp"), "b": P()}}

@@ -1,4 +1,4 @@
-"""Compiling for hardware this machine does not have (`--mode=compile`, common/compile_report.py).
+"""Compiling for hardware this machine does not have (`--mode=compile`, common/training/compile_report.py).
 
 XLA compiles for Cloud TPU slices (libtpu) and NVIDIA GPU nodes (the CUDA plugin's compiler, with
 ptxas) on a CPU-only machine, both from the `compile` extra that `make test` installs. These tests
@@ -19,8 +19,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from coat.optim import resolve_impl
-from common import compile_report
-from common import targets
+from common.training import compile_report
+from common.training import targets
 from common.errors import ConfigError
 from configs import terdit as terdit_config
 from kernels import fp8_adamw as fa

@@ -130,7 +130,7 @@ def _fake_text_encoder(monkeypatch):
 def test_both_entry_points_split_prompt_files_the_same_way(tmp_path, monkeypatch):
   """encode.py split on every str.splitlines boundary (3 prompts from a U+2028 line), main.py's
   sampler on "\\n" only: both now read through `captions.read_prompts`, lines end at "\\n"."""
-  from common import trainer  # pylint: disable=import-outside-toplevel
+  from common.training import trainer
   from configs import sid2_digits  # pylint: disable=import-outside-toplevel
   path = tmp_path / "p.txt"
   path.write_bytes(_ODD_PROMPTS.encode("utf-8"))
@@ -156,7 +156,7 @@ def test_both_entry_points_split_prompt_files_the_same_way(tmp_path, monkeypatch
 
 
 def test_non_utf8_prompt_files_are_one_line_with_the_offset(tmp_path):
-  from common import trainer  # pylint: disable=import-outside-toplevel
+  from common.training import trainer
   from configs import sid2_digits  # pylint: disable=import-outside-toplevel
   path = tmp_path / "latin1.txt"
   path.write_bytes("a caf\u00e9\nune cr\u00e8me\n".encode("latin-1"))

@@ -65,9 +65,9 @@ ALLOWED = {
     # An error message names the source file and line of our code where an exception was raised.
     ("launch/main.py", "os.path.relpath"): "our own source file in an error message",
     # --mode=compile reads XLA's GPU spec out of the installed CUDA plugin's shared library.
-    ("common/targets.py", "glob.glob"): "the installed CUDA plugin's library in site-packages",
-    ("common/targets.py", "os.path.join"): "the installed CUDA plugin's library in site-packages",
-    ("common/targets.py", "open"): "mmap of the installed CUDA plugin's library",
+    ("common/training/targets.py", "glob.glob"): "the installed CUDA plugin's library in site-packages",
+    ("common/training/targets.py", "os.path.join"): "the installed CUDA plugin's library in site-packages",
+    ("common/training/targets.py", "open"): "mmap of the installed CUDA plugin's library",
 }
 
 
@@ -196,7 +196,7 @@ def fake_gcs(monkeypatch, tmp_path):
 
 def test_metrics_and_sample_grids_on_gs(fake_gcs):
   from common.images import save_grid  # pylint: disable=import-outside-toplevel
-  from common.metrics import MetricWriter  # pylint: disable=import-outside-toplevel
+  from common.training.metrics import MetricWriter  # pylint: disable=import-outside-toplevel
   writer = MetricWriter("gs://bucket/run", tensorboard=False)
   writer.write(1, {"loss": np.float32(0.5)})
   writer.write(2, {"loss": 0.25})
@@ -261,7 +261,7 @@ def test_eval_files_and_weights_on_gs(fake_gcs):
   from safetensors import numpy as st_numpy  # pylint: disable=import-outside-toplevel
   from common.eval import reference  # pylint: disable=import-outside-toplevel
   from common.text.weights import read_weights  # pylint: disable=import-outside-toplevel
-  from common.torch_weights import load_torch_weights  # pylint: disable=import-outside-toplevel
+  from common.weights.torch_weights import load_torch_weights  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
   mu, sigma = rng.normal(size=3), np.eye(3)

@@ -1,4 +1,4 @@
-"""Export folders read from disk are checked before use (common/deployment.py): the weights against
+"""Export folders read from disk are checked before use (common/weights/deployment.py): the weights against
 the SHA-256 recorded at export time, config.json's structure, its format version."""
 
 import json
@@ -12,9 +12,9 @@ from flax import nnx
 import jax
 import pytest
 
-from common import deployment
+from common.weights import deployment
 from common.errors import CheckpointError, ConfigError, DataNotFoundError, ShapeError
-from common.experiment import build_model
+from common.training.experiment import build_model
 from configs import sid2_digits
 
 
@@ -171,7 +171,7 @@ def test_an_intact_autoencoder_export_loads(ae_export):
 
 def test_an_autoencoder_export_naming_code_runs_nothing(ae_export, tmp_path):
   marker = tmp_path / "MARKER"
-  for name in ("subprocess.run", "os.system", "sid2.model.ResidualUViT", "common.adm.ADMDiffusion"):
+  for name in ("subprocess.run", "os.system", "sid2.model.ResidualUViT", "common.diffusion.adm.ADMDiffusion"):
     bad = _copy_ae(ae_export, tmp_path / name)
     meta = json.loads((bad / "config.json").read_text())
     meta["model"] = {"name": name, "args": ["touch", str(marker)]}
@@ -323,7 +323,7 @@ def test_the_tensor_bound_of_every_config_holds(module, arg):
   """min_param_tensors is a lower bound: an intact export never trips check_tensor_count."""
   import importlib  # pylint: disable=import-outside-toplevel
   from common import registry  # pylint: disable=import-outside-toplevel
-  from common.experiment import model_class, numerics_rules  # pylint: disable=import-outside-toplevel
+  from common.training.experiment import model_class, numerics_rules  # pylint: disable=import-outside-toplevel
   c = importlib.import_module(f"configs.{module}").get_config(arg)
   cls = model_class(c.model)
   assert hasattr(cls, "min_param_tensors")
@@ -337,7 +337,7 @@ def test_the_tensor_bound_of_every_config_holds(module, arg):
 
 
 def test_an_export_config_implying_a_huge_network_is_refused_before_it_is_traced(export, tmp_path):
-  from common import trainer  # pylint: disable=import-outside-toplevel
+  from common.training import trainer
   folder, _ = export
   bad = _edit_meta(folder, tmp_path / "bad", lambda m: (m["config"]["model"].update(
       mid_blocks=10**7), m)[1])

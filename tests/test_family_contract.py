@@ -1,4 +1,4 @@
-"""The extension contract (docs/DESIGN.md, "Add a family"; common/contracts.py): a family defined
+"""The extension contract (docs/DESIGN.md, "Add a family"; common/training/contracts.py): a family defined
 only in this test trains and samples through the real trainer, and a network that lacks a piece of
 the contract is refused when it is built, with one ConfigError naming what is missing.
 """
@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from common import trainer
+from common.training import trainer
 from common.errors import ConfigError
 from configs.base import base_config
 
@@ -48,7 +48,7 @@ class _Body(nnx.Module):
 
 
 class ToyDenoiser(_Body):
-  """A complete `common.contracts.Denoiser` (and `ClassConditional`)."""
+  """A complete `common.training.contracts.Denoiser` (and `ClassConditional`)."""
 
   def __init__(self, *, num_classes: int = 3, **kwargs):
     super().__init__(num_classes=num_classes, **kwargs)

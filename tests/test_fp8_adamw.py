@@ -14,9 +14,9 @@ from sklearn.preprocessing import StandardScaler
 
 from coat import fp8
 from coat.optim import Fp8AdamWState, fp8_adamw, state_bytes
-from common.ema import ema_update
+from common.training.ema import ema_update
 from common.errors import ConfigError
-from common.memory import temporaries_mib
+from common.training.memory import temporaries_mib
 from kernels.fp8_adamw import fp8_adamw_rows
 
 # ---------------------------------------------------------------------------------------------
@@ -346,7 +346,7 @@ def test_bad_arguments():
 
 
 # ---------------------------------------------------------------------------------------------
-# The in-place step through common.optim (the trainer's path).
+# The in-place step through common.training.optim (the trainer's path).
 
 
 def _optim_cfg(name="coat.optim.fp8_adamw", clip_norm=0.5, **options):
@@ -370,7 +370,7 @@ def _grads(step):
 
 def test_make_optimizer_by_dotted_name_keeps_the_fused_step():
   from common.errors import ConfigError  # pylint: disable=import-outside-toplevel,reimported
-  from common.optim import FusedGradientTransformation, make_optimizer  # pylint: disable=import-outside-toplevel
+  from common.training.optim import FusedGradientTransformation, make_optimizer  # pylint: disable=import-outside-toplevel
   tx = make_optimizer(_optim_cfg(impl="jnp"), 10)
   assert isinstance(tx, FusedGradientTransformation) and isinstance(tx, optax.GradientTransformation)
   # the state has the structure of optax.chain(clip, fp8_adamw): checkpoints do not change
@@ -390,7 +390,7 @@ def test_make_optimizer_by_dotted_name_keeps_the_fused_step():
 @pytest.mark.parametrize("impl", ["jnp", "pallas"])
 def test_apply_gradients_in_place_equals_update_path(impl):
   """3 clipped steps with `apply_gradients` (fused, in place) vs `update` + `apply_updates`."""
-  from common.optim import apply_gradients, make_optimizer  # pylint: disable=import-outside-toplevel
+  from common.training.optim import apply_gradients, make_optimizer  # pylint: disable=import-outside-toplevel
   fused = make_optimizer(_optim_cfg(impl=impl, interpret=True, block_rows=8), 10)
   plain = make_optimizer(_optim_cfg(impl="jnp"), 10)
 
@@ -418,7 +418,7 @@ def test_apply_gradients_in_place_equals_update_path(impl):
 
 
 def test_apply_gradients_skips_nonfinite_and_resumes_exactly():
-  from common.optim import apply_gradients, make_optimizer  # pylint: disable=import-outside-toplevel
+  from common.training.optim import apply_gradients, make_optimizer  # pylint: disable=import-outside-toplevel
   tx = make_optimizer(_optim_cfg(impl="pallas", interpret=True), 10)
   step = jax.jit(functools.partial(apply_gradients, tx), donate_argnums=(1, 2))
   p, s = _tree(), tx.init(_tree())
@@ -446,7 +446,7 @@ def test_apply_gradients_skips_nonfinite_and_resumes_exactly():
 def test_donated_train_step_aliases_params_and_state():
   """A jitted train step with params and state donated: the compiled executable writes the new
   parameters and FP8 moments into the donated buffers (aliased outputs), as the trainer's does."""
-  from common.optim import apply_gradients, make_optimizer  # pylint: disable=import-outside-toplevel
+  from common.training.optim import apply_gradients, make_optimizer  # pylint: disable=import-outside-toplevel
   tx = make_optimizer(_optim_cfg(impl="pallas", interpret=True), 10)
   params = {"w": jnp.ones((64, 128)), "v": jnp.ones((32, 128))}
   state = tx.init(params)

@@ -17,7 +17,7 @@ from safetensors.numpy import save_file
 
 from common.errors import CheckpointError, DataNotFoundError, ShapeError
 from common.eval import inception
-from common.torch_weights import load_torch_weights
+from common.weights.torch_weights import load_torch_weights
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "inception")
 REF = np.load(os.path.join(FIXTURES, "inception_reference.npz"))

@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from common import init_from
-from common import sharding
-from common import trainer
-from common.checkpoint import Checkpointer
+from common.weights import init_from
+from common.training import sharding
+from common.training import trainer
+from common.weights.checkpoint import Checkpointer
 from common.errors import CheckpointError, ConfigError
-from common.experiment import Experiment
-from common.optim import param_path
+from common.training.experiment import Experiment
+from common.training.optim import param_path
 from configs import sid2_digits
 
 EMA_DECAY = 0.5
@@ -299,7 +299,7 @@ def test_weights_file_through_a_converter(source, tmp_path):
   save_file(flat, path)
   c = config_at_16()
   exp = Experiment(c, sharding.make_mesh(c.mesh))
-  cfg = init_cfg(path, converter="common.init_from.from_param_paths")
+  cfg = init_cfg(path, converter="common.weights.init_from.from_param_paths")
   state, what = init_from.initial_state(exp, cfg)
   assert "weights file" in what
   got = jax.tree.map(np.asarray, state)
@@ -311,7 +311,7 @@ def test_weights_file_through_a_converter(source, tmp_path):
   with pytest.raises(ConfigError, match="optimizer state"):
     init_from.initial_state(exp, init_cfg(path, load="state", converter=cfg.converter))
   with pytest.raises(ConfigError, match="init_from.converter"):
-    init_from.initial_state(exp, init_cfg(path, converter="common.init_from.nope"))
+    init_from.initial_state(exp, init_cfg(path, converter="common.weights.init_from.nope"))
   bad = dict(flat)
   bad["out_proj.proj.kernel"] = np.zeros((16, 2), np.float32)
   del bad["patch_embed.proj.bias"]
@@ -331,10 +331,11 @@ import sys
 sys.path.insert(0, {root!r})
 import jax, numpy as np
 from safetensors.numpy import save_file
-from common import init_from, sharding
-from common.checkpoint import Checkpointer
-from common.experiment import Experiment
-from common.optim import param_path
+from common.weights import init_from
+from common.training import sharding
+from common.weights.checkpoint import Checkpointer
+from common.training.experiment import Experiment
+from common.training.optim import param_path
 from tests.test_init_from import init_cfg, source_config
 c = source_config()
 c.mesh.data, c.mesh.fsdp = 2, 2
@@ -350,7 +351,7 @@ c.mesh.data, c.mesh.fsdp = 1, 4   # restore onto another mesh
 exp = Experiment(c, sharding.make_mesh(c.mesh))
 for cfg in (init_cfg({workdir!r}), init_cfg({workdir!r}, load="state"),
             init_cfg({workdir!r} + "/w.safetensors",
-                     converter="common.init_from.from_param_paths")):
+                     converter="common.weights.init_from.from_param_paths")):
   state, _ = init_from.initial_state(exp, cfg)
   for leaf, sh in zip(jax.tree.leaves(state), jax.tree.leaves(exp.state_shardings)):
     assert leaf.sharding.is_equivalent_to(sh, leaf.ndim), (cfg.path, leaf.sharding, sh)

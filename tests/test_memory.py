@@ -1,13 +1,13 @@
-"""common/memory.py: the train step's memory per device from XLA's compiled memory analysis."""
+"""common/training/memory.py: the train step's memory per device from XLA's compiled memory analysis."""
 
 import functools
 
 import jax
 import pytest
 
-from common import sharding
-from common.experiment import Experiment
-from common.memory import KEYS, memory_lines, train_step_memory
+from common.training import sharding
+from common.training.experiment import Experiment
+from common.training.memory import KEYS, memory_lines, train_step_memory
 from configs import sid2_digits
 
 

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from common import losses
-from common.diffusion import EDMDiffusion
+from common.diffusion import losses
+from common.diffusion.recipes import EDMDiffusion
 from common.errors import CheckpointError, ShapeError
-from common.torch_weights import load_torch_weights
+from common.weights.torch_weights import load_torch_weights
 from microdit import convert
 from microdit.layers import ExpertChoiceMoE, sincos_pos_embed
 from microdit.model import MicroDiT, qkv_width

@@ -14,8 +14,8 @@ SCRIPT = r"""
 import sys
 sys.path.insert(0, {root!r})
 import jax, jax.numpy as jnp, numpy as np, optax
-from common import sharding
-from common.experiment import Experiment
+from common.training import sharding
+from common.training.experiment import Experiment
 from configs import microdit
 
 c = microdit.get_config("runlocal")

@@ -13,7 +13,7 @@ SCRIPT = r"""
 import json, sys
 sys.path.insert(0, {root!r})
 import jax
-from common import trainer
+from common.training import trainer
 from configs import sid2_digits
 c = sid2_digits.get_config("runlocal")
 c.train.steps = 4
@@ -23,8 +23,8 @@ c.mesh.data = {data}
 c.mesh.fsdp = {fsdp}
 trainer.train(c, {workdir!r})
 print("DEVICES", jax.device_count())
-from common import sharding
-from common.experiment import Experiment
+from common.training import sharding
+from common.training.experiment import Experiment
 exp = Experiment(c, sharding.make_mesh(c.mesh))
 specs = [s.spec for s in jax.tree.leaves(exp.param_shardings)]
 print("FSDP_SHARDED", sum("fsdp" in str(p) for p in specs), "OF", len(specs))

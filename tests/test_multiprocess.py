@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from common import checkpoint
+from common.weights import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +28,7 @@ if {nproc} > 1:
   distributed.initialize("127.0.0.1:{port}", {nproc}, int(sys.argv[1]))
 import jax
 import ml_collections
-from common import trainer
+from common.training import trainer
 from configs import sid2_digits
 c = sid2_digits.get_config("runlocal")
 c.train.steps = {steps}

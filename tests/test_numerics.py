@@ -1,4 +1,4 @@
-"""config.numerics.rules: linear layers swapped by module path (common/numerics.py)."""
+"""config.numerics.rules: linear layers swapped by module path (common/nn/numerics.py)."""
 
 from flax import nnx
 import jax
@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from common import layers, numerics
+from common.nn import layers
+from common.nn import numerics
 from common.errors import ConfigError
 
 
@@ -59,11 +60,11 @@ def test_first_matching_rule_wins_and_keeps_the_initialised_weights():
   ref, net = _net(), _net()
   x = jnp.ones((3, 4))
   chosen = numerics.apply_rules(net, [
-      (r"out", "common.numerics.FullPrecision", {}),
+      (r"out", "common.nn.numerics.FullPrecision", {}),
       (r".*qkv|out", f"{__name__}.Scaled", {"factor": 3.0}),
   ])
   assert chosen == {"blocks/0/qkv": f"{__name__}.Scaled", "blocks/1/qkv": f"{__name__}.Scaled",
-                    "out": "common.numerics.FullPrecision"}
+                    "out": "common.nn.numerics.FullPrecision"}
   assert isinstance(net.blocks[0].qkv, Scaled) and isinstance(net.out, layers.Dense)
   # Same weights, qkv outputs tripled: the whole net is (3 * qkv) composed linearly.
   h = ref.blocks[0].proj(3 * ref.blocks[0].qkv(x))
@@ -73,10 +74,10 @@ def test_first_matching_rule_wins_and_keeps_the_initialised_weights():
 
 
 @pytest.mark.parametrize("rule, message", [
-    ((r"nothing", "common.numerics.FullPrecision"), "match no layer"),
-    ((r".*", "common.layers.RMSNorm"), "from_dense"),
+    ((r"nothing", "common.nn.numerics.FullPrecision"), "match no layer"),
+    ((r".*", "common.nn.layers.RMSNorm"), "from_dense"),
     ((r".*", f"{__name__}.Scaled", {"scale": 1.0}), "scale"),
-    ((r"(", "common.numerics.FullPrecision"), "bad regex"),
+    ((r"(", "common.nn.numerics.FullPrecision"), "bad regex"),
 ])
 def test_bad_rules_are_config_errors(rule, message):
   with pytest.raises(ConfigError, match=message):
@@ -84,7 +85,7 @@ def test_bad_rules_are_config_errors(rule, message):
 
 
 def test_experiment_builds_with_rules(tmp_path):
-  from common.experiment import build_model
+  from common.training.experiment import build_model
   from configs import sid2_digits
   cfg = sid2_digits.get_config("runlocal")
   model = build_model(cfg.model, jax.random.key(0),

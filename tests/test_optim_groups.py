@@ -7,10 +7,10 @@ import numpy as np
 import optax
 import pytest
 
-from common import sharding
+from common.training import sharding
 from common.errors import ConfigError
-from common.experiment import Experiment
-from common.optim import (FusedGradientTransformation, apply_gradients, learning_rate_schedule,
+from common.training.experiment import Experiment
+from common.training.optim import (FusedGradientTransformation, apply_gradients, learning_rate_schedule,
                           lr_scale_tree, make_optimizer, scale_learning_rates)
 from configs import sid2_digits
 

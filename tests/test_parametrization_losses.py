@@ -1,4 +1,4 @@
-"""Closed-form tests of common/parametrization.py, common/losses.py and the recipes' losses."""
+"""Closed-form tests of common/diffusion/parametrization.py, common/diffusion/losses.py and the recipes' losses."""
 
 import itertools
 import math
@@ -9,10 +9,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from common import diffusion
-from common import losses
-from common import parametrization as param
-from common import schedules
+from common.diffusion import recipes as diffusion
+from common.diffusion import losses
+from common.diffusion import parametrization as param
+from common.diffusion import schedules
 from common.errors import ConfigError
 
 B, SHAPE = 6, (6, 4, 4, 3)

@@ -16,8 +16,8 @@ import pytest
 from flax import nnx
 
 from coat import activations, linear
-from common import layers
-from common.experiment import build_model, numerics_rules
+from common.nn import layers
+from common.training.experiment import build_model, numerics_rules
 from configs.base import load_config
 from terdit import ternary
 

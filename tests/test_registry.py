@@ -15,22 +15,24 @@ import ml_collections
 import optax
 import pytest
 
-from common import deployment, numerics, registry
-from common.diffusion import make_diffusion
+from common import registry
+from common.weights import deployment
+from common.nn import numerics
+from common.diffusion.recipes import make_diffusion
 from common.errors import ConfigError
-from common.experiment import build_model, model_class
-from common.optim import optimizer_factory
+from common.training.experiment import build_model, model_class
+from common.training.optim import optimizer_factory
 from configs import sid2_digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOSTILE = ("os.system", "builtins.eval", "subprocess.run", "common.registry.import_object",
-           "common.adm.ADMDiffusion.__init__", "common..registry", "sid2.model.ResidualUViT")
+           "common.diffusion.adm.ADMDiffusion.__init__", "common..registry", "sid2.model.ResidualUViT")
 
 GOOD = {"model": "sid2.model.ResidualUViT",
         "autoencoder": "common.autoencoders.small_kl.SmallKLAutoencoder",
-        "diffusion": "common.adm.ADMDiffusion", "optimizer": "coat.optim.fp8_adamw",
-        "precision": "coat.precision.COAT", "numerics": "common.numerics.FullPrecision",
-        "converter": "common.init_from.from_param_paths"}
+        "diffusion": "common.diffusion.adm.ADMDiffusion", "optimizer": "coat.optim.fp8_adamw",
+        "precision": "coat.precision.COAT", "numerics": "common.nn.numerics.FullPrecision",
+        "converter": "common.weights.init_from.from_param_paths"}
 
 
 def _resolve(kind: str, name: str):
@@ -77,7 +79,7 @@ def test_registered_short_names_are_listed_and_still_work_from_a_file():
     c = sid2_digits.get_config("runlocal")
     c.precision = "coat"
     assert numerics.precision(c).optimizer == "coat.optim.fp8_adamw"
-    with pytest.raises(ConfigError, match=r"'vp', 'edm'.*common\.adm\.ADMDiffusion"):
+    with pytest.raises(ConfigError, match=r"'vp', 'edm'.*common\.diffusion\.adm\.ADMDiffusion"):
       make_diffusion(ml_collections.ConfigDict({"name": "os.system"}))
 
 
@@ -129,7 +131,7 @@ def test_a_hostile_export_runs_nothing(tmp_path):
     ("numerics.rules", ((".*", "os.system", {}),)), ("init_from.converter", "os.system")])
 def test_resolve_plugins_refuses_every_unregistered_name_of_a_file_config(key, value):
   """Even keys the mode at hand does not use (sampling builds no optimizer)."""
-  from common.experiment import resolve_plugins  # pylint: disable=import-outside-toplevel
+  from common.training.experiment import resolve_plugins  # pylint: disable=import-outside-toplevel
   c = sid2_digits.get_config("runlocal")
   resolve_plugins(c)
   with registry.from_file("/x/config.json"):
@@ -140,3 +142,11 @@ def test_resolve_plugins_refuses_every_unregistered_name_of_a_file_config(key, v
     node[parts[-1]] = value
     with pytest.raises(ConfigError, match="read from /x/config.json"):
       resolve_plugins(c)
+
+
+@pytest.mark.parametrize("old,new", [("common.adm.ADMDiffusion", "common.diffusion.adm.ADMDiffusion"),
+                                     ("common.numerics.BF16", "common.nn.numerics.BF16")])
+def test_names_of_moved_modules_in_older_files_resolve_to_the_new_place(old, new):
+  kind = "diffusion" if "adm" in old else "precision"
+  with registry.from_file("/x/config.json"):
+    assert registry.import_object(old, "config.key", kind) is registry.import_object(new, "k", kind)

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from common import diffusion
-from common import parametrization as param
-from common import samplers
-from common import schedules
+from common.diffusion import recipes as diffusion
+from common.diffusion import parametrization as param
+from common.diffusion import samplers
+from common.diffusion import schedules
 from common.errors import ConfigError
 
 MU = jnp.array([0.5, -0.3])  # per-channel data mean

@@ -1,4 +1,4 @@
-"""Closed-form tests of common/schedules.py (value tables, derivatives, EDM grids)."""
+"""Closed-form tests of common/diffusion/schedules.py (value tables, derivatives, EDM grids)."""
 
 import math
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from common import schedules
+from common.diffusion import schedules
 from common.errors import ConfigError
 
 T_TABLE = np.array([0.0, 0.25, 0.5, 0.75, 1.0], np.float32)

@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from common import sharding
+from common.training import sharding
 from common.errors import ConfigError
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from common import layers
+from common.nn import layers
 from common.errors import ConfigError, ShapeError
 from sid2 import blocks
 from sid2.model import ResidualUViT
@@ -239,7 +239,7 @@ def test_runlocal_config_builds_and_runs(name):
 @pytest.mark.slow
 def test_in512_macs():
   """UViT/4 and UViT/2 @512 (same network) hit the published 137 / 653 G MACs (paper 'GFLOPs')."""
-  from common import summary  # pylint: disable=import-outside-toplevel
+  from common.training import summary
   from configs import sid2_in512  # pylint: disable=import-outside-toplevel
   params = set()
   for arg, want in (("p4", 137.0), ("p2", 653.0)):
@@ -258,7 +258,7 @@ def test_in512_macs():
 def test_guidance_interval_follows_the_resolution():
   """The guidance interval moves with the image side like the schedule, so it covers the same
   stretch of t at 128, 256 and 512."""
-  from common import schedules
+  from common.diffusion import schedules
   from configs import sid2_in512
   t = jnp.linspace(0.0, 1.0, 20001)
   spans = []

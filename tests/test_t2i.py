@@ -7,9 +7,10 @@ import os
 import numpy as np
 import pytest
 
-from common import sharding, trainer
+from common.training import sharding
+from common.training import trainer
 from common.errors import ConfigError
-from common.experiment import Experiment
+from common.training.experiment import Experiment
 from common.autoencoders import load_autoencoder
 from common.data import captions
 from common.data import latents

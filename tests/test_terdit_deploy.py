@@ -1,5 +1,5 @@
 """Deployment from packed 2-bit weights: --mode=export, sampling from the export (terdit/deploy.py,
-common/deployment.py, common/trainer.py).
+common/weights/deployment.py, common/training/trainer.py).
 
 A model made ternary by numerics rules is trained a few steps, exported and sampled: the packed
 network gives the QAT network's samples (same seed) within float tolerance, holds no fp kernel of
@@ -20,9 +20,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from common import deployment, numerics, sharding, trainer, tree_names
+from common.weights import deployment
+from common.nn import numerics
+from common.training import sharding
+from common.training import trainer
+from common.weights import tree_names
 from common.errors import CheckpointError, ShapeError
-from common.experiment import Experiment, build_model, numerics_rules
+from common.training.experiment import Experiment, build_model, numerics_rules
 from configs import sid2_digits
 from terdit.deploy import PackedCodes, PackedTernaryDense
 from terdit.ternary import TernaryDense, TernaryKernel

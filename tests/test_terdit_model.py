@@ -10,11 +10,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from common import numerics
+from common.nn import numerics
 from common.errors import CheckpointError, ConfigError
-from common.experiment import build_model, numerics_rules
-from common.summary import count_params_by_kind
-from common.torch_weights import load_torch_weights
+from common.training.experiment import build_model, numerics_rules
+from common.training.summary import count_params_by_kind
+from common.weights.torch_weights import load_torch_weights
 from configs import sid2_digits
 from configs import terdit as terdit_config
 from terdit import convert
@@ -234,7 +234,7 @@ def test_summary_counts(variant, ternary):
 def test_config_variants():
   c = terdit_config.get_config("4.2B_256")
   assert (c.model.dim, c.model.depth, c.model.num_heads, c.model.image_size) == (3072, 32, 32, 32)
-  assert c.diffusion.name == "common.adm.ADMDiffusion" and c.sample.num_steps == 250
+  assert c.diffusion.name == "common.diffusion.adm.ADMDiffusion" and c.sample.num_steps == 250
   assert c.optim.schedule == "step" and c.optim.learning_rate == 5e-4
   assert c.optim.lr_after_switch == 1e-4 and c.optim.clip_norm == 2.0
   assert c.train.ema_decay == 0.9999 and c.optim.weight_decay == 0.0

@@ -14,9 +14,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from common import torch_weights
+from common.weights import torch_weights
 from common.errors import CheckpointError, DataNotFoundError
-from common.torch_weights import load_torch_weights
+from common.weights.torch_weights import load_torch_weights
 from tests.bad_inputs import torch_files as tf
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "torch_weights")

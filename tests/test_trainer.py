@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from common import trainer
+from common.training import trainer
 from common.errors import CheckpointError, ConfigError, NonFiniteLossError, ShapeError
 from configs import sid2_digits
 from configs.base import override
@@ -259,8 +259,8 @@ def test_gradient_accumulation_averages_interleaved_micro_batches():
   """grad_accum_steps = k: the step's gradient is the mean of the k micro-batch gradients, micro-batch
   i being rows i, i + k, ... with key fold_in(key, i)."""
   import jax  # pylint: disable=import-outside-toplevel
-  from common import sharding  # pylint: disable=import-outside-toplevel
-  from common.experiment import Experiment  # pylint: disable=import-outside-toplevel
+  from common.training import sharding
+  from common.training.experiment import Experiment  # pylint: disable=import-outside-toplevel
   c = tiny_config(steps=2, batch_size=8, grad_accum_steps=2)
   exp = Experiment(c, sharding.make_mesh(c.mesh))
   params = exp.init_state(0)["params"]

@@ -6,11 +6,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from common.checkpoint import Checkpointer
-from common.ema import ema_update
+from common.weights.checkpoint import Checkpointer
+from common.training.ema import ema_update
 from common.errors import ConfigError
 from common.images import make_grid, to_uint8
-from common.optim import learning_rate_schedule, make_optimizer
+from common.training.optim import learning_rate_schedule, make_optimizer
 
 
 def optim_cfg(**kw):
@@ -80,7 +80,7 @@ def test_grid_layout_and_upscaling():
 
 
 def test_tree_names_round_trip_with_list_indices():
-  from common import tree_names
+  from common.weights import tree_names
   tree = {"blocks": {0: {"w": 1}, 1: {"w": 2}}, "out": {"b": 3}}
   flat = tree_names.flatten(tree)
   assert flat == {"blocks.0.w": 1, "blocks.1.w": 2, "out.b": 3}

@@ -3,7 +3,7 @@
 Two on-disk formats load with `load_autoencoder(directory)`, told apart by `config.json`:
 
 * a diffusers `AutoencoderKL` folder (`"_class_name": "AutoencoderKL"`): `config.json` plus
-  `diffusion_pytorch_model.safetensors` (or `.bin`, read by `common.torch_weights`), e.g. the SD, SDXL,
+  `diffusion_pytorch_model.safetensors` (or `.bin`, read by `common.weights.torch_weights`), e.g. the SD, SDXL,
   SD3 or FLUX VAE downloaded by the user;
 * our export (`"format": "frugal-diffusion-autoencoder-v2"`, written by `save_autoencoder` through
   `launch/export_autoencoder.py`): `config.json` with the network's `config.model`, the latent
@@ -30,12 +30,14 @@ import numpy as np
 from safetensors import flax as st_flax
 from safetensors import numpy as st_numpy
 
-from common import deployment, registry, tree_names
+from common import registry
+from common.weights import deployment
+from common.weights import tree_names
 from common.autoencoders import kl_vae
 from common.errors import CheckpointError, ConfigError, DataNotFoundError, ShapeError
-from common.network import model_class
+from common.nn.network import model_class
 from common.paths import as_path
-from common.torch_weights import load_torch_weights
+from common.weights.torch_weights import load_torch_weights
 
 EXPORT_FORMAT = "frugal-diffusion-autoencoder-v2"
 _OLD_FORMATS = ("frugal-diffusion-autoencoder",)

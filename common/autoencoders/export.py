@@ -17,12 +17,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from common import tree_names
+from common.weights import tree_names
 from common.autoencoders import autoencoder as ae_lib
-from common.checkpoint import Checkpointer
+from common.weights.checkpoint import Checkpointer
 from common.data import dataset_info, load_arrays
 from common.errors import CheckpointError, ShapeError
-from common.network import build_model
+from common.nn.network import build_model
 from common.paths import as_path
 
 

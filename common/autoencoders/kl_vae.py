@@ -29,7 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import convert, layers, registry
+from common import registry
+from common.weights import convert
+from common.nn import layers
 from common.errors import ConfigError, ShapeError
 
 Array = jax.Array

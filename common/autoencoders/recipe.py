@@ -21,7 +21,7 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 
-from common import contracts
+from common.training import contracts
 from common import registry
 from common.errors import ConfigError
 

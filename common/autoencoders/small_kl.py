@@ -24,7 +24,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from common import layers
+from common.nn import layers
 from common import registry
 from common.autoencoders.kl_vae import Conv2d, Downsample2D, ResnetBlock2D, Upsample2D
 from common.errors import ConfigError

@@ -65,7 +65,7 @@ from common.data import captions as _captions
 from common.data import loader as _loader
 from common.data import sources as _sources
 from common.errors import ConfigError, DataNotFoundError, ShapeError
-from common.metrics import format_duration
+from common.training.metrics import format_duration
 from common.paths import as_path, is_remote
 
 FORMAT_VERSION = 1

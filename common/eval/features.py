@@ -22,12 +22,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 
-from common import sharding
+from common.training import sharding
 from common.errors import ShapeError
 from common.eval import inception
 from common.eval import metrics
 from common.eval import reference as reference_lib
-from common.metrics import format_duration
+from common.training.metrics import format_duration
 from common.paths import as_path
 
 FEATURE_KEYS = ("pool", "spatial", "logits")

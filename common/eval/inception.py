@@ -50,11 +50,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import convert
-from common.convert import Reader
+from common.weights import convert
+from common.weights.convert import Reader
 from common.errors import CheckpointError, DataNotFoundError, ShapeError
 from common.paths import as_path
-from common.torch_weights import load_torch_weights
+from common.weights.torch_weights import load_torch_weights
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _BN_EPS = 1e-3  # the TF graph's BatchNormWithGlobalNormalization epsilon (pytorch-fid: eps=0.001)

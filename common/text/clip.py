@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from tokenizers import Tokenizer
 
-from common import convert
+from common.weights import convert
 from common.errors import ConfigError, DataNotFoundError
 from common.paths import as_path
 from common.text.encoder import LayerNorm, TextEncoder, dense, load_state, param_names

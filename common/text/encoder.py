@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import convert, tree_names
+from common.weights import convert
+from common.weights import tree_names
 from common.errors import ShapeError
-from common.layers import Dense
+from common.nn.layers import Dense
 
 Array = jax.Array
 _F32 = jnp.float32
@@ -40,7 +41,7 @@ class LayerNorm(nnx.Module):
 
 
 def dense(in_features: int, out_features: int, rngs: nnx.Rngs) -> Dense:
-  """A float32 `common.layers.Dense` with random N(0, 0.02) kernel (replaced when weights load)."""
+  """A float32 `common.nn.layers.Dense` with random N(0, 0.02) kernel (replaced when weights load)."""
   return Dense(in_features, out_features, kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
 
 

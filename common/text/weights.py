@@ -2,7 +2,7 @@
 
 `.safetensors` files are read with the `safetensors` package (only the requested tensors, so the text
 tower of a 4 GB CLIP checkpoint is read without its vision tower). PyTorch pickles (`.bin`, `.pt`,
-`.pth`) go through the project's safe reader `common.torch_weights.load_torch_weights`, which never
+`.pth`) go through the project's safe reader `common.weights.torch_weights.load_torch_weights`, which never
 unpickles arbitrary objects.
 """
 
@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from common.errors import CheckpointError, DataNotFoundError
 from common.paths import as_path, is_remote
-from common.torch_weights import load_torch_weights
+from common.weights.torch_weights import load_torch_weights
 
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 

@@ -12,7 +12,7 @@ from common.errors import UserError
 
 
 def _torch_weights(path: str) -> str:
-  from common.torch_weights import load_torch_weights  # pylint: disable=import-outside-toplevel
+  from common.weights.torch_weights import load_torch_weights  # pylint: disable=import-outside-toplevel
   tree = load_torch_weights(path)
   return f"read {len(tree)} tensors"
 
@@ -23,8 +23,8 @@ def _evaluate_small_fid(config: str, workdir: str, num_samples: str) -> str:
 
 
 FUNCTIONS = {
-    "torch_weights": _torch_weights,  # common.torch_weights.load_torch_weights(PATH)
-    "evaluate_small_fid": _evaluate_small_fid,  # common.trainer.evaluate, a small FID network
+    "torch_weights": _torch_weights,  # common.weights.torch_weights.load_torch_weights(PATH)
+    "evaluate_small_fid": _evaluate_small_fid,  # common.training.trainer.evaluate, a small FID network
 }
 
 

@@ -184,7 +184,7 @@ def build_disk_full(d, pristine):
 
 
 def check_previous_intact(d):
-  from common.checkpoint import verify_manifest  # pylint: disable=import-outside-toplevel
+  from common.weights.checkpoint import verify_manifest  # pylint: disable=import-outside-toplevel
   names = _steps(d)
   assert "10" in names and "20" in names and "30" not in names, names
   for step in (10, 20):

@@ -2,7 +2,7 @@
 the evaluation caches of `--mode=eval`, prompt files (`launch/encode.py text`, `launch/main.py
 --prompts`) and images (`launch/precompute.py`).
 
-`--mode=eval` cases run `common.trainer.evaluate` (what `launch/main.py --mode=eval` calls) through
+`--mode=eval` cases run `common.training.trainer.evaluate` (what `launch/main.py --mode=eval` calls) through
 `tests.bad_inputs.call evaluate_small_fid`, with a small random feature network in place of the FID
 Inception (11 GFLOP per image and a 2048 x 2048 matrix root on CPU would take minutes per case);
 the caches, the sampling and the metrics are the real ones.
@@ -101,12 +101,12 @@ REFERENCE_CASES = [
 
 
 def evaluate_with_a_small_network(config: str, workdir: str, num_samples: str) -> str:
-  """`common.trainer.evaluate(config, workdir, num_samples)`, what `launch/main.py --mode=eval`
+  """`common.training.trainer.evaluate(config, workdir, num_samples)`, what `launch/main.py --mode=eval`
   runs, with `tests.test_evaluate_cli.TinyFeatureNet` as the FID network (`tests.bad_inputs.call
   evaluate_small_fid CONFIG WORKDIR N`)."""
   # pylint: disable=import-outside-toplevel
   from flax import nnx
-  from common import trainer
+  from common.training import trainer
   from common.eval import features
   from configs.base import load_config
   from tests.test_evaluate_cli import TinyFeatureNet
@@ -135,7 +135,7 @@ def _eval_workdir(damage):
 def _stale_cache(path: pathlib.Path, config_arg: str) -> None:
   """The samples an earlier run with 3 sampler steps wrote (here: noise), with its settings."""
   # pylint: disable=import-outside-toplevel
-  from common import trainer
+  from common.training import trainer
   from common.eval.reference import write_arrays
   from configs.base import load_config
   config = load_config(config_arg)

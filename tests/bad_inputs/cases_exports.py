@@ -1,4 +1,4 @@
-"""Bad-input corpus, area "export": hostile and damaged export folders (common/deployment.py, the
+"""Bad-input corpus, area "export": hostile and damaged export folders (common/weights/deployment.py, the
 autoencoder export of common/autoencoders/autoencoder.py) run through `launch/main.py --mode=sample
 --checkpoint=EXPORT` and `launch/encode.py images --autoencoder=EXPORT`.
 
@@ -102,7 +102,7 @@ CASES = [
                                                          "args": _touch(d)})),
          message=r"config\.diffusion\.name='subprocess\.run' read from .*config\.json is not in one "
                  r"of our packages; .*registered diffusion plug-in: one of \['vp', 'edm', "
-                 r"'common\.adm\.ADMDiffusion'",
+                 r".*'common\.diffusion\.adm\.ADMDiffusion'",
          needs=("export",)),
     Case(name="export/model-os-system",
          build=_with_config(_set("model", lambda d: {"name": "os.system",
@@ -120,7 +120,7 @@ CASES = [
          build=_with_config(_set("precision", lambda d: "common.registry.import_object")),
          message=r"config\.precision='common\.registry\.import_object' read from .*config\.json is "
                  r"not a registered precision plug-in; .*one of \['bf16', 'coat', "
-                 r"'coat\.precision\.COAT', 'common\.numerics\.BF16'\]",
+                 r"'coat\.precision\.COAT', 'common\.nn\.numerics\.BF16'\]",
          needs=("export",)),
     Case(name="export/numerics-rule-os-system",
          build=_with_config(_set("numerics.rules", lambda d: [
@@ -129,8 +129,8 @@ CASES = [
                  r"of our packages; .*registered numerics plug-in: one of \[.*FullPrecision",
          needs=("export",)),
     Case(name="export/model-registered-for-another-kind",
-         build=_with_config(_set("model.name", lambda d: "common.adm.ADMDiffusion")),
-         message=r"config\.model\.name='common\.adm\.ADMDiffusion' read from .*config\.json is not "
+         build=_with_config(_set("model.name", lambda d: "common.diffusion.adm.ADMDiffusion")),
+         message=r"config\.model\.name='common\.diffusion\.adm\.ADMDiffusion' read from .*config\.json is not "
                  r"a registered model plug-in; .*" + _MODEL_PLUGINS,
          needs=("export",)),
     # A damaged export is refused (item 3).

@@ -1,4 +1,4 @@
-"""Bad-input cases of the torch weight reader (`common.torch_weights`, issue item 2): hostile pickles
+"""Bad-input cases of the torch weight reader (`common.weights.torch_weights`, issue item 2): hostile pickles
 and damaged archives, assembled opcode by opcode without torch (tests/bad_inputs/torch_files.py).
 
 Most run `load_torch_weights(FILE)` through `python -m tests.bad_inputs.call torch_weights FILE`; two
@@ -191,7 +191,7 @@ def build_init_from_object_array(d, pristine):
   path = tf.torch_zip(d / "init.pt", tf.program(tf.dict_(entries)), records)
   return ["launch/main.py", f"--config={pristine.config}", f"--workdir={d / 'run'}", "--mode=train",
           f"--config.init_from.path={path}",
-          "--config.init_from.converter=common.init_from.from_param_paths"]
+          "--config.init_from.converter=common.weights.init_from.from_param_paths"]
 
 
 _REFUSED_GLOBAL = r"refusing to load: its pickle asks for the global '{}'"

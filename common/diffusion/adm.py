@@ -1,6 +1,6 @@
 """ADM / DiT discrete-time diffusion with learned variance: the recipe DiT and TerDiT train with.
 
-Select it with `config.diffusion.name = "common.adm.ADMDiffusion"`; every other key of
+Select it with `config.diffusion.name = "common.diffusion.adm.ADMDiffusion"`; every other key of
 `config.diffusion` is a field of `ADMDiffusion` (defaults reproduce DiT, facebookresearch/DiT
 `diffusion/__init__.py:create_diffusion`).
 
@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import registry
-from common.diffusion import (ApplyFn, _check_interval, _DenoiserObjective, drop_condition,
+from common.diffusion.recipes import (ApplyFn, _check_interval, _DenoiserObjective, drop_condition,
                               split_output)
 from common.errors import ConfigError, ShapeError
 
@@ -274,7 +274,7 @@ def discretized_gaussian_log_likelihood(x: jax.Array, means: jax.Array,
 
 def _masked_mean(v: jax.Array, mask: jax.Array | None) -> jax.Array:
   """Per-example mean [B] of v [B, H, W, C]: over all elements, or over channels and then the pixels
-  where mask [B, H, W] is 1 (as common.losses.masked_mean_sq_error)."""
+  where mask [B, H, W] is 1 (as common.diffusion.losses.masked_mean_sq_error)."""
   if mask is None:
     return jnp.mean(v.reshape(v.shape[0], -1), axis=-1)
   m = jnp.asarray(mask, jnp.float32)
@@ -289,7 +289,7 @@ def _masked_mean(v: jax.Array, mask: jax.Array | None) -> jax.Array:
 class ADMDiffusion(_DenoiserObjective):
   """DiT / ADM discrete diffusion with learned variance and the hybrid loss (module docstring).
 
-  The recipe contract of common.diffusion: `loss(model, batch, key)` (batch means of "mse" and "vb"
+  The recipe contract of common.diffusion.recipes: `loss(model, batch, key)` (batch means of "mse" and "vb"
   as metrics), `preview(model, batch, key, settings)` (settings: config.sample), and underneath
   `per_example_loss`, `training_losses`, `sample`, `sample_loop`, `denoise` for any
   apply_fn(x_t [B, H, W, C], noise_cond [B] float32, cond) -> F or (F, aux).

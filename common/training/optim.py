@@ -13,7 +13,7 @@ Choosing the optimizer (`config.optim.name`):
   (`config.optim.options`, optional, holds factory-specific keyword arguments, e.g.
   `{"impl": "jnp"}` for COAT's FP8 AdamW). `common` imports no family package: the name is the only
   link. A factory whose signature has a `placement` argument also gets the parameters'
-  `common.sharding.ParamPlacement` (mesh and spec by parameter path), to lay its state out per
+  `common.training.sharding.ParamPlacement` (mesh and spec by parameter path), to lay its state out per
   device shard.
 
 Fused in-place steps: a factory may return a `FusedGradientTransformation`, an
@@ -51,7 +51,7 @@ import optax
 from common import registry
 from common.errors import ConfigError
 # A parameter's path: its keys in the nested params dict joined with "/" ("blocks/3/mlp/w1/kernel").
-from common.tree_names import key_path_str as param_path
+from common.weights.tree_names import key_path_str as param_path
 
 # apply(grads, state, params, grad_scale[, lr_scale]) -> (new_params, new_state); grad_scale is
 # None or an fp32 scalar that multiplies every gradient (global-norm clipping); lr_scale (only
@@ -272,7 +272,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, params: Any
     total_steps: the run's length (for the cosine schedule).
     params: the parameters (arrays or ShapeDtypeStructs); needed only when `cfg.lr_multipliers`
       is not empty, to resolve its regexes against the parameter paths.
-    placement: the parameters' `common.sharding.ParamPlacement`, passed to factories whose
+    placement: the parameters' `common.training.sharding.ParamPlacement`, passed to factories whose
       signature has a `placement` argument (to lay their state out per shard); None: not passed.
   """
   lr = learning_rate_schedule(cfg, total_steps)

@@ -1,18 +1,18 @@
 """Shared Flax NNX layers of every family: linear maps, convolutions, norms, FiLM / adaLN
 modulation, conditioning embeddings, activations, patching. The transformer pieces built from them
-(attention, MLPs, adaLN) are in common/transformer.py.
+(attention, MLPs, adaLN) are in common/nn/transformer.py.
 
 Conventions:
   * Parameters are float32 and carry logical axis names (`nnx.with_partitioning`) from the vocabulary
     of docs/DESIGN.md: `embed`, `mlp`, `heads`, `conv_in`, `conv_out`, `vocab`, `None`. They are
-    created with `eager_sharding=False`, so a model builds without a mesh; `common/sharding.py`
+    created with `eager_sharding=False`, so a model builds without a mesh; `common/training/sharding.py`
     places them by the rules in `config.mesh.rules`.
   * Activations are computed in a compute dtype (`dtype`, bfloat16 on accelerators); norms and the
     softmax statistics are computed in float32 and cast back.
   * Images and feature maps are `[B, H, W, C]` (NHWC); token sequences are `[B, T, C]`.
   * Dropout is a pure function of an explicit PRNG key: it is active iff a key is given.
 
-Numerics hooks (`common/numerics.py` rules choose them by module path):
+Numerics hooks (`common/nn/numerics.py` rules choose them by module path):
   * Every linear layer a numerics choice may apply to is a `Dense`; a rule replaces it by another
     implementation (TerDiT's ternary QAT, COAT's FP8 GEMM).
   * The non-linear layers (`NONLINEAR_LAYERS`: `RMSNorm`, `LayerNorm`, `GroupNorm`, `FiLM`,

@@ -1,6 +1,6 @@
 """Numerics: which implementation each layer uses, by config rules matched on module paths.
 
-A network is written once with `common.layers`. After it is built, `apply_rules` walks it and gives
+A network is written once with `common.nn.layers`. After it is built, `apply_rules` walks it and gives
 every layer that a rule matches the rule's implementation (model surgery, as qwix's
 `quantize_model` does for maxdiffusion's FP8). Full precision, TerDiT's ternary QAT
 (`terdit.ternary.TernaryDense`) and COAT's FP8 (`coat.linear.FP8Dense`,
@@ -10,7 +10,7 @@ registered by dotted path in the config:
     config.numerics.rules = (
         # (module-path regex, implementation "package.module.Class"[, kwargs[, required]])
         (r"blocks/\\d+/attn/(qkv|out)", "terdit.ternary.TernaryDense", {}),
-        (r".*", "common.numerics.FullPrecision", {}),
+        (r".*", "common.nn.numerics.FullPrecision", {}),
     )
 
 Paths are the module's attribute path joined by "/" (e.g. "blocks/3/mlp/fc1"); the parameter
@@ -21,7 +21,7 @@ default) that matches no module is a ConfigError (a typo would otherwise leave t
 in full precision); a precision preset's rules are not required (a family may lack a layer kind).
 
 An implementation is a class with
-  * `replaces`: the layer class(es) it applies to (default `common.layers.Dense`);
+  * `replaces`: the layer class(es) it applies to (default `common.nn.layers.Dense`);
   * a classmethod `from_module(module, **kwargs) -> nnx.Module` (or, for linear layers only, the
     older name `from_dense(dense, **kwargs)`) returning the module to use in the layer's place.
     A linear implementation takes over the Dense's widths, logical axis names, compute dtype and
@@ -29,8 +29,8 @@ An implementation is a class with
     family's initialisation are kept) and is called like it, `x [..., in] -> [..., out]`. A
     constructor with a `path` parameter also receives the layer's module path (e.g. to seed a
     per-layer random initialisation).
-    A non-linear layer (`common.layers.NONLINEAR_LAYERS`) is not replaced but given a residual
-    policy (its `residuals` attribute, see common/layers.py), so its parameters stay untouched.
+    A non-linear layer (`common.nn.layers.NONLINEAR_LAYERS`) is not replaced but given a residual
+    policy (its `residuals` attribute, see common/nn/layers.py), so its parameters stay untouched.
 
 Per-step caches (weights prepared once per optimizer step): a module may define `step_cache(self)
 -> pytree` (e.g. its FP8 weight codes and scale) and `use_step_cache(self, cache)`. The trainer
@@ -54,16 +54,16 @@ from typing import Any
 from flax import nnx
 import ml_collections
 
-from common import layers
+from common.nn import layers
 from common import registry
 from common.errors import ConfigError
-from common.layers import Dense
-from common.tree_names import key_path_str
+from common.nn.layers import Dense
+from common.weights.tree_names import key_path_str
 
 Rule = tuple[str, str, dict[str, Any]]
 
 # Precision-mode names and the `Precision` objects they stand for (dotted names only).
-PRECISIONS = {"bf16": "common.numerics.BF16", "coat": "coat.precision.COAT"}
+PRECISIONS = {"bf16": "common.nn.numerics.BF16", "coat": "coat.precision.COAT"}
 
 
 @registry.register("numerics")
@@ -101,7 +101,7 @@ class Precision:
   optimizer_options: tuple[tuple[str, Any], ...] = ()
 
 
-BF16 = registry.add("precision", "common.numerics.BF16", Precision())
+BF16 = registry.add("precision", "common.nn.numerics.BF16", Precision())
 
 
 def precision(config: ml_collections.ConfigDict) -> Precision:
@@ -110,12 +110,12 @@ def precision(config: ml_collections.ConfigDict) -> Precision:
   dotted = PRECISIONS.get(name, name) if isinstance(name, str) else ""
   if "." not in dotted:
     raise ConfigError(f"config.precision={name!r}: expected one of {sorted(PRECISIONS)} or the "
-                      "dotted path of a common.numerics.Precision.")
+                      "dotted path of a common.nn.numerics.Precision.")
   preset = registry.import_object(dotted, "config.precision", "precision",
                                   short=tuple(PRECISIONS))
   if not isinstance(preset, Precision):
     raise ConfigError(f"config.precision={name!r} ({dotted}) is a {type(preset).__name__}, "
-                      "not a common.numerics.Precision.")
+                      "not a common.nn.numerics.Precision.")
   return preset
 
 

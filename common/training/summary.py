@@ -12,7 +12,7 @@ from flax import nnx
 import jax
 import numpy as np
 
-from common.tree_names import key_path_str
+from common.weights.tree_names import key_path_str
 
 Array = jax.Array
 

@@ -1,7 +1,7 @@
 """The training loop, the sampling and evaluation jobs and the model summary; family-agnostic.
 
 `train` resumes from the newest checkpoint in the workdir by itself (a fresh run may start from
-another run's weights, `config.init_from`: common/init_from.py), saves on SIGTERM/SIGINT and exits
+another run's weights, `config.init_from`: common/weights/init_from.py), saves on SIGTERM/SIGINT and exits
 cleanly, writes PNG sample grids to `WORKDIR/samples/`, evaluates every `config.eval.every` steps
 when asked, and stops on a NaN/inf loss keeping the last good checkpoint.
 
@@ -21,29 +21,29 @@ import jax
 import ml_collections
 import numpy as np
 
-from common import compile_report
-from common import contracts
-from common import deployment
-from common import init_from
+from common.training import compile_report
+from common.training import contracts
+from common.weights import deployment
+from common.weights import init_from
 from common import registry
-from common import sharding
-from common import targets
+from common.training import sharding
+from common.training import targets
 from common.paths import as_path, check_writable
-from common.checkpoint import Checkpointer
+from common.weights.checkpoint import Checkpointer
 from common.data import load_arrays, make_train_iterator
 from common.data.captions import read_prompts
-from common.diffusion import make_diffusion
+from common.diffusion.recipes import make_diffusion
 from common.errors import CheckpointError, ConfigError, NonFiniteLossError, ShapeError
 from common.eval import cache
 from common.eval.features import evaluate_images, make_reference
 from common.eval.inception import weights_identity
 from common.eval.reference import write_arrays
-from common.experiment import Experiment, numerics_rules
+from common.training.experiment import Experiment, numerics_rules
 from common.images import save_grid, to_uint8
-from common.memory import memory_lines, train_step_memory
-from common.metrics import MetricWriter, Progress, format_duration
-from common.network import build_model, model_class
-from common.summary import summary_lines
+from common.training.memory import memory_lines, train_step_memory
+from common.training.metrics import MetricWriter, Progress, format_duration
+from common.nn.network import build_model, model_class
+from common.training.summary import summary_lines
 
 
 def _log(msg: str) -> None:
@@ -313,7 +313,7 @@ def export(config: ml_collections.ConfigDict, workdir: str, *, out: str | None =
   """`--mode=export`: the newest checkpoint's EMA weights in their deployed form.
 
   Every layer with an inference form (`deployed()`, e.g. ternary layers as 2-bit packed codes) is
-  swapped (`common.deployment.deploy`); the whole network is written to `out` (default
+  swapped (`common.weights.deployment.deploy`); the whole network is written to `out` (default
   WORKDIR/export) as params.safetensors + config.json, which `sample(..., checkpoint=out)` reads
   without the workdir. Prints the export's size next to the fp32 and bf16 sizes of the network.
 
@@ -442,7 +442,7 @@ def summary(config: ml_collections.ConfigDict) -> str:
 
   The network is built abstractly (no parameter memory), checked against the contract of its
   recipe, and its forward pass is lowered for the inputs it declares (`example_inputs(1)`), in the
-  form the contract calls it (`common.contracts.forward_arguments`).
+  form the contract calls it (`common.training.contracts.forward_arguments`).
   """
   m = config.model
   model = nnx.eval_shape(lambda: build_model(m, jax.random.key(0), numerics_rules(config)))
@@ -475,7 +475,7 @@ def compile_for_target(config: ml_collections.ConfigDict, target: str | None, *,
 
 
 def _memory_lines(config: ml_collections.ConfigDict) -> list[str]:
-  """The train step's memory per device for the config's batch and mesh (common/memory.py), on a
+  """The train step's memory per device for the config's batch and mesh (common/training/memory.py), on a
   mesh of the available devices; a mesh those devices cannot form is said in one line."""
   try:
     mesh = sharding.make_mesh(config.mesh)

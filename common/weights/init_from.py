@@ -8,7 +8,7 @@ fine-tuning run resumes where it stopped, not from its source again).
 
 * `path`: "" (off); another run's workdir, its `checkpoints/` directory (the newest step) or one
   step directory (`checkpoints/500`); or a weights file (`.pt/.pth/.bin/.safetensors`, read by
-  `common.torch_weights` without torch and without running pickled code).
+  `common.weights.torch_weights` without torch and without running pickled code).
 * `load`: "params": params <- the source's params and ema <- the source's EMA (a weights file has
   one set of weights, which fills both); the optimizer state is initialised afresh and the step is
   0. "state": params, ema and the optimizer state come from the source checkpoint; the step is 0
@@ -36,12 +36,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from common import checkpoint
-from common import convert
+from common.weights import checkpoint
+from common.weights import convert
 from common import registry
 from common.errors import CheckpointError, ConfigError
 from common.paths import as_path
-from common.torch_weights import load_torch_weights
+from common.weights.torch_weights import load_torch_weights
 
 LOADS = ("params", "state")
 
@@ -70,7 +70,7 @@ def check_match(source: Any, target: Any, *, what: str, where: str) -> None:
 def from_param_paths(tree: dict[str, np.ndarray], abstract_params: dict) -> dict:
   """A converter for files whose tensor names are our parameter paths, joined with "/" or "."
   ("blocks/0/attn/qkv/kernel", "blocks.0.attn.qkv.kernel"): `init_from.converter =
-  "common.init_from.from_param_paths"` (`common.convert.PARAM_PATHS`)."""
+  "common.weights.init_from.from_param_paths"` (`common.weights.convert.PARAM_PATHS`)."""
   return convert.apply(convert.PARAM_PATHS, tree, abstract_params, "the weights file")
 
 
@@ -81,7 +81,7 @@ def _load_file(exp, cfg, path: str) -> tuple[Any, Any, str]:
   if not cfg.converter:
     raise ConfigError(f"init_from.path={path} is a weights file: set init_from.converter to the "
                       "dotted name of convert(tree, abstract_params) -> params (e.g. "
-                      "'common.init_from.from_param_paths' for files named by our parameter "
+                      "'common.weights.init_from.from_param_paths' for files named by our parameter "
                       "paths).")
   converter = registry.import_object(cfg.converter, "init_from.converter", "converter")
   tree = load_torch_weights(path)
@@ -116,7 +116,7 @@ def initial_state(exp, cfg: ml_collections.ConfigDict | None) -> tuple[dict, str
   shardings, and one line saying what was loaded from where; None when `cfg.path` is empty.
 
   Args:
-    exp: the `common.experiment.Experiment` of the new run.
+    exp: the `common.training.experiment.Experiment` of the new run.
     cfg: `config.init_from` (module docstring), or None.
   Raises:
     ConfigError: a bad `load`, a weights file without `converter`, or load="state" from a file.

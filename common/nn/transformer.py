@@ -5,9 +5,9 @@ GELU and SwiGLU MLPs, and adaLN(-Zero) modulation, parameterised where the paper
 Each family keeps the parameter layout of its official code: the parts of a layer are attributes
 whose names the family gives (MicroDiT's "qkv" / "proj" / "ln_q", TerDiT's "wq" / "wk" / "wv" /
 "wo", ...), so parameter paths, checkpoints, weight converters and numerics rules see the official
-names. Every linear map is a `common.layers.Dense` and every activation a
-`common.layers.Activation` (numerics rules reach them); conventions (dtypes, axis names, dropout)
-are those of common/layers.py.
+names. Every linear map is a `common.nn.layers.Dense` and every activation a
+`common.nn.layers.Activation` (numerics rules reach them); conventions (dtypes, axis names, dropout)
+are those of common/nn/layers.py.
 """
 
 from collections.abc import Callable, Sequence
@@ -17,9 +17,9 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from common import layers
+from common.nn import layers
 from common.errors import ConfigError
-from common.layers import Dense, Names
+from common.nn.layers import Dense, Names
 
 Array = jax.Array
 # A norm constructor: `norm(width, rngs=rngs) -> nnx.Module` (e.g. `layers.RMSNorm`).

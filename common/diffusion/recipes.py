@@ -5,10 +5,10 @@ A recipe is what the trainer sees of a training objective (docs/DESIGN.md):
   recipe.loss(model, batch, key) -> (per-example loss [B] float32, metrics {name: scalar})
   recipe.preview(model, batch, key, settings) -> samples [B, H, W, C] float32 conditioned on
       batch["cond"] (shape from batch["x"]), drawn with `settings` (config.sample as a dict)
-  recipe.network -> the Protocol its network implements (typed in common/contracts.py)
+  recipe.network -> the Protocol its network implements (typed in common/training/contracts.py)
 
 where `model(x_in, noise_cond, cond, dropout_key=None)` is the denoiser network
-(`common.contracts.Denoiser`), returning F or (F, aux). Underneath, for any apply_fn(x_in [B, H, W, C], noise_cond [B] float32, cond) -> F:
+(`common.training.contracts.Denoiser`), returning F or (F, aux). Underneath, for any apply_fn(x_in [B, H, W, C], noise_cond [B] float32, cond) -> F:
 
   recipe.per_example_loss(apply_fn, x, cond, key) -> per-example loss [B] float32
   recipe.sample(apply_fn, key, shape, cond, uncond, *, sampler, num_steps, guidance_scale,
@@ -29,12 +29,12 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from common import contracts
-from common import losses
-from common import parametrization as param
+from common.training import contracts
+from common.diffusion import losses
+from common.diffusion import parametrization as param
 from common import registry
-from common import samplers
-from common import schedules
+from common.diffusion import samplers
+from common.diffusion import schedules
 from common.errors import ConfigError
 
 ApplyFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
@@ -87,7 +87,7 @@ def drop_condition(cond: Any, uncond: Any, prob: float, key: jax.Array) -> Any:
 class _DenoiserObjective:
   """The batch-level contract shared by the diffusion recipes (module docstring)."""
 
-  network = contracts.Denoiser  # what they train (common.contracts.Recipe)
+  network = contracts.Denoiser  # what they train (common.training.contracts.Recipe)
   cond_drop_prob: float
 
   def loss(self, model, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
@@ -123,10 +123,10 @@ class VPDiffusion(_DenoiserObjective):
 
   Training (VDM, arXiv 2107.00630; VDM++, arXiv 2303.00848): t ~ U(0, 1), lambda = schedule.logsnr(t), z = alpha x + sigma eps; the
   network gets (z, lambda) and predicts `prediction`; the loss is the weighted MSE of that target,
-  weight = 1/2 (-d lambda/dt) w_target(lambda) for the sigmoid weighting (see common.losses).
+  weight = 1/2 (-d lambda/dt) w_target(lambda) for the sigmoid weighting (see common.diffusion.losses).
 
   Attributes:
-    schedule: a logSNR schedule (common.schedules).
+    schedule: a logSNR schedule (common.diffusion.schedules).
     prediction: "v", "eps" or "x": what the network output F is.
     sigmoid_bias: b of the sigmoid weighting sigmoid(b - lambda) on the eps-loss.
     weighting: "sigmoid" (VDM++ with the Jacobian) or "uniform" (unweighted MSE of the target).

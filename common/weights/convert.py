@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from common.errors import CheckpointError
-from common.tree_names import key_path_str
+from common.weights.tree_names import key_path_str
 
 
 class _Missing(Exception):

@@ -20,7 +20,7 @@ it alone, after its cross-process barrier); every process verifies every file be
 
 Another run's checkpoint is read without a `Checkpointer` (and without writing to it) by
 `find_checkpoints`, `verified_metadata` and `restore_state` (`config.init_from`,
-common/init_from.py).
+common/weights/init_from.py).
 """
 
 import concurrent.futures
@@ -42,7 +42,7 @@ from orbax.checkpoint import checkpoint_managers
 
 from common.errors import CheckpointError
 from common.paths import as_path
-from common.tree_names import key_path_str
+from common.weights.tree_names import key_path_str
 
 MANIFEST = "checksums.json"
 # Not in the manifest: the manifest itself, and what orbax writes after it: the commit marker and
@@ -213,7 +213,7 @@ def verify_manifest(directory: str | os.PathLike, step: int) -> bool:
 
 def leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   """{leaf path: shape} of a state tree (arrays, ShapeDtypeStructs or orbax metadata leaves);
-  paths as `common.tree_names.key_path_str` ("/"-joined keys)."""
+  paths as `common.weights.tree_names.key_path_str` ("/"-joined keys)."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {key_path_str(k): tuple(getattr(v, "shape", np.shape(v))) for k, v in leaves}
 

@@ -2,7 +2,7 @@
 
 `train_step_memory(exp)` lowers and compiles `exp.train_step` for abstract inputs (the train
 state's ShapeDtypeStructs with their shardings, a batch of `example_inputs` sharded like
-`common.sharding.global_batch` shards it), so nothing is allocated and no data is needed. On CPU the
+`common.training.sharding.global_batch` shards it), so nothing is allocated and no data is needed. On CPU the
 analysis is deterministic; on GPU/TPU it is the same compiler's plan for that device.
 
 Figures (bytes per device):
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import sharding
+from common.training import sharding
 
 KEYS = ("params", "ema", "optimizer_state", "batch", "arguments", "outputs", "aliased",
         "temporaries", "total")
@@ -110,7 +110,7 @@ def step_memory(exp, compiled: Any, batch: dict) -> dict[str, int]:
 
 
 def train_step_memory(exp, batch_size: int | None = None) -> dict[str, int]:
-  """Per-device memory of one train step of `exp` (a `common.experiment.Experiment`), from XLA's
+  """Per-device memory of one train step of `exp` (a `common.training.experiment.Experiment`), from XLA's
   compiled memory analysis: `step_memory` of the step compiled for `batch_size` (default
   `config.train.batch_size`)."""
   lowered, batch = lower_train_step(exp, batch_size)

@@ -2,7 +2,7 @@
 
 `Experiment` knows nothing about the family, modality or objective it trains (docs/DESIGN.md): the
 network class comes from `config.model.name` (a dotted path, the other keys are its constructor
-arguments), the objective from `config.diffusion` (`common.diffusion.make_diffusion`: "vp", "edm" or
+arguments), the objective from `config.diffusion` (`common.diffusion.recipes.make_diffusion`: "vp", "edm" or
 a dotted recipe class), the optimizer from `config.optim`. A batch is a dict pytree
 {"x": [B, H, W, C], "cond": pytree} that flows through whole.
 
@@ -20,23 +20,23 @@ import ml_collections
 import numpy as np
 import optax
 
-from common import contracts
-from common import numerics
+from common.training import contracts
+from common.nn import numerics
 from common import registry
-from common import sharding
+from common.training import sharding
 from common.autoencoders import load_autoencoder
-from common.diffusion import make_diffusion, recipe_class
-from common.ema import ema_update
+from common.diffusion.recipes import make_diffusion, recipe_class
+from common.training.ema import ema_update
 from common.errors import ConfigError, ShapeError
-from common.network import build_model, model_class
-from common.optim import (apply_gradients, learning_rate_schedule, make_optimizer,
+from common.nn.network import build_model, model_class
+from common.training.optim import (apply_gradients, learning_rate_schedule, make_optimizer,
                           optimizer_factory)
 from common.text import load_text_encoder
 
 
 def numerics_rules(config: ml_collections.ConfigDict) -> tuple:
   """`config.numerics.rules` followed by the rules of the precision mode `config.precision`
-  (`common.numerics.config_rules`); empty for a bf16 config without rules."""
+  (`common.nn.numerics.config_rules`); empty for a bf16 config without rules."""
   return numerics.config_rules(config)
 
 
@@ -67,7 +67,7 @@ class Experiment:
     """Args:
       config: the experiment config.
       mesh: the device mesh.
-      deployed: use the network's inference form (`common.deployment.deploy`: each layer with a
+      deployed: use the network's inference form (`common.weights.deployment.deploy`: each layer with a
         `deployed()` method swapped, e.g. packed ternary weights). Such an Experiment only
         generates: its `params` hold every variable of the deployed network and it has no train
         state (`abstract_state` is None).
@@ -125,7 +125,7 @@ class Experiment:
             "opt_state": self.tx.init(params), "ema": params}
 
   def _state_shardings(self, abstract_state):
-    """NamedShardings of the train state, declared by path (`common.sharding.state_partition`):
+    """NamedShardings of the train state, declared by path (`common.training.sharding.state_partition`):
     params and EMA by their logical names, optimizer-state copies of a parameter like it,
     optimizer-state objects by their own `partition_specs`, everything else replicated."""
     param_specs = jax.tree.map(lambda s: s.spec, self.param_shardings)
@@ -150,7 +150,7 @@ class Experiment:
   @property
   def num_classes(self) -> int:
     """The classes of a class-conditional network (one that declares cond["label"]: it is a
-    `common.contracts.ClassConditional`), else 0."""
+    `common.training.contracts.ClassConditional`), else 0."""
     return int(self.abstract_model.num_classes) if "label" in self.example_inputs(1)[1] else 0
 
   @property
@@ -197,7 +197,7 @@ class Experiment:
 
     Micro-batch i holds rows i, i + k, i + 2k, ... of the batch, so each one keeps its share of
     every device's rows (no data moves between devices); its key is fold_in(key, i). Per-step
-    caches of the layers (`common.numerics.step_caches`, e.g. COAT's FP8 weights) are computed
+    caches of the layers (`common.nn.numerics.step_caches`, e.g. COAT's FP8 weights) are computed
     once, here, outside the micro-batch loop and without gradient.
     """
     caches = jax.lax.stop_gradient(numerics.step_caches(self._merge(params)))

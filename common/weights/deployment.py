@@ -1,6 +1,6 @@
 """Deployment: a network's inference form, written to and read from an export folder.
 
-A numerics implementation (common/numerics.py) may define `deployed(self) -> nnx.Module`, the
+A numerics implementation (common/nn/numerics.py) may define `deployed(self) -> nnx.Module`, the
 layer's inference form: TerDiT's `TernaryDense` returns a layer that holds 2-bit packed codes and
 runs a packed matmul. `deploy(model)` swaps every such layer in place; `common` names none of
 them, so any family's layers may take part.
@@ -36,7 +36,8 @@ import ml_collections
 import numpy as np
 from safetensors import numpy as st_numpy
 
-from common import numerics, tree_names
+from common.nn import numerics
+from common.weights import tree_names
 from common.errors import CheckpointError, ConfigError, DataNotFoundError, ShapeError, UserError
 from common.paths import as_path
 

@@ -2,7 +2,7 @@
 
 `config.model.name` is the dotted path of the class; every other key of `config.model` is a
 constructor keyword argument, plus `rngs=nnx.Rngs(params=key)` (docs/DESIGN.md, "The network
-contract"; what the class must provide is typed in common/contracts.py).
+contract"; what the class must provide is typed in common/training/contracts.py).
 """
 
 from typing import Any, Sequence
@@ -11,9 +11,9 @@ from flax import nnx
 import jax
 import ml_collections
 
-from common import numerics
+from common.nn import numerics
 from common import registry
-from common.deployment import deploy
+from common.weights.deployment import deploy
 
 
 def model_class(model_cfg: ml_collections.ConfigDict, kind: str = "model"):
@@ -26,7 +26,7 @@ def build_model(model_cfg: ml_collections.ConfigDict, key: jax.Array,
                 numerics_rules: Sequence[Any] = (), *, deployed: bool = False) -> nnx.Module:
   """Builds the network: `config.model.name(**other keys, rngs=nnx.Rngs(params=key))`, then gives
   its linear layers the implementations `numerics_rules` (`config.numerics.rules`) choose, and
-  with `deployed` their inference forms (`common.deployment.deploy`)."""
+  with `deployed` their inference forms (`common.weights.deployment.deploy`)."""
   cls = model_class(model_cfg)
   kwargs = registry.config_kwargs(model_cfg)
   registry.check_kwargs(cls.__init__, kwargs, "config.model")

@@ -34,7 +34,7 @@ import optax
 
 from common.errors import ConfigError
 # A key path as "blocks/3/attn/qkv/kernel" (the numerics rules' path format).
-from common.tree_names import key_path_str as path_str
+from common.weights.tree_names import key_path_str as path_str
 
 AXES = ("data", "fsdp", "tensor", "expert")   # expert: mixture-of-experts weights (MicroDiT)
 

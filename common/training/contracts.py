@@ -1,15 +1,15 @@
 """The extension contract, typed: what the trainer reads of a family's network and of a recipe.
 
 A family plugs in a network class (`config.model.name`) and trains it with a recipe
-(`config.diffusion`, common/diffusion.py). What each must provide is written here as
+(`config.diffusion`, common/diffusion/recipes.py). What each must provide is written here as
 `typing.Protocol`s, checked structurally (the families subclass nothing of ours):
 
 * `Network`: every trained network; `Denoiser`: a network the diffusion recipes train (VPDiffusion,
   EDMDiffusion, ADMDiffusion); `common.autoencoders.recipe.KLAutoencoderNet`: one the autoencoder
   recipe trains. The recipe names the protocol of its network (`Recipe.network`).
 * `ClassConditional`: required of a network whose `example_inputs` declares cond["label"].
-* Optional, read where used: `common.deployment.TensorCountBound` (`min_param_tensors`) and
-  `common.deployment.Deployable` (a layer's `deployed()` inference form).
+* Optional, read where used: `common.weights.deployment.TensorCountBound` (`min_param_tensors`) and
+  `common.weights.deployment.Deployable` (a layer's `deployed()` inference form).
 
 `Experiment` calls `check_network` once the network is built (abstractly), so a missing piece is
 one ConfigError naming it, not an AttributeError deep in a jitted step. docs/DESIGN.md ("Add a

@@ -4,7 +4,7 @@ say whether it fits, what it costs and what the compiler made of it.
 The step is the one `--mode=train` runs (`Experiment.train_step`, the config's mesh rules, its
 global batch and `train.grad_accum_steps`; `lower_train`) or, for an export, the deployed network's
 sampling call (`lower_sampling`), lowered for abstract inputs sharded over the target's devices
-(`common.targets`) inside `kernels.target.compiling_for(mesh)`, so every kernel choice is the
+(`common.training.targets`) inside `kernels.target.compiling_for(mesh)`, so every kernel choice is the
 target's. Nothing is allocated and no data is read.
 
 The report (`compile_for_target`) holds:
@@ -31,9 +31,10 @@ from typing import Any, Callable, Sequence
 import jax
 import ml_collections
 
-from common import memory, sharding
-from common.experiment import Experiment
-from common.targets import GiB, Target
+from common.training import memory
+from common.training import sharding
+from common.training.experiment import Experiment
+from common.training.targets import GiB, Target
 from kernels import target as kernel_target
 
 HEADROOM = 0.10  # a config "fits" when it leaves this share of the device memory free
@@ -141,7 +142,7 @@ def compile_for_target(config: ml_collections.ConfigDict, tgt: Target, *,
   Returns:
     A JSON-ready dict: "target", "devices", "device_kind", "step" ("train" or "sampling"),
     "global_batch", "per_device_gib", "capacity_gib", "headroom", "fits", "memory" ({key: GiB},
-    common.memory.KEYS), "flops_per_step", "flops_source", "custom_calls", "dots", "f8_dots",
+    common.training.memory.KEYS), "flops_per_step", "flops_source", "custom_calls", "dots", "f8_dots",
     "estimates" (per MFU: step seconds, run days, cost in USD; a sampling run draws
     `eval.num_samples` images), "advice" (what to change when it does not fit).
   """

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import sharding
-from common.experiment import Experiment
+from common.training import sharding
+from common.training.experiment import Experiment
 
 
 def random_batch(exp: Experiment, batch_size: int, seed: int = 0) -> dict:

@@ -2,7 +2,7 @@
 
 Every sampler runs its steps in `jax.lax.fori_loop`, so for a fixed (static) `num_steps` it traces
 the network once and compiles once. The samplers take a *denoiser* closure that returns the data
-prediction; the recipes in `common.diffusion` build it from the network, the parametrization and
+prediction; the recipes in `common.diffusion.recipes` build it from the network, the parametrization and
 guidance.
 
 Conventions:
@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from common import parametrization as param
+from common.diffusion import parametrization as param
 
 ApplyFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 
