@@ -15,6 +15,7 @@ Errors a user can fix are printed on one line, without a traceback, and exit wit
 import contextlib
 import os
 import sys
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Compiling for a target uses no accelerator of this machine's: keep jax on the CPU (with the
@@ -28,10 +29,10 @@ from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from common import registry  # noqa: E402
-from common.weights import deployment
-from common.training import trainer
 from common.errors import UserError  # noqa: E402
+from common.training import trainer  # noqa: E402
 from common.training.experiment import resolve_plugins  # noqa: E402
+from common.weights import deployment  # noqa: E402
 from configs import base  # noqa: E402
 from launch import distributed  # noqa: E402
 
@@ -87,8 +88,7 @@ def _run(argv) -> None:
     try:
       config = deployment.load_export_config(_CHECKPOINT.value, like=base.structure())
     except UserError as e:
-      print(f"error: {e}", file=sys.stderr, flush=True)
-      sys.exit(1)
+      _fail(f"error: {e}")
     source = deployment.config_path(_CHECKPOINT.value)
     trust = registry.from_file(source)
   if config is None:
@@ -96,25 +96,30 @@ def _run(argv) -> None:
   try:
     config.get("seed")  # config_flags defers a config file's load error to the first access
   except OSError as e:
-    print(f"error: {str(e).splitlines()[-1].strip()} (--config={flags.FLAGS['config'].config_filename})",
-          file=sys.stderr, flush=True)
-    sys.exit(1)
+    _fail(f"error: {str(e).splitlines()[-1].strip()} "
+          f"(--config={flags.FLAGS['config'].config_filename})")
   try:
     with trust:
       if source is not None:  # refuse every unregistered name, used by this mode or not
         resolve_plugins(config)
       _dispatch(config)
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+    _fail(f"error: {e}")
   except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
     if source is None:  # the user's own config: a bug to see in full
       raise
     # The export's config passed the structure check, but a value in it is still unusable.
-    print(f"error: {source}: a value of the export's config cannot be used ({_describe(e)}); the "
-          "export is damaged or was edited: export again with launch/main.py --mode=export.",
-          file=sys.stderr, flush=True)
-    sys.exit(1)
+    _fail(f"error: {source}: a value of the export's config cannot be used ({_describe(e)}); the "
+          "export is damaged or was edited: export again with launch/main.py --mode=export.")
+
+
+def _fail(message: str) -> None:
+  """Prints `message` as the one last stderr line and exits with status 1."""
+  print(message, file=sys.stderr, flush=True)
+  # A failed asynchronous checkpoint write leaves orbax coroutines that are never awaited; their
+  # RuntimeWarning would be printed at interpreter shutdown, after the error line.
+  warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+  sys.exit(1)
 
 
 def _describe(e: BaseException) -> str:
@@ -163,16 +168,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except UserError as e:  # raised by a config's get_config, e.g. an unknown config argument
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+    _fail(f"error: {e}")
   except Exception as e:  # pylint: disable=broad-except
     detail = str(e).strip().strip("'\"")
     overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
     hint = f" (config overrides given: {', '.join(overrides)})" if overrides else ""
-    print(f"error: cannot parse the command line: {type(e).__name__}: {detail}{hint}. Unknown "
-          "config keys cannot be set from the command line; see the config file for the keys.",
-          file=sys.stderr, flush=True)
-    sys.exit(1)
+    _fail(f"error: cannot parse the command line: {type(e).__name__}: {detail}{hint}. Unknown "
+          "config keys cannot be set from the command line; see the config file for the keys.")
 
 
 def main() -> None:
