@@ -85,7 +85,7 @@ terdit-study: $(STAMP)
 	$(PY) benchmarks/study_terdit.py --workdir=workdirs/terdit_study
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not accelerator" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow and not accelerator" --durations=25 $(PYTEST_ARGS)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "not accelerator" $(PYTEST_ARGS)
