@@ -13,9 +13,9 @@ import optax
 import pytest
 
 from common.autoencoders import Autoencoder, load_autoencoder, save_autoencoder
-from common.autoencoders import kl_vae
-from common.autoencoders.recipe import KLAutoencoderRecipe
-from common.autoencoders.small_kl import SmallKLAutoencoder
+from autoencoder import kl_vae
+from autoencoder.recipe import KLAutoencoderRecipe
+from autoencoder.small_kl import SmallKLAutoencoder
 from common.errors import CheckpointError, ConfigError, DataNotFoundError, ShapeError
 
 def _call(net, method, *args):
@@ -220,7 +220,7 @@ def _digits_ae_config():
 
 
 def test_save_load_round_trip(tmp_path):
-  cfg = ml_collections.ConfigDict(dict(name="common.autoencoders.small_kl.SmallKLAutoencoder",
+  cfg = ml_collections.ConfigDict(dict(name="autoencoder.small_kl.SmallKLAutoencoder",
                                        **TINY))
   net = SmallKLAutoencoder(**TINY, rngs=nnx.Rngs(params=jax.random.key(2)))
   params = nnx.to_pure_dict(nnx.state(net, nnx.Param))
@@ -235,7 +235,7 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_export_from_checkpoint(tmp_path):
-  from common.autoencoders.export import export_autoencoder
+  from autoencoder.export import export_autoencoder
   from common.weights.checkpoint import Checkpointer
   from common.training.experiment import build_model
   config = _digits_ae_config()
