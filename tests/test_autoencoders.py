@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+from common import registry
 from common.autoencoders import Autoencoder, load_autoencoder, save_autoencoder
 from autoencoder import kl_vae
 from autoencoder.recipe import KLAutoencoderRecipe
@@ -54,6 +55,16 @@ def test_diffusers_vae_parity(variant):
   eps = jax.random.normal(key, expected["mean"].shape)
   want = (expected["mean"] + np.exp(0.5 * expected["logvar"]) * eps - shift) * cfg["scaling_factor"]
   np.testing.assert_allclose(ae.encode(expected["images"], key), want, atol=5e-5)
+
+
+def test_a_diffusers_folder_loads_while_names_come_from_a_file():
+  """The loader (common/) reaches the family's AutoencoderKL only by its registered name, so a
+  diffusers VAE still loads inside `registry.from_file` (sampling from an export)."""
+  expected = np.load(os.path.join(FIXTURES, "sd", "expected.npz"))
+  with registry.from_file("/x/config.json"):
+    ae = load_autoencoder(os.path.join(FIXTURES, "sd"))
+  assert type(ae.net) is kl_vae.AutoencoderKL
+  np.testing.assert_allclose(ae.moments(expected["images"])[0], expected["mean"], atol=5e-5)
 
 
 def test_diffusers_vae_legacy_attention_names(tmp_path):

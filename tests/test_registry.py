@@ -162,4 +162,5 @@ def test_the_autoencoder_loader_kept_its_name_and_is_no_moved_plug_in():
   assert registry.moved_name("common.autoencoders.load_autoencoder") == (
       "common.autoencoders.load_autoencoder")
   with registry.from_file("/x/config.json"), pytest.raises(ConfigError, match="not a registered"):
-    registry.import_object("common.autoencoders.load_autoencoder", "config.model.name", "autoencoder")
+    registry.import_object("common.autoencoders.load_autoencoder", "config.model.name",
+                           "autoencoder")
