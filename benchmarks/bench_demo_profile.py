@@ -8,8 +8,10 @@ on a shared machine where absolute seconds do not. It also counts XLA compilatio
 `/jax/core/compile/backend_compile_duration` event) while each call runs again, to show that
 nothing recompiles per call.
 
-Sampling FLOPs: XLA's cost analysis counts a while-loop body once, so the sampler's figure is also
-given as (network forward FLOPs per image) x (batch) x (steps) x (NFE per step: 2 with CFG).
+Sampling FLOPs: XLA's cost analysis counts a while-loop body once, so the sampler's rate uses
+(network forward FLOPs per image) x (batch) x (network calls per sample: one per step, two at the
+steps inside the CFG guidance interval). The host work of a train step (data iterator and batch
+placement) is timed on its own.
 
   python benchmarks/bench_demo_profile.py [--iters 3] [--inception_batch 150] [--sample_batch 500]
 """
@@ -25,6 +27,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common.data import make_train_iterator  # noqa: E402
+from common.diffusion import samplers  # noqa: E402
 from common.training import sharding  # noqa: E402
 from common.training.experiment import Experiment  # noqa: E402
 from common.training.random_batch import random_batch  # noqa: E402
@@ -55,6 +59,30 @@ def _timed(fn) -> float:
   t0 = time.perf_counter()
   fn()
   return time.perf_counter() - t0
+
+
+def network_evaluations(exp: Experiment) -> int:
+  """Network calls per sample: one per step, two (CFG) at the steps inside the guidance interval
+  (`samplers.guided_apply` skips the unconditional branch outside it)."""
+  s = exp.config.sample
+  lams = np.asarray(samplers.vp_logsnr_grid(exp.recipe.schedule, int(s.num_steps)))
+  if float(s.guidance_scale) == 1.0:
+    return len(lams)
+  lo, hi = s.get("guidance_interval") or (-np.inf, np.inf)
+  return int(len(lams) + np.sum((lams >= lo) & (lams <= hi)))
+
+
+def host_batch_seconds(c, exp: Experiment, n: int = 50) -> float:
+  """Seconds of host work per train step: the data iterator, `model_batch` and the sharded
+  `global_batch`, as the trainer's loop does them (`common.training.trainer.train`)."""
+  data = make_train_iterator(c.data, global_batch_size=c.train.batch_size, seed=c.seed,
+                             process_index=0, process_count=1)
+  jax.block_until_ready(sharding.global_batch(exp.model_batch(next(data)), exp.mesh, exp.rules))
+  t0 = time.perf_counter()
+  for _ in range(n):
+    batch = sharding.global_batch(exp.model_batch(next(data)), exp.mesh, exp.rules)
+  jax.block_until_ready(batch)
+  return (time.perf_counter() - t0) / n
 
 
 def profile(name: str, jitted, args: tuple, iters: int, flops: float | None = None) -> dict:
@@ -101,13 +129,16 @@ def main() -> None:
     step = jax.jit(exp._train_step)  # pylint: disable=protected-access  # no donation: re-callable
     rows.append(profile(f"train step (batch {c.train.batch_size})", step,
                         (state, batch, exp.step_key(0)), a.iters))
+    host = host_batch_seconds(c, exp)
+    print(f"host work per train step (data, model_batch, global_batch): {1e3 * host:.2f} ms",
+          flush=True)
   if "sample" not in a.skip:
     params = exp.init_state(0)["ema"]
     b = a.sample_batch
     batch, _ = exp.preview_batch(b)
-    nfe = 2 if c.sample.guidance_scale != 1.0 else 1
-    est = fwd * b * c.sample.num_steps * nfe
-    rows.append(profile(f"sampling (batch {b}, {c.sample.num_steps} steps x {nfe} NFE)",
+    nfe = network_evaluations(exp)
+    est = fwd * b * nfe
+    rows.append(profile(f"sampling (batch {b}, {c.sample.num_steps} steps, {nfe} NFE)",
                         exp.generator(), (params, jax.random.key(0), batch), 1, flops=est))
   if "inception" not in a.skip:
     from common.eval.features import fid_network  # pylint: disable=import-outside-toplevel

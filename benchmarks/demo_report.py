@@ -11,8 +11,8 @@ import json
 import os
 
 ACCURACY_TARGET = 0.90   # the judge's target (benchmarks/judge_digits.py)
-COPY_LIMIT = 0.01        # more than 1% of samples closer to a training image than 10% of real spacing
-FID_CLOSE = 1.25         # samples' FID within 25% above the real-digit floor reads as "close to real"
+COPY_LIMIT = 0.01        # at most 1% of samples closer to a training image than 10% of real spacing
+FID_CLOSE = 1.25         # a samples' FID within 25% above the real-digit floor: "close to real"
 
 
 def _read_json(path: str) -> dict:

@@ -12,9 +12,14 @@ Trains a classifier (an RBF SVM) on real scikit-learn digits, labels the class-c
     perfect model would reach at this sample size. The images are 8x8, upsampled to 299x299 by the
     Inception's own preprocessing, and the sample size is small (FID is biased upwards at small N and
     its 2048-d covariances are rank-deficient below N = 2048), so compare the two FIDs with each other,
-    not with published ImageNet FIDs.
+    not with published ImageNet FIDs. The Inception statistics of the two real sets never change:
+    they are computed once and kept in the user cache (`common.paths.user_cache_dir`, `--cache_dir`),
+    keyed on the images, the split and the Inception weights, so a later run (any workdir) passes
+    only the samples through the Inception.
 
-Usage: python benchmarks/judge_digits.py [--workdir workdirs/sid2_digits] [--fid_n 300]
+`--report` ends with the one-screen summary of `make demo` (benchmarks/demo_report.py).
+
+Usage: python benchmarks/judge_digits.py [--workdir workdirs/sid2_digits] [--fid_n 300] [--report]
 """
 
 import argparse
@@ -78,7 +83,8 @@ def fid_figures(images: np.ndarray, x_tr: np.ndarray, x_te: np.ndarray, n: int, 
   """
   from common.eval import cache  # pylint: disable=import-outside-toplevel
   from common.eval import reference  # pylint: disable=import-outside-toplevel
-  from common.eval.features import even_batch_size, evaluate_images, make_reference  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from common.eval.features import even_batch_size, evaluate_images, make_reference
 
   ref_imgs, floor_imgs = as_uint8(x_tr[:n]), as_uint8(x_te[:n])
   samples = images[:n]
@@ -144,8 +150,9 @@ def print_table(r: dict) -> None:
         f"{r['nn_dist_samples_median']:.3f} / {r['nn_dist_real_median']:.3f} |")
   print(f"| copies (NN distance < 10% of real median) | {100 * r['copy_fraction']:.1f}% |")
   if "fid_samples" in r:
-    print(f"| FID vs {r['fid_n']} training digits: {r['fid_n']} samples / {r['fid_n']} held-out real "
-          f"digits (floor) | {r['fid_samples']:.2f} / {r['fid_heldout_real']:.2f} |")
+    n = r["fid_n"]
+    print(f"| FID vs {n} training digits: {n} samples / {n} held-out real digits (floor) | "
+          f"{r['fid_samples']:.2f} / {r['fid_heldout_real']:.2f} |")
 
 
 def main():
