@@ -335,7 +335,7 @@ def test_fid_of_a_trained_run_against_an_adm_reference(trained, imagenet_latents
   c.eval.reference = str(tmp_path / "data" / "adm" / "VIRTUAL_imagenet256_labeled.npz")
   workdir = str(tmp_path / "run")
   shutil.copytree(trained, workdir)
-  with pytest.raises(DataNotFoundError, match="no such file; download ADM's reference batch "
+  with pytest.raises(DataNotFoundError, match="does not exist; download ADM's reference batch "
                      "https://openaipublic.*/256/VIRTUAL_imagenet256_labeled.npz"):
     trainer.evaluate(c, workdir)
   assert not os.path.exists(os.path.join(workdir, "eval", "samples_step_0000004_n8.npz"))

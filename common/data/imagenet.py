@@ -111,7 +111,7 @@ class _Flipped:
     return (index // 2, bool(index % 2)) if self.flips else (index, False)
 
   def _example(self, image: np.ndarray, label: int, mirror: bool) -> _captions.CaptionedExample:
-    image = _transforms.center_crop_arr(image, self.image_size)
+    """image: uint8 [size, size, 3], already center-cropped."""
     if mirror:
       image = np.ascontiguousarray(image[:, ::-1])
     return _captions.CaptionedExample(image, (), int(label))
@@ -132,16 +132,28 @@ class ImageNetFolder(_Flipped):
     _check_options(image_size, num_classes)
     self.root, self.image_size, self.num_classes, self.flips = root, image_size, num_classes, flips
     self.synsets, self.paths, self.labels = list_synsets(root, num_classes)
+    self._last: tuple[int, np.ndarray | _captions.SkippedExample] | None = None
 
   def __len__(self) -> int:
     return self._count(len(self.paths))
 
+  def _read(self, i: int) -> np.ndarray | _captions.SkippedExample:
+    """File i decoded as RGB and center-cropped; the last one is kept, so a mirror image costs no
+    second decode."""
+    if self._last is None or self._last[0] != i:
+      try:
+        image = _transforms.center_crop_arr(_image_folder.read_image(self.paths[i], 3),
+                                            self.image_size)
+      except DataNotFoundError as e:  # truncated, damaged or oversized: the writer counts it
+        image = _captions.SkippedExample(self.paths[i], str(e))
+      self._last = (i, image)
+    return self._last[1]
+
   def __getitem__(self, index: int) -> _captions.CaptionedExample | _captions.SkippedExample:
     i, mirror = self._split(index)
-    try:
-      image = _image_folder.read_image(self.paths[i], 3)
-    except DataNotFoundError as e:  # truncated, damaged or oversized: the writer counts it
-      return _captions.SkippedExample(self.paths[i], str(e))
+    image = self._read(i)
+    if isinstance(image, _captions.SkippedExample):
+      return image
     return self._example(image, self.labels[i], mirror)
 
   def describe(self) -> dict:
@@ -182,7 +194,8 @@ class ImageNetTfds(_Flipped):
       image = np.repeat(image, 3, axis=-1)
     if image.shape[-1] != 3:
       raise ShapeError(f"tfds {TFDS_NAME} example {i} has an image of shape {image.shape}")
-    return self._example(image, example["label"], mirror)
+    return self._example(_transforms.center_crop_arr(image, self.image_size), example["label"],
+                         mirror)
 
   def describe(self) -> dict:
     return {"source": "imagenet_tfds", "data_dir": os.fspath(as_path(self.data_dir)),

@@ -148,7 +148,7 @@ def check_reference_file(path: str, what: str = "config.eval.reference") -> None
   else:
     how = ("write one with `python launch/evaluate.py --make_reference=OUT.npz --config=...` or "
            "leave it empty to use statistics of config.data")
-  raise DataNotFoundError(f"{what}={path!r}: no such file; {how}")
+  raise DataNotFoundError(f"{what} {path!r} does not exist; {how}")
 
 
 def npz_keys(path: str, what: str) -> list[str]:
