@@ -168,6 +168,39 @@ def test_tfds_imagenet_not_prepared_is_one_clear_error(tmp_path):
                      image_size=SIZE, channels=3, seed=0)
 
 
+def test_tfds_imagenet_reader_crops_flips_and_keeps_labels(monkeypatch, tmp_path):
+  """ImageNetTfds over a stand-in for a prepared tfds source (what `tfds.data_source` yields)."""
+  rng = np.random.default_rng(2)
+  examples = [{"image": rng.integers(0, 256, (30, 44, 3), dtype=np.uint8), "label": 7},
+              {"image": rng.integers(0, 256, (50, 20, 1), dtype=np.uint8), "label": 999}]
+  seen = {}
+
+  class FakeTfdsSource:
+    def __init__(self, cfg, split):
+      seen.update(name=cfg.tfds_name, data_dir=cfg.data_dir, split=split)
+
+    def __len__(self):
+      return len(examples)
+
+    def __getitem__(self, i):
+      return examples[i]
+
+  monkeypatch.setattr(imagenet._tfds, "TfdsSource", FakeTfdsSource)  # pylint: disable=protected-access
+  src = lat.build_source("imagenet_tfds", path=str(tmp_path), image_dir=None,
+                         split="train[:2]", image_size=SIZE, channels=3, seed=0)
+  assert seen == {"name": "imagenet2012", "data_dir": str(tmp_path), "split": "train[:2]"}
+  assert len(src) == 4 and src.describe()["source"] == "imagenet_tfds"
+  for i, ex in enumerate(examples):
+    rgb = np.repeat(ex["image"], 3, axis=-1) if ex["image"].shape[-1] == 1 else ex["image"]
+    expected = center_crop_arr(rgb, SIZE)
+    np.testing.assert_array_equal(src[2 * i].image, expected)
+    np.testing.assert_array_equal(src[2 * i + 1].image, expected[:, ::-1])
+    assert src[2 * i].label == src[2 * i + 1].label == ex["label"]
+  with pytest.raises(ConfigError, match="imagenet_tfds has 1000 classes"):
+    lat.build_source("imagenet_tfds", path=str(tmp_path), image_dir=None, split="train",
+                     image_size=SIZE, channels=3, seed=0, num_classes=10)
+
+
 # ---- precompute --------------------------------------------------------------------------------
 
 
