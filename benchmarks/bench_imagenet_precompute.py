@@ -38,7 +38,8 @@ from common.data import imagenet  # pylint: disable=g-import-not-at-top
 
 ILSVRC_TRAIN_IMAGES = 1_281_167
 SD_VAE = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
-          "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
+          "down_block_types": ["DownEncoderBlock2D"] * 4,
+          "up_block_types": ["UpDecoderBlock2D"] * 4}
 
 
 def write_folder(root: str, n: int, seed: int = 0) -> float:
@@ -50,7 +51,8 @@ def write_folder(root: str, n: int, seed: int = 0) -> float:
   for k in range(n):
     folder = os.path.join(root, f"n0000000{k % 2}")
     os.makedirs(folder, exist_ok=True)
-    base = 128 + 100 * np.sin(xx[..., None] / (7 + k % 5) + np.arange(3)) * np.cos(yy[..., None] / 11)
+    wave = np.sin(xx[..., None] / (7 + k % 5) + np.arange(3)) * np.cos(yy[..., None] / 11)
+    base = 128 + 100 * wave
     image = np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
     path = os.path.join(folder, f"n0000000{k % 2}_{k}.JPEG")
     Image.fromarray(image).save(path, quality=90)

@@ -185,7 +185,8 @@ def test_tfds_imagenet_reader_crops_flips_and_keeps_labels(monkeypatch, tmp_path
     def __getitem__(self, i):
       return examples[i]
 
-  monkeypatch.setattr(imagenet._tfds, "TfdsSource", FakeTfdsSource)  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  monkeypatch.setattr(imagenet._tfds, "TfdsSource", FakeTfdsSource)
   src = lat.build_source("imagenet_tfds", path=str(tmp_path), image_dir=None,
                          split="train[:2]", image_size=SIZE, channels=3, seed=0)
   assert seen == {"name": "imagenet2012", "data_dir": str(tmp_path), "split": "train[:2]"}

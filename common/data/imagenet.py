@@ -10,8 +10,8 @@ the class label) in the order ADM and Large-DiT train on:
   exactly `num_classes` of them (1000 for ILSVRC-2012; a smaller number selects a subset folder).
 - `ImageNetTfds`: tfds `imagenet2012` prepared in array_record format (`common.data.tfds_source`).
 
-Images go through ADM's center crop (`common.data.transforms.center_crop_arr`: BOX halvings, BICUBIC,
-central square; guided-diffusion `image_datasets.py`, as Large-DiT's `center_crop_arr`).
+Images go through ADM's center crop (`common.data.transforms.center_crop_arr`: BOX halvings,
+BICUBIC, central square; guided-diffusion `image_datasets.py`, as Large-DiT's `center_crop_arr`).
 
 Random horizontal flips (Large-DiT's `transforms.RandomHorizontalFlip()`) are taken care of by
 storing both: with `flips=True` example 2i is image i and example 2i+1 its mirror image, so a
@@ -69,7 +69,8 @@ def list_synsets(root: str, num_classes: int = IMAGENET1K_CLASSES
   """
   if not root or not as_path(root).is_dir():
     raise DataNotFoundError(f"ImageNet folder {root!r} does not exist; give --path=the ILSVRC "
-                            "train folder (extracted ILSVRC2012_img_train.tar: n01440764/*.JPEG ...)")
+                            "train folder (extracted ILSVRC2012_img_train.tar: "
+                            "n01440764/*.JPEG ...)")
   top = as_path(root)
   folders = sorted(d.name for d in top.iterdir() if not d.name.startswith(".") and d.is_dir())
   bad = [d for d in folders if not SYNSET_RE.match(d)]
@@ -125,6 +126,8 @@ class ImageNetFolder(_Flipped):
     image_size: side of ADM's center crop, in pixels.
     num_classes: the number of synset folders required (1000: ILSVRC-2012).
     flips: also store every image's mirror image (2N examples; see the module docstring).
+
+  Meant for the writer's one reading thread: the last decoded file is kept for its mirror image.
   """
 
   def __init__(self, root: str, image_size: int, *, num_classes: int = IMAGENET1K_CLASSES,

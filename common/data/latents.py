@@ -93,8 +93,9 @@ LATENTS_KEYS = frozenset({"name", "path", "worker_count", "worker_buffer_size", 
 DTYPES = ("float16", "float32")
 LATENT_MODES = ("mean", "sample", "moments")
 _WRITER_OPTIONS = "group_size:1,uncompressed"
-_HOW_TO = ("write it with `python launch/precompute.py --source=fashion_mnist|image_folder|coco|imagenet "
-           "--autoencoder=SPEC [--text_encoder=SPEC] --output=DIR` and set data.path=DIR")
+_HOW_TO = ("write it with `python launch/precompute.py "
+           "--source=fashion_mnist|image_folder|coco|imagenet --autoencoder=SPEC "
+           "[--text_encoder=SPEC] --output=DIR` and set data.path=DIR")
 # Sources whose examples carry a class label and no caption: --text_encoder is optional for them.
 LABELLED_SOURCES = ("imagenet", "imagenet_tfds")
 

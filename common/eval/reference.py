@@ -34,11 +34,10 @@ from common.paths import as_path
 IMAGE_KEYS = ("arr_0", "images")
 # ADM's published reference batches by file name (openai/guided-diffusion, evaluations/README.md):
 # the FID/sFID/IS/precision/recall references of DiT, Large-DiT and TerDiT's ImageNet tables.
+_ADM_BATCHES = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/"
 ADM_REFERENCE_URLS = {
-    "VIRTUAL_imagenet256_labeled.npz": "https://openaipublic.blob.core.windows.net/diffusion/"
-                                       "jul-2021/ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz",
-    "VIRTUAL_imagenet512.npz": "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
-                               "ref_batches/imagenet/512/VIRTUAL_imagenet512.npz",
+    "VIRTUAL_imagenet256_labeled.npz": _ADM_BATCHES + "imagenet/256/VIRTUAL_imagenet256_labeled.npz",
+    "VIRTUAL_imagenet512.npz": _ADM_BATCHES + "imagenet/512/VIRTUAL_imagenet512.npz",
 }
 SETTINGS_KEY = "cache_settings"  # what made a cache file (common.eval.cache); ADM's evaluator ignores it
 STAT_PAIRS = (("mu", "sigma"), ("mu_s", "sigma_s"))
