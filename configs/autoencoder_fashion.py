@@ -1,8 +1,8 @@
 """Our small KL autoencoder on Fashion-MNIST: 28x28x1 images <-> 7x7x4 latents (f4).
 
-Trained by the same trainer as the diffusion models, through `common.autoencoders.recipe.
-KLAutoencoderRecipe` (L1 reconstruction + KL, the latent-diffusion autoencoder objective of
-arXiv:2112.10752 App. G without its perceptual and adversarial terms). After training,
+Trained by the same trainer as the diffusion models, through
+`autoencoder.recipe.KLAutoencoderRecipe` (L1 reconstruction + KL, the latent-diffusion autoencoder
+objective of arXiv:2112.10752 App. G without its perceptual and adversarial terms). After training,
 `launch/export_autoencoder.py` writes the EMA weights with the latents' shift and scale, and
 `common.autoencoders.load_autoencoder` reads them back for latent diffusion.
 
@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.random_flip = True            # clothes are (nearly) mirror-symmetric
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = "common.autoencoders.small_kl.SmallKLAutoencoder"
+  c.model.name = "autoencoder.small_kl.SmallKLAutoencoder"
   c.model.image_size = 28
   c.model.in_channels = 1
   c.model.channels = (16, 32, 32)
@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.dtype = "float32"
 
   c.diffusion = ml_collections.ConfigDict()
-  c.diffusion.name = "common.autoencoders.recipe.KLAutoencoderRecipe"
+  c.diffusion.name = "autoencoder.recipe.KLAutoencoderRecipe"
   c.diffusion.kl_weight = 1e-5
   c.diffusion.reconstruction = "l1"
   c.diffusion.sample_posterior = True

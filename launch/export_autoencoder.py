@@ -21,7 +21,7 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from common.autoencoders.export import export_autoencoder  # noqa: E402
+from autoencoder.export import export_autoencoder  # noqa: E402
 from common.errors import UserError  # noqa: E402
 from common.paths import as_path  # noqa: E402
 

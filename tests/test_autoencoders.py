@@ -12,10 +12,11 @@ import numpy as np
 import optax
 import pytest
 
+from common import registry
 from common.autoencoders import Autoencoder, load_autoencoder, save_autoencoder
-from common.autoencoders import kl_vae
-from common.autoencoders.recipe import KLAutoencoderRecipe
-from common.autoencoders.small_kl import SmallKLAutoencoder
+from autoencoder import kl_vae
+from autoencoder.recipe import KLAutoencoderRecipe
+from autoencoder.small_kl import SmallKLAutoencoder
 from common.errors import CheckpointError, ConfigError, DataNotFoundError, ShapeError
 
 def _call(net, method, *args):
@@ -54,6 +55,16 @@ def test_diffusers_vae_parity(variant):
   eps = jax.random.normal(key, expected["mean"].shape)
   want = (expected["mean"] + np.exp(0.5 * expected["logvar"]) * eps - shift) * cfg["scaling_factor"]
   np.testing.assert_allclose(ae.encode(expected["images"], key), want, atol=5e-5)
+
+
+def test_a_diffusers_folder_loads_while_names_come_from_a_file():
+  """The loader (common/) reaches the family's AutoencoderKL only by its registered name, so a
+  diffusers VAE still loads inside `registry.from_file` (sampling from an export)."""
+  expected = np.load(os.path.join(FIXTURES, "sd", "expected.npz"))
+  with registry.from_file("/x/config.json"):
+    ae = load_autoencoder(os.path.join(FIXTURES, "sd"))
+  assert type(ae.net) is kl_vae.AutoencoderKL
+  np.testing.assert_allclose(ae.moments(expected["images"])[0], expected["mean"], atol=5e-5)
 
 
 def test_diffusers_vae_legacy_attention_names(tmp_path):
@@ -220,7 +231,7 @@ def _digits_ae_config():
 
 
 def test_save_load_round_trip(tmp_path):
-  cfg = ml_collections.ConfigDict(dict(name="common.autoencoders.small_kl.SmallKLAutoencoder",
+  cfg = ml_collections.ConfigDict(dict(name="autoencoder.small_kl.SmallKLAutoencoder",
                                        **TINY))
   net = SmallKLAutoencoder(**TINY, rngs=nnx.Rngs(params=jax.random.key(2)))
   params = nnx.to_pure_dict(nnx.state(net, nnx.Param))
@@ -235,7 +246,7 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_export_from_checkpoint(tmp_path):
-  from common.autoencoders.export import export_autoencoder
+  from autoencoder.export import export_autoencoder
   from common.weights.checkpoint import Checkpointer
   from common.training.experiment import build_model
   config = _digits_ae_config()

@@ -139,16 +139,16 @@ def test_odd_source_steps_are_unknown(export, tmp_path):
     assert deployment.export_step(bad) is None
 
 
-# ---- autoencoder exports (common/autoencoders/autoencoder.py) ------------------------------------
+# ---- autoencoder exports (common/autoencoders.py) ------------------------------------------------
 
-AE_MODEL = dict(name="common.autoencoders.small_kl.SmallKLAutoencoder", image_size=8, in_channels=1,
+AE_MODEL = dict(name="autoencoder.small_kl.SmallKLAutoencoder", image_size=8, in_channels=1,
                 channels=(4, 8), blocks_per_level=1, mid_blocks=1, latent_channels=2, norm_groups=2)
 
 
 @pytest.fixture(scope="module")
 def ae_export(tmp_path_factory):
   from common.autoencoders import save_autoencoder  # pylint: disable=import-outside-toplevel
-  from common.autoencoders.small_kl import SmallKLAutoencoder  # pylint: disable=import-outside-toplevel
+  from autoencoder.small_kl import SmallKLAutoencoder  # pylint: disable=import-outside-toplevel
   folder = tmp_path_factory.mktemp("ae") / "ae"
   kwargs = {k: v for k, v in AE_MODEL.items() if k != "name"}
   net = SmallKLAutoencoder(**kwargs, rngs=nnx.Rngs(params=jax.random.key(2)))
@@ -167,6 +167,20 @@ def test_an_intact_autoencoder_export_loads(ae_export):
   assert meta["sha256"]["params.safetensors"] == deployment.sha256_hex(
       (ae_export / "params.safetensors").read_bytes())
   assert _load_ae(ae_export).latent_channels == 2
+
+
+def test_an_autoencoder_export_written_before_the_family_moved_still_loads(ae_export, tmp_path):
+  """Exports written while the networks lived in common/autoencoders/ name the old module; it
+  resolves to the autoencoder family (registry.MOVED_MODULES) and gives the same network."""
+  old = _copy_ae(ae_export, tmp_path / "old")
+  meta = json.loads((old / "config.json").read_text())
+  meta["model"]["name"] = "common.autoencoders.small_kl.SmallKLAutoencoder"
+  (old / "config.json").write_text(json.dumps(meta))
+  x = jax.random.uniform(jax.random.key(0), (2, 8, 8, 1), minval=-1.0, maxval=1.0)
+  then, now = _load_ae(old), _load_ae(ae_export)
+  assert type(then.net) is type(now.net)
+  assert type(then.net).__module__ == "autoencoder.small_kl"
+  assert jax.numpy.array_equal(then.encode(x), now.encode(x))
 
 
 def test_an_autoencoder_export_naming_code_runs_nothing(ae_export, tmp_path):
@@ -253,7 +267,7 @@ def test_a_diffusers_config_is_checked_before_the_network_is_built(tmp_path, cha
 
 
 def test_a_safetensors_header_larger_than_its_bytes_is_refused_without_allocating(tmp_path):
-  from common.autoencoders.autoencoder import _read_safetensors  # pylint: disable=import-outside-toplevel
+  from common.autoencoders import _read_safetensors  # pylint: disable=import-outside-toplevel
   header = json.dumps({"x": {"dtype": "F32", "shape": [2**20, 2**20],
                              "data_offsets": [0, 16]}}).encode()
   path = tmp_path / "w.safetensors"

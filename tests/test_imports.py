@@ -20,7 +20,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every top-level package of the repository (a folder with __init__.py) is checked, so a new family
 # is without an edit here; these must be among them.
-EXPECTED = {"common", "kernels", "sid2", "microdit", "terdit", "coat", "configs", "launch"}
+EXPECTED = {"common", "kernels", "sid2", "microdit", "terdit", "coat", "autoencoder", "configs",
+            "launch"}
 
 
 def packages(root: str) -> list[str]:

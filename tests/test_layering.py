@@ -2,8 +2,8 @@
 
 `kernels/` is a leaf: it imports nothing of the project's own outside itself. `common/` imports no
 family package (every top-level package but common, kernels, configs and launch: sid2, microdit,
-terdit, coat, and a new family without an edit here). Models and kernels do not import tfds, grain,
-TensorFlow or torch. tests/test_imports.py checks the import graph has no cycles.
+terdit, coat, autoencoder, and a new family without an edit here). Models and kernels do not import
+tfds, grain, TensorFlow or torch. tests/test_imports.py checks the import graph has no cycles.
 """
 
 import ast
@@ -56,7 +56,7 @@ def test_common_imports_no_family_package():
 
 
 def test_the_families_are_found():
-  assert {"sid2", "microdit", "terdit", "coat"} <= FAMILIES
+  assert {"sid2", "microdit", "terdit", "coat", "autoencoder"} <= FAMILIES
 
 
 @pytest.mark.parametrize("package", ["kernels", *sorted(FAMILIES)])

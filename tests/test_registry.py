@@ -29,7 +29,7 @@ HOSTILE = ("os.system", "builtins.eval", "subprocess.run", "common.registry.impo
            "common.diffusion.adm.ADMDiffusion.__init__", "common..registry", "sid2.model.ResidualUViT")
 
 GOOD = {"model": "sid2.model.ResidualUViT",
-        "autoencoder": "common.autoencoders.small_kl.SmallKLAutoencoder",
+        "autoencoder": "autoencoder.small_kl.SmallKLAutoencoder",
         "diffusion": "common.diffusion.adm.ADMDiffusion", "optimizer": "coat.optim.fp8_adamw",
         "precision": "coat.precision.COAT", "numerics": "common.nn.numerics.FullPrecision",
         "converter": "common.weights.init_from.from_param_paths"}
@@ -144,9 +144,23 @@ def test_resolve_plugins_refuses_every_unregistered_name_of_a_file_config(key, v
       resolve_plugins(c)
 
 
-@pytest.mark.parametrize("old,new", [("common.adm.ADMDiffusion", "common.diffusion.adm.ADMDiffusion"),
-                                     ("common.numerics.BF16", "common.nn.numerics.BF16")])
-def test_names_of_moved_modules_in_older_files_resolve_to_the_new_place(old, new):
-  kind = "diffusion" if "adm" in old else "precision"
+@pytest.mark.parametrize("old,new,kind", [
+    ("common.adm.ADMDiffusion", "common.diffusion.adm.ADMDiffusion", "diffusion"),
+    ("common.numerics.BF16", "common.nn.numerics.BF16", "precision"),
+    ("common.autoencoders.small_kl.SmallKLAutoencoder", "autoencoder.small_kl.SmallKLAutoencoder",
+     "autoencoder"),
+    ("common.autoencoders.kl_vae.AutoencoderKL", "autoencoder.kl_vae.AutoencoderKL", "model"),
+    ("common.autoencoders.recipe.KLAutoencoderRecipe", "autoencoder.recipe.KLAutoencoderRecipe",
+     "diffusion")])
+def test_names_of_moved_modules_in_older_files_resolve_to_the_new_place(old, new, kind):
   with registry.from_file("/x/config.json"):
     assert registry.import_object(old, "config.key", kind) is registry.import_object(new, "k", kind)
+
+
+def test_the_autoencoder_loader_kept_its_name_and_is_no_moved_plug_in():
+  """common.autoencoders is still the loader's module; only the family's modules moved out."""
+  assert registry.moved_name("common.autoencoders.load_autoencoder") == (
+      "common.autoencoders.load_autoencoder")
+  with registry.from_file("/x/config.json"), pytest.raises(ConfigError, match="not a registered"):
+    registry.import_object("common.autoencoders.load_autoencoder", "config.model.name",
+                           "autoencoder")

@@ -29,7 +29,7 @@ def test_latent_text_to_image_end_to_end(tmp_path):
   ae_cfg.train.tensorboard = False
   ae_dir = str(tmp_path / "ae")
   trainer.train(ae_cfg, ae_dir)
-  from common.autoencoders.export import export_autoencoder  # pylint: disable=import-outside-toplevel
+  from autoencoder.export import export_autoencoder  # pylint: disable=import-outside-toplevel
   export_autoencoder(ae_cfg, ae_dir, os.path.join(ae_dir, "export"), num_images=64)
   autoencoder = load_autoencoder(os.path.join(ae_dir, "export"))
   assert autoencoder.latent_shape((28, 28, 1)) == (7, 7, 4)

@@ -5,7 +5,7 @@ A family plugs in a network class (`config.model.name`) and trains it with a rec
 `typing.Protocol`s, checked structurally (the families subclass nothing of ours):
 
 * `Network`: every trained network; `Denoiser`: a network the diffusion recipes train (VPDiffusion,
-  EDMDiffusion, ADMDiffusion); `common.autoencoders.recipe.KLAutoencoderNet`: one the autoencoder
+  EDMDiffusion, ADMDiffusion); `autoencoder.recipe.KLAutoencoderNet`: one the autoencoder
   recipe trains. The recipe names the protocol of its network (`Recipe.network`).
 * `ClassConditional`: required of a network whose `example_inputs` declares cond["label"].
 * Optional, read where used: `common.weights.deployment.TensorCountBound` (`min_param_tensors`) and

@@ -2,7 +2,7 @@
 
 Every converter of weights made elsewhere is a `Table` applied by `apply`: the official MicroDiT
 and TerDiT checkpoints (microdit.convert, terdit.convert), diffusers' AutoencoderKL
-(common.autoencoders.kl_vae), BERT and OpenCLIP text towers (common.text), the FID Inception
+(autoencoder.kl_vae), BERT and OpenCLIP text towers (common.text), the FID Inception
 (common.eval.inception) and files named by our own parameter paths (`PARAM_PATHS`).
 
 `apply` walks our params (the abstract tree: arrays, ShapeDtypeStructs, or None for "any shape").

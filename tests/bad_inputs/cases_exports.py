@@ -1,5 +1,5 @@
 """Bad-input corpus, area "export": hostile and damaged export folders (common/weights/deployment.py, the
-autoencoder export of common/autoencoders/autoencoder.py) run through `launch/main.py --mode=sample
+autoencoder export of common/autoencoders.py) run through `launch/main.py --mode=sample
 --checkpoint=EXPORT` and `launch/encode.py images --autoencoder=EXPORT`.
 
 A name read from an export must be a registered plug-in (common/registry.py): the payloads name
@@ -70,7 +70,7 @@ def _flip(data: bytes) -> bytes:
 
 # An autoencoder export written by hand (`save_autoencoder`'s layout): config.json naming the
 # network, the latent normalisation and the SHA-256 of params.safetensors.
-_AE_MODEL = {"name": "common.autoencoders.small_kl.SmallKLAutoencoder", "image_size": 8,
+_AE_MODEL = {"name": "autoencoder.small_kl.SmallKLAutoencoder", "image_size": 8,
              "in_channels": 1, "channels": [4, 8], "blocks_per_level": 1, "mid_blocks": 1,
              "latent_channels": 2, "norm_groups": 2}
 

@@ -12,7 +12,7 @@ mid-block attention and with fewer blocks, so it trains in minutes on a CPU:
 With `len(channels)` levels the latents are `2 ** (len(channels) - 1)` times smaller per side.
 It follows the network contract of docs/DESIGN.md (constructor keyword arguments from
 `config.model`, `rngs`, only `nnx.Param` state) and is trained by
-`common.autoencoders.recipe.KLAutoencoderRecipe` (its `KLAutoencoderNet`).
+`autoencoder.recipe.KLAutoencoderRecipe` (its `KLAutoencoderNet`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import jax.numpy as jnp
 
 from common.nn import layers
 from common import registry
-from common.autoencoders.kl_vae import Conv2d, Downsample2D, ResnetBlock2D, Upsample2D
 from common.errors import ConfigError
+from autoencoder.kl_vae import Conv2d, Downsample2D, ResnetBlock2D, Upsample2D
 
 Array = jax.Array
 
@@ -90,7 +90,7 @@ class SmallKLAutoencoder(nnx.Module):
     """A lower bound on the number of parameter tensors of `SmallKLAutoencoder(**kwargs)` (all
     arguments given) from its arguments alone: 8 per ResnetBlock2D (two GroupNorms and two
     convolutions, weight and bias each), blocks_per_level per level and mid_blocks, in the encoder
-    and in the decoder (`common.autoencoders.autoencoder` compares it with the weights file)."""
+    and in the decoder (`common.autoencoders` compares it with the weights file)."""
     levels = len(tuple(kwargs["channels"]))
     return 8 * 2 * (levels * int(kwargs["blocks_per_level"]) + int(kwargs["mid_blocks"]))
 

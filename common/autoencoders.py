@@ -1,5 +1,13 @@
 """`Autoencoder`: a KL autoencoder network with its latent normalisation, and `load_autoencoder`.
 
+    ae = load_autoencoder("/path/to/sdxl-vae")   # or a folder from launch/export_autoencoder.py
+    z = ae.encode(images)                         # [B, H, W, C] in [-1, 1] -> scaled [B, h, w, c]
+    x = ae.decode(z)                              # -> [B, H, W, C] (~[-1, 1])
+
+The networks are the autoencoder family's (the top-level `autoencoder` package); this loader, which
+the trainer and the latent precompute need, reaches them only by registered dotted names
+(`common.registry`), as common/ imports no family.
+
 Two on-disk formats load with `load_autoencoder(directory)`, told apart by `config.json`:
 
 * a diffusers `AutoencoderKL` folder (`"_class_name": "AutoencoderKL"`): `config.json` plus
@@ -33,7 +41,6 @@ from safetensors import numpy as st_numpy
 from common import registry
 from common.weights import deployment
 from common.weights import tree_names
-from common.autoencoders import kl_vae
 from common.errors import CheckpointError, ConfigError, DataNotFoundError, ShapeError
 from common.nn.network import model_class
 from common.paths import as_path
@@ -43,6 +50,9 @@ EXPORT_FORMAT = "frugal-diffusion-autoencoder-v2"
 _OLD_FORMATS = ("frugal-diffusion-autoencoder",)
 PARAMS_FILE = "params.safetensors"
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+# The network of a diffusers AutoencoderKL folder: a registered autoencoder plug-in, with
+# `read_diffusers_config` and `params_from_torch` (autoencoder/kl_vae.py).
+DIFFUSERS_NETWORK = "autoencoder.kl_vae.AutoencoderKL"
 
 
 class Autoencoder:
@@ -172,8 +182,8 @@ def load_diffusers_vae(directory: str, config: dict | None = None, *,
   """
   folder = as_path(directory)
   config = config if config is not None else deployment.read_json_object(folder / "config.json")
-  kwargs = kl_vae.model_kwargs(config)
-  shift, scale = kl_vae.latent_normalization(config)
+  cls = model_class(ml_collections.ConfigDict({"name": DIFFUSERS_NETWORK}), "autoencoder")
+  kwargs, shift, scale = cls.read_diffusers_config(config)
   weights = next((folder / w for w in DIFFUSERS_WEIGHTS if (folder / w).is_file()), None)
   if weights is None:
     raise DataNotFoundError(
@@ -183,10 +193,9 @@ def load_diffusers_vae(directory: str, config: dict | None = None, *,
     state_dict = _read_safetensors(weights)
   else:
     state_dict = {k: np.asarray(v, np.float32) for k, v in load_torch_weights(weights).items()}
-  deployment.check_tensor_count(kl_vae.AutoencoderKL, kwargs, len(state_dict), weights)
-  graphdef, abstract = _abstract_params(
-      lambda: kl_vae.AutoencoderKL(**kwargs, dtype=dtype, rngs=nnx.Rngs(0)))
-  params = kl_vae.torch_to_params(state_dict, abstract, os.fspath(weights))
+  deployment.check_tensor_count(cls, kwargs, len(state_dict), weights)
+  graphdef, abstract = _abstract_params(lambda: cls(**kwargs, dtype=dtype, rngs=nnx.Rngs(0)))
+  params = cls.params_from_torch(state_dict, abstract, os.fspath(weights))
   return Autoencoder(_merge(graphdef, params), shift=shift, scale=scale, name=directory)
 
 

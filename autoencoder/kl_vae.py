@@ -271,7 +271,7 @@ class Decoder(nnx.Module):
 class AutoencoderKL(nnx.Module):
   """diffusers `AutoencoderKL` (the SD 1.x/2.x, SDXL, SD3 and FLUX VAEs; 4 or 16 latent channels).
 
-  Constructor arguments are diffusers' config.json keys (`from_diffusers_config` reads them).
+  Constructor arguments are diffusers' config.json keys (`read_diffusers_config` reads them).
   `encode_moments` and `decode` work on unscaled latents; `common.autoencoders.Autoencoder` applies
   the scaling and shift factors.
   """
@@ -295,6 +295,20 @@ class AutoencoderKL(nnx.Module):
                             if use_post_quant_conv else None)
     self.in_channels, self.latent_channels = in_channels, latent_channels
     self.downsample_factor = 2 ** (len(tuple(block_out_channels)) - 1)
+
+  # The loader of diffusers folders (`common.autoencoders.load_diffusers_vae`) reaches this family
+  # only through the registered class (common/ imports no family), so it calls these two.
+  @staticmethod
+  def read_diffusers_config(config: dict) -> tuple[dict, np.ndarray, np.ndarray]:
+    """(constructor arguments, latent shift, latent scale) of a diffusers config.json dict:
+    `model_kwargs(config)` and `latent_normalization(config)` (float32 [latent_channels] each)."""
+    return (model_kwargs(config), *latent_normalization(config))
+
+  @staticmethod
+  def params_from_torch(state_dict: dict[str, np.ndarray], abstract_params: dict,
+                        source: str) -> dict:
+    """A diffusers state dict -> this network's pure param dict (`torch_to_params`)."""
+    return torch_to_params(state_dict, abstract_params, source)
 
   @staticmethod
   def min_param_tensors(kwargs: dict) -> int:

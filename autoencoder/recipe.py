@@ -27,7 +27,7 @@ from common.errors import ConfigError
 
 
 class KLAutoencoderNet(contracts.Network, Protocol):
-  """The network `KLAutoencoderRecipe` trains (e.g. `common.autoencoders.small_kl.SmallKLAutoencoder`);
+  """The network `KLAutoencoderRecipe` trains (e.g. `autoencoder.small_kl.SmallKLAutoencoder`);
   `common.autoencoders.Autoencoder` wraps it once exported."""
 
   downsample_factor: int  # f: latents are f times smaller per side

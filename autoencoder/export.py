@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from common.weights import tree_names
-from common.autoencoders import autoencoder as ae_lib
+from common import autoencoders as ae_lib
 from common.weights.checkpoint import Checkpointer
 from common.data import dataset_info, load_arrays
 from common.errors import CheckpointError, ShapeError
