@@ -6,7 +6,7 @@ Two parts, timed separately because they run on different hardware:
    typical ImageNet size; smooth content plus noise, quality 90), both flips per file (the mirror
    image reuses the decoded file), at 256 and 512 px. One process, one thread: the figure is
    examples per CPU-second.
-2. encoding: the SD VAE encoder (`common.autoencoders.kl_vae.AutoencoderKL` with sd-vae-ft-ema's
+2. encoding: the SD VAE encoder (`autoencoder.kl_vae.AutoencoderKL` with sd-vae-ft-ema's
    config: block_out_channels 128, 256, 512, 512, two layers each) with random weights: FLOPs per
    image from XLA's cost analysis, and with `--time_encoder` images/s measured on the default
    backend (run it on the GPU that will precompute).
@@ -33,7 +33,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from flax import nnx  # pylint: disable=g-import-not-at-top
 from PIL import Image  # pylint: disable=g-import-not-at-top
 
-from common.autoencoders import kl_vae  # pylint: disable=g-import-not-at-top
+from autoencoder import kl_vae  # pylint: disable=g-import-not-at-top
 from common.data import imagenet  # pylint: disable=g-import-not-at-top
 
 ILSVRC_TRAIN_IMAGES = 1_281_167

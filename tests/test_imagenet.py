@@ -19,7 +19,7 @@ from flax import nnx
 from PIL import Image
 
 from common.autoencoders import load_autoencoder, save_autoencoder
-from common.autoencoders.small_kl import SmallKLAutoencoder
+from autoencoder.small_kl import SmallKLAutoencoder
 from common.data import captions as cap
 from common.data import imagenet
 from common.data import latents as lat
@@ -31,7 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYNSETS = ("n01440764", "n01443537", "n02085620")    # label = position in sorted order
 PER_CLASS = 4                                         # good RGB JPEGs per synset
 SIZE = 16                                             # image side -> latents 8x8x4
-AE_MODEL = dict(name="common.autoencoders.small_kl.SmallKLAutoencoder", image_size=SIZE,
+AE_MODEL = dict(name="autoencoder.small_kl.SmallKLAutoencoder", image_size=SIZE,
                 in_channels=3, channels=(8, 8), blocks_per_level=1, mid_blocks=1,
                 latent_channels=4, norm_groups=4)
 AE_SHIFT, AE_SCALE = 0.1, 0.5
