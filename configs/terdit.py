@@ -9,6 +9,9 @@ Usage: --config=configs/terdit.py:ARG, ARG a comma-separated list of one variant
   digits     a small TerDiT (dim 96, 4 blocks, 0.73 M parameters) on the embedded scikit-learn
              digits (8x8 pixels, 10 classes, patch 2: 16 tokens), for a CPU demo
   runlocal   a tiny model on the digits for a few-second smoke run
+  runlocal_latents  the same tiny model on precomputed latents 8x8x4 (e.g. a tiny ILSVRC-layout
+             folder through `launch/precompute.py --source=imagenet`); set data.path and
+             autoencoder (docs/REPRODUCE_TERDIT.md)
 options:
   no_adaln_norm  drop TerDiT's RMSNorm after the block adaLN (ablation, TerDiT Fig. 7)
   alpha_gamma    initialise each ternary layer's alpha as mean|W| (ours) instead of N(0, 1)
@@ -30,9 +33,16 @@ rate after 1550K; 4.2B trains 1180K iterations at batch 512 (16 A100-80G) and dr
 4.2B-512 has no published length: 1.36M steps at batch 512 (696 M images, TerDiT's result table);
 600M_512 (not released) takes 600M's schedule.
 
-Data: latents of the SD VAE (sd-vae-ft-ema; scale 0.18215) written by launch/precompute.py at
-`LATENTS[size]`; the VAE itself (a local diffusers folder) at `AUTOENCODER`. Override with
---config.data.path=... and --config.autoencoder=....
+Data: latents of the SD VAE (sd-vae-ft-ema; scale 0.18215) written by
+`launch/precompute.py --source=imagenet --latent=moments` at `LATENTS[size]` (the ILSVRC train set
+with ADM's center crop, both flips, a posterior sample per step: Large-DiT's data loading); the VAE
+itself (a local diffusers folder) at `AUTOENCODER`. Override with --config.data.path=... and
+--config.autoencoder=....
+
+Evaluation (`--mode=eval`): FID-50K, sFID, IS, precision and recall against ADM's reference batch
+(`REFERENCES[size]`, downloaded by hand; openai/guided-diffusion evaluations), with samples of 250
+DDPM steps at guidance 1.5, as TerDiT's ImageNet table reports them. docs/REPRODUCE_TERDIT.md has
+the whole sequence of commands.
 """
 
 import ml_collections
@@ -57,6 +67,10 @@ GRAD_ACCUM_4B = {256: 2, 512: 8}
 
 AUTOENCODER = "weights/sd-vae-ft-ema"          # a local diffusers AutoencoderKL folder
 LATENTS = {256: "workdirs/imagenet256_latents", 512: "workdirs/imagenet512_latents"}
+# ADM's reference batches (openai/guided-diffusion evaluations/README.md), the FID reference of
+# DiT / Large-DiT / TerDiT: common.eval.reference.ADM_REFERENCE_URLS says where to download them.
+REFERENCES = {256: "data/adm/VIRTUAL_imagenet256_labeled.npz",
+              512: "data/adm/VIRTUAL_imagenet512.npz"}
 
 # TerDiT's ternary layers: every attention and SwiGLU linear and the block adaLN linear.
 TERNARY_PATHS = r"blocks/\d+/(attn/w[qkvo]|mlp/w[123]|adaln)"
@@ -132,7 +146,28 @@ def _imagenet(c: ml_collections.ConfigDict, variant: str) -> None:
   c.sample.guidance_scale = 1.5        # the "-G" FIDs (DiT convention); 4.0 for pictures
   c.sample.num_samples = 50_000
   c.sample.batch_size = 125
-  c.eval.num_samples = 50_000
+  c.eval.num_samples = 50_000          # FID-50K
+  c.eval.reference = REFERENCES[res]
+
+
+def _tiny_latents(c: ml_collections.ConfigDict) -> None:
+  """The smoke run on latents: the tiny digits model on 8x8x4 class-labelled latents (data.path,
+  autoencoder to be set); sample grids off, the ImageNet recipe's 250-step sampler shrunk to 8."""
+  _digits(c, tiny=True)
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "latents"
+  c.data.path = "workdirs/imagenet_tiny_latents"
+  c.model.image_size = 8
+  c.model.in_channels = 4
+  c.train.steps = 4
+  c.train.batch_size = 8
+  c.train.log_every = 2
+  c.train.checkpoint_every = 4
+  c.train.num_grid_samples = 4
+  c.sample.num_samples = 4
+  c.sample.batch_size = 4
+  c.eval.num_samples = 8
+  c.eval.batch_size = 8
 
 
 def _digits(c: ml_collections.ConfigDict, tiny: bool) -> None:
@@ -175,7 +210,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variants = []
   for f in flags:
     base = f[:-3] if f.endswith("_fp") else f
-    if base in VARIANTS or base in ("digits", "runlocal"):
+    if base in VARIANTS or base in ("digits", "runlocal", "runlocal_latents"):
       variants.append(base)
       fp = fp or f.endswith("_fp")
   unknown = flags - {"fp", "no_adaln_norm", "alpha_gamma"} - {
@@ -183,7 +218,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if unknown or len(set(variants) - {"runlocal"}) > 1 or not variants:
     raise ConfigError(
         f"configs/terdit.py: bad args {sorted(flags)}; use one of {list(VARIANTS)} or 'digits' "
-        "(each optionally with _fp), or 'runlocal', plus options fp, no_adaln_norm, alpha_gamma.")
+        "(each optionally with _fp), or 'runlocal' / 'runlocal_latents', plus options fp, "
+        "no_adaln_norm, alpha_gamma.")
 
   c = base_config()
   c.seed = 0
@@ -197,7 +233,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.diffusion = _diffusion()
   c.numerics.rules = () if fp else ternary_rules("gamma" if "alpha_gamma" in flags else "normal")
 
-  if "runlocal" in variants:
+  if "runlocal_latents" in variants:
+    _tiny_latents(c)
+  elif "runlocal" in variants:
     _digits(c, tiny=True)
   elif "digits" in variants:
     _digits(c, tiny=False)

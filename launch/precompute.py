@@ -5,6 +5,12 @@
     python launch/precompute.py --source=image_folder --path=DIR --image_size=256 ...
     python launch/precompute.py --source=coco --path=annotations/captions_train2014.json \
         --image_dir=train2014 --image_size=256 ...
+    python launch/precompute.py --source=imagenet --path=ILSVRC/train --image_size=256 \
+        --autoencoder=weights/sd-vae-ft-ema --latent=moments --output=workdirs/imagenet256_latents
+
+ImageNet (`--source=imagenet`: the ILSVRC train folder of synset folders; `imagenet_tfds`: tfds
+imagenet2012 prepared under --path) is labelled and needs no text encoder; see
+common/data/imagenet.py and docs/REPRODUCE_TERDIT.md.
 
 The output directory is what `config.data = {"name": "latents", "path": DIR}` trains on; its format
 is described in common/data/latents.py. Interrupted runs continue from the last complete shard when
@@ -24,13 +30,19 @@ from absl import flags  # noqa: E402
 from common.data import latents  # noqa: E402
 from common.errors import UserError  # noqa: E402
 
-_SOURCE = flags.DEFINE_enum("source", None, ["fashion_mnist", "image_folder", "coco"],
-                            "Captioned image source.")
+_SOURCE = flags.DEFINE_enum("source", None, ["fashion_mnist", "image_folder", "coco", "imagenet",
+                                      "imagenet_tfds"],
+                            "Captioned (or, imagenet*, labelled) image source.")
 _PATH = flags.DEFINE_string(
     "path", None, "fashion_mnist: idx directory (default /usr/share/datasets/fashion-mnist); "
     "image_folder: the folder of images with .txt captions; coco: the caption JSON.")
 _IMAGE_DIR = flags.DEFINE_string("image_dir", None, "coco: the directory of the JSON's images.")
-_SPLIT = flags.DEFINE_string("split", "train", "fashion_mnist: train | test.")
+_SPLIT = flags.DEFINE_string("split", "train", "fashion_mnist: train | test; imagenet_tfds: a "
+                             "tfds split (train, validation, train[:1000]).")
+_NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "imagenet: the number of synset folders "
+                                    "required (1000: ILSVRC-2012; fewer for a subset folder).")
+_FLIPS = flags.DEFINE_bool("flips", True, "imagenet*: store every image and its mirror image "
+                           "(Large-DiT's random horizontal flip).")
 _IMAGE_SIZE = flags.DEFINE_integer(
     "image_size", None, "image_folder/coco: side to center-crop and resize to (required); "
     "fashion_mnist: 28 only.")
@@ -39,13 +51,14 @@ _AUTOENCODER = flags.DEFINE_string("autoencoder", None,
                                    "Autoencoder spec for common.autoencoders.load_autoencoder.")
 _TEXT_ENCODER = flags.DEFINE_string("text_encoder", None,
                                     "Text encoder spec for common.text.load_text_encoder "
-                                    "(minilm or a local path).")
+                                    "(minilm or a local path); not needed for imagenet*.")
 _OUTPUT = flags.DEFINE_string("output", None, "Dataset directory to write (resumed if present).")
 _SHARD_SIZE = flags.DEFINE_integer("shard_size", 4096, "Examples per array_record shard.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images (and captions) per encoder call.")
 _LIMIT = flags.DEFINE_integer("limit", None, "Encode only the first N examples.")
-_LATENT = flags.DEFINE_enum("latent", "mean", ["mean", "sample"],
-                            "Store the posterior mean, or one posterior sample per image.")
+_LATENT = flags.DEFINE_enum("latent", "mean", ["mean", "sample", "moments"],
+                            "Store the posterior mean, one posterior sample per image, or the "
+                            "posterior's mean and log-variance (a new sample every step).")
 _DTYPE = flags.DEFINE_enum("dtype", "float16", ["float16", "float32"],
                            "Storage dtype of latents and embeddings.")
 _TRIM = flags.DEFINE_bool(
@@ -61,7 +74,8 @@ def _run(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _SOURCE.value is None:
-    print("error: --source is required (fashion_mnist, image_folder or coco)", file=sys.stderr,
+    print("error: --source is required (fashion_mnist, image_folder, coco, imagenet or "
+          "imagenet_tfds)", file=sys.stderr,
           flush=True)
     sys.exit(1)
   try:
@@ -73,7 +87,8 @@ def _run(argv) -> None:
                        limit=_LIMIT.value, latent=_LATENT.value, dtype=_DTYPE.value,
                        trim_padding=_TRIM.value,
                        seed=_SEED.value, process_index=_PROCESS_INDEX.value,
-                       process_count=_PROCESS_COUNT.value)
+                       process_count=_PROCESS_COUNT.value, num_classes=_NUM_CLASSES.value,
+                       flips=_FLIPS.value)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)

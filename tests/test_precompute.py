@@ -487,10 +487,10 @@ def test_command_line_errors_are_one_line(tmp_path):
   assert result.returncode == 1, result.stderr
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: Fashion-MNIST file"), result.stderr
-  result = subprocess.run(cmd[:2] + ["--source=imagenet"], capture_output=True, text=True,
+  result = subprocess.run(cmd[:2] + ["--source=laion"], capture_output=True, text=True,
                           env=env, timeout=120)
   lines = result.stderr.strip().splitlines()
-  assert result.returncode == 1 and len(lines) == 1 and "imagenet" in lines[0], result.stderr
+  assert result.returncode == 1 and len(lines) == 1 and "laion" in lines[0], result.stderr
 
 
 @pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),

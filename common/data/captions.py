@@ -65,12 +65,25 @@ class CaptionedExample:
 
   Attributes:
     image: uint8 [H, W, C], already cropped/resized to the source's size.
-    captions: one or more captions (str).
+    captions: one or more captions (str); empty for a labelled source without text (ImageNet).
     label: integer class label, or -1 where the source has none.
   """
   image: np.ndarray
   captions: tuple[str, ...]
   label: int = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedExample:
+  """What a source returns for an example it cannot read (e.g. a truncated ImageNet JPEG); the
+  writer leaves it out and counts it (`common.data.latents.write_dataset`).
+
+  Attributes:
+    path: the file.
+    reason: why it cannot be read (one line).
+  """
+  path: str
+  reason: str
 
 
 def fashion_caption_templates(split: str = "train") -> tuple[str, ...]:

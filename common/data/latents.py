@@ -9,9 +9,15 @@ A dataset directory (written by `launch/precompute.py`, read by `data.name = "la
   meta.json                               written last, when every shard is complete;
   precompute.json                         the run's settings, checked when a run resumes.
 
-Each record is a msgpack map (`msgpack.packb`, format version 1):
+Each record is a msgpack map (`msgpack.packb`, format version 2; version 1, the same map always
+with text and without "logvar", still reads):
 
-  "x":       array, latents [h, w, c] (float16 or float32; already scaled by the autoencoder)
+  "x":       array, latents [h, w, c] (float16 or float32; already scaled by the autoencoder);
+             with `latent="moments"` the scaled posterior mean
+  "logvar":  array, only with `latent="moments"`: the log-variance [h, w, c] of the scaled
+             posterior, log(scale^2 var); the pipeline draws x + exp(logvar / 2) * N(0, 1) per
+             sample, which is Large-DiT's `vae.encode(x).latent_dist.sample() * 0.18215` of every
+             training step (Alpha-VLLM/LLaMA2-Accessory, Large-DiT-ImageNet/train.py)
   "tokens":  array, caption token embeddings [K, L, D] (same dtype as "x"); L = T, or with
              `trim_padding` the last real token's position + 1 over the K captions (the pipeline
              pads them back to T with zeros)
@@ -20,6 +26,9 @@ Each record is a msgpack map (`msgpack.packb`, format version 1):
   "label":   int, class label or -1
   "captions": list of K str
   "index":   int, the example's index in its source
+
+"tokens", "mask", "pooled" and "captions" are absent from datasets written without a text encoder
+(labelled sources such as ImageNet: class-conditional training needs only "label").
 
 where an array is a map {"dtype": numpy dtype name, "shape": list[int], "data": little-endian raw
 bytes}, and K >= 1 is the number of captions of the image (1 for Fashion-MNIST, 5-7 for COCO). As in
@@ -32,7 +41,13 @@ per sample.
 
 The training pipeline (`latents_train_iterator`) yields the text-conditional batches of the trainer
 contract: `{"x": float32 [B, h, w, c], "cond": {"tokens": float32 [B, T, D], "mask": int32 [B, T],
-"pooled": float32 [B, D], "label": int32 [B]}}`; the label is -1 where the source has none. The
+"pooled": float32 [B, D], "label": int32 [B]}}`; the label is -1 where the source has none. A
+dataset without text yields `{"x", "cond": {"label"}}`, the class-conditional batch.
+
+Examples a source cannot read (`captions.SkippedExample`: a truncated JPEG in ImageNet) are left out
+and reported: a line each while writing, their count at the end, in precompute.json ("skipped") and
+meta.json ("skipped", "skipped_files"); `shard-*.skipped.json` beside a shard lists its skips (a
+resumed run reads them back). The
 network takes the conditions it declares (`Experiment.model_batch`): captions for a text-conditional
 one, the label for a class-conditional one (e.g. TerDiT on ImageNet latents).
 
@@ -62,22 +77,27 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from common import autoencoders
 from common import text
 from common.data import captions as _captions
+from common.data import imagenet as _imagenet
 from common.data import loader as _loader
 from common.data import sources as _sources
 from common.errors import ConfigError, DataNotFoundError, ShapeError
 from common.training.metrics import format_duration
 from common.paths import as_path, is_remote
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 META_FILE = "meta.json"
 PLAN_FILE = "precompute.json"
 LATENTS_KEYS = frozenset({"name", "path", "worker_count", "worker_buffer_size", "read_threads",
                           "read_buffer_size"})
 DTYPES = ("float16", "float32")
-LATENT_MODES = ("mean", "sample")
+LATENT_MODES = ("mean", "sample", "moments")
 _WRITER_OPTIONS = "group_size:1,uncompressed"
-_HOW_TO = ("write it with `python launch/precompute.py --source=fashion_mnist|image_folder|coco "
-           "--autoencoder=SPEC --text_encoder=SPEC --output=DIR` and set data.path=DIR")
+_HOW_TO = ("write it with `python launch/precompute.py "
+           "--source=fashion_mnist|image_folder|coco|imagenet --autoencoder=SPEC "
+           "[--text_encoder=SPEC] --output=DIR` and set data.path=DIR")
+# Sources whose examples carry a class label and no caption: --text_encoder is optional for them.
+LABELLED_SOURCES = ("imagenet", "imagenet_tfds")
 
 
 class Autoencoder(Protocol):
@@ -85,6 +105,16 @@ class Autoencoder(Protocol):
 
   def encode(self, images: np.ndarray, key=None) -> Any: ...
   def latent_shape(self, image_shape: tuple[int, int, int]) -> tuple[int, int, int]: ...
+
+
+class MomentsAutoencoder(Autoencoder, Protocol):
+  """What `latent="moments"` needs besides: the unscaled posterior and the latent normalisation
+  (common.autoencoders.Autoencoder: model latents are (z - shift) * scale)."""
+
+  shift: np.ndarray
+  scale: np.ndarray
+
+  def moments(self, images: np.ndarray) -> tuple[Any, Any]: ...
 
 
 class TextEncoder(Protocol):
@@ -111,31 +141,37 @@ def _unpack_array(packed: dict) -> np.ndarray:
   return np.frombuffer(packed["data"], dtype=dtype).reshape(packed["shape"])
 
 
-def serialize_example(x: np.ndarray, tokens: np.ndarray, mask: np.ndarray, pooled: np.ndarray,
-                      label: int, captions: Sequence[str], index: int) -> bytes:
+def serialize_example(x: np.ndarray, tokens: np.ndarray | None, mask: np.ndarray | None,
+                      pooled: np.ndarray | None, label: int, captions: Sequence[str], index: int,
+                      logvar: np.ndarray | None = None) -> bytes:
   """One record's bytes (see the module docstring); arrays are stored in their own dtype.
 
   Args:
-    x: latents [h, w, c].
-    tokens: [K, L, D] token embeddings of the K captions (L <= T).
+    x: latents [h, w, c] (the scaled posterior mean when logvar is given).
+    tokens: [K, L, D] token embeddings of the K captions (L <= T); None: a record without text
+      (mask, pooled and captions are then not stored).
     mask: [K, T], 1 = real token (stored as uint8).
     pooled: [K, D].
     label: class label or -1.
     captions: the K captions.
     index: the example's index in its source.
+    logvar: [h, w, c] log-variance of the scaled posterior, or None.
   """
-  return msgpack.packb({
-      "x": _pack_array(x), "tokens": _pack_array(tokens),
-      "mask": _pack_array(np.asarray(mask, np.uint8)), "pooled": _pack_array(pooled),
-      "label": int(label), "captions": list(captions), "index": int(index)},
-                       use_bin_type=True)
+  record = {"x": _pack_array(x), "label": int(label), "index": int(index)}
+  if tokens is not None:
+    record.update(tokens=_pack_array(tokens), mask=_pack_array(np.asarray(mask, np.uint8)),
+                  pooled=_pack_array(pooled), captions=list(captions))
+  if logvar is not None:
+    record["logvar"] = _pack_array(logvar)
+  return msgpack.packb(record, use_bin_type=True)
 
 
 def deserialize_example(data: bytes) -> dict:
   """Inverse of `serialize_example`: a dict of numpy arrays (read-only views) and the scalars."""
   record = msgpack.unpackb(data, raw=False)
-  for key in ("x", "tokens", "mask", "pooled"):
-    record[key] = _unpack_array(record[key])
+  for key in ("x", "tokens", "mask", "pooled", "logvar"):
+    if key in record:
+      record[key] = _unpack_array(record[key])
   return record
 
 
@@ -205,22 +241,56 @@ def _encode_captions(text_encoder: TextEncoder, captions: list[str], batch_size:
   return out
 
 
+def _scaled_moments(autoencoder: MomentsAutoencoder,
+                    images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(mean, logvar) [B, h, w, c] of the scaled posterior: (z - shift) * scale with z ~ N(m, e^lv)
+  has mean (m - shift) * scale and log-variance lv + log(scale^2)."""
+  if not all(hasattr(autoencoder, a) for a in ("moments", "shift", "scale")):
+    raise ConfigError("latent='moments' needs an autoencoder with moments(), shift and scale "
+                      "(common.autoencoders.load_autoencoder gives one)")
+  mean, logvar = (np.asarray(a, np.float32) for a in autoencoder.moments(images))
+  shift, scale = (np.asarray(a, np.float32) for a in (autoencoder.shift, autoencoder.scale))
+  return (mean - shift) * scale, logvar + np.log(np.square(scale))
+
+
+def _skip_file(shard_path) -> epath.Path:
+  """Where a shard's skipped examples are listed (JSON) beside the shard."""
+  shard_path = as_path(shard_path)
+  return shard_path.parent / (shard_path.name + ".skipped.json")
+
+
 def _write_shard(path: str, source, lo: int, hi: int, *, autoencoder: Autoencoder,
-                 text_encoder: TextEncoder, image_shape: tuple[int, int, int],
+                 text_encoder: TextEncoder | None, image_shape: tuple[int, int, int],
                  latent_shape: tuple[int, int, int], batch_size: int, latent: str, seed: int,
-                 dtype: np.dtype, trim_padding: bool, progress: _Progress, done: int) -> int:
-  """Encodes examples [lo, hi) of `source` into the array_record file `path`; returns `done`.
+                 dtype: np.dtype, trim_padding: bool, progress: _Progress,
+                 done: int) -> tuple[int, list[dict]]:
+  """Encodes examples [lo, hi) of `source` into the array_record file `path`.
 
   Batches start at `lo` and never cross the shard's end, and caption embeddings are cached per
   shard, so a shard's bytes depend only on its own examples: a resumed run rewrites an unfinished
-  shard exactly as an uninterrupted run writes it.
+  shard exactly as an uninterrupted run writes it. Examples the source returns as
+  `SkippedExample`s are left out, each reported on a line of progress output.
+
+  Returns:
+    (done + hi - lo, the skipped examples as {"index", "path", "reason"} dicts).
   """
   cache: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+  skipped: list[dict] = []
   writer = ArrayRecordWriter(path, _WRITER_OPTIONS)
   try:
     for start in range(lo, hi, batch_size):
-      indices = range(start, min(start + batch_size, hi))
-      examples = [source[i] for i in indices]
+      batch = range(start, min(start + batch_size, hi))
+      pairs = [(i, source[i]) for i in batch]
+      for i, ex in pairs:
+        if isinstance(ex, _captions.SkippedExample):
+          skipped.append({"index": i, "path": ex.path, "reason": ex.reason})
+          print(f"precompute: skipped example {i}: {ex.reason}", file=progress.stream, flush=True)
+      pairs = [(i, ex) for i, ex in pairs if not isinstance(ex, _captions.SkippedExample)]
+      done += len(batch)
+      if not pairs:
+        progress.update(done)
+        continue
+      indices, examples = [i for i, _ in pairs], [ex for _, ex in pairs]
       for i, ex in zip(indices, examples):
         if tuple(ex.image.shape) != image_shape or ex.image.dtype != np.uint8:
           raise ShapeError(f"source example {i} has an image {ex.image.dtype} {ex.image.shape}; "
@@ -230,29 +300,44 @@ def _write_shard(path: str, source, lo: int, hi: int, *, autoencoder: Autoencode
       key = None
       if latent == "sample":
         key = jax.random.fold_in(jax.random.key(seed), start)
-      latents = np.asarray(autoencoder.encode(images, key))
-      if latents.shape != (len(examples), *latent_shape):
-        raise ShapeError(f"autoencoder returned latents {latents.shape} for images "
-                         f"{images.shape}; expected {(len(examples), *latent_shape)}")
+      if latent == "moments":
+        latents, logvars = _scaled_moments(autoencoder, images)
+      else:
+        latents, logvars = np.asarray(autoencoder.encode(images, key)), None
+      for what, arr in (("latents", latents), ("log-variances", logvars)):
+        if arr is None:
+          continue
+        if arr.shape != (len(examples), *latent_shape):
+          raise ShapeError(f"autoencoder returned {what} {arr.shape} for images "
+                           f"{images.shape}; expected {(len(examples), *latent_shape)}")
+        if not np.isfinite(arr.astype(dtype)).all():
+          raise ShapeError(f"autoencoder gave non-finite {what} (in {dtype.name}) for examples "
+                           f"{start}..{indices[-1]}")
       latents = latents.astype(dtype)
-      if not np.isfinite(latents).all():
-        raise ShapeError(f"autoencoder gave non-finite latents (in {dtype.name}) for examples "
-                         f"{start}..{indices[-1]}")
+      logvars = [None] * len(examples) if logvars is None else logvars.astype(dtype)
+      if text_encoder is None:
+        for i, ex, z, lv in zip(indices, examples, latents, logvars):
+          writer.write(serialize_example(z, None, None, None, ex.label, (), i, logvar=lv))
+        progress.update(done)
+        continue
+      for i, ex in zip(indices, examples):
+        if not ex.captions:
+          raise ShapeError(f"source example {i} has no caption; a dataset with text needs one "
+                           "per image (or precompute a labelled source without --text_encoder)")
       new = list(dict.fromkeys(c for ex in examples for c in ex.captions if c not in cache))
       cache.update(_encode_captions(text_encoder, new, batch_size, dtype))
-      for i, ex, z in zip(indices, examples, latents):
+      for i, ex, z, lv in zip(indices, examples, latents, logvars):
         embs = [cache[c] for c in ex.captions]
         tokens, mask = np.stack([e[0] for e in embs]), np.stack([e[1] for e in embs])
         if trim_padding:
           real = np.flatnonzero(mask.any(axis=0))
           tokens = tokens[:, :(real[-1] + 1 if real.size else 1)]
         writer.write(serialize_example(z, tokens, mask, np.stack([e[2] for e in embs]), ex.label,
-                                       ex.captions, i))
-      done += len(examples)
+                                       ex.captions, i, logvar=lv))
       progress.update(done)
   finally:
     writer.close()
-  return done
+  return done, skipped
 
 
 def _check_local(output: str) -> None:
@@ -261,8 +346,9 @@ def _check_local(output: str) -> None:
                       "only; precompute locally, then copy the directory (gsutil -m cp -r)")
 
 
-def write_dataset(source, output: str, *, autoencoder: Autoencoder, text_encoder: TextEncoder,
-                  autoencoder_spec: str, text_encoder_spec: str, shard_size: int = 4096,
+def write_dataset(source, output: str, *, autoencoder: Autoencoder,
+                  text_encoder: TextEncoder | None, autoencoder_spec: str,
+                  text_encoder_spec: str | None, shard_size: int = 4096,
                   batch_size: int = 64, limit: int | None = None, latent: str = "mean",
                   seed: int = 0, dtype: str = "float16", trim_padding: bool = False,
                   process_index: int = 0,
@@ -284,14 +370,16 @@ def write_dataset(source, output: str, *, autoencoder: Autoencoder, text_encoder
     autoencoder: `encode(images float32 [B, H, W, C] in [-1, 1], key) -> latents [B, h, w, c]`
       (scaled) and `latent_shape((H, W, C))`.
     text_encoder: `encode(prompts) -> {"tokens" [N, T, D], "mask" [N, T], "pooled" [N, D]}`,
-      `max_length` (T) and `width` (D).
+      `max_length` (T) and `width` (D); None: records without text (a labelled source).
     autoencoder_spec, text_encoder_spec: how they were loaded (stored in meta.json; the trainer
       checks them against the config).
     shard_size: examples per shard.
     batch_size: images per autoencoder call and captions per text-encoder call.
     limit: encode only the first `limit` examples.
-    latent: "mean" (posterior mean, key None: deterministic) or "sample" (one posterior sample per
-      image with key fold_in(key(seed), first index of its batch), as micro_diffusion stores).
+    latent: "mean" (posterior mean, key None: deterministic), "sample" (one posterior sample per
+      image with key fold_in(key(seed), first index of its batch), as micro_diffusion stores) or
+      "moments" (the scaled posterior's mean and log-variance; a new sample per training step,
+      as Large-DiT; needs `autoencoder.moments`, `.shift`, `.scale`).
     seed: for latent == "sample".
     dtype: "float16" (as micro_diffusion saves) or "float32" for latents and embeddings.
     trim_padding: store token embeddings only up to the last real token (see the module
@@ -325,15 +413,17 @@ def write_dataset(source, output: str, *, autoencoder: Autoencoder, text_encoder
   plan = {
       "format_version": FORMAT_VERSION, "source": source.describe(), "num_examples": n,
       "shard_size": shard_size, "batch_size": batch_size, "latent": latent, "seed": int(seed),
-      "dtype": dtype, "trim_padding": bool(trim_padding), "autoencoder": autoencoder_spec, "text_encoder": text_encoder_spec,
+      "dtype": dtype, "trim_padding": bool(trim_padding), "autoencoder": autoencoder_spec,
+      "text_encoder": text_encoder_spec if text_encoder is not None else None,
       "image_shape": list(image_shape), "latent_shape": list(latent_shape),
-      "text_max_length": int(text_encoder.max_length), "text_width": int(text_encoder.width)}
+      "text_max_length": int(text_encoder.max_length) if text_encoder is not None else 0,
+      "text_width": int(text_encoder.width) if text_encoder is not None else 0}
   out_dir = as_path(output)
   out_dir.mkdir(parents=True, exist_ok=True)
   plan_path = out_dir / PLAN_FILE
   if plan_path.exists():
     old = _read_json(plan_path)
-    diff = sorted(k for k in set(plan) | set(old) if plan.get(k) != old.get(k))
+    diff = sorted(k for k in (set(plan) | set(old)) - {"skipped"} if plan.get(k) != old.get(k))
     if diff:
       raise ConfigError(
           f"{output} holds a precompute run with other settings ({', '.join(diff)} differ: "
@@ -358,10 +448,14 @@ def write_dataset(source, output: str, *, autoencoder: Autoencoder, text_encoder
     final = out_dir / shards[k]
     tmp = os.fspath(final) + ".tmp"
     lo, hi = bounds[k]
-    done = _write_shard(tmp, source, lo, hi, autoencoder=autoencoder, text_encoder=text_encoder,
-                        image_shape=image_shape, latent_shape=latent_shape,
-                        batch_size=batch_size, latent=latent, seed=seed, dtype=np.dtype(dtype),
-                        trim_padding=trim_padding, progress=progress, done=done)
+    done, skipped = _write_shard(
+        tmp, source, lo, hi, autoencoder=autoencoder, text_encoder=text_encoder,
+        image_shape=image_shape, latent_shape=latent_shape, batch_size=batch_size, latent=latent,
+        seed=seed, dtype=np.dtype(dtype), trim_padding=trim_padding, progress=progress, done=done)
+    if skipped:  # listed before the shard counts as complete
+      _write_json(_skip_file(final), {"skipped": skipped})
+    else:
+      _skip_file(final).unlink(missing_ok=True)
     as_path(tmp).replace(final)
     if on_shard_done is not None:
       on_shard_done(k)
@@ -371,8 +465,16 @@ def write_dataset(source, output: str, *, autoencoder: Autoencoder, text_encoder
     print(f"precompute: {len(missing)} shard(s) of other processes still missing; the last "
           "process to finish writes meta.json", file=stream, flush=True)
     return None
-  meta = {**plan, "shards": shards, "num_shards": num_shards,
-          "shard_examples": [hi - lo for lo, hi in bounds],
+  skipped = [s for k in range(num_shards) if _skip_file(out_dir / shards[k]).is_file()
+             for s in _read_json(_skip_file(out_dir / shards[k]))["skipped"]]
+  counts = [hi - lo - sum(lo <= s["index"] < hi for s in skipped) for lo, hi in bounds]
+  if skipped:
+    print(f"precompute: skipped {len(skipped)} unreadable example(s) of {n} (listed in "
+          f"{out_dir / META_FILE} under skipped_files)", file=stream, flush=True)
+  _write_json(plan_path, {**plan, "skipped": len(skipped)})
+  meta = {**plan, "shards": shards, "num_shards": num_shards, "num_examples": sum(counts),
+          "source_examples": n, "shard_examples": counts, "skipped": len(skipped),
+          "skipped_files": skipped,
           "scaling": "latents are autoencoder.encode outputs: (z - shift_factor) * scaling_factor",
           "record_format": "msgpack; see common/data/latents.py"}
   _write_json(out_dir / META_FILE, meta)
@@ -380,8 +482,12 @@ def write_dataset(source, output: str, *, autoencoder: Autoencoder, text_encoder
 
 
 def build_source(source: str, *, path: str | None, image_dir: str | None, split: str,
-                 image_size: int | None, channels: int, seed: int):
+                 image_size: int | None, channels: int, seed: int, num_classes: int = 1000,
+                 flips: bool = True):
   """The captioned source of `launch/precompute.py`'s flags (common.data.captions)."""
+  if source in LABELLED_SOURCES:
+    return _imagenet.build(source, path=path, split=split, image_size=image_size,
+                           channels=channels, num_classes=num_classes, flips=flips)
   if source == "fashion_mnist":
     if image_size not in (None, _sources.FASHION_MNIST_SIZE):
       raise ConfigError(f"--image_size={image_size}: Fashion-MNIST is encoded at its native "
@@ -406,36 +512,44 @@ def precompute(*, source: str, output: str, autoencoder: str, text_encoder: str,
                batch_size: int = 64, limit: int | None = None, latent: str = "mean",
                dtype: str = "float16", trim_padding: bool = False, seed: int = 0,
                process_index: int = 0,
-               process_count: int = 1, load_autoencoder=None, load_text_encoder=None,
+               process_count: int = 1, num_classes: int = 1000, flips: bool = True,
+               load_autoencoder=None, load_text_encoder=None,
                stream=None) -> dict | None:
   """What `launch/precompute.py` does: opens the source, loads the encoders, `write_dataset`.
 
   `load_autoencoder(spec)` / `load_text_encoder(spec)` default to common.autoencoders' and
   common.text's loaders (tests pass stand-ins); the other arguments are the command's flags.
 
-  The source is opened (and checked) before the encoders load. Returns meta.json's dict, or None
-  while other processes' shards are missing.
+  The source is opened (and checked) before the encoders load. The text encoder is optional for
+  the labelled sources (`LABELLED_SOURCES`: records then carry no text). Returns meta.json's dict,
+  or None while other processes' shards are missing.
   """
-  for name, value in (("output", output), ("autoencoder", autoencoder),
-                      ("text_encoder", text_encoder)):
+  required = [("output", output), ("autoencoder", autoencoder)]
+  if source not in LABELLED_SOURCES:
+    required.append(("text_encoder", text_encoder))
+  for name, value in required:
     if not value:
       raise ConfigError(f"--{name} is required")
   _check_local(output)
   captioned = build_source(source, path=path, image_dir=image_dir, split=split,
-                           image_size=image_size, channels=channels, seed=seed)
+                           image_size=image_size, channels=channels, seed=seed,
+                           num_classes=num_classes, flips=flips)
   load_autoencoder = load_autoencoder or autoencoders.load_autoencoder
   load_text_encoder = load_text_encoder or text.load_text_encoder
   meta = write_dataset(
       captioned, output, autoencoder=load_autoencoder(autoencoder),
-      text_encoder=load_text_encoder(text_encoder), autoencoder_spec=autoencoder,
+      text_encoder=load_text_encoder(text_encoder) if text_encoder else None,
+      autoencoder_spec=autoencoder,
       text_encoder_spec=text_encoder, shard_size=shard_size, batch_size=batch_size, limit=limit,
       latent=latent, seed=seed, dtype=dtype, trim_padding=trim_padding,
       process_index=process_index,
       process_count=process_count, stream=stream)
   if meta is not None:
+    text_part = (f"tokens [{meta['text_max_length']}, {meta['text_width']}]"
+                 if meta["text_encoder"] else "no text")
     print(f"precompute: wrote {meta['num_examples']} examples in {meta['num_shards']} shard(s) to "
-          f"{output} (latents {tuple(meta['latent_shape'])}, tokens "
-          f"[{meta['text_max_length']}, {meta['text_width']}], {meta['dtype']})",
+          f"{output} (latents {tuple(meta['latent_shape'])}, {text_part}, {meta['dtype']}"
+          f"{', ' + str(meta['skipped']) + ' skipped' if meta['skipped'] else ''})",
           file=stream or sys.stdout, flush=True)
   return meta
 
@@ -496,9 +610,9 @@ def read_meta(path: str) -> dict:
              "no dataset" if as_path(path).is_dir() else "a missing directory")
     raise DataNotFoundError(f"no precomputed latent dataset at {path} ({state}); {_HOW_TO}")
   meta = _read_json(meta_path)
-  if meta.get("format_version") != FORMAT_VERSION:
+  if meta.get("format_version") not in READABLE_VERSIONS:
     raise DataNotFoundError(f"{meta_path} has format version {meta.get('format_version')}; this "
-                            f"code reads version {FORMAT_VERSION}: precompute it again")
+                            f"code reads versions {READABLE_VERSIONS}: precompute it again")
   return meta
 
 
@@ -575,16 +689,24 @@ class PickCaption(grain.transforms.RandomMap):
   so the choice is part of the checkpointed stream. Trimmed token embeddings [L, D] are padded
   with zeros to the mask's length T. Output: {"x": float32 [h, w, c], "cond":
   {"tokens": float32 [T, D], "mask": int32 [T], "pooled": float32 [D], "label": int32 []}}
-  (label -1: the source has none).
+  (label -1: the source has none); {"x", "cond": {"label"}} for a record without text. A record
+  with "logvar" (latent="moments") gives x = mean + exp(logvar / 2) * eps, eps ~ N(0, 1) drawn
+  from the same generator (before the caption).
   """
 
   def random_map(self, record: dict, rng: np.random.Generator) -> dict:
+    x = record["x"].astype(np.float32)
+    if "logvar" in record:  # latent="moments": a fresh posterior sample (Large-DiT, per step)
+      std = np.exp(0.5 * record["logvar"].astype(np.float32))
+      x = x + std * rng.standard_normal(x.shape, dtype=np.float32)
+    if "tokens" not in record:  # a labelled dataset without text: the class-conditional batch
+      return {"x": x, "cond": {"label": np.int32(record["label"])}}
     mask = record["mask"]
     k = int(rng.integers(mask.shape[0]))
     stored = record["tokens"][k]
     tokens = np.zeros((mask.shape[1], stored.shape[-1]), np.float32)
     tokens[:stored.shape[0]] = stored
-    return {"x": record["x"].astype(np.float32),
+    return {"x": x,
             "cond": {"tokens": tokens,
                      "mask": record["mask"][k].astype(np.int32),
                      "pooled": record["pooled"][k].astype(np.float32),

@@ -32,6 +32,13 @@ from common.eval import metrics
 from common.paths import as_path
 
 IMAGE_KEYS = ("arr_0", "images")
+# ADM's published reference batches by file name (openai/guided-diffusion, evaluations/README.md):
+# the FID/sFID/IS/precision/recall references of DiT, Large-DiT and TerDiT's ImageNet tables.
+_ADM_BATCHES = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/"
+ADM_REFERENCE_URLS = {
+    "VIRTUAL_imagenet256_labeled.npz": _ADM_BATCHES + "imagenet/256/VIRTUAL_imagenet256_labeled.npz",
+    "VIRTUAL_imagenet512.npz": _ADM_BATCHES + "imagenet/512/VIRTUAL_imagenet512.npz",
+}
 SETTINGS_KEY = "cache_settings"  # what made a cache file (common.eval.cache); ADM's evaluator ignores it
 STAT_PAIRS = (("mu", "sigma"), ("mu_s", "sigma_s"))
 
@@ -124,6 +131,23 @@ def _read_exactly(f, size: int, path: str) -> bytes:
 def _check_exists(path: str, what: str) -> None:
   if not as_path(path).is_file():
     raise DataNotFoundError(f"{what} {path!r} does not exist")
+
+
+def check_reference_file(path: str, what: str = "config.eval.reference") -> None:
+  """DataNotFoundError, naming the file and where to get it, unless the reference `path` exists.
+
+  Nothing is downloaded at run time: ADM's batches (`ADM_REFERENCE_URLS`) are fetched by hand.
+  """
+  if as_path(path).is_file():
+    return
+  name = as_path(path).name
+  if name in ADM_REFERENCE_URLS:
+    how = (f"download ADM's reference batch {ADM_REFERENCE_URLS[name]} (openai/guided-diffusion "
+           f"evaluations) to that path")
+  else:
+    how = ("write one with `python launch/evaluate.py --make_reference=OUT.npz --config=...` or "
+           "leave it empty to use statistics of config.data")
+  raise DataNotFoundError(f"{what} {path!r} does not exist; {how}")
 
 
 def npz_keys(path: str, what: str) -> list[str]:
@@ -253,6 +277,7 @@ def load_reference(path: str, *, batch_size: int = 1000) -> dict:
     ShapeError: it is not an npz, holds neither images nor statistics, or an array has the wrong
       shape or dtype.
   """
+  check_reference_file(path, "reference")
   keys = npz_keys(path, "reference")
   out = read_npz_arrays(path, [k for k in ("mu", "sigma", "mu_s", "sigma_s", "pool") if k in keys],
                         "reference")

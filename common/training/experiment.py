@@ -177,6 +177,12 @@ class Experiment:
       raise ConfigError(f"{self.config.model.name} is class-conditional but the data has no class "
                         f"label for some examples (label -1, e.g. a captioned image folder or COCO "
                         "latents): train it on labelled data (Fashion-MNIST, ImageNet latents).")
+    num_classes = self.config.model.get("num_classes", None)
+    if ("label" in kept and num_classes and np.size(kept["label"])
+        and int(np.max(kept["label"])) >= int(num_classes)):
+      raise ConfigError(f"the data has class label {int(np.max(kept['label']))} but "
+                        f"config.model.num_classes={num_classes}: set it to the dataset's number "
+                        "of classes")
     return {"x": batch["x"], "cond": kept}
 
   # ---- training -----------------------------------------------------------------------------------

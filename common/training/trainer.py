@@ -37,7 +37,7 @@ from common.errors import CheckpointError, ConfigError, NonFiniteLossError, Shap
 from common.eval import cache
 from common.eval.features import even_batch_size, evaluate_images, make_reference
 from common.eval.inception import weights_identity
-from common.eval.reference import write_arrays
+from common.eval.reference import check_reference_file, write_arrays
 from common.training.experiment import Experiment, numerics_rules
 from common.images import save_grid, to_uint8
 from common.training.memory import memory_lines, train_step_memory
@@ -152,6 +152,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
   tc = config.train
   eval_every = int(config.get("eval", {}).get("every", 0) or 0)
   check_writable(wd, wd / "checkpoints", wd / "samples", *([wd / "eval"] if eval_every else []))
+  if eval_every and config.eval.get("reference"):  # before training, not at the first evaluation
+    check_reference_file(str(config.eval.reference))
   mesh = sharding.make_mesh(config.mesh)
   nproc = jax.process_count()
   if tc.batch_size % nproc:
@@ -357,6 +359,7 @@ def _reference(config: ml_collections.ConfigDict, wd: epath.Path):
   WORKDIR/eval/reference.npz with the settings that made it (`common.eval.cache`)."""
   ec = config.eval
   if ec.get("reference"):
+    check_reference_file(str(ec.reference))
     return str(ec.reference)
   path = wd / "eval" / "reference.npz"
   data_cfg = ec.get("reference_data") or config.data
@@ -394,6 +397,8 @@ def evaluate_params(exp: Experiment, params, step: int, wd: epath.Path, *,
   """
   config = exp.config
   ec = config.eval
+  if ec.get("reference"):  # before sampling
+    check_reference_file(str(ec.reference))
   n = int(num_samples or ec.num_samples)
   eval_dir = wd / "eval"
   eval_dir.mkdir(parents=True, exist_ok=True)
