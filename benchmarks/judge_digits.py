@@ -79,32 +79,45 @@ def fid_figures(images: np.ndarray, x_tr: np.ndarray, x_te: np.ndarray, n: int, 
   The statistics of the two real sets never change: they are computed once and kept in
   `cache_dir` (`common.eval.cache` files keyed on `real_settings`), so a later run only runs the
   Inception over the samples. Every set is cut into equal batches of at most `max_batch`
-  (`features.even_batch_size`): one compilation, no padded images.
+  (`features.even_batch_size`): one compilation, no padded images. Only the FID is computed (as
+  `features.compute_metrics` computes it: pool features, `metrics.frechet_distance`): the sFID,
+  IS and precision/recall that `evaluate_images` adds are not reported here, and each Frechet
+  distance is a 2048x2048 matrix square root (scipy's `sqrtm`, about a minute on a busy 2-core
+  machine).
   """
   from common.eval import cache  # pylint: disable=import-outside-toplevel
+  from common.eval import features  # pylint: disable=import-outside-toplevel
+  from common.eval import metrics  # pylint: disable=import-outside-toplevel
   from common.eval import reference  # pylint: disable=import-outside-toplevel
-  # pylint: disable-next=import-outside-toplevel
-  from common.eval.features import even_batch_size, evaluate_images, make_reference
 
   ref_imgs, floor_imgs = as_uint8(x_tr[:n]), as_uint8(x_te[:n])
   samples = images[:n]
-  bs = even_batch_size(max(len(ref_imgs), len(floor_imgs), len(samples)), max_batch)
+  bs = features.even_batch_size(max(len(ref_imgs), len(floor_imgs), len(samples)), max_batch)
+
+  def statistics(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    net = features.fid_network(inception_path)
+    pool = features.extract_features(net, x, batch_size=bs, progress=False)["pool"]
+    return metrics.feature_statistics(pool)
+
   ref_path = os.path.join(cache_dir, f"digits_train_reference_n{len(ref_imgs)}.npz")
   ref_settings = real_settings("training digits", ref_imgs, inception_path)
-  if cache.load(ref_path, ref_settings, ["mu", "sigma"], what="digit statistics") is None:
-    make_reference(ref_path, ref_imgs, inception_path=inception_path, batch_size=bs,
-                   store_images=False, progress=False, settings=ref_settings)
+  ref = cache.load(ref_path, ref_settings, ["mu", "sigma"], what="digit statistics")
+  if ref is None:
+    ref = features.make_reference(ref_path, ref_imgs, inception_path=inception_path,
+                                  batch_size=bs, store_images=False, progress=False,
+                                  settings=ref_settings)
+  names = ("the samples' statistics", f"the training digits' statistics ({ref_path})")
   floor_path = os.path.join(cache_dir, f"digits_heldout_floor_n{len(floor_imgs)}.npz")
   floor_settings = {**real_settings("held-out digits", floor_imgs, inception_path),
                     "reference": ref_settings}
   floor = cache.load(floor_path, floor_settings, ["fid"], what="held-out digit FID")
   if floor is None:
-    scores, feats = evaluate_images(floor_imgs, ref_path, inception_path=inception_path,
-                                    batch_size=bs, return_features=True)
-    stats = reference.statistics_from_features(feats)
-    floor = {"fid": np.float64(scores["fid"]), "mu": stats["mu"], "sigma": stats["sigma"]}
+    mu, sigma = statistics(floor_imgs)
+    fid = metrics.frechet_distance(mu, sigma, ref["mu"], ref["sigma"],
+                                   names=("the held-out digits' statistics", names[1]))
+    floor = {"fid": np.float64(fid), "mu": mu, "sigma": sigma}
     reference.write_arrays(floor_path, floor, settings=floor_settings)
-  fid = evaluate_images(samples, ref_path, inception_path=inception_path, batch_size=bs)["fid"]
+  fid = metrics.frechet_distance(*statistics(samples), ref["mu"], ref["sigma"], names=names)
   return {"fid_n": min(n, len(images), len(x_te)), "fid_samples": fid,
           "fid_heldout_real": float(floor["fid"])}
 

@@ -67,6 +67,15 @@ def test_real_digit_statistics_are_cached_and_keyed(tmp_path, inception_calls):
   assert sorted(os.listdir(cache_dir)) == ["digits_heldout_floor_n100.npz",
                                            "digits_train_reference_n100.npz"]
   assert first["fid_heldout_real"] > 0 and np.isfinite(first["fid_samples"])
+  # The same FIDs as the project's evaluation gives for these images and reference.
+  ref = os.path.join(cache_dir, "digits_train_reference_n100.npz")
+  x, y = judge_digits.real_digits()
+  _, x_te = judge_digits.train_test_split(x, test_size=judge_digits.TEST_SIZE,
+                                          random_state=judge_digits.SPLIT_SEED, stratify=y)
+  want = features.evaluate_images(np.load(samples)["images"][:100], ref)["fid"]
+  assert first["fid_samples"] == pytest.approx(want, rel=1e-9)
+  want = features.evaluate_images(judge_digits.as_uint8(x_te[:100]), ref)["fid"]
+  assert first["fid_heldout_real"] == pytest.approx(want, rel=1e-9)
 
   inception_calls.clear()
   features._REFERENCES.clear()  # a new process: nothing in memory  pylint: disable=protected-access
