@@ -36,7 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import demo_report  # noqa: E402  (benchmarks/demo_report.py)
-from common.paths import CACHE_ENV, user_cache_dir  # noqa: E402
+from common.errors import UserError  # noqa: E402
+from common.paths import CACHE_ENV, check_writable, user_cache_dir  # noqa: E402
 
 TEST_SIZE, SPLIT_SEED = 0.25, 0  # the real digits: 1347 to train the judges, 450 held out
 
@@ -90,6 +91,7 @@ def fid_figures(images: np.ndarray, x_tr: np.ndarray, x_te: np.ndarray, n: int, 
   from common.eval import metrics  # pylint: disable=import-outside-toplevel
   from common.eval import reference  # pylint: disable=import-outside-toplevel
 
+  check_writable(cache_dir, flag=f"--cache_dir (or ${CACHE_ENV})")
   ref_imgs, floor_imgs = as_uint8(x_tr[:n]), as_uint8(x_te[:n])
   samples = images[:n]
   bs = features.even_batch_size(max(len(ref_imgs), len(floor_imgs), len(samples)), max_batch)
@@ -184,7 +186,10 @@ def main():
   path = os.path.join(args.workdir, "samples", "samples.npz")
   if not os.path.exists(path):
     raise SystemExit(f"no samples at {path}: run `make demo` (or --mode=sample) first.")
-  r = evaluate(path, args.fid_n, cache_dir=args.cache_dir, inception_path=args.inception)
+  try:
+    r = evaluate(path, args.fid_n, cache_dir=args.cache_dir, inception_path=args.inception)
+  except UserError as e:
+    raise SystemExit(f"error: {e}") from None
   print_table(r)
   if args.report:
     print()

@@ -103,6 +103,18 @@ def test_a_changed_split_recomputes(tmp_path, inception_calls, monkeypatch, caps
   assert "made with other settings" in capsys.readouterr().err
 
 
+def test_an_unwritable_cache_is_one_clear_error(tmp_path, inception_calls, monkeypatch, capsys):
+  samples = _samples(tmp_path)
+  blocker = tmp_path / "not_a_dir"
+  blocker.write_text("")
+  monkeypatch.setattr(sys, "argv", ["judge_digits.py", f"--workdir={tmp_path / 'wd'}",
+                                    "--fid_n=50", f"--cache_dir={blocker / 'cache'}"])
+  with pytest.raises(SystemExit) as e:
+    judge_digits.main()
+  assert "cannot write in" in str(e.value) and "--cache_dir" in str(e.value)
+  assert inception_calls == [] and os.path.exists(samples)
+
+
 def test_even_batch_size():
   assert features.even_batch_size(300, 256) == 150
   assert features.even_batch_size(1000, 500) == 500
