@@ -9,9 +9,11 @@ against the FID floor that real held-out digits reach.
 
 import json
 import os
+import textwrap
 
 ACCURACY_TARGET = 0.90   # the judge's target (benchmarks/judge_digits.py)
 COPY_LIMIT = 0.01        # at most 1% of samples closer to a training image than 10% of real spacing
+WIDTH = 100              # columns of the summary
 FID_CLOSE = 1.25         # a samples' FID within 25% above the real-digit floor: "close to real"
 
 
@@ -67,16 +69,17 @@ def report(workdir: str, figures: dict) -> str:
   cfg = _read_json(os.path.join(workdir, "config.json"))
   train, sample, model = cfg.get("train", {}), cfg.get("sample", {}), cfg.get("model", {})
   last = _last_record(os.path.join(workdir, "metrics.jsonl"))
-  rule = "=" * 78
+  rule = "=" * WIDTH
   lines = [rule, "make demo: summary", rule]
   what = (f"Trained: configs/sid2_digits.py, SiD2 diffusion ({model.get('name', '?')}) on the "
           f"8x8 scikit-learn digits, {last.get('step', '?')} of {train.get('steps', '?')} steps "
           f"at batch {train.get('batch_size', '?')}")
   if "wall_s" in last:
-    what += f" in {_duration(last['wall_s'])} (the last training call, compile and grids included)"
+    what += (f" in {_duration(last['wall_s'])} (wall time up to the last logged step, "
+             f"compilation included)")
   lines.append(what + ".")
   if "loss" in last:
-    lines.append(f"  final training loss {last['loss']:.4f}; a logged record per "
+    lines.append(f"  last logged training loss {last['loss']:.4f}; a record every "
                  f"{train.get('log_every', '?')} steps in {workdir}/metrics.jsonl.")
   lines.append(f"Sampled: {figures['n']} digits, {sample.get('num_steps', '?')} "
                f"{sample.get('sampler', '?')} steps, guidance scale "
@@ -95,9 +98,14 @@ def report(workdir: str, figures: dict) -> str:
                  f"{n} real held-out digits score {figures['fid_heldout_real']:.2f} (the best a "
                  f"model can reach at this N; lower is better, not comparable with ImageNet FIDs).")
   lines.append(f"Verdict: {verdict(figures)}")
-  lines.append("Pictures:")
-  lines.append(f"  {workdir}/samples/samples.png (a grid of the samples, one column per class)")
-  lines.append(f"  {workdir}/samples/step_*.png (grids drawn during training);"
-               f" arrays: {workdir}/samples/samples.npz")
+  lines.append(f"Pictures: {workdir}/samples/samples.png (the samples, one column per class);")
+  lines.append("  step_*.png beside it: grids drawn during training; samples.npz: the arrays.")
   lines.append(rule)
-  return "\n".join(lines)
+  return "\n".join(_wrapped(line) for line in lines)
+
+
+def _wrapped(line: str, width: int = WIDTH) -> str:
+  """`line` wrapped to `width` columns, continuation lines indented under its text."""
+  indent = " " * (len(line) - len(line.lstrip()) + 2)
+  return textwrap.fill(line, width, subsequent_indent=indent, break_on_hyphens=False,
+                       break_long_words=False)

@@ -177,12 +177,14 @@ def test_report_says_what_was_trained_how_good_and_where(tmp_path):
   with open(wd / "metrics.jsonl", "w") as f:
     for step, wall in ((100, 20.0), (2500, 337.4)):
       f.write(json.dumps({"step": step, "loss": 0.05, "wall_s": wall}) + "\n")
-  text = demo_report.report(str(wd), _figures())
+  screen = demo_report.report(str(wd), _figures())
+  assert max(len(line) for line in screen.splitlines()) <= demo_report.WIDTH
+  assert len(screen.splitlines()) <= 24  # one screen
+  text = " ".join(screen.split())  # unwrapped
   assert "2500 of 2500 steps at batch 64 in 5m37s" in text
   assert "99.5% of the samples" in text and "FID 23.70" in text and "score 20.60" in text
   assert "Verdict: GOOD" in text and "FID close to real digits" in text
   assert f"{wd}/samples/samples.png" in text
-  assert len(text.splitlines()) <= 24  # one screen
 
 
 def test_verdicts():
