@@ -36,9 +36,15 @@ contract: `{"x": float32 [B, h, w, c], "cond": {"tokens": float32 [B, T, D], "ma
 network takes the conditions it declares (`Experiment.model_batch`): captions for a text-conditional
 one, the label for a class-conditional one (e.g. TerDiT on ImageNet latents).
 
-Config keys (`config.data`) for `name = "latents"`: `path` (the dataset directory), and grain's
-`worker_count`, `worker_buffer_size`, `read_threads` (default 8), `read_buffer_size` (default 4
-local batches), as for the other pipelines.
+Config keys (`config.data`) for `name = "latents"`: `path` (the dataset directory) or `mixture`
+(several, with weights: `common.data.mixture`), and grain's `worker_count` (0 for a mixture),
+`worker_buffer_size`, `read_threads` (default 8), `read_buffer_size` (default 4 local batches), as
+for the other pipelines.
+
+Sources whose `__getitem__` raises `captions.SkipExample` (webdataset shards, parquet tables: a
+damaged image, one below `--min_side`, a missing caption) lose that example: each shard's counts go
+to `shard-*.stats.json` beside it, and meta.json holds `num_examples` (records written),
+`source_examples` (examples read) and `skipped` ({reason: count}).
 """
 
 from __future__ import annotations
@@ -63,7 +69,10 @@ from common import autoencoders
 from common import text
 from common.data import captions as _captions
 from common.data import loader as _loader
+from common.data import mixture as _mix
+from common.data import parquet_source as _parquet
 from common.data import sources as _sources
+from common.data import webdataset_source as _wds
 from common.errors import ConfigError, DataNotFoundError, ShapeError
 from common.training.metrics import format_duration
 from common.paths import as_path, is_remote
@@ -71,12 +80,13 @@ from common.paths import as_path, is_remote
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 PLAN_FILE = "precompute.json"
-LATENTS_KEYS = frozenset({"name", "path", "worker_count", "worker_buffer_size", "read_threads",
-                          "read_buffer_size"})
+LATENTS_KEYS = frozenset({"name", "path", "mixture", "worker_count", "worker_buffer_size",
+                          "read_threads", "read_buffer_size"})
 DTYPES = ("float16", "float32")
 LATENT_MODES = ("mean", "sample")
 _WRITER_OPTIONS = "group_size:1,uncompressed"
-_HOW_TO = ("write it with `python launch/precompute.py --source=fashion_mnist|image_folder|coco "
+_HOW_TO = ("write it with `python launch/precompute.py --source=fashion_mnist|image_folder|coco|"
+           "webdataset|parquet "
            "--autoencoder=SPEC --text_encoder=SPEC --output=DIR` and set data.path=DIR")
 
 
@@ -208,19 +218,37 @@ def _encode_captions(text_encoder: TextEncoder, captions: list[str], batch_size:
 def _write_shard(path: str, source, lo: int, hi: int, *, autoencoder: Autoencoder,
                  text_encoder: TextEncoder, image_shape: tuple[int, int, int],
                  latent_shape: tuple[int, int, int], batch_size: int, latent: str, seed: int,
-                 dtype: np.dtype, trim_padding: bool, progress: _Progress, done: int) -> int:
-  """Encodes examples [lo, hi) of `source` into the array_record file `path`; returns `done`.
+                 dtype: np.dtype, trim_padding: bool, progress: _Progress,
+                 done: int) -> tuple[int, dict]:
+  """Encodes examples [lo, hi) of `source` into the array_record file `path`.
 
   Batches start at `lo` and never cross the shard's end, and caption embeddings are cached per
   shard, so a shard's bytes depend only on its own examples: a resumed run rewrites an unfinished
-  shard exactly as an uninterrupted run writes it.
+  shard exactly as an uninterrupted run writes it. An example whose `source[i]` raises
+  `captions.SkipExample` is left out and counted.
+
+  Returns:
+    (done, {"written": records written, "skipped": {reason: count}, "first_skipped": {reason:
+    detail}}).
   """
   cache: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+  stats = {"written": 0, "skipped": {}, "first_skipped": {}}
   writer = ArrayRecordWriter(path, _WRITER_OPTIONS)
   try:
     for start in range(lo, hi, batch_size):
-      indices = range(start, min(start + batch_size, hi))
-      examples = [source[i] for i in indices]
+      batch_end = min(start + batch_size, hi)
+      indices, examples = [], []
+      for i in range(start, batch_end):
+        try:
+          examples.append(source[i])
+          indices.append(i)
+        except _captions.SkipExample as e:
+          stats["skipped"][e.reason] = stats["skipped"].get(e.reason, 0) + 1
+          stats["first_skipped"].setdefault(e.reason, e.detail)
+      if not examples:
+        done += batch_end - start
+        progress.update(done)
+        continue
       for i, ex in zip(indices, examples):
         if tuple(ex.image.shape) != image_shape or ex.image.dtype != np.uint8:
           raise ShapeError(f"source example {i} has an image {ex.image.dtype} {ex.image.shape}; "
@@ -248,11 +276,25 @@ def _write_shard(path: str, source, lo: int, hi: int, *, autoencoder: Autoencode
           tokens = tokens[:, :(real[-1] + 1 if real.size else 1)]
         writer.write(serialize_example(z, tokens, mask, np.stack([e[2] for e in embs]), ex.label,
                                        ex.captions, i))
-      done += len(examples)
+      stats["written"] += len(examples)
+      done += batch_end - start
       progress.update(done)
   finally:
     writer.close()
-  return done
+  return done, stats
+
+
+def _stats_name(shard: str) -> str:
+  return shard.removesuffix(".array_record") + ".stats.json"
+
+
+def _read_shard_stats(out_dir, shard: str, lo: int, hi: int) -> dict:
+  """A complete shard's counts (its `.stats.json`); shards of runs from before the counts were
+  written hold every example of their range."""
+  path = out_dir / _stats_name(shard)
+  if path.is_file():
+    return _read_json(path)
+  return {"written": hi - lo, "skipped": {}}
 
 
 def _check_local(output: str) -> None:
@@ -358,11 +400,12 @@ def write_dataset(source, output: str, *, autoencoder: Autoencoder, text_encoder
     final = out_dir / shards[k]
     tmp = os.fspath(final) + ".tmp"
     lo, hi = bounds[k]
-    done = _write_shard(tmp, source, lo, hi, autoencoder=autoencoder, text_encoder=text_encoder,
-                        image_shape=image_shape, latent_shape=latent_shape,
-                        batch_size=batch_size, latent=latent, seed=seed, dtype=np.dtype(dtype),
-                        trim_padding=trim_padding, progress=progress, done=done)
-    as_path(tmp).replace(final)
+    done, stats = _write_shard(
+        tmp, source, lo, hi, autoencoder=autoencoder, text_encoder=text_encoder,
+        image_shape=image_shape, latent_shape=latent_shape, batch_size=batch_size, latent=latent,
+        seed=seed, dtype=np.dtype(dtype), trim_padding=trim_padding, progress=progress, done=done)
+    _write_json(out_dir / _stats_name(shards[k]), stats)  # before the shard: a complete shard
+    as_path(tmp).replace(final)                            # always has its counts
     if on_shard_done is not None:
       on_shard_done(k)
   progress.update(done, force=True)
@@ -371,8 +414,26 @@ def write_dataset(source, output: str, *, autoencoder: Autoencoder, text_encoder
     print(f"precompute: {len(missing)} shard(s) of other processes still missing; the last "
           "process to finish writes meta.json", file=stream, flush=True)
     return None
-  meta = {**plan, "shards": shards, "num_shards": num_shards,
-          "shard_examples": [hi - lo for lo, hi in bounds],
+  stats = [_read_shard_stats(out_dir, shards[k], *bounds[k]) for k in range(num_shards)]
+  skipped: dict[str, int] = {}
+  for st in stats:
+    for reason, count in st["skipped"].items():
+      skipped[reason] = skipped.get(reason, 0) + count
+  written = sum(st["written"] for st in stats)
+  if skipped:
+    firsts = {}
+    for st in stats:
+      for reason, detail in st.get("first_skipped", {}).items():
+        firsts.setdefault(reason, detail)
+    print(f"precompute: skipped {sum(skipped.values())} of {n} examples ("
+          + ", ".join(f"{r}: {c}" for r, c in sorted(skipped.items())) + "); first of each: "
+          + "; ".join(f"{firsts[r]}" for r in sorted(firsts)), file=stream, flush=True)
+  if written == 0:
+    raise DataNotFoundError(f"every one of the {n} examples was skipped ({skipped}); nothing to "
+                            f"train on in {output}")
+  meta = {**plan, "num_examples": written, "source_examples": n, "skipped": skipped,
+          "shards": shards, "num_shards": num_shards,
+          "shard_examples": [st["written"] for st in stats],
           "scaling": "latents are autoencoder.encode outputs: (z - shift_factor) * scaling_factor",
           "record_format": "msgpack; see common/data/latents.py"}
   _write_json(out_dir / META_FILE, meta)
@@ -380,7 +441,9 @@ def write_dataset(source, output: str, *, autoencoder: Autoencoder, text_encoder
 
 
 def build_source(source: str, *, path: str | None, image_dir: str | None, split: str,
-                 image_size: int | None, channels: int, seed: int):
+                 image_size: int | None, channels: int, seed: int, min_side: int = 0,
+                 image_column: str | None = None, caption_column: str | None = None,
+                 caption_key: str = "caption"):
   """The captioned source of `launch/precompute.py`'s flags (common.data.captions)."""
   if source == "fashion_mnist":
     if image_size not in (None, _sources.FASHION_MNIST_SIZE):
@@ -392,6 +455,13 @@ def build_source(source: str, *, path: str | None, image_dir: str | None, split:
   if not path:
     raise ConfigError(f"--source={source} needs --path ("
                       f"{'the image folder' if source == 'image_folder' else 'the caption JSON'})")
+  if min_side and source not in ("webdataset", "parquet"):
+    raise ConfigError(f"--min_side applies to --source=webdataset|parquet, not {source}")
+  if source == "webdataset":
+    return _wds.WebDatasetCaptions(path, image_size, channels, min_side, caption_key)
+  if source == "parquet":
+    return _parquet.ParquetCaptions(path, image_dir, image_size, channels, min_side=min_side,
+                                    image_column=image_column, caption_column=caption_column)
   if source == "image_folder":
     return _captions.CaptionedImageFolder(path, image_size, channels)
   if split != "train":
@@ -405,6 +475,8 @@ def precompute(*, source: str, output: str, autoencoder: str, text_encoder: str,
                image_size: int | None = None, channels: int = 3, shard_size: int = 4096,
                batch_size: int = 64, limit: int | None = None, latent: str = "mean",
                dtype: str = "float16", trim_padding: bool = False, seed: int = 0,
+               min_side: int = 0, image_column: str | None = None,
+               caption_column: str | None = None, caption_key: str = "caption",
                process_index: int = 0,
                process_count: int = 1, load_autoencoder=None, load_text_encoder=None,
                stream=None) -> dict | None:
@@ -422,7 +494,9 @@ def precompute(*, source: str, output: str, autoencoder: str, text_encoder: str,
       raise ConfigError(f"--{name} is required")
   _check_local(output)
   captioned = build_source(source, path=path, image_dir=image_dir, split=split,
-                           image_size=image_size, channels=channels, seed=seed)
+                           image_size=image_size, channels=channels, seed=seed, min_side=min_side,
+                           image_column=image_column, caption_column=caption_column,
+                           caption_key=caption_key)
   load_autoencoder = load_autoencoder or autoencoders.load_autoencoder
   load_text_encoder = load_text_encoder or text.load_text_encoder
   meta = write_dataset(
@@ -481,10 +555,23 @@ def _path(cfg) -> str:
     raise ConfigError(f"data.name='latents' does not take data config key(s) {unknown}; its keys: "
                       f"{sorted(LATENTS_KEYS)}")
   path = cfg.get("path", None)
-  if not path:
-    raise ConfigError(f"data.name='latents' needs data.path, a precomputed dataset directory; "
-                      f"{_HOW_TO}")
+  if path and cfg.get("mixture", None):
+    raise ConfigError("data.path and data.mixture are both set; give one dataset (path) or a "
+                      "mixture of them, not both")
+  if not path and not cfg.get("mixture", None):
+    raise ConfigError(f"data.name='latents' needs data.path, a precomputed dataset directory (or "
+                      f"data.mixture, several with weights); {_HOW_TO}")
   return path
+
+
+def _mixture(cfg) -> tuple[list[tuple[str, Any]], list[LatentsInfo]] | None:
+  """(entries, infos) of `cfg.mixture` (common.data.mixture), checked compatible; None without."""
+  if _path(cfg):
+    return None
+  entries = _mix.parse(cfg.mixture)
+  infos = [_info(p) for p, _ in entries]
+  _mix.check_compatible(infos)
+  return entries, infos
 
 
 def read_meta(path: str) -> dict:
@@ -512,8 +599,21 @@ def _info(path: str) -> LatentsInfo:
 
 
 def latents_info(cfg) -> LatentsInfo:
-  """Shapes, counts and encoder specs of the dataset at `cfg.path`, from meta.json only."""
-  return _info(_path(cfg))
+  """Shapes, counts and encoder specs of the dataset at `cfg.path`, from meta.json only.
+
+  For a mixture (`cfg.mixture`): the shapes and encoders its sources share, the sum of their
+  examples, `path` naming them and `meta = {"mixture": [(path, normalised weight, count)]}`.
+  """
+  mixed = _mixture(cfg)
+  if mixed is None:
+    return _info(_path(cfg))
+  entries, infos = mixed
+  counts = [i.num_examples for i in infos]
+  ws = _mix.weights(entries, counts)
+  return dataclasses.replace(
+      infos[0], path="mixture(" + ", ".join(p for p, _ in entries) + ")",
+      num_examples=sum(counts),
+      meta={"mixture": [(p, w, n) for (p, _), w, n in zip(entries, ws, counts)]})
 
 
 def _same_spec(a: str, b: str) -> bool:
@@ -618,6 +718,20 @@ def latents_train_iterator(cfg, *, global_batch_size: int, seed: int,
   path = _path(cfg)
   process_index, process_count, local_batch_size = _loader.local_batch(
       global_batch_size, process_index, process_count)
+  mixed = _mixture(cfg)
+  if mixed is not None:
+    entries, infos = mixed
+    if int(_get(cfg, "worker_count", 0)) > 0:
+      raise ConfigError("data.mixture reads in the training process (grain datasets): set "
+                        "data.worker_count=0 and use data.read_threads for parallel reads")
+    return iter(_mix.mixed_dataset(
+        [LatentsSource(p) for p, _ in entries],
+        _mix.weights(entries, [i.num_examples for i in infos]), [PickCaption()], seed=seed,
+        process_index=process_index, process_count=process_count,
+        local_batch_size=local_batch_size,
+        read_options=grain.ReadOptions(
+            num_threads=int(_get(cfg, "read_threads", 8)),
+            prefetch_buffer_size=int(_get(cfg, "read_buffer_size", 4 * local_batch_size)))))
   source = LatentsSource(path)
   if len(source) // process_count < local_batch_size:
     raise ConfigError(f"the latents at {path} hold {len(source)} examples, fewer than one batch "

@@ -1,0 +1,197 @@
+"""MicroDiT's training data (docs/MICRODIT_DATA.md): webdataset and parquet sources, the minimum-side
+filter and skipped bad images, latent mixtures, and the doc's commands at a tiny size.
+
+The encoders are test_precompute's stand-ins (a fixed random patch map, a hashing text encoder).
+"""
+
+import io
+import json
+import os
+import re
+import shlex
+import tarfile
+
+import ml_collections
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from common.data import captions as cap
+from common.data import latents as lat
+from common.data import make_train_iterator, dataset_info
+from common.data import parquet_source, webdataset_source
+from common.errors import ConfigError, DataNotFoundError
+from test_precompute import HashingTextEncoder, PatchAutoencoder, _write
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _image_bytes(size, seed, fmt="JPEG") -> bytes:
+  w, h = size
+  arr = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(arr).save(buf, format=fmt)
+  return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+  info = tarfile.TarInfo(name)
+  info.size = len(data)
+  tar.addfile(info, io.BytesIO(data))
+
+
+def write_shards(directory, n_shards=2, per_shard=5):
+  """Tar shards `{00000..}.tar`: per shard, `per_shard` good samples (jpg+txt, png+json, webp+txt
+  in turn), one 40x300 image (below min side 64), one damaged jpg, one image without caption and
+  one caption without image. Returns the captions of the good samples in order."""
+  os.makedirs(directory, exist_ok=True)
+  good = []
+  for s in range(n_shards):
+    with tarfile.open(os.path.join(directory, f"{s:05d}.tar"), "w") as tar:
+      for i in range(per_shard):
+        key, caption = f"s{s}/{i:04d}", f"shard {s} picture {i}"
+        kind = i % 3
+        if kind == 0:
+          _add(tar, key + ".jpg", _image_bytes((96, 80), 10 * s + i))
+          _add(tar, key + ".txt", (caption + "\n").encode())
+        elif kind == 1:
+          _add(tar, key + ".png", _image_bytes((80, 128), 10 * s + i, "PNG"))
+          _add(tar, key + ".json", json.dumps({"caption": caption, "url": "x"}).encode())
+        else:
+          _add(tar, key + ".webp", _image_bytes((64, 64), 10 * s + i, "WEBP"))
+          _add(tar, key + ".txt", caption.encode())
+        good.append(caption)
+      _add(tar, f"s{s}/small.jpg", _image_bytes((300, 40), 99))
+      _add(tar, f"s{s}/small.txt", b"too small")
+      broken = _image_bytes((96, 96), 98)
+      _add(tar, f"s{s}/broken.jpg", broken[:len(broken) // 3])
+      _add(tar, f"s{s}/broken.txt", b"a damaged file")
+      _add(tar, f"s{s}/nocap.jpg", _image_bytes((96, 96), 97))
+      _add(tar, f"s{s}/noimg.txt", b"caption only")
+  return good
+
+
+def write_table(directory, n=6):
+  """A parquet table of `n` good rows (images/…png, 72x90) plus a small image, a missing file, a
+  null caption and a path escaping the folder. Returns the good rows' captions."""
+  images = os.path.join(directory, "images")
+  os.makedirs(os.path.join(images, "sub"), exist_ok=True)
+  names, texts = [], []
+  for i in range(n):
+    name = f"sub/{i:03d}.png"
+    with open(os.path.join(images, name), "wb") as f:
+      f.write(_image_bytes((72, 90), 200 + i, "PNG"))
+    names.append(name)
+    texts.append(f"a generated image number {i}")
+  good = list(texts)
+  with open(os.path.join(images, "small.png"), "wb") as f:
+    f.write(_image_bytes((32, 200), 7, "PNG"))
+  with open(os.path.join(directory, "secret.png"), "wb") as f:
+    f.write(_image_bytes((72, 72), 8, "PNG"))
+  names += ["small.png", "missing.png", "sub/000.png", "../secret.png"]
+  texts += ["small one", "gone", None, "escape"]
+  pq.write_table(pa.table({"image_name": names, "prompt": texts, "seed": list(range(len(names)))}),
+                 os.path.join(directory, "metadata.parquet"))
+  return good
+
+
+# ----------------------------------------------------------------------------------------------
+# Readers
+
+
+def test_brace_and_glob_expansion(tmp_path):
+  for name in ("00000.tar", "00001.tar", "00002.tar", "x.tar"):
+    (tmp_path / name).write_bytes(b"")
+  assert webdataset_source.expand_pattern(str(tmp_path / "{00000..00001}.tar")) == [
+      str(tmp_path / "00000.tar"), str(tmp_path / "00001.tar")]
+  assert len(webdataset_source.expand_pattern(str(tmp_path / "*.tar"))) == 4
+  both = f"{tmp_path / '00002.tar'},{tmp_path / 'x.tar'}"
+  assert len(webdataset_source.expand_pattern(both)) == 2
+  with pytest.raises(DataNotFoundError, match="00003"):
+    webdataset_source.expand_pattern(str(tmp_path / "{00002..00003}.tar"))
+
+
+def test_webdataset_index_captions_and_skips(tmp_path):
+  good = write_shards(tmp_path / "wds")
+  src = webdataset_source.WebDatasetCaptions(str(tmp_path / "wds" / "{00000..00001}.tar"), 32,
+                                             min_side=64)
+  assert src.index_skipped == {"no_image": 2, "no_caption": 2}
+  # per shard: 5 good, small, broken (no caption-less keys or image-less keys)
+  assert len(src) == 2 * 7
+  got, reasons = [], []
+  for i in range(len(src)):
+    try:
+      ex = src[i]
+    except cap.SkipExample as e:
+      reasons.append(e.reason)
+      continue
+    assert ex.image.shape == (32, 32, 3) and ex.image.dtype == np.uint8 and ex.label == -1
+    got.append(ex.captions[0])
+  assert got == good
+  assert sorted(reasons) == ["min_side"] * 2 + ["unreadable_image"] * 2
+
+
+def test_gzipped_shard_is_refused(tmp_path):
+  import gzip  # pylint: disable=import-outside-toplevel
+  write_shards(tmp_path / "wds", n_shards=1)
+  data = (tmp_path / "wds" / "00000.tar").read_bytes()
+  (tmp_path / "a.tar.gz").write_bytes(gzip.compress(data))
+  with pytest.raises(DataNotFoundError, match="gzip"):
+    webdataset_source.WebDatasetCaptions(str(tmp_path / "a.tar.gz"), 32)
+
+
+def test_parquet_rows_and_skips(tmp_path):
+  good = write_table(str(tmp_path))
+  src = parquet_source.ParquetCaptions(str(tmp_path / "metadata.parquet"),
+                                       str(tmp_path / "images"), 32, image_column="image_name",
+                                       caption_column="prompt", min_side=64)
+  assert len(src) == len(good) + 4
+  got, reasons = [], []
+  for i in range(len(src)):
+    try:
+      got.append(src[i].captions[0])
+    except cap.SkipExample as e:
+      reasons.append(e.reason)
+  assert got == good
+  assert sorted(reasons) == ["min_side", "no_caption", "no_image", "path_outside_image_dir"]
+  with pytest.raises(ConfigError, match="no column"):
+    parquet_source.ParquetCaptions(str(tmp_path / "metadata.parquet"), str(tmp_path / "images"),
+                                   32, image_column="file", caption_column="prompt")
+
+
+def test_writer_counts_skipped_and_resumes_identically(tmp_path):
+  good = write_shards(tmp_path / "wds")
+  pattern = str(tmp_path / "wds" / "*.tar")
+  src = webdataset_source.WebDatasetCaptions(pattern, 32, min_side=64)
+  meta = _write(tmp_path / "out", src, shard_size=5, batch_size=3,
+                autoencoder=PatchAutoencoder(channels=3))
+  assert meta["num_examples"] == len(good) == 10
+  assert meta["source_examples"] == 14
+  assert meta["skipped"] == {"min_side": 2, "unreadable_image": 2}
+  assert sum(meta["shard_examples"]) == 10
+  records = [lat.deserialize_example(r) for r in _records(tmp_path / "out", meta)]
+  assert [r["captions"][0] for r in records] == good
+  # a resumed run (one shard deleted) writes the same bytes and counts
+  first = open(tmp_path / "out" / meta["shards"][1], "rb").read()
+  os.remove(tmp_path / "out" / meta["shards"][1])
+  os.remove(tmp_path / "out" / "meta.json")
+  meta2 = _write(tmp_path / "out", src, shard_size=5, batch_size=3,
+                 autoencoder=PatchAutoencoder(channels=3))
+  assert meta2 == meta
+  assert open(tmp_path / "out" / meta["shards"][1], "rb").read() == first
+  it = make_train_iterator(ml_collections.ConfigDict({"name": "latents",
+                                                      "path": str(tmp_path / "out")}),
+                           global_batch_size=4, seed=0, process_index=0, process_count=1)
+  assert next(it)["x"].shape == (4, 8, 8, 4)
+
+
+def _records(path, meta):
+  from array_record.python.array_record_module import ArrayRecordReader  # pylint: disable=g-import-not-at-top
+  out = []
+  for shard in meta["shards"]:
+    reader = ArrayRecordReader(str(path / shard))
+    out += [reader.read() for _ in range(reader.num_records())]
+    reader.close()
+  return out
