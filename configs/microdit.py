@@ -49,6 +49,22 @@ def architecture(name: str) -> dict:
   raise ValueError(name)
 
 
+# The training sources of each resolution, as micro_diffusion's `configs/res_256_*.yaml` and
+# `res_512_*.yaml` list them (`dataset.train.datadir`): SA1B (LLaVA captions), CC12M, TextCaps,
+# JourneyDB, DiffusionDB at 256 px; at 512 px DiffusionDB is dropped and CC12M is its min-res-512
+# subset. docs/MICRODIT_DATA.md prepares each directory.
+MIX_SOURCES = {256: ("sa1b", "cc12m", "textcaps", "jdb", "diffdb"),
+               512: ("sa1b", "cc12m_minres512", "textcaps", "jdb")}
+
+
+def data_mixture(resolution: int, root: str = "data/microdit") -> tuple:
+  """config.data.mixture of the `resolution` px phases: ((f"{root}/{resolution}/{source}",
+  "count"), ...). "count" weights each source by its number of images: micro_diffusion's StreamingDataset
+  over one Stream per dataset without proportions visits every sample once per epoch
+  (`datasets/latents_loader.py`), and neither the paper nor the code gives other proportions."""
+  return tuple((f"{root}/{resolution}/{name}", "count") for name in MIX_SOURCES[resolution])
+
+
 def _init_from(path: str = "", load: str = "params", keep_step: bool = False):
   return ml_collections.ConfigDict(
       {"path": path, "load": load, "converter": "", "keep_step": keep_step})
@@ -69,12 +85,12 @@ def _phase(c: ml_collections.ConfigDict, phase: str) -> None:
     c.model.input_size, c.model.pos_interp_scale = 32, 1.0
     c.diffusion.p_mean, c.diffusion.p_std = -0.6, 1.2
     c.optim.clip_norm = 0.25
-    c.data.path = "workdirs/microdit_latents_256"
+    c.data.path, c.data.mixture = "", data_mixture(256)
   else:
     c.model.input_size, c.model.pos_interp_scale = 64, 2.0
     c.diffusion.p_mean, c.diffusion.p_std = 0.0, 0.6
     c.optim.clip_norm = 0.5
-    c.data.path = "workdirs/microdit_latents_512"
+    c.data.path, c.data.mixture = "", data_mixture(512)
   if phase == "p1_256_masked":
     c.model.mask_ratio = 0.75
     c.train.steps = 250_000

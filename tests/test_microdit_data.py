@@ -195,3 +195,104 @@ def _records(path, meta):
     out += [reader.read() for _ in range(reader.num_records())]
     reader.close()
   return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixtures
+
+
+@pytest.fixture(scope="module")
+def two_datasets(tmp_path_factory):
+  """Latents of the tar shards (10 examples) and of the parquet table (6), both 32 px."""
+  root = tmp_path_factory.mktemp("mix")
+  write_shards(root / "wds")
+  write_table(str(root / "pq"))
+  a = webdataset_source.WebDatasetCaptions(str(root / "wds" / "*.tar"), 32, min_side=64)
+  b = parquet_source.ParquetCaptions(str(root / "pq" / "metadata.parquet"),
+                                     str(root / "pq" / "images"), 32, image_column="image_name",
+                                     caption_column="prompt", min_side=64)
+  ae = PatchAutoencoder(channels=3)
+  _write(root / "a", a, autoencoder=ae, dtype="float32")
+  _write(root / "b", b, autoencoder=ae, dtype="float32")
+  small = parquet_source.ParquetCaptions(str(root / "pq" / "metadata.parquet"),
+                                         str(root / "pq" / "images"), 16,
+                                         image_column="image_name", caption_column="prompt")
+  _write(root / "c16", small, autoencoder=ae, dtype="float32")
+  return root
+
+
+def _mix_cfg(root, weights, **kw):
+  return ml_collections.ConfigDict({"name": "latents", "mixture": tuple(
+      (str(root / name), w) for name, w in weights), "read_threads": 0, **kw})
+
+
+def _origin(root, batch):
+  """For each row of batch["x"], "a" or "b": which dataset holds that latent."""
+  known = {}
+  for name in ("a", "b"):
+    for i in range(len(src := lat.LatentsSource(str(root / name)))):
+      known[src[i]["x"].astype(np.float32).tobytes()] = name
+  return [known[x.tobytes()] for x in batch["x"]]
+
+
+def test_mixture_proportions_follow_weights(two_datasets):
+  root = two_datasets
+  for weights, expected in (((("a", "count"), ("b", "count")), 10 / 16),
+                            ((("a", 0.25), ("b", 0.75)), 0.25)):
+    it = make_train_iterator(_mix_cfg(root, weights), global_batch_size=16, seed=3,
+                             process_index=0, process_count=1)
+    origins = sum((_origin(root, next(it)) for _ in range(10)), [])
+    frac = origins.count("a") / len(origins)
+    assert abs(frac - expected) < 0.05, (weights, frac)
+  info = dataset_info(_mix_cfg(root, (("a", "count"), ("b", 1.0))))
+  assert info.num_examples == 16 and info.image_size == 8 and info.channels == 4
+
+
+def test_mixture_is_deterministic_and_resumes(two_datasets):
+  root = two_datasets
+  cfg = _mix_cfg(root, (("a", 0.5), ("b", 0.5)))
+
+  def make():
+    return make_train_iterator(cfg, global_batch_size=4, seed=7, process_index=0,
+                               process_count=1)
+
+  it = make()
+  first = [next(it) for _ in range(3)]
+  state = it.get_state()
+  json.dumps(state)  # what grain's orbax handler stores
+  rest = [next(it) for _ in range(4)]
+  again = make()
+  for a, b in zip(first, [next(again) for _ in range(3)]):
+    np.testing.assert_array_equal(a["x"], b["x"])
+  resumed = make()
+  resumed.set_state(state)
+  for a, b in zip(rest, [next(resumed) for _ in range(4)]):
+    np.testing.assert_array_equal(a["x"], b["x"])
+    np.testing.assert_array_equal(a["cond"]["tokens"], b["cond"]["tokens"])
+  batch = rest[0]
+  assert batch["x"].dtype == np.float32 and batch["cond"]["tokens"].shape == (4, 8, 16)
+  assert batch["cond"]["mask"].dtype == np.int32 and (batch["cond"]["label"] == -1).all()
+
+
+def test_mixture_processes_read_disjoint_slices(two_datasets):
+  root = two_datasets
+  cfg = _mix_cfg(root, (("a", "count"), ("b", "count")))
+  seen = []
+  for p in range(2):
+    it = make_train_iterator(cfg, global_batch_size=4, seed=1, process_index=p, process_count=2)
+    seen.append({x.tobytes() for _ in range(6) for x in next(it)["x"]})
+  assert seen[0] and seen[1] and not seen[0] & seen[1]
+
+
+def test_mixture_errors(two_datasets):
+  root = two_datasets
+  with pytest.raises(ConfigError, match="latent_shape"):
+    dataset_info(_mix_cfg(root, (("a", 1.0), ("c16", 1.0))))
+  with pytest.raises(ConfigError, match="weight"):
+    dataset_info(_mix_cfg(root, (("a", 1.0), ("b", 0))))
+  with pytest.raises(ConfigError, match="both"):
+    dataset_info(_mix_cfg(root, (("a", 1.0),), path=str(root / "a")))
+  with pytest.raises(ConfigError, match="twice"):
+    dataset_info(_mix_cfg(root, (("a", 1.0), ("a", 2.0))))
+  with pytest.raises(DataNotFoundError, match="no precomputed latent dataset"):
+    dataset_info(_mix_cfg(root, (("a", 1.0), ("nope", 1.0))))
