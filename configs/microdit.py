@@ -15,6 +15,12 @@ Args (comma-separated), e.g. `configs/microdit.py:XL_2,p3_512_masked`:
                      autoencoder and text encoder of configs/sid2_t2i_fashion.py).
   runlocal           a tiny model for a few-second CPU smoke run on the Fashion-MNIST latents.
   unmasked | naive   (with fashion) mask ratio 0, or 75% masking without the patch mixer.
+  coco_fid30k        --mode=eval scores zero-shot FID-30K on COCO 2014 (config.eval.coco: local
+                     captions_val2014.json + val2014/, see docs/MICRODIT_DATA.md).
+
+The 256 px phases train on `data_mixture(256)` and the 512 px ones on `data_mixture(512)`:
+micro_diffusion's sources, each precomputed into data/microdit/<res>/<source>
+(docs/MICRODIT_DATA.md).
 
 The official trainer's two bugs are fixed: EMA is applied (config.train.ema_*), and the halved
 learning rate for the MoE parameters reaches them (config.optim.lr_multipliers by parameter path).
@@ -119,7 +125,8 @@ def _phase(c: ml_collections.ConfigDict, phase: str) -> None:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = parse_arg(arg)
-  unknown = args - {"XL_2", "Tiny_2", "runlocal", "fashion", "unmasked", "naive", *PHASES}
+  unknown = args - {"XL_2", "Tiny_2", "runlocal", "fashion", "unmasked", "naive", "coco_fid30k",
+                    *PHASES}
   if unknown:
     raise ValueError(f"configs/microdit.py: unknown argument(s) {sorted(unknown)}.")
   c = base_config()
@@ -154,7 +161,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     _fashion(c, args)
   if "runlocal" in args:
     _runlocal(c)
+  if "coco_fid30k" in args:
+    c.eval.num_samples = 30_000
+    c.eval.coco = coco_fid30k()
   return c
+
+
+def coco_fid30k(root: str = "data/coco2014") -> ml_collections.ConfigDict:
+  """config.eval.coco of the zero-shot FID-30K on COCO 2014 that MicroDiT reports (arXiv
+  2407.15811; micro_diffusion README's FID-30K table; protocol in common/eval/coco.py): 30K val2014
+  captions drawn with seed 0, real images and samples compared at 256 px (center crop + resize;
+  Inception at 299)."""
+  return ml_collections.ConfigDict({
+      "captions": f"{root}/annotations/captions_val2014.json", "images": f"{root}/val2014",
+      "seed": 0, "image_size": 256})
 
 
 def _fashion(c: ml_collections.ConfigDict, args: set[str]) -> None:
