@@ -23,6 +23,9 @@ from common.data import latents as lat
 from common.data import make_train_iterator, dataset_info
 from common.data import parquet_source, webdataset_source
 from common.errors import ConfigError, DataNotFoundError
+from common.eval import coco as coco_eval
+from configs import microdit
+from configs.base import load_config, override
 from test_precompute import HashingTextEncoder, PatchAutoencoder, _write
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -296,3 +299,149 @@ def test_mixture_errors(two_datasets):
     dataset_info(_mix_cfg(root, (("a", 1.0), ("a", 2.0))))
   with pytest.raises(DataNotFoundError, match="no precomputed latent dataset"):
     dataset_info(_mix_cfg(root, (("a", 1.0), ("nope", 1.0))))
+
+
+# ----------------------------------------------------------------------------------------------
+# docs/MICRODIT_DATA.md, run at a tiny size
+
+
+def _doc_blocks(lang: str) -> list[str]:
+  text = open(os.path.join(REPO, "docs", "MICRODIT_DATA.md"), encoding="utf-8").read()
+  return re.findall(rf"```{lang}\n(.*?)```", text, re.S)
+
+
+def _doc_commands(prefix: str) -> list[list[str]]:
+  return [shlex.split(line) for block in _doc_blocks("sh") for line in block.splitlines()
+          if line.startswith(prefix)]
+
+
+def _flags(argv: list[str]) -> dict:
+  out = {}
+  for arg in argv:
+    key, _, value = arg.removeprefix("--").partition("=")
+    out[key] = int(value) if value.isdigit() else value
+  return out
+
+
+def _jpg(path, size, seed, fmt="JPEG"):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "wb") as f:
+    f.write(_image_bytes(size, seed, fmt))
+
+
+def _raw_sources(root):
+  """Tiny copies of each source's download layout under root/data/raw (see the doc). Sizes per
+  source: two images >= 512 px, one 256..511 px, one below 256 px (skipped by --min_side=256)."""
+  sizes = [(640, 520), (512, 600), (300, 280), (200, 300)]
+  raw = os.path.join(root, "data", "raw")
+  os.makedirs(os.path.join(raw, "cc12m"))
+  for s in range(2):
+    with tarfile.open(os.path.join(raw, "cc12m", f"cc12m-train-{s:04d}.tar"), "w") as tar:
+      for i, size in enumerate(sizes):
+        _add(tar, f"{s:04d}{i:04d}.jpg", _image_bytes(size, 10 * s + i))
+        _add(tar, f"{s:04d}{i:04d}.txt", f"cc12m {s} {i}".encode())
+  for i, size in enumerate(sizes):
+    _jpg(os.path.join(raw, "sa1b", "images", f"sa_{i + 1}.jpg"), size, 20 + i)
+  os.makedirs(os.path.join(raw, "sa1b", "captions"))
+  for i in range(len(sizes) + 1):  # the last caption has no image
+    with open(os.path.join(raw, "sa1b", "captions", f"sa_{i + 1}.txt"), "w") as f:
+      f.write(f"a llava caption of picture {i}\n")
+  entries = []
+  for i, size in enumerate(sizes):
+    _jpg(os.path.join(raw, "textcaps", "train_images", f"tc{i:03d}.jpg"), size, 30 + i)
+    refs = [f"sign number {i} reads open", f"another caption {i}"]
+    entries += [{"image_id": f"tc{i:03d}", "caption_str": r, "reference_strs": refs}
+                for r in refs]
+  with open(os.path.join(raw, "textcaps", "TextCaps_0.1_train.json"), "w") as f:
+    json.dump({"dataset_name": "textcaps", "data": entries}, f)
+  os.makedirs(os.path.join(raw, "jdb"))
+  with open(os.path.join(raw, "jdb", "train_anno_realease_repath.jsonl"), "w") as f:
+    for i, size in enumerate(sizes):
+      _jpg(os.path.join(raw, "jdb", "imgs", "000", f"j{i}.jpg"), size, 40 + i)
+      f.write(json.dumps({"img_path": f"./000/j{i}.jpg", "prompt": f"midjourney {i}",
+                          "Task2": {"Caption": "x"}}) + "\n")
+  names, parts = [], []
+  for i, size in enumerate(sizes):
+    _jpg(os.path.join(raw, "diffdb", "images", "part-000001", f"d{i}.webp"), size, 50 + i, "WEBP")
+    names.append(f"d{i}.webp")
+    parts.append(1)
+  names.append("gone.webp")  # a part not downloaded
+  parts.append(2)
+  pq.write_table(pa.table({
+      "image_name": names, "prompt": [f"diffusion prompt {i}" for i in range(len(names))],
+      "part_id": parts, "image_nsfw": [0.1, 0.9, 0.0, 0.0, 0.0],
+      "prompt_nsfw": [0.0, 0.0, 0.05, 0.1, 0.0]}),
+                 os.path.join(raw, "diffdb", "metadata-large.parquet"))
+
+
+def test_doc_commands_prepare_every_source_and_the_mixtures(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  _raw_sources(str(tmp_path))
+  tables = _doc_blocks("python")
+  tables = {re.match(r"# table: (\w+)", t).group(1): t for t in tables if t.startswith("# table")}
+  assert sorted(tables) == ["diffdb", "jdb", "sa1b", "textcaps"]
+  for code in tables.values():
+    exec(compile(code, "MICRODIT_DATA.md", "exec"), {})  # pylint: disable=exec-used
+  commands = _doc_commands("python launch/precompute.py")
+  assert len(commands) == 9
+  metas = {}
+  for argv in commands:
+    flags = _flags(argv[2:])
+    flags["path"] = re.sub(r"\{(\d+)\.\.\d+\}", lambda m: "{%s..%s}" % (
+        m.group(1), str(int(m.group(1)) + 1).zfill(len(m.group(1)))), flags["path"])
+    metas[flags["output"]] = lat.precompute(
+        **flags, shard_size=3, batch_size=2, stream=io.StringIO(),
+        load_autoencoder=lambda spec: PatchAutoencoder(channels=3, patch=8),
+        load_text_encoder=lambda spec: HashingTextEncoder())
+  got = {k: (m["num_examples"], m["skipped"]) for k, m in metas.items()}
+  assert got == {
+      "data/microdit/256/cc12m": (6, {"min_side": 2}),
+      "data/microdit/512/cc12m_minres512": (4, {"min_side": 4}),
+      "data/microdit/256/sa1b": (3, {"min_side": 1, "no_image": 1}),
+      "data/microdit/512/sa1b": (3, {"min_side": 1, "no_image": 1}),
+      "data/microdit/256/textcaps": (3, {"min_side": 1}),
+      "data/microdit/512/textcaps": (3, {"min_side": 1}),
+      "data/microdit/256/jdb": (3, {"min_side": 1}),
+      "data/microdit/512/jdb": (3, {"min_side": 1}),
+      # the NSFW row is dropped by the table; the part not downloaded is skipped
+      "data/microdit/256/diffdb": (2, {"min_side": 1, "no_image": 1})}
+  assert lat.LatentsSource("data/microdit/256/textcaps")[0]["captions"] == [
+      "sign number 0 reads open"]
+  for res, latent in ((256, 32), (512, 64)):
+    config = microdit.get_config("p1_256_masked" if res == 256 else "p3_512_masked")
+    assert [p for p, _ in config.data.mixture] == sorted(
+        (k for k in metas if k.startswith(f"data/microdit/{res}/")),
+        key=[p for p, _ in config.data.mixture].index)
+    config.data.read_threads = 0
+    info = dataset_info(config.data)
+    assert info.image_size == latent and info.num_examples == sum(
+        metas[p]["num_examples"] for p, _ in config.data.mixture)
+    batch = next(make_train_iterator(config.data, global_batch_size=4, seed=0, process_index=0,
+                                     process_count=1))
+    assert batch["x"].shape == (4, latent, latent, 4)
+  # the doc's override of the weights
+  (argv,) = _doc_commands("python launch/main.py --config=configs/microdit.py:p1_256_masked")
+  flags = _flags(argv[2:])
+  config = load_config(flags["config"])
+  override(config, [f"data.mixture={flags['config.data.mixture']}"])
+  assert config.data.mixture == (("data/microdit/256/sa1b", 0.5), ("data/microdit/256/cc12m", 0.5))
+  assert dataset_info(config.data).num_examples == 9
+
+
+def test_doc_coco_eval_commands(tmp_path, monkeypatch):
+  from test_coco_fid import write_coco  # pylint: disable=import-outside-toplevel
+  monkeypatch.chdir(tmp_path)
+  write_coco(str(tmp_path / "data" / "coco2014"))
+  evals = [_flags(argv[2:]) for argv in _doc_commands("python launch/main.py")
+           if "--mode=eval" in argv]
+  assert len(evals) == 2
+  for flags in evals:
+    config = load_config(flags["config"])
+    override(config, [f"{k.removeprefix('config.')}={v}" for k, v in flags.items()
+                      if k.startswith("config.")])
+    assert config.eval.num_samples == 30_000 and config.eval.coco.image_size == 256
+    if "config.eval.coco.captions" in flags:
+      assert config.eval.coco.captions == "/data/coco/annotations/captions_val2014.json"
+      continue
+    coco = coco_eval.draw(config.eval.coco, 5)  # the download layout of the doc
+    assert len(set(coco.paths)) == 5 and all(os.path.isfile(p) for p in coco.paths)
