@@ -445,3 +445,28 @@ def test_doc_coco_eval_commands(tmp_path, monkeypatch):
       continue
     coco = coco_eval.draw(config.eval.coco, 5)  # the download layout of the doc
     assert len(set(coco.paths)) == 5 and all(os.path.isfile(p) for p in coco.paths)
+
+
+def test_hostile_and_damaged_shards(tmp_path, monkeypatch):
+  monkeypatch.setattr(webdataset_source, "MAX_IMAGE_BYTES", 50_000)  # a small file stands for 64 MiB
+  write_shards(tmp_path / "wds", n_shards=1)
+  data = (tmp_path / "wds" / "00000.tar").read_bytes()
+  (tmp_path / "cut.tar").write_bytes(data[:len(data) // 2 + 100])
+  with pytest.raises(DataNotFoundError, match="cut.tar"):
+    webdataset_source.WebDatasetCaptions(str(tmp_path / "cut.tar"), 32)
+  # links, directories and path-like names are never followed or written: only grouped into keys
+  with tarfile.open(tmp_path / "odd.tar", "w") as tar:
+    _add(tar, "../../escape/a.jpg", _image_bytes((80, 80), 1))
+    _add(tar, "../../escape/a.txt", b"escaped name, read in place")
+    link = tarfile.TarInfo("b.jpg")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    tar.addfile(link)
+    _add(tar, "b.txt", b"a link")
+    big = tarfile.TarInfo("c.jpg")
+    big.size = webdataset_source.MAX_IMAGE_BYTES + 1
+    tar.addfile(big, io.BytesIO(b"\0" * big.size))
+    _add(tar, "c.txt", b"too big")
+  src = webdataset_source.WebDatasetCaptions(str(tmp_path / "odd.tar"), 32)
+  assert len(src) == 1 and src[0].captions == ("escaped name, read in place",)
+  assert src.index_skipped == {"no_image": 1, "image_too_large": 1}
+  assert not (tmp_path.parent / "escape").exists()
