@@ -65,9 +65,10 @@ MIX_SOURCES = {256: ("sa1b", "cc12m", "textcaps", "jdb", "diffdb"),
 
 def data_mixture(resolution: int, root: str = "data/microdit") -> tuple:
   """config.data.mixture of the `resolution` px phases: ((f"{root}/{resolution}/{source}",
-  "count"), ...). "count" weights each source by its number of images: micro_diffusion's StreamingDataset
-  over one Stream per dataset without proportions visits every sample once per epoch
-  (`datasets/latents_loader.py`), and neither the paper nor the code gives other proportions."""
+  "count"), ...). "count" weights each source by its number of images: micro_diffusion's
+  StreamingDataset over one Stream per dataset without proportions visits every sample once per
+  epoch (`datasets/latents_loader.py`), and neither the paper nor the code gives other
+  proportions."""
   return tuple((f"{root}/{resolution}/{name}", "count") for name in MIX_SOURCES[resolution])
 
 

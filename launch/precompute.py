@@ -41,7 +41,8 @@ _IMAGE_DIR = flags.DEFINE_string("image_dir", None, "coco: the directory of the 
                                  "parquet: the folder the image column's paths are relative to.")
 _MIN_SIDE = flags.DEFINE_integer("min_side", 0, "webdataset/parquet: skip (and count) images whose "
                                  "shorter side is below this many pixels.")
-_IMAGE_COLUMN = flags.DEFINE_string("image_column", None, "parquet: the relative image path column.")
+_IMAGE_COLUMN = flags.DEFINE_string("image_column", None,
+                                    "parquet: the column of image paths relative to --image_dir.")
 _CAPTION_COLUMN = flags.DEFINE_string("caption_column", None, "parquet: the caption column.")
 _CAPTION_KEY = flags.DEFINE_string("caption_key", "caption",
                                    "webdataset: the caption field of <key>.json files.")

@@ -1,9 +1,10 @@
-"""MicroDiT's training data (docs/MICRODIT_DATA.md): webdataset and parquet sources, the minimum-side
-filter and skipped bad images, latent mixtures, and the doc's commands at a tiny size.
+"""MicroDiT's training data (docs/MICRODIT_DATA.md): webdataset and parquet sources, the
+minimum-side filter and skipped bad images, latent mixtures, and the doc's commands at a tiny size.
 
 The encoders are test_precompute's stand-ins (a fixed random patch map, a hashing text encoder).
 """
 
+import gzip
 import io
 import json
 import os
@@ -16,17 +17,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from array_record.python import array_record_module
 from PIL import Image
 
 from common.data import captions as cap
 from common.data import latents as lat
-from common.data import make_train_iterator, dataset_info
+from common.data import dataset_info, make_train_iterator
 from common.data import parquet_source, webdataset_source
 from common.errors import ConfigError, DataNotFoundError
 from common.eval import coco as coco_eval
 from configs import microdit
 from configs.base import load_config, override
-from test_precompute import HashingTextEncoder, PatchAutoencoder, _write
+from tests.test_coco_fid import write_coco
+from tests.test_precompute import HashingTextEncoder, PatchAutoencoder, _write
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -137,7 +140,6 @@ def test_webdataset_index_captions_and_skips(tmp_path):
 
 
 def test_gzipped_shard_is_refused(tmp_path):
-  import gzip  # pylint: disable=import-outside-toplevel
   write_shards(tmp_path / "wds", n_shards=1)
   data = (tmp_path / "wds" / "00000.tar").read_bytes()
   (tmp_path / "a.tar.gz").write_bytes(gzip.compress(data))
@@ -191,10 +193,9 @@ def test_writer_counts_skipped_and_resumes_identically(tmp_path):
 
 
 def _records(path, meta):
-  from array_record.python.array_record_module import ArrayRecordReader  # pylint: disable=g-import-not-at-top
   out = []
   for shard in meta["shards"]:
-    reader = ArrayRecordReader(str(path / shard))
+    reader = array_record_module.ArrayRecordReader(str(path / shard))
     out += [reader.read() for _ in range(reader.num_records())]
     reader.close()
   return out
@@ -429,7 +430,6 @@ def test_doc_commands_prepare_every_source_and_the_mixtures(tmp_path, monkeypatc
 
 
 def test_doc_coco_eval_commands(tmp_path, monkeypatch):
-  from test_coco_fid import write_coco  # pylint: disable=import-outside-toplevel
   monkeypatch.chdir(tmp_path)
   write_coco(str(tmp_path / "data" / "coco2014"))
   evals = [_flags(argv[2:]) for argv in _doc_commands("python launch/main.py")
@@ -448,7 +448,8 @@ def test_doc_coco_eval_commands(tmp_path, monkeypatch):
 
 
 def test_hostile_and_damaged_shards(tmp_path, monkeypatch):
-  monkeypatch.setattr(webdataset_source, "MAX_IMAGE_BYTES", 50_000)  # a small file stands for 64 MiB
+  # a 50 KB limit stands for 64 MiB: the oversized member is small
+  monkeypatch.setattr(webdataset_source, "MAX_IMAGE_BYTES", 50_000)
   write_shards(tmp_path / "wds", n_shards=1)
   data = (tmp_path / "wds" / "00000.tar").read_bytes()
   (tmp_path / "cut.tar").write_bytes(data[:len(data) // 2 + 100])
