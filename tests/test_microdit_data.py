@@ -471,3 +471,21 @@ def test_hostile_and_damaged_shards(tmp_path, monkeypatch):
   assert len(src) == 1 and src[0].captions == ("escaped name, read in place",)
   assert src.index_skipped == {"no_image": 1, "image_too_large": 1}
   assert not (tmp_path.parent / "escape").exists()
+
+
+def test_mixture_with_worker_processes_resumes(two_datasets):
+  cfg = _mix_cfg(two_datasets, (("a", "count"), ("b", "count")), worker_count=2)
+
+  def make():
+    return make_train_iterator(cfg, global_batch_size=4, seed=5, process_index=0,
+                               process_count=1)
+
+  it = make()
+  [next(it) for _ in range(3)]
+  state = it.get_state()
+  json.dumps(state)
+  rest = [next(it)["x"] for _ in range(3)]
+  resumed = make()
+  resumed.set_state(state)
+  for a in rest:
+    np.testing.assert_array_equal(a, next(resumed)["x"])

@@ -37,7 +37,7 @@ network takes the conditions it declares (`Experiment.model_batch`): captions fo
 one, the label for a class-conditional one (e.g. TerDiT on ImageNet latents).
 
 Config keys (`config.data`) for `name = "latents"`: `path` (the dataset directory) or `mixture`
-(several, with weights: `common.data.mixture`), and grain's `worker_count` (0 for a mixture),
+(several, with weights: `common.data.mixture`), and grain's `worker_count`,
 `worker_buffer_size`, `read_threads` (default 8), `read_buffer_size` (default 4 local batches), as
 for the other pipelines.
 
@@ -59,6 +59,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from absl import flags
 import grain
 import jax
 import msgpack
@@ -721,14 +722,15 @@ def latents_train_iterator(cfg, *, global_batch_size: int, seed: int,
   mixed = _mixture(cfg)
   if mixed is not None:
     entries, infos = mixed
-    if int(_get(cfg, "worker_count", 0)) > 0:
-      raise ConfigError("data.mixture reads in the training process (grain datasets): set "
-                        "data.worker_count=0 and use data.read_threads for parallel reads")
+    worker_count = int(_get(cfg, "worker_count", 0))
+    if worker_count > 0 and not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags (as in loader.make_loader)
     return iter(_mix.mixed_dataset(
         [LatentsSource(p) for p, _ in entries],
         _mix.weights(entries, [i.num_examples for i in infos]), [PickCaption()], seed=seed,
         process_index=process_index, process_count=process_count,
-        local_batch_size=local_batch_size,
+        local_batch_size=local_batch_size, worker_count=worker_count,
+        worker_buffer_size=int(_get(cfg, "worker_buffer_size", 1)),
         read_options=grain.ReadOptions(
             num_threads=int(_get(cfg, "read_threads", 8)),
             prefetch_buffer_size=int(_get(cfg, "read_buffer_size", 4 * local_batch_size)))))

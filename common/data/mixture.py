@@ -73,7 +73,8 @@ def check_compatible(infos: Sequence) -> None:
 
 def mixed_dataset(sources: Sequence, weights_: Sequence[float], ops: Sequence, *, seed: int,
                   process_index: int, process_count: int, local_batch_size: int,
-                  read_options: grain.ReadOptions) -> grain.IterDataset:
+                  read_options: grain.ReadOptions, worker_count: int = 0,
+                  worker_buffer_size: int = 1) -> grain.IterDataset:
   """The endless mixed, shuffled, batched stream of this process (see the module docstring).
 
   Args:
@@ -84,6 +85,9 @@ def mixed_dataset(sources: Sequence, weights_: Sequence[float], ops: Sequence, *
     process_index, process_count: this process's slice of every source.
     local_batch_size: examples per batch of this process.
     read_options: threads and prefetch of the reading iterator.
+    worker_count: grain worker processes (`IterDataset.mp_prefetch`; 0: read in this process).
+      As for one dataset, the stream depends on it and a state restores only with the same count.
+    worker_buffer_size: batches each worker prepares ahead.
   """
   parts = []
   for k, source in enumerate(sources):
@@ -95,5 +99,8 @@ def mixed_dataset(sources: Sequence, weights_: Sequence[float], ops: Sequence, *
   ds = grain.MapDataset.mix(parts, list(weights_))
   for op in ops:
     ds = ds.random_map(op, seed=int(seed) % 2**32)
-  ds = ds.batch(local_batch_size, drop_remainder=True)
-  return ds.to_iter_dataset(read_options)
+  ds = ds.batch(local_batch_size, drop_remainder=True).to_iter_dataset(read_options)
+  if worker_count > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=int(worker_count), per_worker_buffer_size=int(worker_buffer_size)))
+  return ds
