@@ -46,7 +46,7 @@ class ParquetCaptions:
     self.image_size, self.channels, self.min_side = image_size, channels, int(min_side)
     self.image_column, self.caption_column = image_column, caption_column
     self.files = _wds.expand_pattern(tables)
-    images, texts = [], []
+    images, texts = [], []  # pyarrow arrays: compact, O(1) access by row
     for path in self.files:
       try:
         schema = pq.read_schema(path)
@@ -64,18 +64,19 @@ class ParquetCaptions:
         table = pq.read_table(path, columns=[image_column, caption_column])
       except (pa.ArrowException, OSError) as e:
         raise DataNotFoundError(f"cannot read the parquet table {path}: {e}") from e
-      images.extend(table.column(image_column).to_pylist())
-      texts.extend(table.column(caption_column).to_pylist())
-    if not images:
+      images += table.column(image_column).cast(pa.large_string()).chunks
+      texts += table.column(caption_column).cast(pa.large_string()).chunks
+    self._images = pa.concat_arrays(images) if images else pa.array([], pa.large_string())
+    self._captions = pa.concat_arrays(texts) if texts else pa.array([], pa.large_string())
+    if not len(self._images):
       raise DataNotFoundError(f"the parquet table(s) {tables!r} hold no rows")
-    self._images, self._captions = images, texts
     self._root = os.path.realpath(image_dir)
 
   def __len__(self) -> int:
     return len(self._images)
 
   def __getitem__(self, index: int) -> _captions.CaptionedExample:
-    name, caption = self._images[index], self._captions[index]
+    name, caption = self._images[index].as_py(), self._captions[index].as_py()
     caption = caption.strip() if caption else ""
     if not caption:
       raise _captions.SkipExample("no_caption", f"row {index} ({name!r}) has no caption")

@@ -7,9 +7,9 @@ A sample here is a key with one image (`.jpg`, `.jpeg`, `.png` or `.webp`) and o
 ships this way (`pixparse/cc12m-wds`, read by micro_diffusion's
 `datasets/prepare/cc12m/convert.py`), as do most img2dataset downloads.
 
-`WebDatasetCaptions` streams every shard once through `tarfile` (mode "r|": headers and caption
-files only, nothing written to disk) to index where each image and caption lies, then serves
-example i by seeking to its bytes. Shards are uncompressed tars (a compressed one cannot be read at
+`WebDatasetCaptions` walks every shard's member headers once with `tarfile` (seeking over the
+data, nothing extracted or written to disk) to index where each image and caption lies, then
+serves example i by seeking to its bytes. Shards are uncompressed tars (a compressed one cannot be read at
 an offset: an error says so). A key without an image or a caption is counted in `index_skipped`
 and left out; a damaged or too small image is skipped when it is read (`captions.SkipExample`,
 counted by the precompute writer). Shard names are given as a brace pattern
@@ -101,24 +101,22 @@ class WebDatasetCaptions:
     self.pattern, self.image_size, self.channels = pattern, image_size, channels
     self.min_side, self.caption_key = int(min_side), caption_key
     self.shards = expand_pattern(pattern)
-    rows: list[tuple[int, int, int, int, int, int]] = []
     self.index_skipped: dict[str, int] = {}
-    for shard_index, shard in enumerate(self.shards):
-      rows.extend(self._index_shard(shard_index, shard))
-    if not rows:
+    # [N, 6] int64: shard, image offset, image size, caption offset, caption size, caption is json
+    self._rows = np.concatenate([np.zeros((0, 6), np.int64)] + [
+        self._index_shard(k, shard) for k, shard in enumerate(self.shards)])
+    if not len(self._rows):
       raise DataNotFoundError(
           f"the shards of --path={pattern!r} hold no sample with an image "
           f"({', '.join(IMAGE_EXTENSIONS)}) and a caption (.txt or .json) under the same key")
-    # [N, 6] int64: shard, image offset, image size, caption offset, caption size, caption is json
-    self._rows = np.asarray(rows, np.int64)
-    self.keys_count = len(rows)
 
   def _skip(self, reason: str) -> None:
     self.index_skipped[reason] = self.index_skipped.get(reason, 0) + 1
 
-  def _index_shard(self, shard_index: int, shard: str) -> list[tuple]:
-    """One streaming pass over a tar: (shard, offsets, sizes) of its complete samples in member
-    order (a key's files are adjacent in a webdataset shard, but any order works)."""
+  def _index_shard(self, shard_index: int, shard: str) -> np.ndarray:
+    """One pass over a tar's headers: int64 [n, 6] rows (shard, offsets, sizes) of its complete
+    samples in member order (a key's files are adjacent in a webdataset shard, but any order
+    works)."""
     samples: dict[str, dict[str, tuple[int, int]]] = {}
     try:
       with open(shard, "rb") as raw:
@@ -127,7 +125,7 @@ class WebDatasetCaptions:
               f"{shard} is gzip-compressed; webdataset shards are read at offsets and must be "
               "plain tars (gunzip them first)")
         raw.seek(0)
-        with tarfile.open(fileobj=raw, mode="r|") as tar:
+        with tarfile.open(fileobj=raw, mode="r:") as tar:  # next() seeks over member data
           for member in tar:
             if not member.isfile():
               continue
@@ -151,10 +149,10 @@ class WebDatasetCaptions:
         self._skip("caption_too_large")
       else:
         rows.append((shard_index, *image, *caption[0], int(caption[1])))
-    return rows
+    return np.asarray(rows, np.int64).reshape(-1, 6)
 
   def __len__(self) -> int:
-    return self.keys_count
+    return len(self._rows)
 
   def _read(self, shard: int, offset: int, size: int) -> bytes:
     with open(self.shards[shard], "rb") as f:
