@@ -115,11 +115,11 @@ def test_eval_samples_the_coco_prompts_against_their_images(tmp_path, monkeypatc
   wd = tmp_path / "wd"
   good = trainer.evaluate_params(exp, "perfect", 5, wd)
   assert seen["prompts"] == list(coco.prompts) and seen["n"] == 6
-  ref = reference.load_reference(str(wd / "eval" / "reference.npz"))
+  ref = reference.load_reference(str(wd / "eval" / "reference_coco_n6.npz"))
   stats = features.make_reference(str(tmp_path / "direct.npz"), real, store_images=False,
                                   progress=False, batch_size=4)
   np.testing.assert_allclose(ref["mu"], stats["mu"], rtol=1e-5, atol=1e-5)
-  recorded = json.loads(reference.recorded_settings(str(wd / "eval" / "reference.npz")))
+  recorded = json.loads(reference.recorded_settings(str(wd / "eval" / "reference_coco_n6.npz")))
   assert recorded["coco_fid"]["pairs_sha256"] == coco.digest
   bad = trainer.evaluate_params(exp, "noise", 6, wd)
   assert good["eval/fid"] < 1e-3 < bad["eval/fid"]

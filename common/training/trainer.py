@@ -349,14 +349,16 @@ def export(config: ml_collections.ConfigDict, workdir: str, *, out: str | None =
 def _reference(config: ml_collections.ConfigDict, wd: epath.Path,
                coco: coco_eval.CocoEval | None = None):
   """`config.eval.reference` (a path to images or statistics), or statistics of the config's own
-  real images (`eval.reference_data`, default config.data, split `eval.reference_split`; with
-  `eval.coco`, the drawn COCO images), cached in WORKDIR/eval/reference.npz with the settings that
-  made it (`common.eval.cache`)."""
+  real images (`eval.reference_data`, default config.data, split `eval.reference_split`), cached in
+  WORKDIR/eval/reference.npz with the settings that made it (`common.eval.cache`); with
+  `eval.coco`, of the N drawn COCO images, in WORKDIR/eval/reference_coco_nN.npz (periodic and
+  final evaluations draw different N and keep one file each)."""
   ec = config.eval
   if ec.get("reference"):
     return str(ec.reference)
   path = wd / "eval" / "reference.npz"
   if coco is not None:
+    path = wd / "eval" / f"reference_coco_n{len(coco.paths)}.npz"
     inception = ec.get("inception") or None
     settings = {"cache": "reference statistics", **coco_eval.settings(coco),
                 "inception": weights_identity(inception)}
