@@ -26,10 +26,12 @@ from common.data import dataset_info, make_train_iterator
 from common.data import parquet_source, webdataset_source
 from common.errors import ConfigError, DataNotFoundError
 from common.eval import coco as coco_eval
+from common.training import trainer
 from configs import microdit
 from configs.base import load_config, override
 from tests.test_coco_fid import write_coco
 from tests.test_precompute import HashingTextEncoder, PatchAutoencoder, _write
+from tests.test_trainer import read_losses
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -489,3 +491,21 @@ def test_mixture_with_worker_processes_resumes(two_datasets):
   resumed.set_state(state)
   for a in rest:
     np.testing.assert_array_equal(a, next(resumed)["x"])
+
+
+@pytest.mark.slow
+def test_trainer_resumes_a_mixture_exactly(two_datasets, tmp_path):
+  """A tiny MicroDiT trained 4 steps on the mixture equals 2 steps, a restart and 2 more: the
+  mixed stream's position is checkpointed with the train state (orbax + grain). (stop_after ends
+  both runs before the final sample grid, which needs the config's encoders.)"""
+  config = microdit.get_config("runlocal")
+  config.data = _mix_cfg(two_datasets, (("a", "count"), ("b", 1.0)))
+  config.model.update(dict(input_size=8, caption_channels=16, caption_len=8))
+  config.train.update(dict(steps=4, batch_size=4, log_every=1, checkpoint_every=2,
+                           tensorboard=False))
+  full, split = str(tmp_path / "full"), str(tmp_path / "split")
+  trainer.train(config, full, stop_after=4)
+  trainer.train(config, split, stop_after=2)
+  trainer.train(config, split, stop_after=2)
+  a, b = read_losses(full), read_losses(split)
+  assert [a[s] for s in range(1, 5)] == [b[s] for s in range(1, 5)]
