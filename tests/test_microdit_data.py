@@ -10,6 +10,8 @@ import json
 import os
 import re
 import shlex
+import subprocess
+import sys
 import tarfile
 
 import ml_collections
@@ -509,3 +511,18 @@ def test_trainer_resumes_a_mixture_exactly(two_datasets, tmp_path):
   trainer.train(config, split, stop_after=2)
   a, b = read_losses(full), read_losses(split)
   assert [a[s] for s in range(1, 5)] == [b[s] for s in range(1, 5)]
+
+
+def test_precompute_cli_new_sources_fail_on_one_line(tmp_path):
+  write_table(str(tmp_path))
+  base = [sys.executable, os.path.join(REPO, "launch", "precompute.py"), "--autoencoder=x",
+          "--text_encoder=y", f"--output={tmp_path / 'out'}", "--image_size=32"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  for extra, message in (
+      (["--source=webdataset", f"--path={tmp_path}/{{00000..00003}}.tar"], "no file matches"),
+      (["--source=parquet", f"--path={tmp_path}/metadata.parquet",
+        f"--image_dir={tmp_path}/images", "--image_column=file", "--caption_column=prompt"],
+       "has no column")):
+    r = subprocess.run(base + extra, capture_output=True, text=True, env=env, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and message in lines[0], r.stderr
