@@ -15,6 +15,12 @@ Args (comma-separated), e.g. `configs/microdit.py:XL_2,p3_512_masked`:
                      autoencoder and text encoder of configs/sid2_t2i_fashion.py).
   runlocal           a tiny model for a few-second CPU smoke run on the Fashion-MNIST latents.
   unmasked | naive   (with fashion) mask ratio 0, or 75% masking without the patch mixer.
+  coco_fid30k        --mode=eval scores zero-shot FID-30K on COCO 2014 (config.eval.coco: local
+                     captions_val2014.json + val2014/, see docs/MICRODIT_DATA.md).
+
+The 256 px phases train on `data_mixture(256)` and the 512 px ones on `data_mixture(512)`:
+micro_diffusion's sources, each precomputed into data/microdit/<res>/<source>
+(docs/MICRODIT_DATA.md).
 
 The official trainer's two bugs are fixed: EMA is applied (config.train.ema_*), and the halved
 learning rate for the MoE parameters reaches them (config.optim.lr_multipliers by parameter path).
@@ -49,6 +55,23 @@ def architecture(name: str) -> dict:
   raise ValueError(name)
 
 
+# The training sources of each resolution, as micro_diffusion's `configs/res_256_*.yaml` and
+# `res_512_*.yaml` list them (`dataset.train.datadir`): SA1B (LLaVA captions), CC12M, TextCaps,
+# JourneyDB, DiffusionDB at 256 px; at 512 px DiffusionDB is dropped and CC12M is its min-res-512
+# subset. docs/MICRODIT_DATA.md prepares each directory.
+MIX_SOURCES = {256: ("sa1b", "cc12m", "textcaps", "jdb", "diffdb"),
+               512: ("sa1b", "cc12m_minres512", "textcaps", "jdb")}
+
+
+def data_mixture(resolution: int, root: str = "data/microdit") -> tuple:
+  """config.data.mixture of the `resolution` px phases: ((f"{root}/{resolution}/{source}",
+  "count"), ...). "count" weights each source by its number of images: micro_diffusion's
+  StreamingDataset over one Stream per dataset without proportions visits every sample once per
+  epoch (`datasets/latents_loader.py`), and neither the paper nor the code gives other
+  proportions."""
+  return tuple((f"{root}/{resolution}/{name}", "count") for name in MIX_SOURCES[resolution])
+
+
 def _init_from(path: str = "", load: str = "params", keep_step: bool = False):
   return ml_collections.ConfigDict(
       {"path": path, "load": load, "converter": "", "keep_step": keep_step})
@@ -69,12 +92,12 @@ def _phase(c: ml_collections.ConfigDict, phase: str) -> None:
     c.model.input_size, c.model.pos_interp_scale = 32, 1.0
     c.diffusion.p_mean, c.diffusion.p_std = -0.6, 1.2
     c.optim.clip_norm = 0.25
-    c.data.path = "workdirs/microdit_latents_256"
+    c.data.path, c.data.mixture = "", data_mixture(256)
   else:
     c.model.input_size, c.model.pos_interp_scale = 64, 2.0
     c.diffusion.p_mean, c.diffusion.p_std = 0.0, 0.6
     c.optim.clip_norm = 0.5
-    c.data.path = "workdirs/microdit_latents_512"
+    c.data.path, c.data.mixture = "", data_mixture(512)
   if phase == "p1_256_masked":
     c.model.mask_ratio = 0.75
     c.train.steps = 250_000
@@ -103,7 +126,8 @@ def _phase(c: ml_collections.ConfigDict, phase: str) -> None:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = parse_arg(arg)
-  unknown = args - {"XL_2", "Tiny_2", "runlocal", "fashion", "unmasked", "naive", *PHASES}
+  unknown = args - {"XL_2", "Tiny_2", "runlocal", "fashion", "unmasked", "naive", "coco_fid30k",
+                    *PHASES}
   if unknown:
     raise ValueError(f"configs/microdit.py: unknown argument(s) {sorted(unknown)}.")
   c = base_config()
@@ -138,7 +162,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     _fashion(c, args)
   if "runlocal" in args:
     _runlocal(c)
+  if "coco_fid30k" in args:
+    c.eval.num_samples = 30_000
+    c.eval.coco = coco_fid30k()
   return c
+
+
+def coco_fid30k(root: str = "data/coco2014") -> ml_collections.ConfigDict:
+  """config.eval.coco of the zero-shot FID-30K on COCO 2014 that MicroDiT reports (arXiv
+  2407.15811; micro_diffusion README's FID-30K table; protocol in common/eval/coco.py): 30K val2014
+  captions drawn with seed 0, real images and samples compared at 256 px (center crop + resize;
+  Inception at 299)."""
+  return ml_collections.ConfigDict({
+      "captions": f"{root}/annotations/captions_val2014.json", "images": f"{root}/val2014",
+      "seed": 0, "image_size": 256})
 
 
 def _fashion(c: ml_collections.ConfigDict, args: set[str]) -> None:

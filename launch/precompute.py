@@ -11,6 +11,12 @@
 ImageNet (`--source=imagenet`: the ILSVRC train folder of synset folders; `imagenet_tfds`: tfds
 imagenet2012 prepared under --path) is labelled and needs no text encoder; see
 common/data/imagenet.py and docs/REPRODUCE_TERDIT.md.
+    python launch/precompute.py --source=webdataset --path='cc12m/cc12m-train-{0000..2175}.tar' \
+        --image_size=256 --min_side=256 ...
+    python launch/precompute.py --source=parquet --path=metadata-large.parquet --image_dir=images \
+        --image_column=image_name --caption_column=prompt --image_size=256 --min_side=256 ...
+
+docs/MICRODIT_DATA.md gives the command of each MicroDiT training source.
 
 The output directory is what `config.data = {"name": "latents", "path": DIR}` trains on; its format
 is described in common/data/latents.py. Interrupted runs continue from the last complete shard when
@@ -30,13 +36,24 @@ from absl import flags  # noqa: E402
 from common.data import latents  # noqa: E402
 from common.errors import UserError  # noqa: E402
 
-_SOURCE = flags.DEFINE_enum("source", None, ["fashion_mnist", "image_folder", "coco", "imagenet",
-                                      "imagenet_tfds"],
+_SOURCE = flags.DEFINE_enum("source", None, ["fashion_mnist", "image_folder", "coco",
+                                              "webdataset", "parquet", "imagenet",
+                                              "imagenet_tfds"],
                             "Captioned (or, imagenet*, labelled) image source.")
 _PATH = flags.DEFINE_string(
     "path", None, "fashion_mnist: idx directory (default /usr/share/datasets/fashion-mnist); "
-    "image_folder: the folder of images with .txt captions; coco: the caption JSON.")
-_IMAGE_DIR = flags.DEFINE_string("image_dir", None, "coco: the directory of the JSON's images.")
+    "image_folder: the folder of images with .txt captions; coco: the caption JSON; "
+    "webdataset: the tar shards ('dir/{00000..00099}.tar', globs, commas); parquet: the tables; "
+    "imagenet: the ILSVRC train folder of synset folders; imagenet_tfds: the tfds data_dir.")
+_IMAGE_DIR = flags.DEFINE_string("image_dir", None, "coco: the directory of the JSON's images; "
+                                 "parquet: the folder the image column's paths are relative to.")
+_MIN_SIDE = flags.DEFINE_integer("min_side", 0, "webdataset/parquet: skip (and count) images whose "
+                                 "shorter side is below this many pixels.")
+_IMAGE_COLUMN = flags.DEFINE_string("image_column", None,
+                                    "parquet: the column of image paths relative to --image_dir.")
+_CAPTION_COLUMN = flags.DEFINE_string("caption_column", None, "parquet: the caption column.")
+_CAPTION_KEY = flags.DEFINE_string("caption_key", "caption",
+                                   "webdataset: the caption field of <key>.json files.")
 _SPLIT = flags.DEFINE_string("split", "train", "fashion_mnist: train | test; imagenet_tfds: a "
                              "tfds split (train, validation, train[:1000]).")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "imagenet: the number of synset folders "
@@ -74,8 +91,8 @@ def _run(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _SOURCE.value is None:
-    print("error: --source is required (fashion_mnist, image_folder, coco, imagenet or "
-          "imagenet_tfds)", file=sys.stderr,
+    print("error: --source is required (fashion_mnist, image_folder, coco, webdataset, parquet, "
+          "imagenet or imagenet_tfds)", file=sys.stderr,
           flush=True)
     sys.exit(1)
   try:
@@ -86,7 +103,9 @@ def _run(argv) -> None:
                        shard_size=_SHARD_SIZE.value, batch_size=_BATCH_SIZE.value,
                        limit=_LIMIT.value, latent=_LATENT.value, dtype=_DTYPE.value,
                        trim_padding=_TRIM.value,
-                       seed=_SEED.value, process_index=_PROCESS_INDEX.value,
+                       seed=_SEED.value, min_side=_MIN_SIDE.value,
+                       image_column=_IMAGE_COLUMN.value, caption_column=_CAPTION_COLUMN.value,
+                       caption_key=_CAPTION_KEY.value, process_index=_PROCESS_INDEX.value,
                        process_count=_PROCESS_COUNT.value, num_classes=_NUM_CLASSES.value,
                        flips=_FLIPS.value)
   except UserError as e:

@@ -130,9 +130,10 @@ def test_synset_folders_labels_flips_and_bad_files(ilsvrc):
     assert ex.label == mirror.label == src.labels[i] and ex.captions == ()
   i = src.paths.index(bad["truncated"])
   for j in (2 * i, 2 * i + 1):
-    skipped = src[j]
-    assert isinstance(skipped, cap.SkippedExample) and skipped.path == bad["truncated"]
-    assert "damaged" in skipped.reason or "truncated" in skipped.reason
+    with pytest.raises(cap.SkipExample) as skipped:
+      src[j]
+    assert skipped.value.reason == "unreadable_image" and bad["truncated"] in skipped.value.detail
+    assert "damaged" in skipped.value.detail or "truncated" in skipped.value.detail
   unflipped = imagenet.ImageNetFolder(root, SIZE, num_classes=len(SYNSETS), flips=False)
   assert len(unflipped) == n
   np.testing.assert_array_equal(unflipped[1].image, src[2].image)
@@ -209,11 +210,10 @@ def test_precompute_writes_labelled_moments_and_counts_skips(ilsvrc, ae_export, 
   root, bad = ilsvrc
   out, stdout = imagenet_latents
   n = len(SYNSETS) * PER_CLASS + len(bad)
-  assert "skipped example" in stdout and "skipped 2 unreadable example(s)" in stdout, stdout
+  assert f"skipped 2 of {2 * n} examples (unreadable_image: 2)" in stdout, stdout
+  assert bad["truncated"] in stdout  # the first file skipped for each reason is named
   meta = lat.read_meta(out)
-  plan = json.loads((lat.as_path(out) / lat.PLAN_FILE).read_text())
-  assert plan["skipped"] == meta["skipped"] == 2  # the truncated file and its mirror image
-  assert {s["path"] for s in meta["skipped_files"]} == {bad["truncated"]}
+  assert meta["skipped"] == {"unreadable_image": 2}  # the truncated file and its mirror image
   assert meta["num_examples"] == 2 * n - 2 and meta["source_examples"] == 2 * n
   assert sum(meta["shard_examples"]) == meta["num_examples"] and meta["text_encoder"] is None
   assert meta["latent"] == "moments" and meta["latent_shape"] == [8, 8, 4]
@@ -258,10 +258,10 @@ def test_resume_after_an_interrupt_keeps_skips_and_bytes(ilsvrc, ae_export, imag
     with pytest.raises(KeyboardInterrupt):
       lat.write_dataset(src, out, on_shard_done=stop, **kwargs)
     assert not (lat.as_path(out) / lat.META_FILE).exists()
-  # every shard is complete: the skips of shard 3 come back from its .skipped.json
+  # every shard is complete: the skips of shard 3 come back from its .stats.json
   meta = lat.write_dataset(src, out, **kwargs)
   reference = lat.read_meta(imagenet_latents[0])
-  assert meta["skipped"] == reference["skipped"] == 2
+  assert meta["skipped"] == reference["skipped"] == {"unreadable_image": 2}
   assert meta["shard_examples"] == reference["shard_examples"]
   for name in meta["shards"]:
     assert ((lat.as_path(out) / name).read_bytes()

@@ -182,7 +182,10 @@ def test_precompute_fashion_shards_and_records(fashion_latents, fmnist_dir):
   output, meta, text_encoder = fashion_latents
   assert meta["num_shards"] == 3 and meta["shard_examples"] == [128, 128, 44]
   assert meta["latent_shape"] == [7, 7, 4] and meta["image_shape"] == [28, 28, 1]
-  assert sorted(os.listdir(output)) == sorted(meta["shards"] + ["meta.json", "precompute.json"])
+  stats = [s.replace(".array_record", ".stats.json") for s in meta["shards"]]
+  assert sorted(os.listdir(output)) == sorted(meta["shards"] + stats +
+                                              ["meta.json", "precompute.json"])
+  assert meta["skipped"] == {} and meta["source_examples"] == meta["num_examples"] == N_FASHION
   source = cap.CaptionedFashionMNIST(fmnist_dir, "train", seed=3)
   # Captions repeat: each shard encodes each of its distinct captions once.
   distinct = [len({source[i].captions[0] for i in range(lo, min(lo + 128, N_FASHION))})
@@ -245,7 +248,8 @@ def test_interrupt_and_resume_gives_identical_bytes(tmp_path, fmnist_dir):
   with pytest.raises(KeyboardInterrupt):
     _write(tmp_path / "resumed", source, on_shard_done=stop_after_first)
   names = sorted(os.listdir(tmp_path / "resumed"))
-  assert names == ["precompute.json", lat.shard_name(0, 3)]
+  assert names == ["precompute.json", lat.shard_name(0, 3),
+                   lat.shard_name(0, 3).replace(".array_record", ".stats.json")]
   with pytest.raises(DataNotFoundError, match="unfinished"):
     lat.latents_info(_cfg(str(tmp_path / "resumed")))
   # A half-written shard left by the interruption is rewritten, not trusted.

@@ -33,6 +33,7 @@ Public API (see docs/DESIGN.md, "Data contract"):
                 num_examples default 10000; example i depends only on (seed, i) (default seed 0;
                 the shuffle order follows config.seed as for every source). Marked SYNTHETIC in
                 `dataset_info` and in a line printed when the training iterator is made.
+  mixture       latents only: ((path, weight), ...) instead of path (`common.data.mixture`).
   worker_count  grain worker processes (default 0: in the calling process). The stream depends on
                 it (each worker batches its own records), and a saved state restores only into
                 an iterator with the same worker_count (grain checks).
@@ -68,7 +69,7 @@ NAMES = ("digits", "fashion_mnist", "tfds", "image_folder", "synthetic", "latent
 KNOWN_KEYS = frozenset({
     "name", "image_size", "channels", "random_flip", "path", "tfds_name", "data_dir", "split",
     "worker_count", "worker_buffer_size", "read_threads", "read_buffer_size", "image_key",
-    "label_key", "num_classes", "num_examples", "seed"})
+    "label_key", "num_classes", "num_examples", "seed", "mixture"})
 _SYNTHETIC_ONLY = frozenset({"num_classes", "num_examples", "seed"})
 
 
@@ -89,6 +90,8 @@ def _check_config(cfg) -> str:
   misplaced = sorted(k for k in _SYNTHETIC_ONLY & set(cfg.keys()) if cfg[k] is not None)
   if misplaced and name != "synthetic":
     raise ConfigError(f"data key(s) {misplaced} apply to data.name='synthetic' only, not {name!r}")
+  if cfg.get("mixture", None) and name != "latents":
+    raise ConfigError(f"data.mixture applies to data.name='latents' only, not {name!r}")
   return name
 
 

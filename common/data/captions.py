@@ -73,17 +73,38 @@ class CaptionedExample:
   label: int = -1
 
 
-@dataclasses.dataclass(frozen=True)
-class SkippedExample:
-  """What a source returns for an example it cannot read (e.g. a truncated ImageNet JPEG); the
-  writer leaves it out and counts it (`common.data.latents.write_dataset`).
+class SkipExample(Exception):
+  """Raised by a source's `__getitem__` for an example the writer leaves out and counts (webdataset
+  and parquet sources: a bad or too small image is skipped, never a crash).
 
   Attributes:
-    path: the file.
-    reason: why it cannot be read (one line).
+    reason: the count's key in meta.json's "skipped" (e.g. "min_side", "unreadable_image").
+    detail: one line naming the file, for the first example skipped for each reason.
   """
-  path: str
-  reason: str
+
+  def __init__(self, reason: str, detail: str):
+    super().__init__(f"{reason}: {detail}")
+    self.reason, self.detail = reason, detail
+
+
+def decode_or_skip(f, name: str, *, image_size: int, channels: int, min_side: int) -> np.ndarray:
+  """An image file -> uint8 [image_size, image_size, channels] (ADM center crop + resize), or
+  SkipExample: "unreadable_image" (damaged, oversized, not an image: `image_folder.decode_image`'s
+  checks) or "min_side" (the shorter side is below `min_side` pixels, as micro_diffusion's
+  download scripts skip images under 256 px).
+
+  Args:
+    f: an open seekable binary file.
+    name: how messages name it (e.g. "shard.tar:key.jpg").
+  """
+  try:
+    image = _image_folder.decode_image(f, name, channels)
+  except DataNotFoundError as e:
+    raise SkipExample("unreadable_image", str(e)) from e
+  if min(image.shape[:2]) < min_side:
+    raise SkipExample("min_side", f"{name} is {image.shape[1]}x{image.shape[0]}, its shorter "
+                      f"side below --min_side={min_side}")
+  return _transforms.center_crop_arr(image, image_size)
 
 
 def fashion_caption_templates(split: str = "train") -> tuple[str, ...]:
@@ -214,7 +235,7 @@ def _read_captions(path: str) -> tuple[str, ...]:
   return captions
 
 
-def _check_size(image_size, channels) -> None:
+def check_size(image_size, channels) -> None:
   if not isinstance(image_size, int) or image_size <= 0:
     raise ConfigError(f"a positive integer image_size is needed, got {image_size!r}")
   if channels not in (1, 3):
@@ -235,7 +256,7 @@ class CaptionedImageFolder:
   """
 
   def __init__(self, root: str, image_size: int, channels: int = 3):
-    _check_size(image_size, channels)
+    check_size(image_size, channels)
     if not root or not as_path(root).is_dir():
       raise DataNotFoundError(
           f"caption image folder {root!r} does not exist; give a directory of images with a "
@@ -289,7 +310,7 @@ class CocoCaptions:
   """
 
   def __init__(self, annotations: str, image_dir: str, image_size: int, channels: int = 3):
-    _check_size(image_size, channels)
+    check_size(image_size, channels)
     if not annotations or not as_path(annotations).is_file():
       raise DataNotFoundError(
           f"COCO caption file {annotations!r} not found; give e.g. "

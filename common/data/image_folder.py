@@ -72,19 +72,31 @@ def read_image(path: str | os.PathLike, channels: int, *,
   refused rather than decoded into wrong pixels). A truncated, damaged, oversized or non-image
   file raises DataNotFoundError naming the file; nothing is skipped silently.
   """
+  try:
+    f = as_path(path).open("rb")
+  except OSError as e:
+    raise DataNotFoundError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+  with f:
+    return decode_image(f, path, channels, max_pixels=max_pixels)
+
+
+def decode_image(f, name: str | os.PathLike, channels: int, *,
+                 max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+  """`read_image` of an open, seekable binary file `f` (e.g. `io.BytesIO` of a tar member) that
+  messages call `name`: the same header size check, `Image.verify` and errors."""
+  path = name
   if channels not in (1, 3):
     raise ShapeError(f"image folder: data.channels must be 1 or 3, got {channels}")
   try:
-    with as_path(path).open("rb") as f:
-      with Image.open(f) as image:  # reads the header only
-        width, height = image.size
-        if width * height > max_pixels:
-          raise DataNotFoundError(_too_large(path, f"{width}x{height} = {width * height} pixels",
-                                             max_pixels))
-        image.verify()
-      f.seek(0)
-      with Image.open(f) as image:
-        arr = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    with Image.open(f) as image:  # reads the header only
+      width, height = image.size
+      if width * height > max_pixels:
+        raise DataNotFoundError(_too_large(path, f"{width}x{height} = {width * height} pixels",
+                                           max_pixels))
+      image.verify()
+    f.seek(0)
+    with Image.open(f) as image:
+      arr = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
   except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # PIL's own check
     raise DataNotFoundError(_too_large(path, str(e), max_pixels)) from e
   except Image.UnidentifiedImageError as e:

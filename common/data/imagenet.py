@@ -21,7 +21,7 @@ we store the true latents of both rather than assume it.)
 
 Damaged files (ImageNet's train set has CMYK JPEGs, grayscale JPEGs and a PNG named .JPEG, all
 converted to RGB by PIL here; a truncated or unreadable file cannot be) come back as
-`SkippedExample`s with the reason; the writer leaves them out and reports how many.
+`captions.SkipExample("unreadable_image", ...)`: the writer leaves them out and counts them.
 """
 
 from __future__ import annotations
@@ -135,28 +135,29 @@ class ImageNetFolder(_Flipped):
     _check_options(image_size, num_classes)
     self.root, self.image_size, self.num_classes, self.flips = root, image_size, num_classes, flips
     self.synsets, self.paths, self.labels = list_synsets(root, num_classes)
-    self._last: tuple[int, np.ndarray | _captions.SkippedExample] | None = None
+    self._last: tuple[int, np.ndarray | str] | None = None
 
   def __len__(self) -> int:
     return self._count(len(self.paths))
 
-  def _read(self, i: int) -> np.ndarray | _captions.SkippedExample:
-    """File i decoded as RGB and center-cropped; the last one is kept, so a mirror image costs no
-    second decode."""
+  def _read(self, i: int) -> np.ndarray | str:
+    """File i decoded as RGB and center-cropped, or why it cannot be; the last one is kept, so a
+    mirror image costs no second decode."""
     if self._last is None or self._last[0] != i:
       try:
         image = _transforms.center_crop_arr(_image_folder.read_image(self.paths[i], 3),
                                             self.image_size)
       except DataNotFoundError as e:  # truncated, damaged or oversized: the writer counts it
-        image = _captions.SkippedExample(self.paths[i], str(e))
+        image = str(e)
       self._last = (i, image)
     return self._last[1]
 
-  def __getitem__(self, index: int) -> _captions.CaptionedExample | _captions.SkippedExample:
+  def __getitem__(self, index: int) -> _captions.CaptionedExample:
+    """Example `index`; raises captions.SkipExample for a file that cannot be read."""
     i, mirror = self._split(index)
     image = self._read(i)
-    if isinstance(image, _captions.SkippedExample):
-      return image
+    if isinstance(image, str):
+      raise _captions.SkipExample("unreadable_image", image)
     return self._example(image, self.labels[i], mirror)
 
   def describe(self) -> dict:

@@ -42,18 +42,20 @@ per sample.
 The training pipeline (`latents_train_iterator`) yields the text-conditional batches of the trainer
 contract: `{"x": float32 [B, h, w, c], "cond": {"tokens": float32 [B, T, D], "mask": int32 [B, T],
 "pooled": float32 [B, D], "label": int32 [B]}}`; the label is -1 where the source has none. A
-dataset without text yields `{"x", "cond": {"label"}}`, the class-conditional batch.
-
-Examples a source cannot read (`captions.SkippedExample`: a truncated JPEG in ImageNet) are left out
-and reported: a line each while writing, their count at the end, in precompute.json ("skipped") and
-meta.json ("skipped", "skipped_files"); `shard-*.skipped.json` beside a shard lists its skips (a
-resumed run reads them back). The
-network takes the conditions it declares (`Experiment.model_batch`): captions for a text-conditional
+dataset without text yields `{"x", "cond": {"label"}}`, the class-conditional batch. The network
+takes the conditions it declares (`Experiment.model_batch`): captions for a text-conditional
 one, the label for a class-conditional one (e.g. TerDiT on ImageNet latents).
 
-Config keys (`config.data`) for `name = "latents"`: `path` (the dataset directory), and grain's
-`worker_count`, `worker_buffer_size`, `read_threads` (default 8), `read_buffer_size` (default 4
-local batches), as for the other pipelines.
+Config keys (`config.data`) for `name = "latents"`: `path` (the dataset directory) or `mixture`
+(several, with weights: `common.data.mixture`), and grain's `worker_count`,
+`worker_buffer_size`, `read_threads` (default 8), `read_buffer_size` (default 4 local batches), as
+for the other pipelines.
+
+Sources whose `__getitem__` raises `captions.SkipExample` (a truncated ImageNet JPEG; in webdataset
+shards and parquet tables a damaged image, one below `--min_side`, a missing caption) lose that
+example, never stop the run: each shard's counts go
+to `shard-*.stats.json` beside it, and meta.json holds `num_examples` (records written),
+`source_examples` (examples read) and `skipped` ({reason: count}).
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from absl import flags
 import grain
 import jax
 import msgpack
@@ -79,7 +82,10 @@ from common import text
 from common.data import captions as _captions
 from common.data import imagenet as _imagenet
 from common.data import loader as _loader
+from common.data import mixture as _mix
+from common.data import parquet_source as _parquet
 from common.data import sources as _sources
+from common.data import webdataset_source as _wds
 from common.errors import ConfigError, DataNotFoundError, ShapeError
 from common.training.metrics import format_duration
 from common.paths import as_path, is_remote
@@ -88,14 +94,14 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 META_FILE = "meta.json"
 PLAN_FILE = "precompute.json"
-LATENTS_KEYS = frozenset({"name", "path", "worker_count", "worker_buffer_size", "read_threads",
-                          "read_buffer_size"})
+LATENTS_KEYS = frozenset({"name", "path", "mixture", "worker_count", "worker_buffer_size",
+                          "read_threads", "read_buffer_size"})
 DTYPES = ("float16", "float32")
 LATENT_MODES = ("mean", "sample", "moments")
 _WRITER_OPTIONS = "group_size:1,uncompressed"
-_HOW_TO = ("write it with `python launch/precompute.py "
-           "--source=fashion_mnist|image_folder|coco|imagenet --autoencoder=SPEC "
-           "[--text_encoder=SPEC] --output=DIR` and set data.path=DIR")
+_HOW_TO = ("write it with `python launch/precompute.py --source=fashion_mnist|image_folder|coco|"
+           "webdataset|parquet|imagenet --autoencoder=SPEC [--text_encoder=SPEC] --output=DIR` "
+           "and set data.path=DIR")
 # Sources whose examples carry a class label and no caption: --text_encoder is optional for them.
 LABELLED_SOURCES = ("imagenet", "imagenet_tfds")
 
@@ -253,44 +259,40 @@ def _scaled_moments(autoencoder: MomentsAutoencoder,
   return (mean - shift) * scale, logvar + np.log(np.square(scale))
 
 
-def _skip_file(shard_path) -> epath.Path:
-  """Where a shard's skipped examples are listed (JSON) beside the shard."""
-  shard_path = as_path(shard_path)
-  return shard_path.parent / (shard_path.name + ".skipped.json")
-
-
 def _write_shard(path: str, source, lo: int, hi: int, *, autoencoder: Autoencoder,
                  text_encoder: TextEncoder | None, image_shape: tuple[int, int, int],
                  latent_shape: tuple[int, int, int], batch_size: int, latent: str, seed: int,
                  dtype: np.dtype, trim_padding: bool, progress: _Progress,
-                 done: int) -> tuple[int, list[dict]]:
+                 done: int) -> tuple[int, dict]:
   """Encodes examples [lo, hi) of `source` into the array_record file `path`.
 
   Batches start at `lo` and never cross the shard's end, and caption embeddings are cached per
   shard, so a shard's bytes depend only on its own examples: a resumed run rewrites an unfinished
-  shard exactly as an uninterrupted run writes it. Examples the source returns as
-  `SkippedExample`s are left out, each reported on a line of progress output.
+  shard exactly as an uninterrupted run writes it. An example whose `source[i]` raises
+  `captions.SkipExample` is left out and counted.
 
   Returns:
-    (done + hi - lo, the skipped examples as {"index", "path", "reason"} dicts).
+    (done, {"written": records written, "skipped": {reason: count}, "first_skipped": {reason:
+    detail}}).
   """
   cache: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-  skipped: list[dict] = []
+  stats = {"written": 0, "skipped": {}, "first_skipped": {}}
   writer = ArrayRecordWriter(path, _WRITER_OPTIONS)
   try:
     for start in range(lo, hi, batch_size):
-      batch = range(start, min(start + batch_size, hi))
-      pairs = [(i, source[i]) for i in batch]
-      for i, ex in pairs:
-        if isinstance(ex, _captions.SkippedExample):
-          skipped.append({"index": i, "path": ex.path, "reason": ex.reason})
-          print(f"precompute: skipped example {i}: {ex.reason}", file=progress.stream, flush=True)
-      pairs = [(i, ex) for i, ex in pairs if not isinstance(ex, _captions.SkippedExample)]
-      done += len(batch)
-      if not pairs:
+      batch_end = min(start + batch_size, hi)
+      indices, examples = [], []
+      for i in range(start, batch_end):
+        try:
+          examples.append(source[i])
+          indices.append(i)
+        except _captions.SkipExample as e:
+          stats["skipped"][e.reason] = stats["skipped"].get(e.reason, 0) + 1
+          stats["first_skipped"].setdefault(e.reason, e.detail)
+      if not examples:
+        done += batch_end - start
         progress.update(done)
         continue
-      indices, examples = [i for i, _ in pairs], [ex for _, ex in pairs]
       for i, ex in zip(indices, examples):
         if tuple(ex.image.shape) != image_shape or ex.image.dtype != np.uint8:
           raise ShapeError(f"source example {i} has an image {ex.image.dtype} {ex.image.shape}; "
@@ -318,26 +320,40 @@ def _write_shard(path: str, source, lo: int, hi: int, *, autoencoder: Autoencode
       if text_encoder is None:
         for i, ex, z, lv in zip(indices, examples, latents, logvars):
           writer.write(serialize_example(z, None, None, None, ex.label, (), i, logvar=lv))
-        progress.update(done)
-        continue
-      for i, ex in zip(indices, examples):
-        if not ex.captions:
-          raise ShapeError(f"source example {i} has no caption; a dataset with text needs one "
-                           "per image (or precompute a labelled source without --text_encoder)")
-      new = list(dict.fromkeys(c for ex in examples for c in ex.captions if c not in cache))
-      cache.update(_encode_captions(text_encoder, new, batch_size, dtype))
-      for i, ex, z, lv in zip(indices, examples, latents, logvars):
-        embs = [cache[c] for c in ex.captions]
-        tokens, mask = np.stack([e[0] for e in embs]), np.stack([e[1] for e in embs])
-        if trim_padding:
-          real = np.flatnonzero(mask.any(axis=0))
-          tokens = tokens[:, :(real[-1] + 1 if real.size else 1)]
-        writer.write(serialize_example(z, tokens, mask, np.stack([e[2] for e in embs]), ex.label,
-                                       ex.captions, i, logvar=lv))
+      else:
+        for i, ex in zip(indices, examples):
+          if not ex.captions:
+            raise ShapeError(f"source example {i} has no caption; a dataset with text needs one "
+                             "per image (or precompute a labelled source without --text_encoder)")
+        new = list(dict.fromkeys(c for ex in examples for c in ex.captions if c not in cache))
+        cache.update(_encode_captions(text_encoder, new, batch_size, dtype))
+        for i, ex, z, lv in zip(indices, examples, latents, logvars):
+          embs = [cache[c] for c in ex.captions]
+          tokens, mask = np.stack([e[0] for e in embs]), np.stack([e[1] for e in embs])
+          if trim_padding:
+            real = np.flatnonzero(mask.any(axis=0))
+            tokens = tokens[:, :(real[-1] + 1 if real.size else 1)]
+          writer.write(serialize_example(z, tokens, mask, np.stack([e[2] for e in embs]),
+                                         ex.label, ex.captions, i, logvar=lv))
+      stats["written"] += len(examples)
+      done += batch_end - start
       progress.update(done)
   finally:
     writer.close()
-  return done, skipped
+  return done, stats
+
+
+def _stats_name(shard: str) -> str:
+  return shard.removesuffix(".array_record") + ".stats.json"
+
+
+def _read_shard_stats(out_dir, shard: str, lo: int, hi: int) -> dict:
+  """A complete shard's counts (its `.stats.json`); shards of runs from before the counts were
+  written hold every example of their range."""
+  path = out_dir / _stats_name(shard)
+  if path.is_file():
+    return _read_json(path)
+  return {"written": hi - lo, "skipped": {}}
 
 
 def _check_local(output: str) -> None:
@@ -423,7 +439,7 @@ def write_dataset(source, output: str, *, autoencoder: Autoencoder,
   plan_path = out_dir / PLAN_FILE
   if plan_path.exists():
     old = _read_json(plan_path)
-    diff = sorted(k for k in (set(plan) | set(old)) - {"skipped"} if plan.get(k) != old.get(k))
+    diff = sorted(k for k in set(plan) | set(old) if plan.get(k) != old.get(k))
     if diff:
       raise ConfigError(
           f"{output} holds a precompute run with other settings ({', '.join(diff)} differ: "
@@ -448,15 +464,12 @@ def write_dataset(source, output: str, *, autoencoder: Autoencoder,
     final = out_dir / shards[k]
     tmp = os.fspath(final) + ".tmp"
     lo, hi = bounds[k]
-    done, skipped = _write_shard(
+    done, stats = _write_shard(
         tmp, source, lo, hi, autoencoder=autoencoder, text_encoder=text_encoder,
         image_shape=image_shape, latent_shape=latent_shape, batch_size=batch_size, latent=latent,
         seed=seed, dtype=np.dtype(dtype), trim_padding=trim_padding, progress=progress, done=done)
-    if skipped:  # listed before the shard counts as complete
-      _write_json(_skip_file(final), {"skipped": skipped})
-    else:
-      _skip_file(final).unlink(missing_ok=True)
-    as_path(tmp).replace(final)
+    _write_json(out_dir / _stats_name(shards[k]), stats)  # before the shard: a complete shard
+    as_path(tmp).replace(final)                            # always has its counts
     if on_shard_done is not None:
       on_shard_done(k)
   progress.update(done, force=True)
@@ -465,16 +478,26 @@ def write_dataset(source, output: str, *, autoencoder: Autoencoder,
     print(f"precompute: {len(missing)} shard(s) of other processes still missing; the last "
           "process to finish writes meta.json", file=stream, flush=True)
     return None
-  skipped = [s for k in range(num_shards) if _skip_file(out_dir / shards[k]).is_file()
-             for s in _read_json(_skip_file(out_dir / shards[k]))["skipped"]]
-  counts = [hi - lo - sum(lo <= s["index"] < hi for s in skipped) for lo, hi in bounds]
+  stats = [_read_shard_stats(out_dir, shards[k], *bounds[k]) for k in range(num_shards)]
+  skipped: dict[str, int] = {}
+  for st in stats:
+    for reason, count in st["skipped"].items():
+      skipped[reason] = skipped.get(reason, 0) + count
+  written = sum(st["written"] for st in stats)
   if skipped:
-    print(f"precompute: skipped {len(skipped)} unreadable example(s) of {n} (listed in "
-          f"{out_dir / META_FILE} under skipped_files)", file=stream, flush=True)
-  _write_json(plan_path, {**plan, "skipped": len(skipped)})
-  meta = {**plan, "shards": shards, "num_shards": num_shards, "num_examples": sum(counts),
-          "source_examples": n, "shard_examples": counts, "skipped": len(skipped),
-          "skipped_files": skipped,
+    firsts = {}
+    for st in stats:
+      for reason, detail in st.get("first_skipped", {}).items():
+        firsts.setdefault(reason, detail)
+    print(f"precompute: skipped {sum(skipped.values())} of {n} examples ("
+          + ", ".join(f"{r}: {c}" for r, c in sorted(skipped.items())) + "); first of each: "
+          + "; ".join(f"{firsts[r]}" for r in sorted(firsts)), file=stream, flush=True)
+  if written == 0:
+    raise DataNotFoundError(f"every one of the {n} examples was skipped ({skipped}); nothing to "
+                            f"train on in {output}")
+  meta = {**plan, "num_examples": written, "source_examples": n, "skipped": skipped,
+          "shards": shards, "num_shards": num_shards,
+          "shard_examples": [st["written"] for st in stats],
           "scaling": "latents are autoencoder.encode outputs: (z - shift_factor) * scaling_factor",
           "record_format": "msgpack; see common/data/latents.py"}
   _write_json(out_dir / META_FILE, meta)
@@ -482,8 +505,9 @@ def write_dataset(source, output: str, *, autoencoder: Autoencoder,
 
 
 def build_source(source: str, *, path: str | None, image_dir: str | None, split: str,
-                 image_size: int | None, channels: int, seed: int, num_classes: int = 1000,
-                 flips: bool = True):
+                 image_size: int | None, channels: int, seed: int, min_side: int = 0,
+                 image_column: str | None = None, caption_column: str | None = None,
+                 caption_key: str = "caption", num_classes: int = 1000, flips: bool = True):
   """The captioned source of `launch/precompute.py`'s flags (common.data.captions)."""
   if source in LABELLED_SOURCES:
     return _imagenet.build(source, path=path, split=split, image_size=image_size,
@@ -498,6 +522,13 @@ def build_source(source: str, *, path: str | None, image_dir: str | None, split:
   if not path:
     raise ConfigError(f"--source={source} needs --path ("
                       f"{'the image folder' if source == 'image_folder' else 'the caption JSON'})")
+  if min_side and source not in ("webdataset", "parquet"):
+    raise ConfigError(f"--min_side applies to --source=webdataset|parquet, not {source}")
+  if source == "webdataset":
+    return _wds.WebDatasetCaptions(path, image_size, channels, min_side, caption_key)
+  if source == "parquet":
+    return _parquet.ParquetCaptions(path, image_dir, image_size, channels, min_side=min_side,
+                                    image_column=image_column, caption_column=caption_column)
   if source == "image_folder":
     return _captions.CaptionedImageFolder(path, image_size, channels)
   if split != "train":
@@ -511,6 +542,8 @@ def precompute(*, source: str, output: str, autoencoder: str, text_encoder: str,
                image_size: int | None = None, channels: int = 3, shard_size: int = 4096,
                batch_size: int = 64, limit: int | None = None, latent: str = "mean",
                dtype: str = "float16", trim_padding: bool = False, seed: int = 0,
+               min_side: int = 0, image_column: str | None = None,
+               caption_column: str | None = None, caption_key: str = "caption",
                process_index: int = 0,
                process_count: int = 1, num_classes: int = 1000, flips: bool = True,
                load_autoencoder=None, load_text_encoder=None,
@@ -532,8 +565,9 @@ def precompute(*, source: str, output: str, autoencoder: str, text_encoder: str,
       raise ConfigError(f"--{name} is required")
   _check_local(output)
   captioned = build_source(source, path=path, image_dir=image_dir, split=split,
-                           image_size=image_size, channels=channels, seed=seed,
-                           num_classes=num_classes, flips=flips)
+                           image_size=image_size, channels=channels, seed=seed, min_side=min_side,
+                           image_column=image_column, caption_column=caption_column,
+                           caption_key=caption_key, num_classes=num_classes, flips=flips)
   load_autoencoder = load_autoencoder or autoencoders.load_autoencoder
   load_text_encoder = load_text_encoder or text.load_text_encoder
   meta = write_dataset(
@@ -549,7 +583,7 @@ def precompute(*, source: str, output: str, autoencoder: str, text_encoder: str,
                  if meta["text_encoder"] else "no text")
     print(f"precompute: wrote {meta['num_examples']} examples in {meta['num_shards']} shard(s) to "
           f"{output} (latents {tuple(meta['latent_shape'])}, {text_part}, {meta['dtype']}"
-          f"{', ' + str(meta['skipped']) + ' skipped' if meta['skipped'] else ''})",
+          f"{', ' + str(sum(meta['skipped'].values())) + ' skipped' if meta['skipped'] else ''})",
           file=stream or sys.stdout, flush=True)
   return meta
 
@@ -595,10 +629,23 @@ def _path(cfg) -> str:
     raise ConfigError(f"data.name='latents' does not take data config key(s) {unknown}; its keys: "
                       f"{sorted(LATENTS_KEYS)}")
   path = cfg.get("path", None)
-  if not path:
-    raise ConfigError(f"data.name='latents' needs data.path, a precomputed dataset directory; "
-                      f"{_HOW_TO}")
+  if path and cfg.get("mixture", None):
+    raise ConfigError("data.path and data.mixture are both set; give one dataset (path) or a "
+                      "mixture of them, not both")
+  if not path and not cfg.get("mixture", None):
+    raise ConfigError(f"data.name='latents' needs data.path, a precomputed dataset directory (or "
+                      f"data.mixture, several with weights); {_HOW_TO}")
   return path
+
+
+def _mixture(cfg) -> tuple[list[tuple[str, Any]], list[LatentsInfo]] | None:
+  """(entries, infos) of `cfg.mixture` (common.data.mixture), checked compatible; None without."""
+  if _path(cfg):
+    return None
+  entries = _mix.parse(cfg.mixture)
+  infos = [_info(p) for p, _ in entries]
+  _mix.check_compatible(infos)
+  return entries, infos
 
 
 def read_meta(path: str) -> dict:
@@ -626,8 +673,21 @@ def _info(path: str) -> LatentsInfo:
 
 
 def latents_info(cfg) -> LatentsInfo:
-  """Shapes, counts and encoder specs of the dataset at `cfg.path`, from meta.json only."""
-  return _info(_path(cfg))
+  """Shapes, counts and encoder specs of the dataset at `cfg.path`, from meta.json only.
+
+  For a mixture (`cfg.mixture`): the shapes and encoders its sources share, the sum of their
+  examples, `path` naming them and `meta = {"mixture": [(path, normalised weight, count)]}`.
+  """
+  mixed = _mixture(cfg)
+  if mixed is None:
+    return _info(_path(cfg))
+  entries, infos = mixed
+  counts = [i.num_examples for i in infos]
+  ws = _mix.weights(entries, counts)
+  return dataclasses.replace(
+      infos[0], path="mixture(" + ", ".join(p for p, _ in entries) + ")",
+      num_examples=sum(counts),
+      meta={"mixture": [(p, w, n) for (p, _), w, n in zip(entries, ws, counts)]})
 
 
 def _same_spec(a: str, b: str) -> bool:
@@ -740,6 +800,21 @@ def latents_train_iterator(cfg, *, global_batch_size: int, seed: int,
   path = _path(cfg)
   process_index, process_count, local_batch_size = _loader.local_batch(
       global_batch_size, process_index, process_count)
+  mixed = _mixture(cfg)
+  if mixed is not None:
+    entries, infos = mixed
+    worker_count = int(_get(cfg, "worker_count", 0))
+    if worker_count > 0 and not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags (as in loader.make_loader)
+    return iter(_mix.mixed_dataset(
+        [LatentsSource(p) for p, _ in entries],
+        _mix.weights(entries, [i.num_examples for i in infos]), [PickCaption()], seed=seed,
+        process_index=process_index, process_count=process_count,
+        local_batch_size=local_batch_size, worker_count=worker_count,
+        worker_buffer_size=int(_get(cfg, "worker_buffer_size", 1)),
+        read_options=grain.ReadOptions(
+            num_threads=int(_get(cfg, "read_threads", 8)),
+            prefetch_buffer_size=int(_get(cfg, "read_buffer_size", 4 * local_batch_size)))))
   source = LatentsSource(path)
   if len(source) // process_count < local_batch_size:
     raise ConfigError(f"the latents at {path} hold {len(source)} examples, fewer than one batch "

@@ -35,6 +35,7 @@ from common.data.captions import read_prompts
 from common.diffusion.recipes import make_diffusion
 from common.errors import CheckpointError, ConfigError, NonFiniteLossError, ShapeError
 from common.eval import cache
+from common.eval import coco as coco_eval
 from common.eval.features import even_batch_size, evaluate_images, make_reference
 from common.eval.inception import weights_identity
 from common.eval.reference import check_reference_file, write_arrays
@@ -353,32 +354,45 @@ def export(config: ml_collections.ConfigDict, workdir: str, *, out: str | None =
 # ---- evaluation ----------------------------------------------------------------------------------
 
 
-def _reference(config: ml_collections.ConfigDict, wd: epath.Path):
+def _reference(config: ml_collections.ConfigDict, wd: epath.Path,
+               coco: coco_eval.CocoEval | None = None):
   """`config.eval.reference` (a path to images or statistics), or statistics of the config's own
   real images (`eval.reference_data`, default config.data, split `eval.reference_split`), cached in
-  WORKDIR/eval/reference.npz with the settings that made it (`common.eval.cache`)."""
+  WORKDIR/eval/reference.npz with the settings that made it (`common.eval.cache`); with
+  `eval.coco`, of the N drawn COCO images, in WORKDIR/eval/reference_coco_nN.npz (periodic and
+  final evaluations draw different N and keep one file each)."""
   ec = config.eval
   if ec.get("reference"):
     check_reference_file(str(ec.reference))
     return str(ec.reference)
-  path = wd / "eval" / "reference.npz"
-  data_cfg = ec.get("reference_data") or config.data
-  limit = int(ec.get("reference_limit") or 0) or None
   inception = ec.get("inception") or None
-  settings = {"cache": "reference statistics", "data": data_cfg.to_dict(),
-              "split": ec.reference_split, "limit": limit, "inception": weights_identity(inception)}
+  made_by = {"cache": "reference statistics", "inception": weights_identity(inception)}
+  if coco is not None:
+    path = wd / "eval" / f"reference_coco_n{len(coco.paths)}.npz"
+    settings = {**made_by, **coco_eval.settings(coco)}
+    what = f"{len(coco.paths)} COCO images"
+    read_images = lambda: coco_eval.RealImages(coco, int(ec.batch_size))  # noqa: E731
+  else:
+    path = wd / "eval" / "reference.npz"
+    data_cfg = ec.get("reference_data") or config.data
+    limit = int(ec.get("reference_limit") or 0) or None
+    settings = {**made_by, "data": data_cfg.to_dict(), "split": ec.reference_split,
+                "limit": limit}
+    what = f"{data_cfg.name} ({ec.reference_split})"
+    read_images = lambda: load_arrays(data_cfg, split=ec.reference_split, limit=limit)[0]  # noqa: E731
   if cache.load(str(path), settings, ["mu", "sigma"], what="reference statistics") is None:
-    _log(f"writing the reference statistics of {data_cfg.name} ({ec.reference_split}) to {path}")
-    images, _ = load_arrays(data_cfg, split=ec.reference_split, limit=limit)
-    make_reference(str(path), images, inception_path=inception, batch_size=int(ec.batch_size),
-                   store_images=False, settings=settings)
+    _log(f"writing the reference statistics of {what} to {path}")
+    make_reference(str(path), read_images(), inception_path=inception,
+                   batch_size=int(ec.batch_size), store_images=False, settings=settings)
   return str(path)
 
 
-def _samples_settings(config: ml_collections.ConfigDict, step: int, n: int) -> dict:
+def _samples_settings(config: ml_collections.ConfigDict, step: int, n: int,
+                      coco: coco_eval.CocoEval | None = None) -> dict:
   """Everything that shapes the evaluation samples of checkpoint `step` (common.eval.cache)."""
   sample = {k: v for k, v in config.sample.to_dict().items() if k != "num_samples"}
-  return {"cache": "evaluation samples", "step": int(step), "num_samples": int(n),
+  extra = coco_eval.settings(coco) if coco is not None else {}
+  return {"cache": "evaluation samples", **extra, "step": int(step), "num_samples": int(n),
           "seed": int(config.eval.seed), "sample": sample, "precision": config.get("precision"),
           "model": cache.fingerprint(config.model),
           "diffusion": cache.fingerprint(config.diffusion),
@@ -387,11 +401,15 @@ def _samples_settings(config: ml_collections.ConfigDict, step: int, n: int) -> d
 
 
 def evaluate_params(exp: Experiment, params, step: int, wd: epath.Path, *,
-                    num_samples: int | None = None) -> dict:
+                    num_samples: int | None = None,
+                    coco: coco_eval.CocoEval | None = None) -> dict:
   """Samples `num_samples` (default config.eval.num_samples) images from `params` and scores them
   (FID, sFID, IS, precision, recall) against the reference. The samples of a step are kept in
   WORKDIR/eval/samples_step_N_nM.npz with the settings that made them and reused while those are
   the same (`common.eval.cache`); the scores go to WORKDIR/eval/step_N.json.
+
+  With `config.eval.coco` (zero-shot COCO FID, `common.eval.coco`) the prompts are the drawn COCO
+  captions (`coco`, drawn here when None) and the reference their images.
 
   Returns the scores with the keys prefixed "eval/" (for metrics.jsonl).
   """
@@ -403,7 +421,9 @@ def evaluate_params(exp: Experiment, params, step: int, wd: epath.Path, *,
   eval_dir = wd / "eval"
   eval_dir.mkdir(parents=True, exist_ok=True)
   samples_path = eval_dir / f"samples_step_{step:07d}_n{n}.npz"
-  settings = _samples_settings(config, step, n)
+  if coco is None and ec.get("coco"):
+    coco = coco_eval.draw(ec.coco, n)
+  settings = _samples_settings(config, step, n, coco)
   cached = cache.load(str(samples_path), settings, ["images"], what="evaluation samples")
   if cached is not None and (cached["images"].dtype != np.uint8 or len(cached["images"]) != n):
     cache.warn(f"the cached evaluation samples {samples_path} hold {cached['images'].dtype} "
@@ -415,10 +435,13 @@ def evaluate_params(exp: Experiment, params, step: int, wd: epath.Path, *,
   else:
     _log(f"sampling {n} images for evaluation at step {step}")
     images, _ = generate(exp, params, n, seed=int(ec.seed), batch_size=int(config.sample.batch_size),
-                         progress=True)
+                         prompts=None if coco is None else list(coco.prompts), progress=True)
     if jax.process_index() == 0:
       write_arrays(str(samples_path), {"images": images}, settings=settings)
-  scores = evaluate_images(images, _reference(config, wd), inception_path=ec.get("inception") or None,
+  if coco is not None:
+    images = coco_eval.resize_samples(images, coco.image_size)
+  scores = evaluate_images(images, _reference(config, wd, coco),
+                           inception_path=ec.get("inception") or None,
                            batch_size=int(ec.batch_size), progress=True)
   scores = {"step": int(step), **scores}
   if jax.process_index() == 0:
@@ -436,9 +459,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   the scores to WORKDIR/metrics.jsonl."""
   wd = as_path(workdir)
   check_writable(wd, wd / "eval")
+  coco = None
+  if config.eval.get("coco"):  # the COCO files are checked before the network is built
+    coco = coco_eval.draw(config.eval.coco, int(num_samples or config.eval.num_samples))
   exp = Experiment(config, sharding.make_mesh(config.mesh))
   step, state = restore_newest(exp, wd, config.train.keep_checkpoints)
-  scores = evaluate_params(exp, state["ema"], step, wd, num_samples=num_samples)
+  scores = evaluate_params(exp, state["ema"], step, wd, num_samples=num_samples, coco=coco)
   writer = MetricWriter(str(wd), tensorboard=False)
   writer.write(step, scores)
   writer.close()
