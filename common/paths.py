@@ -48,3 +48,22 @@ def check_writable(*dirs: str | os.PathLike, flag: str = "--workdir") -> None:
       cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
       raise NotWritableError(f"cannot write in {d} ({type(e).__name__}: {cause}); nothing was "
                              f"done: give a writable {flag}.") from e
+
+
+CACHE_ENV = "FRUGAL_DIFFUSION_CACHE"
+
+
+def user_cache_dir(override: str | os.PathLike | None = None) -> epath.Path:
+  """Where results that never change between runs are kept across workdirs (e.g. the FID Inception
+  statistics of the demo's real digits): `override` when given, else `$FRUGAL_DIFFUSION_CACHE`,
+  else `$XDG_CACHE_HOME/frugal-diffusion`, else `~/.cache/frugal-diffusion`. Not created here.
+
+  Everything kept there is a `common.eval.cache` file, keyed on the settings that made it, so a
+  stale or foreign file is recomputed, never trusted; deleting the folder is always safe.
+  """
+  if override:
+    return as_path(override)
+  if os.environ.get(CACHE_ENV):
+    return as_path(os.environ[CACHE_ENV])
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+  return as_path(base) / "frugal-diffusion"

@@ -46,8 +46,10 @@ def test_short_training_run_loss_falls(tmp_path):
   assert last < 0.8 * first, (first, last)
   assert os.path.exists(tmp_path / "samples" / "step_0000060.png")
   with open(tmp_path / "metrics.jsonl") as f:
-    rec = json.loads(f.readline())
-  assert {"step", "loss", "grad_norm", "lr", "steps_per_s"} <= set(rec)
+    recs = [json.loads(line) for line in f]
+  assert {"step", "loss", "grad_norm", "lr", "steps_per_s", "wall_s"} <= set(recs[0])
+  walls = [r["wall_s"] for r in recs]  # the call's wall time so far: compile and grids included
+  assert walls[0] > 0 and walls == sorted(walls)
 
 
 def test_exact_resume_matches_uninterrupted_run(tmp_path):

@@ -93,6 +93,14 @@ def _compiled(net_fn, mesh: Mesh) -> _Compiled:
 # Batching
 
 
+def even_batch_size(n: int, max_batch: int) -> int:
+  """The smallest batch that covers `n` images in as few batches of at most `max_batch` as possible:
+  ceil(n / ceil(n / max_batch)). `extract_features` pads its last batch to the full size, so
+  300 images at batch 256 run 512 images through the network; at batch 150, 300."""
+  n, max_batch = max(int(n), 1), max(int(max_batch), 1)
+  return -(-n // -(-n // max_batch))
+
+
 def check_images(x, where: str) -> np.ndarray:
   x = np.asarray(x)
   if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):

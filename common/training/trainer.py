@@ -36,7 +36,7 @@ from common.diffusion.recipes import make_diffusion
 from common.errors import CheckpointError, ConfigError, NonFiniteLossError, ShapeError
 from common.eval import cache
 from common.eval import coco as coco_eval
-from common.eval.features import evaluate_images, make_reference
+from common.eval.features import even_batch_size, evaluate_images, make_reference
 from common.eval.inception import weights_identity
 from common.eval.reference import check_reference_file, write_arrays
 from common.training.experiment import Experiment, numerics_rules
@@ -86,23 +86,28 @@ def generate(exp: Experiment, params, n: int, *, seed: int, batch_size: int | No
 
   Conditions cycle (classes, or prompts) from 0; batch i uses the key fold_in(key(seed), i), so
   the same call gives the same images. `settings` override config.sample (sampler, num_steps, ...).
+  The n samples are cut into equal batches of at most `batch_size` (`even_batch_size`: 1000 at 500
+  stays 2 x 500, 1100 at 500 becomes 3 x 367) and a short last batch is padded with further
+  conditions and cut back: every batch has one shape, so the sampler compiles once per call
+  instead of once more for a partial last batch.
   """
-  bs = int(batch_size or exp.config.sample.batch_size)
+  bs = even_batch_size(n, int(batch_size or exp.config.sample.batch_size))
   fn = exp.generator(**settings)
   key = jax.random.key(seed)
   images, meaning = [], {}
   prog = Progress(-(-n // bs)) if progress else None
   for i, start in enumerate(range(0, n, bs)):
-    batch, m = exp.preview_batch(min(bs, n - start), offset=start, prompts=prompts, data_x=data_x)
+    keep = min(bs, n - start)
+    batch, m = exp.preview_batch(bs, offset=start, prompts=prompts, data_x=data_x)
     x = fn(params, jax.random.fold_in(key, i), batch)
-    images.append(to_uint8(exp.to_images(x)))
+    images.append(to_uint8(exp.to_images(x))[:keep])
     for k, v in m.items():
-      meaning.setdefault(k, []).append(np.asarray(v))
+      meaning.setdefault(k, []).append(np.asarray(v)[:keep])
     if prog is not None:
       if i == 0:
         prog.restart_clock(1)
-      prog.print(i + 1, {"images": min(start + bs, n)})
-  return np.concatenate(images)[:n], {k: np.concatenate(v)[:n] for k, v in meaning.items()}
+      prog.print(i + 1, {"images": start + keep})
+  return np.concatenate(images), {k: np.concatenate(v) for k, v in meaning.items()}
 
 
 def write_sample_grid(exp: Experiment, params, path, *, num: int, seed: int,
@@ -210,7 +215,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         if step % tc.log_every == 0 or step == total:
           _check_finite(step, metrics, ckpt)
           values = {k: float(v) for k, v in metrics.items()}
-          writer.write(step, {**values, "steps_per_s": progress.rate(step)})
+          writer.write(step, {**values, "steps_per_s": progress.rate(step),
+                              "wall_s": time.perf_counter() - t_start})
           progress.print(step, {"loss": values["loss"], "grad_norm": values["grad_norm"]})
         stopping = stop["stop"] or (stop_after is not None and step - start >= stop_after)
         if step % tc.checkpoint_every == 0 or step == total or stopping:
