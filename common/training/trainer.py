@@ -30,6 +30,7 @@ from common.training import sharding
 from common.training import targets
 from common.paths import as_path, check_writable
 from common.weights.checkpoint import Checkpointer
+from common.data import latents as latent_data
 from common.data import load_arrays, make_train_iterator
 from common.data.captions import read_prompts
 from common.diffusion.recipes import make_diffusion
@@ -154,6 +155,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
   data = make_train_iterator(config.data, global_batch_size=tc.batch_size, seed=config.seed,
                              process_index=jax.process_index(), process_count=nproc)
   exp = Experiment(config, mesh)
+  if config.data.get("name", None) == "latents" and contracts.reads_caption_padding(
+      exp.abstract_model):
+    latent_data.check_padding_kept(config.data, reader=config.model.name)
+  exp.check_generation()  # encoders present and fitting: the end-of-training grid needs them
+  if eval_every:
+    exp.check_generation(_eval_prompts(config))
   _write_config(config, wd)
   accum = f" in {exp.grad_accum} micro-batches" if exp.grad_accum > 1 else ""
   _log(f"model {config.model.name}: {exp.num_params / 1e6:.3f}M parameters; mesh "
@@ -366,9 +373,19 @@ def _reference(config: ml_collections.ConfigDict, wd: epath.Path):
   return str(path)
 
 
-def _samples_settings(config: ml_collections.ConfigDict, step: int, n: int) -> dict:
+def _eval_prompts(config: ml_collections.ConfigDict) -> list[str] | None:
+  """The prompts evaluation samples are drawn from: the file `config.eval.prompts` (one a line,
+  e.g. 30K COCO captions for FID-30K), or None (config.sample.prompts)."""
+  path = config.eval.get("prompts", "") or ""
+  return read_prompts(path, f"config.eval.prompts={path}") if path else None
+
+
+def _samples_settings(config: ml_collections.ConfigDict, step: int, n: int,
+                      prompts: Sequence[str] | None = None) -> dict:
   """Everything that shapes the evaluation samples of checkpoint `step` (common.eval.cache)."""
   sample = {k: v for k, v in config.sample.to_dict().items() if k != "num_samples"}
+  if prompts is not None:
+    sample["prompts"] = cache.fingerprint(list(prompts))
   return {"cache": "evaluation samples", "step": int(step), "num_samples": int(n),
           "seed": int(config.eval.seed), "sample": sample, "precision": config.get("precision"),
           "model": cache.fingerprint(config.model),
@@ -392,7 +409,8 @@ def evaluate_params(exp: Experiment, params, step: int, wd: epath.Path, *,
   eval_dir = wd / "eval"
   eval_dir.mkdir(parents=True, exist_ok=True)
   samples_path = eval_dir / f"samples_step_{step:07d}_n{n}.npz"
-  settings = _samples_settings(config, step, n)
+  prompts = _eval_prompts(config)
+  settings = _samples_settings(config, step, n, prompts)
   cached = cache.load(str(samples_path), settings, ["images"], what="evaluation samples")
   if cached is not None and (cached["images"].dtype != np.uint8 or len(cached["images"]) != n):
     cache.warn(f"the cached evaluation samples {samples_path} hold {cached['images'].dtype} "
@@ -404,7 +422,7 @@ def evaluate_params(exp: Experiment, params, step: int, wd: epath.Path, *,
   else:
     _log(f"sampling {n} images for evaluation at step {step}")
     images, _ = generate(exp, params, n, seed=int(ec.seed), batch_size=int(config.sample.batch_size),
-                         progress=True)
+                         prompts=prompts, progress=True)
     if jax.process_index() == 0:
       write_arrays(str(samples_path), {"images": images}, settings=settings)
   scores = evaluate_images(images, _reference(config, wd), inception_path=ec.get("inception") or None,
@@ -425,6 +443,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   the scores to WORKDIR/metrics.jsonl."""
   wd = as_path(workdir)
   check_writable(wd, wd / "eval")
+  _eval_prompts(config)  # a missing prompt file is reported before any model load
   exp = Experiment(config, sharding.make_mesh(config.mesh))
   step, state = restore_newest(exp, wd, config.train.keep_checkpoints)
   scores = evaluate_params(exp, state["ema"], step, wd, num_samples=num_samples)
