@@ -262,7 +262,7 @@ def _runlocal(c: ml_collections.ConfigDict, phase: str, synthetic: bool) -> None
   the Fashion-MNIST latents (`make t2i-demo` prepares them).
 
   The phases keep their chaining (init_from load / keep_step), position interpolation, masking,
-  schedule shapes and EMA starts, with steps scaled down: 20 + 10 steps at 256 px, 10 + 5 at 512."""
+  schedule shapes and EMA starts, with steps scaled down: 10 + 5 steps at 256 px, 6 + 3 at 512."""
   c.model.update(dict(dim=64, depth=3, head_dim=16, multiple_of=32, patch_mixer_depth=2,
                       patch_mixer_dim=32, num_experts=4, dtype="float32"))
   c.train.batch_size = 8
@@ -280,8 +280,9 @@ def _runlocal(c: ml_collections.ConfigDict, phase: str, synthetic: bool) -> None
     c.train.steps = 20
     return
   c.train.steps, c.train.ema_start_step = {
-      "p1_256_masked": (20, 0), "p2_256_unmasked": (30, 0), "p3_512_masked": (10, 5),
-      "p4_512": (15, 11)}[phase]
+      "p1_256_masked": (10, 0), "p2_256_unmasked": (15, 0), "p3_512_masked": (6, 3),
+      "p4_512": (9, 7)}[phase]
+  c.train.checkpoint_every = 5
   if c.init_from.path:
     previous = PHASES[PHASES.index(phase) - 1]
     c.init_from.path = WORKDIRS[previous] + "_runlocal"

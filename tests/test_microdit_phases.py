@@ -57,10 +57,10 @@ def _p1_then_p2(tmp_path, capsys):
   c1, _ = _run("p1_256_masked", tmp_path, capsys)
   assert (c1.model.input_size, c1.model.mask_ratio, c1.data.text_len) == (32, 0.75, 32)
   c2, out = _run("p2_256_unmasked", tmp_path, capsys)
-  # Phase 2 continues phase 1's optimizer state and step count (20 + 10).
-  assert "initialised params, EMA and optimizer state from the step-20 checkpoint" in out
-  assert (c2.model.mask_ratio, c2.train.steps) == (0.0, 30)
-  assert _adam_counts(c2, str(tmp_path / "p2_256_unmasked")) == {30}
+  # Phase 2 continues phase 1's optimizer state and step count (10 + 5).
+  assert "initialised params, EMA and optimizer state from the step-10 checkpoint" in out
+  assert (c2.model.mask_ratio, c2.train.steps) == (0.0, 15)
+  assert _adam_counts(c2, str(tmp_path / "p2_256_unmasked")) == {15}
 
 
 def test_phases_1_and_2_chain_and_end_with_their_grids(tmp_path, capsys):
@@ -73,14 +73,14 @@ def test_all_four_phases_chain_and_end_with_their_grids(tmp_path, capsys):
   c3, out = _run("p3_512_masked", tmp_path, capsys)
   # Phase 3: phase 2's weights at 512 px (positions interpolated by 2), fresh optimizer, step 0.
   assert (c3.model.input_size, c3.model.pos_interp_scale, c3.model.mask_ratio) == (64, 2.0, 0.75)
-  assert "initialised params and EMA from the step-30 checkpoint" in out
+  assert "initialised params and EMA from the step-15 checkpoint" in out
   assert "fresh optimizer state, step 0" in out
-  assert _adam_counts(c3, str(tmp_path / "p3_512_masked")) == {10}
+  assert _adam_counts(c3, str(tmp_path / "p3_512_masked")) == {6}
   c4, out = _run("p4_512", tmp_path, capsys)
-  assert "initialised params, EMA and optimizer state from the step-10 checkpoint" in out
-  assert (c4.model.mask_ratio, c4.train.steps) == (0.0, 15)
-  assert _adam_counts(c4, str(tmp_path / "p4_512")) == {15}
-  assert os.path.isfile(tmp_path / "p4_512" / "samples" / "step_0000015.png")
+  assert "initialised params, EMA and optimizer state from the step-6 checkpoint" in out
+  assert (c4.model.mask_ratio, c4.train.steps) == (0.0, 9)
+  assert _adam_counts(c4, str(tmp_path / "p4_512")) == {9}
+  assert os.path.isfile(tmp_path / "p4_512" / "samples" / "step_0000009.png")
 
 
 def test_latents_with_trimmed_padding_are_refused_for_a_network_that_reads_the_padding(tmp_path):
@@ -131,7 +131,7 @@ def test_missing_or_mismatched_encoders_stop_a_phase_before_its_first_step(tmp_p
   c.text_encoder = str(tmp_path / "DFN5B-CLIP-ViT-H-14-378")
   with pytest.raises(DataNotFoundError, match="DFN5B-CLIP-ViT-H-14-378"):
     trainer.train(c, str(tmp_path / "run"))
-  assert not os.path.exists(tmp_path / "run" / "checkpoints" / "10")
+  assert not os.path.exists(tmp_path / "run" / "checkpoints" / "5")
   # The XL phases name the official encoders' local folders and the COCO FID-30K files.
   for phase in microdit.PHASES:
     x = microdit.get_config(phase)
