@@ -18,7 +18,7 @@ Args (comma-separated), e.g. `configs/microdit.py:XL_2,p3_512_masked`:
                      half the learning rate for the MoE parameters.
   fashion            the laptop demo: a tiny MicroDiT on captioned Fashion-MNIST latents (the data,
                      autoencoder and text encoder of configs/sid2_t2i_fashion.py).
-  runlocal           a tiny model of the phase's latent shape (32 x 32 x 4, or 64 x 64 x 4 at 512 px)
+  runlocal           a tiny model of the phase's latent shape (32 x 32 x 4; 64 x 64 x 4 at 512 px)
                      for a CPU smoke run of about a minute on SYNTHETIC latents and caption
                      embeddings (data.name="synthetic"), with stand-ins that exist offline: the
                      embedded MiniLM text encoder (32 x 384 caption tokens instead of CLIP's
@@ -47,11 +47,12 @@ WORKDIRS = {"p1_256_masked": "workdirs/microdit_p1", "p2_256_unmasked": "workdir
             "p3_512_masked": "workdirs/microdit_p3", "p4_512": "workdirs/microdit_p4"}
 
 # The official encoders (micro_diffusion configs/res_*.yaml, `text_encoder_name:
-# openclip:hf-hub:apple/DFN5B-CLIP-ViT-H-14-378`, `vae_name: stabilityai/stable-diffusion-xl-base-1.0`
-# whose `vae` subfolder models/model.py loads), as local folders: an OpenCLIP folder
-# (open_clip_config.json, open_clip_model.safetensors or open_clip_pytorch_model.bin,
-# tokenizer.json; common.text.clip) and a diffusers AutoencoderKL folder (config.json,
-# diffusion_pytorch_model.safetensors; common.autoencoders). Nothing is downloaded.
+# openclip:hf-hub:apple/DFN5B-CLIP-ViT-H-14-378`, `vae_name:
+# stabilityai/stable-diffusion-xl-base-1.0` whose `vae` subfolder models/model.py loads), as local
+# folders: an OpenCLIP folder (open_clip_config.json, open_clip_model.safetensors or
+# open_clip_pytorch_model.bin, tokenizer.json; common.text.clip) and a diffusers AutoencoderKL
+# folder (config.json, diffusion_pytorch_model.safetensors; common.autoencoders). Nothing is
+# downloaded.
 TEXT_ENCODER = "workdirs/DFN5B-CLIP-ViT-H-14-378"
 AUTOENCODER = "workdirs/sdxl-vae"
 # Zero-shot COCO FID-30K (the README's 12.66): reference statistics of 30K COCO2014 validation

@@ -1,9 +1,9 @@
 """In-memory datasets: scikit-learn's digits (embedded default), Fashion-MNIST from idx files, and
 SYNTHETIC random images.
 
-Digits and Fashion-MNIST are small enough to hold as uint8 arrays; `ArraySource` serves them to grain
-by index. `SyntheticSource` computes random images of any shape (and, when asked, caption embeddings)
-from their index (smoke tests and throughput runs of full-size configs without a dataset; a model
+Digits and Fashion-MNIST are small enough to hold as uint8 arrays; `ArraySource` serves them to
+grain by index. `SyntheticSource` computes random images of any shape (and, when asked, caption
+embeddings) from their index (smoke tests and throughput runs of full-size configs without a dataset; a model
 learns nothing from it).
 """
 

@@ -63,8 +63,8 @@ class ReadsCaptionPadding(Protocol):
   to every caption token position, padding included, without the mask (MicroDiT: micro_diffusion
   passes no attention mask, so all 77 CLIP positions are read). Such a network must not train on
   latents precomputed with `--trim_padding` (their padding positions read back as zeros, not as
-  the encoder's outputs): the trainer refuses that pairing (`common.data.latents.check_padding_kept`).
-  Absent means False (the network masks the padding, or takes no captions)."""
+  the encoder's outputs): the trainer refuses that pairing
+  (`common.data.latents.check_padding_kept`). Absent means False (the network masks the padding, or takes no captions)."""
 
   reads_caption_padding: bool
 
