@@ -8,11 +8,14 @@ The networks are the autoencoder family's (the top-level `autoencoder` package);
 the trainer and the latent precompute need, reaches them only by registered dotted names
 (`common.registry`), as common/ imports no family.
 
-Two on-disk formats load with `load_autoencoder(directory)`, told apart by `config.json`:
+Two on-disk formats load with `load_autoencoder(directory)`, told apart by `config.json`, and one
+stand-in needs no files:
 
 * a diffusers `AutoencoderKL` folder (`"_class_name": "AutoencoderKL"`): `config.json` plus
   `diffusion_pytorch_model.safetensors` (or `.bin`, read by `common.weights.torch_weights`), e.g. the SD, SDXL,
   SD3 or FLUX VAE downloaded by the user;
+* "untrained:f8" (no files): an UNTRAINED random-init small autoencoder with the given
+  downsampling factor, a stand-in for smoke runs (`untrained_autoencoder`);
 * our export (`"format": "frugal-diffusion-autoencoder-v2"`, written by `save_autoencoder` through
   `launch/export_autoencoder.py`): `config.json` with the network's `config.model`, the latent
   normalisation and the SHA-256 of `params.safetensors` (dotted parameter names). The network
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 from etils import epath
@@ -53,6 +57,8 @@ DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_m
 # The network of a diffusers AutoencoderKL folder: a registered autoencoder plug-in, with
 # `read_diffusers_config` and `params_from_torch` (autoencoder/kl_vae.py).
 DIFFUSERS_NETWORK = "autoencoder.kl_vae.AutoencoderKL"
+# The network of the "untrained:f<F>" stand-in (autoencoder/small_kl.py).
+UNTRAINED_NETWORK = "autoencoder.small_kl.SmallKLAutoencoder"
 
 
 class Autoencoder:
@@ -269,12 +275,36 @@ def _load_export(directory: str, config: dict) -> Autoencoder:
   return Autoencoder(net, shift=shift, scale=scale, name=directory)
 
 
+UNTRAINED_PREFIX = "untrained:"
+_UNTRAINED = re.compile(r"untrained:f(\d+)(?:c(\d+))?")
+
+
+def untrained_autoencoder(spec: str) -> Autoencoder:
+  """"untrained:f<F>[c<c>]" -> an UNTRAINED, randomly initialised (seed 0) `SmallKLAutoencoder`
+  with downsampling factor F (a power of two), c latent channels (default 4) and RGB images,
+  latents unscaled: a stand-in that decodes latents of the right shape into noise, for CPU smoke
+  runs of latent configs whose real autoencoder (e.g. the SDXL VAE) is a user's local download.
+  Its name says UNTRAINED wherever it is reported."""
+  m = _UNTRAINED.fullmatch(spec)
+  factor = int(m.group(1)) if m else 0
+  if not m or factor < 1 or factor & (factor - 1):
+    raise ConfigError(f"autoencoder spec {spec!r}: expected 'untrained:f<F>' or "
+                      "'untrained:f<F>c<C>' with F a power of two (e.g. untrained:f8)")
+  levels = factor.bit_length()                       # f = 2 ** (levels - 1)
+  channels = int(m.group(2) or 4)
+  cls = model_class(ml_collections.ConfigDict({"name": UNTRAINED_NETWORK}), "autoencoder")
+  net = cls(image_size=8 * factor, in_channels=3, channels=(8,) * levels, blocks_per_level=1,
+            mid_blocks=0, latent_channels=channels, norm_groups=4, rngs=nnx.Rngs(0))
+  return Autoencoder(net, name=f"{spec} (UNTRAINED random-init stand-in: decodes to noise)")
+
+
 def load_autoencoder(spec: str) -> Autoencoder:
   """Loads an autoencoder from a local directory (never downloads).
 
   Args:
     spec: a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors),
-      e.g. a copy of stabilityai/sdxl-vae, or a folder written by launch/export_autoencoder.py.
+      e.g. a copy of stabilityai/sdxl-vae, or a folder written by launch/export_autoencoder.py;
+      or "untrained:f8" (`untrained_autoencoder`: a random-init stand-in for smoke runs).
 
   Raises:
     ConfigError: empty spec; DataNotFoundError: missing folder or files; CheckpointError /
@@ -283,6 +313,8 @@ def load_autoencoder(spec: str) -> Autoencoder:
   if not spec:
     raise ConfigError("no autoencoder given: set config.autoencoder (or --autoencoder) to a local "
                       "folder (a diffusers AutoencoderKL or one written by launch/export_autoencoder.py)")
+  if spec.startswith(UNTRAINED_PREFIX):
+    return untrained_autoencoder(spec)
   folder = as_path(spec)
   directory = os.fspath(folder)
   config_path = folder / "config.json"

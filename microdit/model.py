@@ -182,6 +182,11 @@ class MicroDiT(nnx.Module):
     dtype: compute dtype ("bfloat16" on accelerators); parameters float32.
   """
 
+  # The caption tokens enter the prompt block, the pooled mean and every cross-attention without a
+  # mask (official `dit.py`): all caption_len positions, padding included, are read
+  # (common.training.contracts.ReadsCaptionPadding; latents with --trim_padding are refused).
+  reads_caption_padding = True
+
   def __init__(self, *, input_size: int = 32, patch_size: int = 2, in_channels: int = 4,
                dim: int = 1024, depth: int = 28, head_dim: int = 64, multiple_of: int = 256,
                caption_channels: int = 1024, caption_len: int = 77,

@@ -112,6 +112,21 @@ def test_load_errors_are_one_line(tmp_path):
     ae.encode(np.zeros((1, 16, 16, 1), np.float32))
 
 
+def test_untrained_stand_in_decodes_latents_of_its_factor():
+  ae = load_autoencoder("untrained:f8")
+  assert (ae.downsample_factor, ae.latent_channels, ae.image_channels) == (8, 4, 3)
+  assert "UNTRAINED" in ae.name
+  z = np.random.default_rng(0).normal(size=(2, 4, 4, 4)).astype(np.float32)
+  x = np.asarray(ae.decode(z))
+  assert x.shape == (2, 32, 32, 3) and np.isfinite(x).all() and x.std() > 0
+  np.testing.assert_array_equal(np.asarray(load_autoencoder("untrained:f8").decode(z)), x)
+  assert ae.encode(x).shape == (2, 4, 4, 4)
+  assert load_autoencoder("untrained:f4c16").latent_shape((28, 28, 3)) == (7, 7, 16)
+  for bad in ("untrained:f6", "untrained:8", "untrained:f8c"):
+    with pytest.raises(ConfigError, match="untrained:f<F>"):
+      load_autoencoder(bad)
+
+
 def test_latent_normalization_per_channel():
   shift, scale = kl_vae.latent_normalization(
       {"latent_channels": 2, "scaling_factor": 0.5, "latents_mean": [1.0, 2.0],

@@ -466,6 +466,36 @@ def test_synthetic_is_deterministic_checkpointable_and_marked(capsys):
   assert one_channel[0].shape == (3, 5, 5, 1) and not one_channel[1].any()
 
 
+def test_synthetic_captions_latent_shaped_and_checkpointable(capsys):
+  cfg = _cfg(name="synthetic", image_size=6, channels=4, num_classes=0, num_examples=20,
+             text_len=5, text_width=3)
+  kw = dict(global_batch_size=4, seed=1, process_index=0, process_count=1)
+  it = data.make_train_iterator(cfg, **kw)
+  assert "SYNTHETIC random images and caption embeddings" in capsys.readouterr().out
+  first = _take(it, 2)
+  cond = first[0]["cond"]
+  assert first[0]["x"].shape == (4, 6, 6, 4)
+  assert (cond["tokens"].shape, cond["mask"].shape, cond["pooled"].shape) == ((4, 5, 3), (4, 5),
+                                                                              (4, 3))
+  assert cond["tokens"].dtype == np.float32 and cond["mask"].dtype == np.int32
+  assert 0.5 < cond["tokens"].std() < 1.5 and (cond["tokens"][cond["mask"] == 0] != 0).any()
+  lengths = cond["mask"].sum(1)       # real tokens first, at least one
+  assert lengths.min() >= 1 and all(cond["mask"][i, :n].all() for i, n in enumerate(lengths))
+  state = it.get_state()
+  expected = _take(it, 2)
+  fresh = data.make_train_iterator(cfg, **kw)
+  fresh.set_state(state)
+  resumed = _take(fresh, 2)
+  _assert_batches_equal(resumed, expected)
+  for a, b in zip(resumed, expected):
+    for k in ("tokens", "mask", "pooled"):
+      np.testing.assert_array_equal(a["cond"][k], b["cond"][k])
+  with pytest.raises(ConfigError, match="text_len and data.text_width"):
+    data.make_train_iterator(_cfg(name="synthetic", image_size=6, text_len=5), **kw)
+  with pytest.raises(ConfigError, match="synthetic"):
+    data.dataset_info(_cfg(name="digits", text_len=5))
+
+
 def test_synthetic_config_errors():
   with pytest.raises(ConfigError, match="image_size"):
     data.dataset_info(_cfg(name="synthetic"))

@@ -170,3 +170,19 @@ def test_configs_load():
     assert (c.train.batch_size, c.train.batch_size // c.train.grad_accum_steps // 8,
             c.target) == (2048, micro, "8xh100"), phase
   assert cfg.get_config("p4_512,runlocal").train.grad_accum_steps == 1
+
+
+def test_official_effective_is_what_the_official_trainer_ran():
+  from configs import microdit as cfg  # pylint: disable=import-outside-toplevel
+  for phase in cfg.PHASES:
+    intended, ran = cfg.get_config(phase), cfg.get_config(f"{phase},official_effective")
+    # train.py skips the YAMLs' `ema` ("not supported") and its "moe" filter matches no parameter
+    assert ran.train.ema_decay == 0.0 and ran.optim.lr_multipliers == ()
+    assert intended.optim.lr_multipliers == ((cfg.MOE_PARAMS, 0.5),)
+    # everything else is the phase as the YAMLs write it
+    for key in ("model", "diffusion", "data", "init_from", "sample"):
+      assert ran[key].to_dict() == intended[key].to_dict(), (phase, key)
+    assert (ran.optim.learning_rate, ran.train.steps) == (intended.optim.learning_rate,
+                                                          intended.train.steps)
+  assert cfg.get_config("p3_512_masked").train.ema_decay == 0.99975
+  assert cfg.get_config("p4_512").train.ema_decay == 0.9975

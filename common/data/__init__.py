@@ -1,5 +1,5 @@
 """Grain input pipelines: digits (embedded), fashion_mnist, tfds (array_record), image_folder, and
-SYNTHETIC random images.
+SYNTHETIC random images (optionally with SYNTHETIC caption embeddings).
 
 Public API (see docs/DESIGN.md, "Data contract"):
 
@@ -34,6 +34,12 @@ Public API (see docs/DESIGN.md, "Data contract"):
                 the shuffle order follows config.seed as for every source). Marked SYNTHETIC in
                 `dataset_info` and in a line printed when the training iterator is made.
   mixture       latents only: ((path, weight), ...) instead of path (`common.data.mixture`).
+  text_len, text_width  synthetic only, both or neither: SYNTHETIC caption embeddings beside the
+                images, a stand-in for precomputed latents (`data.name="latents"`) in smoke runs
+                of text-to-image configs at their real shapes: batches then also carry cond
+                "tokens" float32 [B, text_len, text_width], "mask" int32 [B, text_len] and
+                "pooled" float32 [B, text_width] (`sources.SyntheticSource`). Latent-shaped x
+                comes from image_size = the latent side and channels = the latent channels.
   worker_count  grain worker processes (default 0: in the calling process). The stream depends on
                 it (each worker batches its own records), and a saved state restores only into
                 an iterator with the same worker_count (grain checks).
@@ -69,8 +75,8 @@ NAMES = ("digits", "fashion_mnist", "tfds", "image_folder", "synthetic", "latent
 KNOWN_KEYS = frozenset({
     "name", "image_size", "channels", "random_flip", "path", "tfds_name", "data_dir", "split",
     "worker_count", "worker_buffer_size", "read_threads", "read_buffer_size", "image_key",
-    "label_key", "num_classes", "num_examples", "seed", "mixture"})
-_SYNTHETIC_ONLY = frozenset({"num_classes", "num_examples", "seed"})
+    "label_key", "num_classes", "num_examples", "seed", "mixture", "text_len", "text_width"})
+_SYNTHETIC_ONLY = frozenset({"num_classes", "num_examples", "seed", "text_len", "text_width"})
 
 
 def _get(cfg, key, default=None):
@@ -197,7 +203,9 @@ def _source_and_ops(cfg, split: str):
     # A different split gets different images: the split name enters the seed.
     seed = int(_get(cfg, "seed", 0)) + (0 if split == "train" else zlib.crc32(split.encode()))
     source = _sources.SyntheticSource(info.image_size, info.channels, info.num_classes,
-                                      info.num_examples, seed=seed)
+                                      info.num_examples, seed=seed,
+                                      text_len=int(_get(cfg, "text_len", 0)),
+                                      text_width=int(_get(cfg, "text_width", 0)))
   else:
     if split != _get(cfg, "split", "train"):
       raise ConfigError(f"image_folder has one split (data.path); point data.path at the "
@@ -240,7 +248,10 @@ def make_train_iterator(cfg, *, global_batch_size: int, seed: int,
   split = _get(cfg, "split", "train")
   source, ops, info = _source_and_ops(cfg, split)
   if info.synthetic and process_index == 0:
-    print(f"data: SYNTHETIC random images, not a dataset (data.name='synthetic'): {info}",
+    text = (f", captions {source.text_len}x{source.text_width}"
+            if isinstance(source, _sources.SyntheticSource) and source.text_len else "")
+    what = "images and caption embeddings" if text else "images"
+    print(f"data: SYNTHETIC random {what}, not a dataset (data.name='synthetic'): {info}{text}",
           flush=True)
   # Threads only help sources that decode files; an in-memory array is read fastest inline (and
   # grain's prefetch bookkeeping costs O(buffer) per element).

@@ -1,9 +1,10 @@
 """In-memory datasets: scikit-learn's digits (embedded default), Fashion-MNIST from idx files, and
 SYNTHETIC random images.
 
-Digits and Fashion-MNIST are small enough to hold as uint8 arrays; `ArraySource` serves them to grain
-by index. `SyntheticSource` computes random images of any shape from their index (smoke tests and
-throughput runs of full-size configs without a dataset; a model learns nothing from it).
+Digits and Fashion-MNIST are small enough to hold as uint8 arrays; `ArraySource` serves them to
+grain by index. `SyntheticSource` computes random images of any shape (and, when asked, caption
+embeddings) from their index (smoke tests and throughput runs of full-size configs without a dataset; a model
+learns nothing from it).
 """
 
 from __future__ import annotations
@@ -97,16 +98,26 @@ class SyntheticSource:
   than white noise; its label is uniform in [0, num_classes). Nothing is held in memory, any
   `image_size` works, and the same (seed, index) always gives the same example (so iterator
   checkpoints resume exactly).
+
+  With `text_len` and `text_width` (a stand-in for precomputed latents with caption embeddings,
+  `common.data.latents`) each example also carries SYNTHETIC caption embeddings: "text" =
+  {"tokens": float32 [text_len, text_width] standard normal at every position (a real encoder's
+  padding positions are not zero either), "mask": int32 [text_len] with the first n in
+  [1, text_len] positions real, "pooled": float32 [text_width] standard normal}.
   """
 
   def __init__(self, image_size: int, channels: int, num_classes: int, num_examples: int,
-               seed: int = 0):
+               seed: int = 0, text_len: int = 0, text_width: int = 0):
     if image_size <= 0 or channels <= 0 or num_classes < 0 or num_examples <= 0:
       raise ConfigError(
           f"synthetic data needs positive image_size, channels and num_examples and "
           f"num_classes >= 0; got {image_size}, {channels}, {num_examples}, {num_classes}")
+    if (text_len > 0) != (text_width > 0) or text_len < 0 or text_width < 0:
+      raise ConfigError(f"synthetic captions need both data.text_len and data.text_width > 0 (or "
+                        f"neither); got {text_len} and {text_width}")
     self.image_size, self.channels = int(image_size), int(channels)
     self.num_classes, self.num_examples, self.seed = int(num_classes), int(num_examples), int(seed)
+    self.text_len, self.text_width = int(text_len), int(text_width)
 
   def __len__(self) -> int:
     return self.num_examples
@@ -120,11 +131,19 @@ class SyntheticSource:
     noise = rng.integers(-32, 33, (n, n, self.channels), dtype=np.int16)
     image = np.clip(base + noise, 0, 255).astype(np.uint8)
     label = int(rng.integers(0, self.num_classes)) if self.num_classes else 0
-    return {"image": image, "label": label}
+    example = {"image": image, "label": label}
+    if self.text_len:
+      real = int(rng.integers(1, self.text_len + 1))
+      example["text"] = {
+          "tokens": rng.standard_normal((self.text_len, self.text_width), dtype=np.float32),
+          "mask": (np.arange(self.text_len) < real).astype(np.int32),
+          "pooled": rng.standard_normal((self.text_width,), dtype=np.float32)}
+    return example
 
   def __repr__(self) -> str:
+    text = (f", text={self.text_len}x{self.text_width}" if self.text_len else "")
     return (f"SyntheticSource(SYNTHETIC, image_size={self.image_size}, channels={self.channels}, "
-            f"num_classes={self.num_classes}, n={self.num_examples}, seed={self.seed})")
+            f"num_classes={self.num_classes}, n={self.num_examples}, seed={self.seed}{text})")
 
 
 # ----------------------------------------------------------------------------------------------

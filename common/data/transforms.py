@@ -92,7 +92,8 @@ class CenterCropResize(grain.transforms.Map):
 
 
 class CheckShape(grain.transforms.Map):
-  """Checks that `example["image"]` is uint8 [size, size, channels]; casts the label to int32."""
+  """Checks that `example["image"]` is uint8 [size, size, channels]; casts the label to int32.
+  Caption embeddings ("text", SYNTHETIC captions) pass through."""
 
   def __init__(self, image_size: int, channels: int, where: str):
     self.image_size = image_size
@@ -101,7 +102,10 @@ class CheckShape(grain.transforms.Map):
 
   def map(self, example: Example) -> Example:
     image = check_image(example["image"], self.image_size, self.channels, self.where)
-    return {"image": image, "label": np.int32(example["label"])}
+    out = {"image": image, "label": np.int32(example["label"])}
+    if "text" in example:
+      out["text"] = example["text"]
+    return out
 
 
 class RandomFlip(grain.transforms.RandomMap):
@@ -119,8 +123,9 @@ class RandomFlip(grain.transforms.RandomMap):
 
 class ToModelInput(grain.transforms.Map):
   """An example as the trainer's batch contract wants it (docs/DESIGN.md):
-  {"x": float32 [H, W, C] in [-1, 1] (uint8 / 127.5 - 1), "cond": {"label": int32 []}}."""
+  {"x": float32 [H, W, C] in [-1, 1] (uint8 / 127.5 - 1), "cond": {"label": int32 []}}, and
+  with caption embeddings ("text") also cond "tokens" [T, D], "mask" [T], "pooled" [D]."""
 
   def map(self, example: Example) -> Example:
     image = example["image"].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-    return {"x": image, "cond": {"label": example["label"]}}
+    return {"x": image, "cond": {**example.get("text", {}), "label": example["label"]}}

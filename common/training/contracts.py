@@ -8,8 +8,9 @@ A family plugs in a network class (`config.model.name`) and trains it with a rec
   EDMDiffusion, ADMDiffusion); `autoencoder.recipe.KLAutoencoderNet`: one the autoencoder
   recipe trains. The recipe names the protocol of its network (`Recipe.network`).
 * `ClassConditional`: required of a network whose `example_inputs` declares cond["label"].
-* Optional, read where used: `common.weights.deployment.TensorCountBound` (`min_param_tensors`) and
-  `common.weights.deployment.Deployable` (a layer's `deployed()` inference form).
+* Optional, read where used: `common.weights.deployment.TensorCountBound` (`min_param_tensors`),
+  `common.weights.deployment.Deployable` (a layer's `deployed()` inference form) and
+  `ReadsCaptionPadding` (a text-conditional network that attends to the caption's padding).
 
 `Experiment` calls `check_network` once the network is built (abstractly), so a missing piece is
 one ConfigError naming it, not an AttributeError deep in a jitted step. docs/DESIGN.md ("Add a
@@ -55,6 +56,22 @@ class ClassConditional(Protocol):
   sampling cycles through them."""
 
   num_classes: int
+
+
+class ReadsCaptionPadding(Protocol):
+  """Optional: a text-conditional network declares `reads_caption_padding = True` when it attends
+  to every caption token position, padding included, without the mask (MicroDiT: micro_diffusion
+  passes no attention mask, so all 77 CLIP positions are read). Such a network must not train on
+  latents precomputed with `--trim_padding` (their padding positions read back as zeros, not as
+  the encoder's outputs): the trainer refuses that pairing
+  (`common.data.latents.check_padding_kept`). Absent means False (the network masks the padding, or takes no captions)."""
+
+  reads_caption_padding: bool
+
+
+def reads_caption_padding(model: Any) -> bool:
+  """Whether `model` declares `ReadsCaptionPadding.reads_caption_padding` True."""
+  return getattr(model, "reads_caption_padding", False) is True
 
 
 class Recipe(Protocol):

@@ -323,6 +323,10 @@ class Experiment:
       (cond pytree of [n, ...] arrays, {"labels": int32 [n]} or {"prompts": [n] str} or {}).
     """
     _, spec = self.example_inputs(n)
+    if self.text_encoder is None and set(spec) - {"label"}:
+      raise ConfigError(f"{self.config.model.name} is conditioned on {sorted(spec)}, which prompts "
+                        "give: set config.text_encoder (a local text encoder, or 'minilm') to "
+                        "sample it.")
     if self.text_encoder is not None:
       prompts = list(prompts or self.config.sample.get("prompts", ()) or ())
       if not prompts:
@@ -340,6 +344,20 @@ class Experiment:
       labels = (np.arange(offset, offset + n) % self.num_classes).astype(np.int32)
       return {"label": jnp.asarray(labels)}, {"labels": labels}
     return {}, {}
+
+  def check_generation(self, prompts: Sequence[str] | None = None) -> None:
+    """Loads the configured text encoder and autoencoder and checks that they fit the network, on
+    the conditions of one sample (`conditions(1, prompts=prompts)`): a missing encoder file, a
+    text-conditional network without a text encoder or prompts, caption embeddings of the wrong
+    shape or an autoencoder with other latent channels is one error before a run starts, not after
+    its last checkpoint. The encoders stay loaded for the grids."""
+    self.conditions(1, prompts=prompts)
+    ae = self.autoencoder
+    if ae is not None and ae.latent_channels != self.sample_shape[-1]:
+      raise ShapeError(f"config.autoencoder={self.config.autoencoder!r} has {ae.latent_channels} "
+                       f"latent channels but {self.config.model.name} denoises "
+                       f"{list(self.sample_shape)}: set config.autoencoder to the one the latents "
+                       "were made with.")
 
   def grid_columns(self, n_conditions: int | None = None) -> int:
     """Columns of a sample grid: one per class (up to 16), else 8."""

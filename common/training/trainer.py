@@ -30,6 +30,7 @@ from common.training import sharding
 from common.training import targets
 from common.paths import as_path, check_writable
 from common.weights.checkpoint import Checkpointer
+from common.data import latents as latent_data
 from common.data import load_arrays, make_train_iterator
 from common.data.captions import read_prompts
 from common.diffusion.recipes import make_diffusion
@@ -162,6 +163,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
   data = make_train_iterator(config.data, global_batch_size=tc.batch_size, seed=config.seed,
                              process_index=jax.process_index(), process_count=nproc)
   exp = Experiment(config, mesh)
+  if config.data.get("name", None) == "latents" and contracts.reads_caption_padding(
+      exp.abstract_model):
+    latent_data.check_padding_kept(config.data, reader=config.model.name)
+  exp.check_generation()  # encoders present and fitting: the end-of-training grid needs them
+  if eval_every and config.eval.get("coco"):  # the periodic evaluation's COCO files, checked now
+    exp.check_generation(coco_eval.draw(config.eval.coco,
+                                        int(config.eval.train_num_samples)).prompts[:1])
   _write_config(config, wd)
   accum = f" in {exp.grad_accum} micro-batches" if exp.grad_accum > 1 else ""
   _log(f"model {config.model.name}: {exp.num_params / 1e6:.3f}M parameters; mesh "
