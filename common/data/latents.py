@@ -712,15 +712,17 @@ def check_encoders(info: LatentsInfo, *, autoencoder: str | None, text_encoder: 
 
 
 def check_padding_kept(cfg, *, reader: str) -> None:
-  """ConfigError when the latents at `cfg.path` were precomputed with `trim_padding`, for a network
-  that attends to every caption position without a mask (`reader` names it; see
-  `common.training.contracts.ReadsCaptionPadding`): trimmed padding reads back as zeros, not as the
-  text encoder's outputs there, so that network would see other inputs than at sampling time."""
+  """ConfigError when the latents at `cfg.path` (or any dataset of `cfg.mixture`) were precomputed
+  with `trim_padding`, for a network that attends to every caption position without a mask
+  (`reader` names it; see `common.training.contracts.ReadsCaptionPadding`): trimmed padding reads
+  back as zeros, not as the text encoder's outputs there, so that network would see other inputs
+  than at sampling time."""
   path = _path(cfg)
-  if read_meta(path).get("trim_padding"):
-    raise ConfigError(f"the latents at {path} were precomputed with --trim_padding, but {reader} "
-                      "attends to every caption position, padding included: precompute them "
-                      "again without --trim_padding.")
+  for path in [path] if path else [p for p, _ in _mix.parse(cfg.mixture)]:
+    if read_meta(path).get("trim_padding"):
+      raise ConfigError(f"the latents at {path} were precomputed with --trim_padding, but {reader} "
+                        "attends to every caption position, padding included: precompute them "
+                        "again without --trim_padding.")
 
 
 class LatentsSource:
