@@ -65,5 +65,4 @@ def user_cache_dir(override: str | os.PathLike | None = None) -> epath.Path:
     return as_path(override)
   if os.environ.get(CACHE_ENV):
     return as_path(os.environ[CACHE_ENV])
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
-  return as_path(base) / "frugal-diffusion"
+  return as_path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "frugal-diffusion"

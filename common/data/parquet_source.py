@@ -12,6 +12,7 @@ missing file, a damaged image or one smaller than `min_side` is skipped when it 
 from __future__ import annotations
 
 import os
+import posixpath
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,6 +20,7 @@ import pyarrow.parquet as pq
 from common.data import captions as _captions
 from common.data import webdataset_source as _wds
 from common.errors import ConfigError, DataNotFoundError, ShapeError
+from common.paths import as_path, is_remote
 
 
 class ParquetCaptions:
@@ -39,7 +41,7 @@ class ParquetCaptions:
     if not image_column or not caption_column:
       raise ConfigError("--source=parquet needs --image_column and --caption_column (the column "
                         "names of the relative image paths and of the captions)")
-    if not image_dir or not os.path.isdir(image_dir):
+    if not image_dir or not as_path(image_dir).is_dir():
       raise DataNotFoundError(f"--image_dir={image_dir!r} is not a directory; give the folder the "
                               f"{image_column!r} column's paths are relative to")
     self.tables, self.image_dir = tables, image_dir
@@ -49,7 +51,8 @@ class ParquetCaptions:
     images, texts = [], []  # pyarrow arrays: compact, O(1) access by row
     for path in self.files:
       try:
-        schema = pq.read_schema(path)
+        with as_path(path).open("rb") as f:
+          schema = pq.read_schema(f)
       except (pa.ArrowException, OSError) as e:
         raise DataNotFoundError(f"cannot read the parquet table {path}: {e}") from e
       missing = [c for c in (image_column, caption_column) if c not in schema.names]
@@ -61,7 +64,8 @@ class ParquetCaptions:
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
           raise ShapeError(f"{path}: column {name!r} holds {kind}, not strings")
       try:
-        table = pq.read_table(path, columns=[image_column, caption_column])
+        with as_path(path).open("rb") as f:
+          table = pq.read_table(f, columns=[image_column, caption_column])
       except (pa.ArrowException, OSError) as e:
         raise DataNotFoundError(f"cannot read the parquet table {path}: {e}") from e
       images += table.column(image_column).cast(pa.large_string()).chunks
@@ -70,7 +74,8 @@ class ParquetCaptions:
     self._captions = pa.concat_arrays(texts) if texts else pa.array([], pa.large_string())
     if not len(self._images):
       raise DataNotFoundError(f"the parquet table(s) {tables!r} hold no rows")
-    self._root = os.path.realpath(image_dir)
+    self._root = as_path(image_dir)
+    self._real_root = None if is_remote(self._root) else self._root.resolve()
 
   def __len__(self) -> int:
     return len(self._images)
@@ -82,16 +87,21 @@ class ParquetCaptions:
       raise _captions.SkipExample("no_caption", f"row {index} ({name!r}) has no caption")
     if not name:
       raise _captions.SkipExample("no_image", f"row {index} has no image path")
-    path = os.path.realpath(os.path.join(self._root, name))
-    if os.path.commonpath([self._root, path]) != self._root:
+    # Lexically inside image_dir: no absolute path, no "..", before anything is opened.
+    rel = posixpath.normpath(name.replace("\\", "/"))
+    if posixpath.isabs(rel) or rel == ".." or rel.startswith("../"):
       raise _captions.SkipExample("path_outside_image_dir",
                                   f"row {index}: {name!r} lies outside {self.image_dir}")
-    if not os.path.isfile(path):
+    path = self._root / rel
+    if self._real_root is not None and not path.resolve().is_relative_to(self._real_root):
+      raise _captions.SkipExample("path_outside_image_dir",  # a symbolic link out of image_dir
+                                  f"row {index}: {name!r} resolves outside {self.image_dir}")
+    if not path.is_file():
       raise _captions.SkipExample("no_image", f"row {index}: {path} does not exist")
-    if os.path.getsize(path) > _wds.MAX_IMAGE_BYTES:
+    if path.stat().length > _wds.MAX_IMAGE_BYTES:
       raise _captions.SkipExample("image_too_large", f"{path} is over "
                                   f"{_wds.MAX_IMAGE_BYTES >> 20} MiB")
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
       image = _captions.decode_or_skip(f, path, image_size=self.image_size,
                                        channels=self.channels, min_side=self.min_side)
     return _captions.CaptionedExample(image, (caption,), -1)

@@ -22,6 +22,7 @@ import glob
 import io
 import json
 import os
+import posixpath
 import re
 import tarfile
 
@@ -29,6 +30,7 @@ import numpy as np
 
 from common.data import captions as _captions
 from common.errors import ConfigError, DataNotFoundError
+from common.paths import as_path
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSIONS = ("txt", "json")
@@ -66,18 +68,29 @@ def expand_pattern(pattern: str) -> list[str]:
                         for i in range(lo, hi + 1))
       names = expanded
     for n in names:
-      found = sorted(glob.glob(n)) if glob.has_magic(n) else ([n] if os.path.isfile(n) else [])
+      found = _glob(n) if glob.has_magic(n) else ([n] if as_path(n).is_file() else [])
       if not found:
         raise DataNotFoundError(f"--path={pattern!r}: no file matches {n!r}")
       paths.extend(found)
   return paths
 
 
+def _glob(pattern: str) -> list[str]:
+  """The files matching `pattern`, sorted; wildcards in the file name only (local or gs://)."""
+  directory, name = posixpath.split(pattern)
+  if glob.has_magic(directory):
+    raise ConfigError(f"--path={pattern!r}: only the file name may hold wildcards")
+  folder = as_path(directory or ".")
+  if not folder.is_dir():
+    return []
+  return sorted(posixpath.join(directory, p.name) for p in folder.glob(name) if p.is_file())
+
+
 def _split_key(member_name: str) -> tuple[str, str]:
   """webdataset's key and extension of a member name: "a/b/x.seg.jpg" -> ("a/b/x", "seg.jpg")."""
-  directory, base = os.path.split(member_name)
+  directory, base = posixpath.split(member_name)
   stem, _, ext = base.partition(".")
-  return os.path.join(directory, stem), ext.lower()
+  return posixpath.join(directory, stem), ext.lower()
 
 
 class WebDatasetCaptions:
@@ -119,13 +132,13 @@ class WebDatasetCaptions:
     works)."""
     samples: dict[str, dict[str, tuple[int, int]]] = {}
     try:
-      with open(shard, "rb") as raw:
+      with as_path(shard).open("rb") as raw:
         if raw.read(2) == b"\x1f\x8b":
           raise DataNotFoundError(
               f"{shard} is gzip-compressed; webdataset shards are read at offsets and must be "
               "plain tars (gunzip them first)")
         raw.seek(0)
-        with tarfile.open(fileobj=raw, mode="r:") as tar:  # next() seeks over member data
+        with tarfile.TarFile(fileobj=raw) as tar:  # a plain tar; next() seeks over member data
           for member in tar:
             if not member.isfile():
               continue
@@ -155,7 +168,7 @@ class WebDatasetCaptions:
     return len(self._rows)
 
   def _read(self, shard: int, offset: int, size: int) -> bytes:
-    with open(self.shards[shard], "rb") as f:
+    with as_path(self.shards[shard]).open("rb") as f:
       f.seek(offset)
       data = f.read(size)
     if len(data) != size:
