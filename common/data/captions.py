@@ -296,6 +296,33 @@ class CaptionedImageFolder:
     return {"source": "image_folder", "path": os.fspath(as_path(self.root))}
 
 
+# A COCO caption file is tens of MB (captions_train2014.json: 66 MB); larger is not one.
+MAX_COCO_CAPTIONS_BYTES = 512 << 20
+
+
+def read_coco_captions(path: str) -> tuple[list[tuple[int, str]], dict[int, list[str]]]:
+  """A COCO caption JSON (`images[{id, file_name}]`, `annotations[{image_id, caption}]`) ->
+  ([(image id, file name)] in the JSON's order, {image id: [non-blank captions, stripped]}).
+
+  ShapeError for a file over MAX_COCO_CAPTIONS_BYTES (checked before reading) or of another shape.
+  """
+  p = as_path(path)
+  if p.stat().length > MAX_COCO_CAPTIONS_BYTES:
+    raise ShapeError(f"{path} is over {MAX_COCO_CAPTIONS_BYTES >> 20} MB; not a COCO caption file")
+  try:
+    data = json.loads(p.read_text(encoding="utf-8"))
+    images = [(int(im["id"]), str(im["file_name"])) for im in data["images"]]
+    captions: dict[int, list[str]] = {}
+    for ann in data["annotations"]:
+      text = str(ann["caption"]).strip()
+      if text:
+        captions.setdefault(int(ann["image_id"]), []).append(text)
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
+    raise ShapeError(f"{path} is not a COCO caption file (needs images[{{id, file_name}}] and "
+                     f"annotations[{{image_id, caption}}]): {type(e).__name__}: {e}") from e
+  return images, captions
+
+
 class CocoCaptions:
   """COCO-style captions: one example per image with all of its captions.
 
@@ -321,19 +348,7 @@ class CocoCaptions:
       raise DataNotFoundError(
           f"COCO image directory {image_dir!r} not found; give the folder holding the images "
           "the caption file names (e.g. train2014/)")
-    try:
-      with as_path(annotations).open(encoding="utf-8") as f:
-        data = json.load(f)
-      images = [(int(im["id"]), str(im["file_name"])) for im in data["images"]]
-      captions: dict[int, list[str]] = {}
-      for ann in data["annotations"]:
-        text = str(ann["caption"]).strip()
-        if text:
-          captions.setdefault(int(ann["image_id"]), []).append(text)
-    except (ValueError, KeyError, TypeError) as e:
-      raise ShapeError(
-          f"{annotations} is not a COCO caption file (needs images[{{id, file_name}}] and "
-          f"annotations[{{image_id, caption}}]): {type(e).__name__}: {e}") from e
+    images, captions = read_coco_captions(annotations)
     self.annotations, self.image_dir = annotations, image_dir
     self.image_size, self.channels = image_size, channels
     self.entries = [(os.fspath(as_path(image_dir) / name), tuple(captions[i]))

@@ -28,6 +28,7 @@ import os
 
 import numpy as np
 
+from common.data import captions as _captions
 from common.data import image_folder as _image_folder
 from common.data import transforms as _transforms
 from common.errors import ConfigError, DataNotFoundError, ShapeError
@@ -37,8 +38,6 @@ COCO_HOW_TO = ("download http://images.cocodataset.org/annotations/annotations_t
                "and http://images.cocodataset.org/zips/val2014.zip, unzip both, and set "
                "config.eval.coco.captions=annotations/captions_val2014.json and "
                "config.eval.coco.images=val2014 (docs/MICRODIT_DATA.md)")
-# A caption JSON larger than this is refused before it is read (captions_val2014.json: 6.5 MB).
-MAX_CAPTIONS_BYTES = 512 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,20 +80,8 @@ def draw(cfg, num: int) -> CocoEval:
     raise DataNotFoundError(f"COCO caption file {captions_path} not found; {COCO_HOW_TO}")
   if not as_path(image_dir).is_dir():
     raise DataNotFoundError(f"COCO image folder {image_dir} not found; {COCO_HOW_TO}")
-  if path.stat().length > MAX_CAPTIONS_BYTES:
-    raise ShapeError(f"{captions_path} is over {MAX_CAPTIONS_BYTES >> 20} MB; not a COCO caption "
-                     "file")
-  try:
-    data = json.loads(path.read_text(encoding="utf-8"))
-    names = {int(im["id"]): str(im["file_name"]) for im in data["images"]}
-    by_image: dict[int, list[str]] = {}
-    for ann in data["annotations"]:
-      text = str(ann["caption"]).strip()
-      if text:
-        by_image.setdefault(int(ann["image_id"]), []).append(text)
-  except (ValueError, KeyError, TypeError) as e:
-    raise ShapeError(f"{captions_path} is not a COCO caption file (needs images[{{id, file_name}}] "
-                     f"and annotations[{{image_id, caption}}]): {type(e).__name__}: {e}") from e
+  images, by_image = _captions.read_coco_captions(captions_path)
+  names = dict(images)
   ids = sorted(i for i in by_image if i in names)
   if num <= 0 or num > len(ids):
     raise DataNotFoundError(f"{captions_path} has {len(ids)} captioned images; the evaluation asks "
