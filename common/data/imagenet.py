@@ -57,7 +57,7 @@ def list_synsets(root: str, num_classes: int = IMAGENET1K_CLASSES
   """The synsets, image paths and labels of an ILSVRC-layout folder.
 
   Args:
-    root: the train folder holding one `nXXXXXXXX` folder per class (local or gs://).
+    root: the train folder holding one synset folder (`n01440764`, ...) per class (local or gs://).
     num_classes: how many synset folders there must be.
 
   Returns:
