@@ -10,7 +10,6 @@ import types
 
 import numpy as np
 import pytest
-from flax import nnx
 from PIL import Image
 
 from common.errors import ConfigError, DataNotFoundError
@@ -19,7 +18,7 @@ from common.eval import features
 from common.eval import reference
 from common.training import trainer
 from configs import microdit
-from tests.test_evaluate_cli import TinyFeatureNet
+from tests.test_evaluate_cli import tiny_net  # noqa: F401  (a fixture: the stand-in Inception)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,16 +82,8 @@ def test_missing_coco_files_are_clear_errors(tmp_path):
     list(coco_eval.RealImages(coco))
 
 
-@pytest.fixture
-def tiny_inception(monkeypatch):
-  net = TinyFeatureNet(rngs=nnx.Rngs(0))
-  monkeypatch.setattr(features, "load_network", lambda path=None: net)
-  monkeypatch.setattr(features, "_NETWORKS", {})
-  monkeypatch.setattr(features, "_REFERENCES", {})
-
-
 def test_eval_samples_the_coco_prompts_against_their_images(tmp_path, monkeypatch,
-                                                            tiny_inception):
+                                                            tiny_net):
   write_coco(str(tmp_path / "coco"))
   config = microdit.get_config("runlocal,coco_fid30k")
   config.eval.coco.captions = str(tmp_path / "coco" / "annotations" / "captions_val2014.json")
