@@ -53,7 +53,7 @@ fashion-latents: $(STAMP) $(T2I_LATENTS)/meta.json
 t2i-demo: fashion-latents
 	$(PY) launch/main.py --config=$(T2I_CFG) --workdir=$(T2I_DIR) --mode=train
 	$(PY) launch/main.py --config=$(T2I_CFG) --workdir=$(T2I_DIR) --mode=sample
-	$(PY) benchmarks/judge_fashion.py --workdir=$(T2I_DIR)
+	$(PY) benchmarks/judge_fashion.py --workdir=$(T2I_DIR) --report="make t2i-demo: summary"
 
 # make microdit-demo: a tiny MicroDiT (75% deferred masking) on the same latents, judged the same way.
 # make microdit-masking: its masking study (unmasked / deferred / naive: FID, accuracy, step cost).
@@ -63,7 +63,7 @@ MICRODIT_DIR ?= workdirs/microdit_fashion
 microdit-demo: fashion-latents
 	$(PY) launch/main.py --config=$(MICRODIT_CFG) --workdir=$(MICRODIT_DIR) --mode=train
 	$(PY) launch/main.py --config=$(MICRODIT_CFG) --workdir=$(MICRODIT_DIR) --mode=sample
-	$(PY) benchmarks/judge_fashion.py --workdir=$(MICRODIT_DIR)
+	$(PY) benchmarks/judge_fashion.py --workdir=$(MICRODIT_DIR) --report="make microdit-demo: summary"
 
 microdit-masking: fashion-latents
 	$(PY) benchmarks/study_microdit_masking.py --workdir=workdirs/microdit_masking --set autoencoder=$(T2I_AE)/export --set data.path=$(T2I_LATENTS)

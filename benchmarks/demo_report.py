@@ -1,17 +1,22 @@
-"""The one-screen summary that ends `make demo`: what was trained, how good it is, where to look.
+"""The one-screen summary that ends each demo: what was trained, how good it is, where to look.
 
-`report(workdir, figures)` reads what the run left in WORKDIR (config.json, metrics.jsonl, the
-samples) and the judge's figures (`judge_digits.evaluate`) and returns a short text for someone who
-has never seen the project. The figures keep the judge's meaning; the verdict only restates them
-against the judge's target (>= 90% of samples recognised as the digit asked for, no copies) and
-against the FID floor that real held-out digits reach.
+`report(workdir, figures)` (`make demo`) and `fashion_report(title, workdir, figures)` (`make
+t2i-demo`, `make microdit-demo`) read what the run left in WORKDIR (config.json, metrics.jsonl, the
+samples) and the judge's figures (`judge_digits.evaluate`, `judge_fashion.score_samples`) and
+return a short text for someone who has never seen the project. The figures keep the judge's
+meaning; the verdict only restates them against the judge's target (digits: >= 90% of samples
+recognised as the digit asked for, no copies, and the FID floor that real held-out digits reach;
+Fashion-MNIST: >= 80% recognised as the garment the prompt names).
 """
 
 import json
 import os
 import textwrap
 
+from common.data import captions
+
 ACCURACY_TARGET = 0.90   # the judge's target (benchmarks/judge_digits.py)
+FASHION_ACCURACY_TARGET = 0.80  # the text-to-image demos' target (benchmarks/judge_fashion.py)
 COPY_LIMIT = 0.01        # at most 1% of samples closer to a training image than 10% of real spacing
 WIDTH = 100              # columns of the summary
 FID_CLOSE = 1.25         # a samples' FID within 25% above the real-digit floor: "close to real"
@@ -64,16 +69,28 @@ def verdict(figures: dict) -> str:
   return line + "."
 
 
-def report(workdir: str, figures: dict) -> str:
-  """The summary text (about 15 lines) of the run in `workdir` judged as `figures`."""
+def fashion_verdict(figures: dict) -> str:
+  """One line: do the samples show the garment their prompt names (`judge_fashion.score_samples`'s
+  figures), and which classes are weakest."""
+  acc = figures["accuracy"]
+  weak = sorted((a, name) for name, a in zip(captions.FASHION_CLASS_NAMES, figures["per_class"]) if a == a)[:2]
+  weakest = ", ".join(f"{name} {100 * a:.0f}%" for a, name in weak)
+  if acc >= FASHION_ACCURACY_TARGET:
+    return (f"GOOD: {100 * acc:.0f}% of the samples show the garment their prompt names (target "
+            f">= {100 * FASHION_ACCURACY_TARGET:.0f}%); weakest: {weakest}.")
+  return (f"POOR: only {100 * acc:.0f}% of the samples show the garment their prompt names "
+          f"(target >= {100 * FASHION_ACCURACY_TARGET:.0f}%); weakest: {weakest}; train longer.")
+
+
+def _run_lines(title: str, workdir: str, trained_on: str) -> tuple[list[str], dict]:
+  """The title and "Trained: ..." lines of the run in `workdir`, and its config's `sample` dict."""
   cfg = _read_json(os.path.join(workdir, "config.json"))
   train, sample, model = cfg.get("train", {}), cfg.get("sample", {}), cfg.get("model", {})
   last = _last_record(os.path.join(workdir, "metrics.jsonl"))
   rule = "=" * WIDTH
-  lines = [rule, "make demo: summary", rule]
-  what = (f"Trained: configs/sid2_digits.py, SiD2 diffusion ({model.get('name', '?')}) on the "
-          f"8x8 scikit-learn digits, {last.get('step', '?')} of {train.get('steps', '?')} steps "
-          f"at batch {train.get('batch_size', '?')}")
+  lines = [rule, title, rule]
+  what = (f"Trained: {trained_on}, network {model.get('name', '?')}, {last.get('step', '?')} of "
+          f"{train.get('steps', '?')} steps at batch {train.get('batch_size', '?')}")
   if "wall_s" in last:
     what += (f" in {_duration(last['wall_s'])} (wall time up to the last logged step, "
              f"compilation included)")
@@ -81,6 +98,21 @@ def report(workdir: str, figures: dict) -> str:
   if "loss" in last:
     lines.append(f"  last logged training loss {last['loss']:.4f}; a record every "
                  f"{train.get('log_every', '?')} steps in {workdir}/metrics.jsonl.")
+  return lines, sample
+
+
+def _picture_lines(workdir: str, layout: str) -> list[str]:
+  return [f"Pictures: {workdir}/samples/samples.png (the samples, {layout});",
+          "  step_*.png beside it: grids drawn during training; samples.npz: the arrays.",
+          "=" * WIDTH]
+
+
+def report(workdir: str, figures: dict) -> str:
+  """The summary text (about 15 lines) of `make demo`'s run in `workdir` judged as `figures`
+  (`judge_digits.evaluate`)."""
+  lines, sample = _run_lines(
+      "make demo: summary", workdir,
+      "configs/sid2_digits.py, SiD2 diffusion on the 8x8 scikit-learn digits")
   lines.append(f"Sampled: {figures['n']} digits, {sample.get('num_steps', '?')} "
                f"{sample.get('sampler', '?')} steps, guidance scale "
                f"{sample.get('guidance_scale', '?')}, each asked for a given class 0-9.")
@@ -98,9 +130,36 @@ def report(workdir: str, figures: dict) -> str:
                  f"{n} real held-out digits score {figures['fid_heldout_real']:.2f} (the best a "
                  f"model can reach at this N; lower is better, not comparable with ImageNet FIDs).")
   lines.append(f"Verdict: {verdict(figures)}")
-  lines.append(f"Pictures: {workdir}/samples/samples.png (the samples, one column per class);")
-  lines.append("  step_*.png beside it: grids drawn during training; samples.npz: the arrays.")
-  lines.append(rule)
+  lines += _picture_lines(workdir, "one column per class")
+  return "\n".join(_wrapped(line) for line in lines)
+
+
+def fashion_report(title: str, workdir: str, figures: dict) -> str:
+  """The summary text of a text-to-image demo's run on captioned Fashion-MNIST latents (`make
+  t2i-demo`, `make microdit-demo`) judged as `figures` (`judge_fashion.score_samples`, with
+  "mlp_accuracy" and "mlp_real_accuracy" added)."""
+  lines, sample = _run_lines(
+      title, workdir, "text-to-image diffusion on captioned Fashion-MNIST latents (our "
+      "autoencoder, MiniLM caption embeddings)")
+  n_prompts = len(sample.get("prompts", ())) or "?"
+  lines.append(f"Sampled: {figures['n']} images from {n_prompts} prompts in caption phrasings "
+               f"never seen in training, {sample.get('num_steps', '?')} "
+               f"{sample.get('sampler', '?')} steps, guidance scale "
+               f"{sample.get('guidance_scale', '?')}.")
+  lines.append("How good:")
+  lines.append(f"  {100 * figures['accuracy']:.1f}% of the samples are recognised as the garment "
+               f"their prompt names by a CNN that gets {100 * figures['judge_real_accuracy']:.1f}% "
+               f"on real test images (an MLP on pixels: {100 * figures['mlp_accuracy']:.1f}%, "
+               f"{100 * figures['mlp_real_accuracy']:.1f}% on real ones).")
+  lines.append("  per class: " + ", ".join(
+      f"{name} {100 * a:.0f}%" for name, a in zip(captions.FASHION_CLASS_NAMES, figures["per_class"]) if a == a))
+  if "fid" in figures:
+    n = figures["fid_n"]
+    lines.append(f"  FID {figures['fid']:.1f} for {n} samples vs {n} real test images; {n} real "
+                 f"training images score {figures['fid_floor']:.1f} (the best a model can reach "
+                 f"at this N; lower is better, not comparable with published FIDs).")
+  lines.append(f"Verdict: {fashion_verdict(figures)}")
+  lines += _picture_lines(workdir, "the first ones, in prompt order")
   return "\n".join(_wrapped(line) for line in lines)
 
 

@@ -15,7 +15,7 @@ Trains a classifier (an RBF SVM) on real scikit-learn digits, labels the class-c
     not with published ImageNet FIDs. The Inception statistics of the two real sets never change:
     they are computed once and kept in the user cache (`common.paths.user_cache_dir`, `--cache_dir`),
     keyed on the images, the split and the Inception weights, so a later run (any workdir) passes
-    only the samples through the Inception.
+    only the samples through the Inception (benchmarks/judge_fid.py).
 
 `--report` ends with the one-screen summary of `make demo` (benchmarks/demo_report.py).
 
@@ -23,7 +23,6 @@ Usage: python benchmarks/judge_digits.py [--workdir workdirs/sid2_digits] [--fid
 """
 
 import argparse
-import hashlib
 import os
 import sys
 
@@ -36,8 +35,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import demo_report  # noqa: E402  (benchmarks/demo_report.py)
+import judge_fid  # noqa: E402  (benchmarks/judge_fid.py)
 from common.errors import UserError  # noqa: E402
-from common.paths import CACHE_ENV, check_writable, user_cache_dir  # noqa: E402
+from common.paths import CACHE_ENV, user_cache_dir  # noqa: E402
 
 TEST_SIZE, SPLIT_SEED = 0.25, 0  # the real digits: 1347 to train the judges, 450 held out
 
@@ -57,71 +57,6 @@ def nearest_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def as_uint8(x: np.ndarray) -> np.ndarray:
   """Digits [N, 64] in [0, 1] -> uint8 [N, 8, 8, 1]."""
   return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8).reshape(-1, 8, 8, 1)
-
-
-def _digest(images: np.ndarray) -> str:
-  return hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
-
-
-def real_settings(which: str, images: np.ndarray, inception_path: str | None) -> dict:
-  """What makes the Inception statistics of a set of real digits: the set, its size, the split,
-  the digest of the very images (it changes with the split seed, n or sklearn's copy of the data)
-  and the Inception weights."""
-  from common.eval.inception import weights_identity  # pylint: disable=import-outside-toplevel
-  return {"cache": f"digits FID statistics ({which})", "n": int(len(images)),
-          "split": {"test_size": TEST_SIZE, "seed": SPLIT_SEED}, "images": _digest(images),
-          "inception": weights_identity(inception_path), "preprocess": "TF bilinear 8->299"}
-
-
-def fid_figures(images: np.ndarray, x_tr: np.ndarray, x_te: np.ndarray, n: int, cache_dir: str, *,
-                inception_path: str | None = None, max_batch: int = 256) -> dict:
-  """FID of n samples and of n held-out real digits (the floor) against n training digits.
-
-  The statistics of the two real sets never change: they are computed once and kept in
-  `cache_dir` (`common.eval.cache` files keyed on `real_settings`), so a later run only runs the
-  Inception over the samples. Every set is cut into equal batches of at most `max_batch`
-  (`features.even_batch_size`): one compilation, no padded images. Only the FID is computed (as
-  `features.compute_metrics` computes it: pool features, `metrics.frechet_distance`): the sFID,
-  IS and precision/recall that `evaluate_images` adds are not reported here, and each Frechet
-  distance is a 2048x2048 matrix square root (scipy's `sqrtm`, about a minute on a busy 2-core
-  machine).
-  """
-  from common.eval import cache  # pylint: disable=import-outside-toplevel
-  from common.eval import features  # pylint: disable=import-outside-toplevel
-  from common.eval import metrics  # pylint: disable=import-outside-toplevel
-  from common.eval import reference  # pylint: disable=import-outside-toplevel
-
-  check_writable(cache_dir, flag=f"--cache_dir (or ${CACHE_ENV})")
-  ref_imgs, floor_imgs = as_uint8(x_tr[:n]), as_uint8(x_te[:n])
-  samples = images[:n]
-  bs = features.even_batch_size(max(len(ref_imgs), len(floor_imgs), len(samples)), max_batch)
-
-  def pool_features(x: np.ndarray) -> np.ndarray:
-    net = features.fid_network(inception_path)
-    return features.extract_features(net, x, batch_size=bs, progress=False)["pool"]
-
-  ref_path = os.path.join(cache_dir, f"digits_train_reference_n{len(ref_imgs)}.npz")
-  ref_settings = real_settings("training digits", ref_imgs, inception_path)
-  ref = cache.load(ref_path, ref_settings, ["mu", "sigma"], what="digit statistics")
-  if ref is None:
-    ref = features.make_reference(ref_path, ref_imgs, inception_path=inception_path,
-                                  batch_size=bs, store_images=False, progress=False,
-                                  settings=ref_settings)
-  names = ("the samples' statistics", f"the training digits' statistics ({ref_path})")
-  floor_path = os.path.join(cache_dir, f"digits_heldout_floor_n{len(floor_imgs)}.npz")
-  floor_settings = {**real_settings("held-out digits", floor_imgs, inception_path),
-                    "reference": ref_settings}
-  floor = cache.load(floor_path, floor_settings, ["fid"], what="held-out digit FID")
-  if floor is None:
-    pool = pool_features(floor_imgs)
-    fid = metrics.frechet_distance(*metrics.feature_statistics(pool), ref["mu"], ref["sigma"],
-                                   names=("the held-out digits' statistics", names[1]))
-    floor = {"fid": np.float64(fid), "pool": pool}  # features: 2.4 MB, their covariance 34 MB
-    reference.write_arrays(floor_path, floor, settings=floor_settings)
-  fid = metrics.frechet_distance(*metrics.feature_statistics(pool_features(samples)), ref["mu"],
-                                 ref["sigma"], names=names)
-  return {"fid_n": min(n, len(images), len(x_te)), "fid_samples": fid,
-          "fid_heldout_real": float(floor["fid"])}
 
 
 def evaluate(samples_path: str, fid_n: int = 0, *, cache_dir: str | None = None,
@@ -145,8 +80,11 @@ def evaluate(samples_path: str, fid_n: int = 0, *, cache_dir: str | None = None,
   copies = float((d_sample < 0.1 * np.median(d_real)).mean())
   fid = {}
   if fid_n:
-    fid = fid_figures(images, x_tr, x_te, fid_n, os.fspath(user_cache_dir(cache_dir)),
-                      inception_path=inception_path)
+    r = judge_fid.fid_with_floor(
+        images, as_uint8(x_tr[:fid_n]), as_uint8(x_te[:fid_n]), dataset="digits",
+        roles=("train", "heldout"), cache_dir=os.fspath(user_cache_dir(cache_dir)),
+        inception_path=inception_path, split={"test_size": TEST_SIZE, "seed": SPLIT_SEED})
+    fid = {"fid_n": r["fid_n"], "fid_samples": r["fid"], "fid_heldout_real": r["fid_floor"]}
   return {**fid, "n": len(images), "accuracy": acc, "classifier_heldout_accuracy": real_acc,
           "per_class": per_class, "nn_dist_samples_median": float(np.median(d_sample)),
           "nn_dist_real_median": float(np.median(d_real)), "copy_fraction": copies}

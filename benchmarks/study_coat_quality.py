@@ -44,8 +44,7 @@ def run(precision: str, args) -> dict:
   c.train.tensorboard = False
   workdir = os.path.join(args.workdir, precision)
   run_ = studies.train_and_sample(c, workdir)
-  quality = studies.sample_quality(c, run_["samples"], os.path.join(args.workdir, "eval"),
-                                   args.fid_n)
+  quality = studies.sample_quality(c, run_["samples"], args.fid_n)
   return {"precision": precision, "steps": int(c.train.steps), "train_s": run_["train_call_s"],
           "final_loss": studies.final_loss(workdir, args.tail),
           "fixed_batch_loss": studies.fixed_batch_loss(c, workdir, args.loss_batches), **quality}

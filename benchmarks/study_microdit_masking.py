@@ -60,7 +60,7 @@ def train_and_score(arm: str, args) -> dict:
   c = arm_config(arm, args)
   wd = os.path.join(args.workdir, arm)
   run = studies.train_and_sample(c, wd)
-  score = studies.sample_quality(c, run["samples"], os.path.join(args.workdir, "eval"), args.fid_n)
+  score = studies.sample_quality(c, run["samples"], args.fid_n)
   return {"arm": arm, "config": f"configs/microdit.py:{ARMS[arm]}", "steps": int(c.train.steps),
           "mask_ratio": float(c.model.mask_ratio), "patch_mixer": bool(c.model.use_patch_mixer),
           "train_steps_per_s": studies.training_rate(wd), "train_call_s": run["train_call_s"],

@@ -48,8 +48,7 @@ def run_arm(arm: str, args) -> dict:
   c = arm_config(arm, args)
   wd = os.path.join(args.workdir, arm)
   run = studies.train_and_sample(c, wd)
-  quality = studies.sample_quality(c, run["samples"], os.path.join(args.workdir, "eval"),
-                                   args.fid_n)
+  quality = studies.sample_quality(c, run["samples"], args.fid_n)
   return {"arm": arm, "config": f"configs/terdit.py:{ARMS[arm]}", "steps": int(c.train.steps),
           "ternary": bool(c.numerics.rules), "adaln_norm": bool(c.model.adaln_norm),
           "train_call_s": run["train_call_s"], "train_steps_per_s": studies.training_rate(wd),

@@ -7,7 +7,6 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -21,33 +20,6 @@ from common.eval import features  # noqa: E402
 from common.training import sharding, trainer  # noqa: E402
 from common.training.experiment import Experiment  # noqa: E402
 from configs import sid2_digits  # noqa: E402
-
-_W = np.random.default_rng(0).standard_normal((64, 12)).astype(np.float32)
-
-
-def _fake_network(x):
-  """A stand-in for the FID Inception (whose 299x299 forward takes minutes here): uint8 [B, 8, 8, 1]
-  -> a fixed random projection as `pool` [B, 12] and `spatial` [B, 6]."""
-  f = x.reshape(x.shape[0], -1).astype(jnp.float32) / 255.0 @ _W
-  return {"pool": f, "spatial": f[:, :6] * 2.0}
-
-
-@pytest.fixture
-def inception_calls(monkeypatch):
-  """Replaces the Inception by `_fake_network`; returns the list of (images, batch_size) of every
-  extraction."""
-  calls = []
-  monkeypatch.setattr(features, "_NETWORKS", {})
-  monkeypatch.setattr(features, "_REFERENCES", {})
-  monkeypatch.setattr(features, "load_network", lambda path=None: _fake_network)
-  original = features.extract_features
-
-  def counted(net_fn, images, *, batch_size, **kw):
-    calls.append((len(images), batch_size))
-    return original(net_fn, images, batch_size=batch_size, **kw)
-
-  monkeypatch.setattr(features, "extract_features", counted)
-  return calls
 
 
 def _samples(tmp_path, n=120):
