@@ -101,6 +101,13 @@ def _run_lines(title: str, workdir: str, trained_on: str) -> tuple[list[str], di
   return lines, sample
 
 
+def _fid_line(fid: float, floor: float, n: int, reference: str, floor_images: str, *,
+              digits: int) -> str:
+  return (f"  FID {fid:.{digits}f} for {n} samples vs {n} {reference}; {n} {floor_images} score "
+          f"{floor:.{digits}f} (the best a model can reach at this N; lower is better, not "
+          f"comparable with published FIDs).")
+
+
 def _picture_lines(workdir: str, layout: str) -> list[str]:
   return [f"Pictures: {workdir}/samples/samples.png (the samples, {layout});",
           "  step_*.png beside it: grids drawn during training; samples.npz: the arrays.",
@@ -125,10 +132,8 @@ def report(workdir: str, figures: dict) -> str:
                f"{figures['nn_dist_samples_median']:.2f}, real digits "
                f"{figures['nn_dist_real_median']:.2f}).")
   if "fid_samples" in figures:
-    n = figures["fid_n"]
-    lines.append(f"  FID {figures['fid_samples']:.2f} for {n} samples vs {n} training digits; "
-                 f"{n} real held-out digits score {figures['fid_heldout_real']:.2f} (the best a "
-                 f"model can reach at this N; lower is better, not comparable with ImageNet FIDs).")
+    lines.append(_fid_line(figures["fid_samples"], figures["fid_heldout_real"], figures["fid_n"],
+                           "training digits", "real held-out digits", digits=2))
   lines.append(f"Verdict: {verdict(figures)}")
   lines += _picture_lines(workdir, "one column per class")
   return "\n".join(_wrapped(line) for line in lines)
@@ -152,12 +157,11 @@ def fashion_report(title: str, workdir: str, figures: dict) -> str:
                f"on real test images (an MLP on pixels: {100 * figures['mlp_accuracy']:.1f}%, "
                f"{100 * figures['mlp_real_accuracy']:.1f}% on real ones).")
   lines.append("  per class: " + ", ".join(
-      f"{name} {100 * a:.0f}%" for name, a in zip(captions.FASHION_CLASS_NAMES, figures["per_class"]) if a == a))
+      f"{name} {100 * a:.0f}%"
+      for name, a in zip(captions.FASHION_CLASS_NAMES, figures["per_class"]) if a == a))
   if "fid" in figures:
-    n = figures["fid_n"]
-    lines.append(f"  FID {figures['fid']:.1f} for {n} samples vs {n} real test images; {n} real "
-                 f"training images score {figures['fid_floor']:.1f} (the best a model can reach "
-                 f"at this N; lower is better, not comparable with published FIDs).")
+    lines.append(_fid_line(figures["fid"], figures["fid_floor"], figures["fid_n"],
+                           "real test images", "real training images", digits=1))
   lines.append(f"Verdict: {fashion_verdict(figures)}")
   lines += _picture_lines(workdir, "the first ones, in prompt order")
   return "\n".join(_wrapped(line) for line in lines)

