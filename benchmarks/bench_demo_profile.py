@@ -1,19 +1,23 @@
-"""Where `make demo`'s CPU time goes: the train step, sampling and the FID Inception forward.
+"""Where a CPU demo's time goes: the train step, sampling and the FID Inception forward.
 
-For each of the three compiled calls of the demo (configs/sid2_digits.py) it prints XLA's FLOPs
-(`cost_analysis` of the compiled call), the compile time, the time of a few calls after compiling,
-the achieved GFLOP/s, and that rate as a fraction of an sgemm (numpy and jnp, 2048^3 float32)
-timed in the same process just before: a ratio taken under the same load, so it stays meaningful
-on a shared machine where absolute seconds do not. It also counts XLA compilations (the
-`/jax/core/compile/backend_compile_duration` event) while each call runs again, to show that
-nothing recompiles per call.
+For each of the three compiled calls of a demo (`--config`: configs/sid2_digits.py for `make demo`,
+configs/sid2_t2i_fashion.py for `make t2i-demo`, configs/microdit.py:fashion for `make
+microdit-demo`, with `--set key=value` overrides such as the latent demos' autoencoder and data
+paths) it prints XLA's FLOPs (`cost_analysis` of the compiled call), the compile time, the time of
+a few calls after compiling, the achieved GFLOP/s, and that rate as a fraction of an sgemm (numpy
+and jnp, 2048^3 float32) timed in the same process just before: a ratio taken under the same load,
+so it stays meaningful on a shared machine where absolute seconds do not. It also counts XLA
+compilations (the `/jax/core/compile/backend_compile_duration` event) while each call runs again,
+to show that nothing recompiles per call.
 
 Sampling FLOPs: XLA's cost analysis counts a while-loop body once, so the sampler's rate uses
-(network forward FLOPs per image) x (batch) x (network calls per sample: one per step, two at the
-steps inside the CFG guidance interval). The host work of a train step (data iterator and batch
-placement) is timed on its own.
+(network forward FLOPs per sample) x (batch) x (network calls per sample: one per evaluation of
+the sampler, two for those inside the CFG guidance interval). The host work of a train step (data
+iterator and batch placement) is timed on its own.
 
-  python benchmarks/bench_demo_profile.py [--iters 3] [--inception_batch 150] [--sample_batch 500]
+  python benchmarks/bench_demo_profile.py [--config configs/X.py[:arg]] [--set key=value ...]
+      [--iters 3] [--inception_batch 150] [--inception_size 8] [--sample_batch 500]
+      [--skip train sample inception]
 """
 
 import argparse
@@ -28,12 +32,15 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from common.data import make_train_iterator  # noqa: E402
+from common.diffusion import parametrization as param  # noqa: E402
+from common.diffusion import recipes  # noqa: E402
 from common.diffusion import samplers  # noqa: E402
+from common.diffusion import schedules  # noqa: E402
 from common.training import sharding  # noqa: E402
 from common.training.experiment import Experiment  # noqa: E402
 from common.training.random_batch import random_batch  # noqa: E402
 from common.training.summary import forward_flops  # noqa: E402
-from configs.sid2_digits import get_config  # noqa: E402
+from configs.base import load_config, override  # noqa: E402
 
 _COMPILES = [0]
 
@@ -61,11 +68,24 @@ def _timed(fn) -> float:
   return time.perf_counter() - t0
 
 
+def evaluation_logsnrs(exp: Experiment) -> np.ndarray:
+  """The logSNR of every network evaluation of one sample, as the recipe's sampler makes them:
+  VP (DDPM/DDIM), one per step; EDM Heun (`samplers.edm_heun_sample`, deterministic), one at each
+  step's sigma and one more (the Heun correction) at the next sigma of all steps but the last."""
+  s, recipe = exp.config.sample, exp.recipe
+  n = int(s.num_steps)
+  if isinstance(recipe, recipes.EDMDiffusion):
+    sig = np.asarray(schedules.edm_sigmas(n, recipe.sigma_min, recipe.sigma_max, recipe.rho))
+    evaluated = np.concatenate([sig[:n], sig[1:n]])
+    return np.asarray(param.edm_logsnr(jnp.asarray(evaluated), recipe.sigma_data))
+  return np.asarray(samplers.vp_logsnr_grid(recipe.schedule, n))
+
+
 def network_evaluations(exp: Experiment) -> int:
-  """Network calls per sample: one per step, two (CFG) at the steps inside the guidance interval
+  """Network calls per sample: one per evaluation, two (CFG) at those inside the guidance interval
   (`samplers.guided_apply` skips the unconditional branch outside it)."""
   s = exp.config.sample
-  lams = np.asarray(samplers.vp_logsnr_grid(exp.recipe.schedule, int(s.num_steps)))
+  lams = evaluation_logsnrs(exp)
   if float(s.guidance_scale) == 1.0:
     return len(lams)
   lo, hi = s.get("guidance_interval") or (-np.inf, np.inf)
@@ -108,16 +128,22 @@ def profile(name: str, jitted, args: tuple, iters: int, flops: float | None = No
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--config", default="configs/sid2_digits.py",
+                  help="the demo's config, configs/X.py[:arg] (default: make demo's)")
+  ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                  help="a config override, e.g. --set data.path=workdirs/fashion_latents")
   ap.add_argument("--iters", type=int, default=3)
   ap.add_argument("--inception_batch", type=int, default=150)
   ap.add_argument("--sample_batch", type=int, default=500)
+  ap.add_argument("--inception_size", type=int, default=8,
+                  help="side of the judged images (8: digits, 28: Fashion-MNIST)")
   ap.add_argument("--skip", nargs="*", default=[], choices=["train", "sample", "inception"])
   a = ap.parse_args()
   jax.monitoring.register_event_duration_secs_listener(_count)
   print(f"jax {jax.__version__}, {jax.default_backend()}, {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.1f}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
         flush=True)
-  c = get_config()
+  c = override(load_config(a.config), a.set)
   exp = Experiment(c, sharding.make_mesh(c.mesh))
   rows = []
   x1, cond1 = exp.example_inputs(1)
@@ -146,9 +172,10 @@ def main() -> None:
     net = fid_network()
     graphdef, nstate = nnx.split(net)
     fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-    x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (a.inception_batch, 8, 8, 1),
+    size = a.inception_size
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (a.inception_batch, size, size, 1),
                                                       dtype=np.uint8))
-    rows.append(profile(f"FID Inception (batch {a.inception_batch}, 8x8 -> 299x299)", fn,
+    rows.append(profile(f"FID Inception (batch {a.inception_batch}, {size}x{size} -> 299x299)", fn,
                         (nstate, x), a.iters))
   gnp, gj = sgemm_gflops()
   print(f"sgemm 2048^3 float32, same process: numpy {gnp:.1f} GFLOP/s, jnp {gj:.1f} GFLOP/s "

@@ -30,6 +30,7 @@ Usage: python benchmarks/judge_fashion.py [--workdir workdirs/sid2_t2i_fashion] 
 import argparse
 import os
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -166,6 +167,7 @@ def mlp_judge(data: dict, cache_dir: str) -> tuple[dict[str, np.ndarray], float]
   """The weaker second opinion, a scikit-learn MLP on pixels (flattened [N, 784] in [0, 1]):
   (its weights, its accuracy on the real test images), cached like `cnn_judge`."""
   import sklearn  # pylint: disable=import-outside-toplevel
+  from sklearn.exceptions import ConvergenceWarning  # pylint: disable=import-outside-toplevel
   from sklearn.neural_network import MLPClassifier  # pylint: disable=import-outside-toplevel
   settings = {"cache": "Fashion-MNIST MLP judge", **MLP_TRAINING, "data": _data_settings(data),
               "sklearn": sklearn.__version__}
@@ -175,7 +177,9 @@ def mlp_judge(data: dict, cache_dir: str) -> tuple[dict[str, np.ndarray], float]
     clf = MLPClassifier(hidden_layer_sizes=(MLP_TRAINING["hidden"],),
                         max_iter=MLP_TRAINING["max_iter"],
                         random_state=MLP_TRAINING["random_state"])
-    clf.fit(_flat(data["train_x"][:n]), data["train_y"][:n])
+    with warnings.catch_warnings():  # 30 epochs is the setting, not a failure to converge
+      warnings.simplefilter("ignore", ConvergenceWarning)
+      clf.fit(_flat(data["train_x"][:n]), data["train_y"][:n])
     w = {"w0": clf.coefs_[0], "b0": clf.intercepts_[0], "w1": clf.coefs_[1],
          "b1": clf.intercepts_[1]}
     return {**w, "real_accuracy": (mlp_predict(w, data["test_x"]) == data["test_y"]).mean()}

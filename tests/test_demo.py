@@ -165,3 +165,23 @@ def test_verdicts():
   assert "clearly above" in demo_report.verdict(_figures(fid_samples=40.0))
   assert "FID" not in demo_report.verdict({k: v for k, v in _figures().items()
                                            if not k.startswith("fid")})
+
+
+def test_profile_counts_the_network_calls_of_each_sampler():
+  """bench_demo_profile's FLOPs of sampling rest on its count of network calls per sample."""
+  import bench_demo_profile  # pylint: disable=import-outside-toplevel
+  from configs import microdit  # pylint: disable=import-outside-toplevel
+
+  def calls(c):
+    return bench_demo_profile.network_evaluations(Experiment(c, sharding.make_mesh(c.mesh)))
+
+  # VP DDPM, 64 steps, CFG only inside logSNR [-10, 2]: 15 of the 64 steps are guided.
+  assert calls(sid2_digits.get_config()) == 79
+  # EDM Heun, 30 steps: 30 + 29 evaluations (no correction on the last step); CFG everywhere.
+  c = microdit.get_config("fashion")
+  assert (c.sample.sampler, c.sample.num_steps) == ("heun", 30)
+  assert calls(c) == 2 * 59
+  c.sample.guidance_scale = 1.0
+  assert calls(c) == 59
+  c.sample.guidance_scale, c.sample.guidance_interval = 5.0, (-1.0, 1.0)  # logSNR of sigma_data
+  assert 59 < calls(c) < 2 * 59
