@@ -83,11 +83,17 @@ terdit-demo: $(STAMP)
 terdit-study: $(STAMP)
 	$(PY) benchmarks/study_terdit.py --workdir=workdirs/terdit_study
 
+# Two pytest workers (pytest-xdist), each test file on one of them: most of a test's time is
+# single-threaded (XLA compiles, Python), so two files at a time use both cores. TEST_WORKERS=0 runs
+# them in this process.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not accelerator" --durations=25 $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) -m "not slow and not accelerator" --durations=25 $(PYTEST_ARGS)
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -m "not accelerator" $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) -m "not accelerator" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) workdirs
