@@ -108,10 +108,13 @@ def _fid_line(fid: float, floor: float, n: int, reference: str, floor_images: st
           f"comparable with published FIDs).")
 
 
-def _picture_lines(workdir: str, layout: str) -> list[str]:
-  return [f"Pictures: {workdir}/samples/samples.png (the samples, {layout});",
-          "  step_*.png beside it: grids drawn during training; samples.npz: the arrays.",
-          "=" * WIDTH]
+def _closed(lines: list[str], verdict_line: str, workdir: str, layout: str) -> str:
+  """The summary's `lines`, then its verdict and where the pictures are, wrapped to WIDTH."""
+  lines = [*lines, f"Verdict: {verdict_line}",
+           f"Pictures: {workdir}/samples/samples.png (the samples, {layout});",
+           "  step_*.png beside it: grids drawn during training; samples.npz: the arrays.",
+           "=" * WIDTH]
+  return "\n".join(_wrapped(line) for line in lines)
 
 
 def report(workdir: str, figures: dict) -> str:
@@ -134,9 +137,7 @@ def report(workdir: str, figures: dict) -> str:
   if "fid_samples" in figures:
     lines.append(_fid_line(figures["fid_samples"], figures["fid_heldout_real"], figures["fid_n"],
                            "training digits", "real held-out digits", digits=2))
-  lines.append(f"Verdict: {verdict(figures)}")
-  lines += _picture_lines(workdir, "one column per class")
-  return "\n".join(_wrapped(line) for line in lines)
+  return _closed(lines, verdict(figures), workdir, "one column per class")
 
 
 def fashion_report(title: str, workdir: str, figures: dict) -> str:
@@ -162,9 +163,7 @@ def fashion_report(title: str, workdir: str, figures: dict) -> str:
   if "fid" in figures:
     lines.append(_fid_line(figures["fid"], figures["fid_floor"], figures["fid_n"],
                            "real test images", "real training images", digits=1))
-  lines.append(f"Verdict: {fashion_verdict(figures)}")
-  lines += _picture_lines(workdir, "the first ones, in prompt order")
-  return "\n".join(_wrapped(line) for line in lines)
+  return _closed(lines, fashion_verdict(figures), workdir, "the first ones, in prompt order")
 
 
 def _wrapped(line: str, width: int = WIDTH) -> str:
