@@ -44,6 +44,7 @@ import demo_report  # noqa: E402  (benchmarks/demo_report.py)
 import judge_fid  # noqa: E402  (benchmarks/judge_fid.py)
 from common.data import captions  # noqa: E402
 from common.data import sources  # noqa: E402
+from common.eval import cache  # noqa: E402
 from common.errors import UserError  # noqa: E402
 from common.paths import CACHE_ENV, check_writable, user_cache_dir  # noqa: E402
 
@@ -105,22 +106,6 @@ def predict(params: dict[str, jax.Array], images: np.ndarray, batch: int = 1000)
   return np.concatenate(out).astype(np.int64)
 
 
-def _cached(path: str, settings: dict, keys: list[str], what: str, make) -> dict[str, np.ndarray]:
-  """The arrays `keys` of the cache at `path` made with `settings`, else `make()`'s, written there."""
-  from common.eval import cache  # pylint: disable=import-outside-toplevel
-  from common.eval import reference  # pylint: disable=import-outside-toplevel
-  arrays = cache.load(path, settings, keys, what=what)
-  if arrays is None:
-    arrays = {k: np.asarray(v) for k, v in make().items()}
-    reference.write_arrays(path, arrays, settings=settings)
-  return arrays
-
-
-def _data_settings(data: dict) -> dict:
-  """The digests of the real images and labels a classifier is trained and tested on."""
-  return {k: judge_fid.digest(v) for k, v in sorted(data.items())}
-
-
 def load_data(fmnist_dir: str = sources.FASHION_MNIST_DEFAULT_DIR) -> dict[str, np.ndarray]:
   """{"train_x", "train_y", "test_x", "test_y"}: uint8 images [N, 28, 28, 1], int32 labels [N]."""
   tr_x, tr_y = sources.load_fashion_mnist(fmnist_dir, "train")
@@ -128,14 +113,20 @@ def load_data(fmnist_dir: str = sources.FASHION_MNIST_DEFAULT_DIR) -> dict[str, 
   return {"train_x": tr_x, "train_y": tr_y, "test_x": te_x, "test_y": te_y}
 
 
+def data_digests(data: dict) -> dict[str, str]:
+  """The digests of `load_data`'s arrays: what the classifiers' caches are keyed on."""
+  return {k: judge_fid.digest(v) for k, v in sorted(data.items())}
+
+
 CNN_TRAINING = {"epochs": 4, "batch": 256, "seed": 0}
 
 
-def cnn_judge(data: dict, cache_dir: str) -> tuple[dict[str, jax.Array], float]:
+def cnn_judge(data: dict, digests: dict, cache_dir: str) -> tuple[dict[str, jax.Array], float]:
   """(the CNN judge's parameters, its accuracy on the real test images): from the cache in
-  `cache_dir` when it was made from the same data and settings, else trained and kept there."""
+  `cache_dir` when it was made from the same data (`digests`) and settings, else trained on
+  `data` and kept there."""
   settings = {"cache": "Fashion-MNIST CNN judge", "net": "conv32-pool-conv64-pool-fc128-fc10",
-              **CNN_TRAINING, "data": _data_settings(data), "jax": jax.__version__}
+              **CNN_TRAINING, "data": digests, "jax": jax.__version__}
 
   def make():
     params = train(data["train_x"], data["train_y"], **CNN_TRAINING)
@@ -143,8 +134,8 @@ def cnn_judge(data: dict, cache_dir: str) -> tuple[dict[str, jax.Array], float]:
     return {**params, "real_accuracy": real}
 
   keys = [*_init(jax.random.key(0)), "real_accuracy"]
-  arrays = _cached(os.path.join(cache_dir, "fashion_cnn_judge.npz"), settings, keys,
-                   "Fashion-MNIST CNN judge", make)
+  arrays = cache.load_or_make(os.path.join(cache_dir, "fashion_cnn_judge.npz"), settings, keys,
+                              make, what="Fashion-MNIST CNN judge")
   real = float(arrays.pop("real_accuracy"))
   return {k: jnp.asarray(v) for k, v in arrays.items()}, real
 
@@ -163,13 +154,13 @@ def mlp_predict(w: dict[str, np.ndarray], images: np.ndarray) -> np.ndarray:
   return np.argmax(h @ w["w1"] + w["b1"], -1).astype(np.int64)
 
 
-def mlp_judge(data: dict, cache_dir: str) -> tuple[dict[str, np.ndarray], float]:
+def mlp_judge(data: dict, digests: dict, cache_dir: str) -> tuple[dict[str, np.ndarray], float]:
   """The weaker second opinion, a scikit-learn MLP on pixels (flattened [N, 784] in [0, 1]):
   (its weights, its accuracy on the real test images), cached like `cnn_judge`."""
   import sklearn  # pylint: disable=import-outside-toplevel
   from sklearn.exceptions import ConvergenceWarning  # pylint: disable=import-outside-toplevel
   from sklearn.neural_network import MLPClassifier  # pylint: disable=import-outside-toplevel
-  settings = {"cache": "Fashion-MNIST MLP judge", **MLP_TRAINING, "data": _data_settings(data),
+  settings = {"cache": "Fashion-MNIST MLP judge", **MLP_TRAINING, "data": digests,
               "sklearn": sklearn.__version__}
 
   def make():
@@ -184,8 +175,9 @@ def mlp_judge(data: dict, cache_dir: str) -> tuple[dict[str, np.ndarray], float]
          "b1": clf.intercepts_[1]}
     return {**w, "real_accuracy": (mlp_predict(w, data["test_x"]) == data["test_y"]).mean()}
 
-  arrays = _cached(os.path.join(cache_dir, "fashion_mlp_judge.npz"), settings,
-                   ["w0", "b0", "w1", "b1", "real_accuracy"], "Fashion-MNIST MLP judge", make)
+  arrays = cache.load_or_make(os.path.join(cache_dir, "fashion_mlp_judge.npz"), settings,
+                              ["w0", "b0", "w1", "b1", "real_accuracy"], make,
+                              what="Fashion-MNIST MLP judge")
   return arrays, float(arrays.pop("real_accuracy"))
 
 
@@ -213,13 +205,14 @@ def score_samples(images: np.ndarray, labels: np.ndarray, *, fid_n: int = 500,
   check_writable(cache_dir, flag=f"--cache_dir (or ${CACHE_ENV})")
   labels = np.asarray(labels, np.int64)
   data = load_data(fmnist_dir)
-  params, real = cnn_judge(data, cache_dir)
+  digests = data_digests(data)
+  params, real = cnn_judge(data, digests, cache_dir)
   pred = predict(params, images)
   confusion = np.zeros((10, 10), np.int64)
   np.add.at(confusion, (labels, pred), 1)
   asked = confusion.sum(1)
   per_class = np.where(asked > 0, np.diag(confusion) / np.maximum(asked, 1), np.nan)
-  mlp, mlp_real = mlp_judge(data, cache_dir)
+  mlp, mlp_real = mlp_judge(data, digests, cache_dir)
   out = {"n": int(len(images)), "accuracy": float((pred == labels).mean()),
          "judge_real_accuracy": real, "per_class": per_class.tolist(), "confusion": confusion,
          "mlp_accuracy": float((mlp_predict(mlp, images) == labels).mean()),

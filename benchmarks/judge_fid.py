@@ -75,7 +75,6 @@ def fid_with_floor(samples: np.ndarray, reference: np.ndarray, floor: np.ndarray
   from common.eval import cache  # pylint: disable=import-outside-toplevel
   from common.eval import features  # pylint: disable=import-outside-toplevel
   from common.eval import metrics  # pylint: disable=import-outside-toplevel
-  from common.eval import reference as reference_files  # pylint: disable=import-outside-toplevel
 
   check_writable(cache_dir, flag=f"--cache_dir (or ${CACHE_ENV})")
   n = len(reference)
@@ -98,13 +97,15 @@ def fid_with_floor(samples: np.ndarray, reference: np.ndarray, floor: np.ndarray
   floor_path = os.path.join(cache_dir, f"{dataset}_{floor_role}_floor_n{len(floor)}.npz")
   floor_settings = {**real_settings(dataset, floor_role, floor, inception_path, **extra),
                     "reference": ref_settings}
-  cached = cache.load(floor_path, floor_settings, ["fid"], what=f"{dataset} floor FID")
-  if cached is None:
+
+  def floor_fid() -> dict:
     pool = pool_features(floor)
     fid = metrics.frechet_distance(*metrics.feature_statistics(pool), ref["mu"], ref["sigma"],
                                    names=(f"the {dataset} {floor_role} statistics", ref_name))
-    cached = {"fid": np.float64(fid), "pool": pool}  # features: 2.4 MB at n = 300
-    reference_files.write_arrays(floor_path, cached, settings=floor_settings)
+    return {"fid": np.float64(fid), "pool": pool}  # features: 2.4 MB at n = 300
+
+  cached = cache.load_or_make(floor_path, floor_settings, ["fid"], floor_fid,
+                              what=f"{dataset} floor FID")
   fid = metrics.frechet_distance(*metrics.feature_statistics(pool_features(samples)), ref["mu"],
                                  ref["sigma"], names=("the samples' statistics", ref_name))
   return {"fid_n": len(samples), "fid": float(fid), "fid_floor": float(cached["fid"])}

@@ -108,3 +108,17 @@ def load(path: str, settings: dict, keys: list[str], *, what: str,
         "recomputing them")
     return None
   return arrays
+
+
+def load_or_make(path: str, settings: dict, keys: list[str], make: Callable[[], dict], *,
+                 what: str, log: Callable[[str], None] = warn) -> dict[str, np.ndarray]:
+  """The arrays `keys` of the cache at `path` when it was made with `settings` (`load`), else
+  `make()`'s arrays (a dict holding at least `keys`), written there with `settings` first.
+
+  For a single process: with several, process 0 alone should write (as the trainer does).
+  """
+  arrays = load(path, settings, keys, what=what, log=log)
+  if arrays is None:
+    arrays = {k: np.asarray(v) for k, v in make().items()}
+    reference.write_arrays(path, arrays, settings=settings)
+  return arrays
